@@ -1,0 +1,232 @@
+"""Boxes: the conventions every other module relies on, IoU, the box coder and NMS.
+
+Conventions (fixed for the whole package)
+-----------------------------------------
+- A box is ``(x1, y1, x2, y2)`` as floats in input-image pixels ("xyxy").
+- Pixel ``i`` covers the half-open interval ``[i, i + 1)``: its centre is at ``i + 0.5``.
+  A box covering pixels 2..5 inclusive is therefore ``x1 = 2, x2 = 6`` and its width is
+  ``x2 - x1 = 4`` (no "+1" as in the original Caffe code).
+- Label 0 is background; the K object classes are the contiguous labels ``1..K``
+  (``data/coco.py`` maps dataset category ids to them and back).
+
+Notation: ``N``, ``M`` numbers of boxes; ``boxes: (N, 4) xyxy``.
+
+The box parametrisation is Faster R-CNN's (Ren et al. 2015, eq. 2), which Mask R-CNN keeps
+for both the RPN and the box branch (§3 "Implementation details"):
+``tx = (x - xa) / wa, ty = (y - ya) / ha, tw = log(w / wa), th = log(h / ha)``
+where ``(x, y, w, h)`` is a box's centre and size and ``a`` denotes the anchor / proposal.
+
+NMS here is the greedy algorithm written so that one can read it; it matches
+``torchvision.ops.nms`` exactly (kept indices in decreasing score, ties broken by index).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_boxes",
+    "box_area",
+    "box_iou",
+    "BoxCoder",
+    "clip_boxes",
+    "remove_small_boxes",
+    "nms",
+    "batched_nms",
+]
+
+# Detectron's bound on exp(dw): a box may grow at most 1000/16 times its reference per step,
+# which keeps an untrained network's first decodes from overflowing.
+DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
+
+
+def check_boxes(boxes: Tensor, name: str = "boxes", allow_empty_size: bool = True) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``boxes`` is a finite ``(N, 4)`` xyxy tensor.
+
+    ``allow_empty_size``: zero-width / zero-height boxes are legal (they occur after clipping);
+    negative sizes (``x2 < x1``) never are.
+    """
+    if not isinstance(boxes, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(boxes).__name__}")
+    if boxes.dim() != 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"{name} must have shape (N, 4) in xyxy, got {tuple(boxes.shape)}")
+    if not boxes.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {boxes.dtype}")
+    if boxes.numel() == 0:
+        return
+    if not torch.isfinite(boxes).all():
+        raise ValueError(f"{name} contains non-finite coordinates (nan or inf)")
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    if (widths < 0).any() or (heights < 0).any():
+        bad = int(torch.nonzero((widths < 0) | (heights < 0))[0, 0])
+        raise ValueError(
+            f"{name} has a negative size at row {bad}: {boxes[bad].tolist()} (expected x2 >= x1, y2 >= y1)"
+        )
+    if not allow_empty_size and ((widths == 0) | (heights == 0)).any():
+        raise ValueError(f"{name} contains zero-area boxes")
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """Area of each box. ``boxes: (N, 4) xyxy`` -> ``(N,)``."""
+    check_boxes(boxes)
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def _pairwise_intersection(a: Tensor, b: Tensor) -> Tensor:
+    top_left = torch.max(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
+    bottom_right = torch.min(a[:, None, 2:], b[None, :, 2:])  # (N, M, 2)
+    wh = (bottom_right - top_left).clamp(min=0)  # (N, M, 2)
+    return wh[..., 0] * wh[..., 1]  # (N, M)
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """Intersection over union of every pair. ``a: (N, 4)``, ``b: (M, 4)`` -> ``(N, M)``.
+
+    Two zero-area boxes have IoU 0 (not nan): their union is empty, and nothing overlaps.
+    """
+    check_boxes(a, "a")
+    check_boxes(b, "b")
+    inter = _pairwise_intersection(a, b)
+    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
+    # where the union is empty the intersection is too; define 0/0 as 0
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(inter.dtype).tiny), torch.zeros_like(inter))
+
+
+class BoxCoder:
+    """Encodes boxes as Faster R-CNN deltas relative to reference boxes, and back.
+
+    ``weights = (wx, wy, ww, wh)`` scale the four deltas (Fast R-CNN's target normalisation;
+    Detectron uses (1, 1, 1, 1) for the RPN and (10, 10, 5, 5) for the box branch).
+    ``scale_clamp`` bounds ``dw, dh`` before ``exp`` when decoding (default ``log(1000/16)``).
+    """
+
+    def __init__(self, weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
+                 scale_clamp: float = DEFAULT_SCALE_CLAMP) -> None:
+        if len(weights) != 4 or any(w <= 0 for w in weights):
+            raise ValueError(f"weights must be four positive numbers, got {weights}")
+        self.weights = tuple(float(w) for w in weights)
+        self.scale_clamp = float(scale_clamp)
+
+    def encode(self, boxes: Tensor, reference: Tensor) -> Tensor:
+        """Deltas that turn ``reference`` into ``boxes``. Both ``(N, 4)`` -> ``(N, 4)``.
+
+        Reference boxes must have positive width and height (anchors and proposals do).
+        """
+        check_boxes(boxes, "boxes")
+        check_boxes(reference, "reference")
+        if boxes.shape != reference.shape:
+            raise ValueError(f"boxes {tuple(boxes.shape)} and reference {tuple(reference.shape)} must match")
+        wx, wy, ww, wh = self.weights
+        ref_w = reference[:, 2] - reference[:, 0]
+        ref_h = reference[:, 3] - reference[:, 1]
+        ref_cx = reference[:, 0] + 0.5 * ref_w
+        ref_cy = reference[:, 1] + 0.5 * ref_h
+        w = boxes[:, 2] - boxes[:, 0]
+        h = boxes[:, 3] - boxes[:, 1]
+        cx = boxes[:, 0] + 0.5 * w
+        cy = boxes[:, 1] + 0.5 * h
+        dx = wx * (cx - ref_cx) / ref_w
+        dy = wy * (cy - ref_cy) / ref_h
+        dw = ww * torch.log(w / ref_w)
+        dh = wh * torch.log(h / ref_h)
+        return torch.stack([dx, dy, dw, dh], dim=1)
+
+    def decode(self, deltas: Tensor, reference: Tensor) -> Tensor:
+        """Apply ``deltas`` to ``reference`` boxes.
+
+        ``deltas: (N, 4*k)`` (k = 1, or one set per class), ``reference: (N, 4)`` -> ``(N, 4*k)``.
+        """
+        if deltas.dim() != 2 or deltas.shape[1] % 4 != 0:
+            raise ValueError(f"deltas must have shape (N, 4*k), got {tuple(deltas.shape)}")
+        check_boxes(reference, "reference")
+        if deltas.shape[0] != reference.shape[0]:
+            raise ValueError(f"deltas has {deltas.shape[0]} rows but reference has {reference.shape[0]}")
+        reference = reference.to(deltas.dtype)
+        wx, wy, ww, wh = self.weights
+        ref_w = (reference[:, 2] - reference[:, 0])[:, None]  # (N, 1)
+        ref_h = (reference[:, 3] - reference[:, 1])[:, None]
+        ref_cx = reference[:, 0:1] + 0.5 * ref_w
+        ref_cy = reference[:, 1:2] + 0.5 * ref_h
+        dx = deltas[:, 0::4] / wx  # (N, k)
+        dy = deltas[:, 1::4] / wy
+        dw = (deltas[:, 2::4] / ww).clamp(max=self.scale_clamp)
+        dh = (deltas[:, 3::4] / wh).clamp(max=self.scale_clamp)
+        cx = dx * ref_w + ref_cx
+        cy = dy * ref_h + ref_cy
+        w = torch.exp(dw) * ref_w
+        h = torch.exp(dh) * ref_h
+        boxes = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=2)  # (N, k, 4)
+        return boxes.reshape(deltas.shape)  # (N, 4*k)
+
+
+def clip_boxes(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """Clip ``boxes: (N, 4*k)`` to an image of ``image_size = (height, width)`` pixels.
+
+    With pixel ``i`` covering ``[i, i+1)`` the image spans ``[0, width] x [0, height]``.
+    """
+    if boxes.dim() != 2 or boxes.shape[1] % 4 != 0:
+        raise ValueError(f"boxes must have shape (N, 4*k), got {tuple(boxes.shape)}")
+    height, width = image_size
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image_size must be positive (height, width), got {image_size}")
+    x = boxes[:, 0::2].clamp(min=0, max=width)
+    y = boxes[:, 1::2].clamp(min=0, max=height)
+    return torch.stack([x, y], dim=2).reshape(boxes.shape)
+
+
+def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
+    """Indices of the boxes whose width and height are both at least ``min_size`` pixels."""
+    check_boxes(boxes)
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    return torch.nonzero((widths >= min_size) & (heights >= min_size)).flatten()
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy non-maximum suppression (Fast R-CNN §2.4), returning kept indices (int64).
+
+    The rule: visit boxes by decreasing score; keep a box unless it overlaps an already
+    *kept* box with IoU strictly greater than ``iou_threshold``. Equal scores are visited in
+    index order (a stable sort), as ``torchvision.ops.nms`` does. The result is in visiting
+    order, i.e. decreasing score.
+
+    Written as a loop, each box waits for every earlier decision -- one tiny step per box,
+    which is slow on a GPU. Instead we iterate the rule on the whole vector at once
+    ("Cluster-NMS", Zheng et al. 2020): with ``suppresses[i, j] = (i before j) and
+    IoU > threshold``, repeat ``keep[j] = not any_i(keep[i] and suppresses[i, j])``. The
+    greedy answer is the only vector that satisfies that rule for every ``j`` (it fixes
+    ``keep[0]``, then ``keep[1]``, ...), and after ``t`` rounds the first ``t`` decisions are
+    final, so the iteration reaches it -- usually in a handful of rounds.
+    """
+    check_boxes(boxes)
+    if scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
+        raise ValueError(f"scores must have shape ({boxes.shape[0]},), got {tuple(scores.shape)}")
+    if boxes.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    iou = box_iou(boxes[order], boxes[order])  # (N, N), rows and columns in visiting order
+    suppresses = torch.triu(iou > iou_threshold, diagonal=1)  # only earlier boxes suppress later ones
+    keep = torch.ones(order.shape[0], dtype=torch.bool, device=boxes.device)
+    while True:
+        new_keep = ~(suppresses & keep[:, None]).any(dim=0)
+        if torch.equal(new_keep, keep):
+            break
+        keep = new_keep
+    return order[keep]
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """NMS run independently per category ``idxs: (N,)``; kept indices in decreasing score.
+
+    The usual trick: shift each category's boxes by a different offset larger than any
+    coordinate, so boxes of different categories can never overlap, then run one NMS.
+    """
+    check_boxes(boxes)
+    if idxs.dim() != 1 or idxs.shape[0] != boxes.shape[0]:
+        raise ValueError(f"idxs must have shape ({boxes.shape[0]},), got {tuple(idxs.shape)}")
+    if boxes.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    span = (boxes.max() - boxes.min()) + 1
+    shifted = boxes - boxes.min() + (idxs.to(boxes) * span)[:, None]
+    return nms(shifted, scores, iou_threshold)

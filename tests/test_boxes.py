@@ -1,0 +1,176 @@
+"""boxes.py against brute-force Python references and torchvision.ops (where importable)."""
+import math
+import random
+
+import pytest
+import torch
+
+from mrcnn_edu.boxes import BoxCoder, batched_nms, box_area, box_iou, clip_boxes, nms, remove_small_boxes
+
+try:
+    import torchvision
+except Exception:  # torchvision is a test oracle only; the suite runs without it
+    torchvision = None
+
+
+# --- brute-force references: plain Python floats, one pair at a time --------------------------
+
+def iou_ref(a, b):
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def nms_ref(boxes, scores, thr):
+    order = sorted(range(len(boxes)), key=lambda i: (-scores[i], i))
+    keep = []
+    for i in order:
+        if all(iou_ref(boxes[i], boxes[k]) <= thr for k in keep):
+            keep.append(i)
+    return keep
+
+
+def random_boxes(rng, n, grid=False):
+    """Random boxes; on a coarse grid many coordinates coincide (identical / zero-area boxes)."""
+    out = []
+    for _ in range(n):
+        if grid:
+            x1, y1 = rng.randrange(0, 6), rng.randrange(0, 6)
+            w, h = rng.randrange(0, 4), rng.randrange(0, 4)
+        else:
+            x1, y1 = rng.uniform(0, 50), rng.uniform(0, 50)
+            w, h = rng.uniform(0, 30), rng.uniform(0, 30)
+        out.append([float(x1), float(y1), float(x1 + w), float(y1 + h)])
+    return out
+
+
+def random_case(rng):
+    n = rng.choice([0, 1, 2, 5, 20, 60])
+    grid = rng.random() < 0.5
+    boxes = random_boxes(rng, n, grid)
+    if n and rng.random() < 0.3:  # duplicate some boxes exactly
+        boxes[rng.randrange(n)] = list(boxes[0])
+    # ties in score: draw from few levels half the time
+    scores = [float(rng.choice([0.1, 0.5, 0.9])) if grid else rng.random() for _ in range(n)]
+    return boxes, scores
+
+
+def test_box_iou_matches_brute_force_on_hundreds_of_cases():
+    rng = random.Random(0)
+    for _ in range(300):
+        a = random_boxes(rng, rng.randrange(0, 8), grid=rng.random() < 0.5)
+        b = random_boxes(rng, rng.randrange(0, 8), grid=rng.random() < 0.5)
+        got = box_iou(torch.tensor(a, dtype=torch.float64).reshape(-1, 4), torch.tensor(b, dtype=torch.float64).reshape(-1, 4))
+        want = torch.tensor([[iou_ref(x, y) for y in b] for x in a], dtype=torch.float64).reshape(len(a), len(b))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_box_iou_hand_computed():
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 2.0], [2.0, 0.0, 4.0, 2.0], [1.0, 1.0, 1.0, 1.0]])
+    # overlap 1 of union 7; identical; touching edge; zero-area box inside
+    torch.testing.assert_close(box_iou(a, b), torch.tensor([[1 / 7, 1.0, 0.0, 0.0]]))
+    assert box_area(b).tolist() == [4.0, 4.0, 4.0, 0.0]
+
+
+def test_nms_matches_brute_force_greedy_on_hundreds_of_cases():
+    rng = random.Random(1)
+    for case in range(400):
+        boxes, scores = random_case(rng)
+        thr = rng.choice([0.0, 0.3, 0.5, 0.7, 1.0])
+        got = nms(torch.tensor(boxes).reshape(-1, 4), torch.tensor(scores), thr).tolist()
+        assert got == nms_ref(boxes, scores, thr), f"case {case}"
+
+
+def test_batched_nms_suppresses_only_within_a_category():
+    rng = random.Random(2)
+    for case in range(200):
+        boxes, scores = random_case(rng)
+        idxs = [rng.randrange(3) for _ in boxes]
+        thr = rng.choice([0.3, 0.5, 0.7])
+        want = []
+        for c in set(idxs):
+            members = [i for i in range(len(boxes)) if idxs[i] == c]
+            want += [members[k] for k in nms_ref([boxes[i] for i in members], [scores[i] for i in members], thr)]
+        want.sort(key=lambda i: (-scores[i], i))
+        got = batched_nms(torch.tensor(boxes).reshape(-1, 4), torch.tensor(scores), torch.tensor(idxs, dtype=torch.int64), thr)
+        assert got.tolist() == want, f"case {case}"
+
+
+@pytest.mark.skipif(torchvision is None, reason="torchvision not importable")
+def test_nms_agrees_with_torchvision():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        n = int(torch.randint(0, 300, (1,), generator=g))
+        xy = torch.rand(n, 2, generator=g) * 100
+        wh = torch.rand(n, 2, generator=g) * 40
+        boxes = torch.cat([xy, xy + wh], 1)
+        scores = torch.rand(n, generator=g)
+        idxs = torch.randint(0, 4, (n,), generator=g)
+        for thr in (0.3, 0.5, 0.7):
+            assert torch.equal(nms(boxes, scores, thr), torchvision.ops.nms(boxes, scores, thr))
+            assert torch.equal(batched_nms(boxes, scores, idxs, thr), torchvision.ops.batched_nms(boxes, scores, idxs, thr))
+        torch.testing.assert_close(box_iou(boxes, boxes[:7]), torchvision.ops.box_iou(boxes, boxes[:7]))
+
+
+def test_nms_empty_input():
+    out = nms(torch.zeros(0, 4), torch.zeros(0), 0.5)
+    assert out.dtype == torch.int64 and out.numel() == 0
+    assert batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).numel() == 0
+
+
+def test_box_coder_matches_hand_computed_deltas():
+    coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
+    anchor = torch.tensor([[0.0, 0.0, 10.0, 20.0]])  # centre (5, 10), size 10 x 20
+    box = torch.tensor([[2.0, 4.0, 22.0, 24.0]])  # centre (12, 14), size 20 x 20
+    want = torch.tensor([[10 * 7 / 10, 10 * 4 / 20, 5 * math.log(2.0), 5 * math.log(1.0)]])
+    torch.testing.assert_close(coder.encode(box, anchor), want)
+    torch.testing.assert_close(coder.decode(want, anchor), box)
+
+
+def test_box_coder_round_trips_and_decodes_per_class():
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(500, 2, generator=g) * 500
+    ref = torch.cat([xy, xy + 10 + torch.rand(500, 2, generator=g) * 290], 1)  # size ratios stay under the clamp
+    xy = torch.rand(500, 2, generator=g) * 500
+    boxes = torch.cat([xy, xy + 10 + torch.rand(500, 2, generator=g) * 290], 1)
+    for weights in [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)]:
+        coder = BoxCoder(weights)
+        torch.testing.assert_close(coder.decode(coder.encode(boxes, ref), ref), boxes, rtol=0, atol=1e-3)
+    # (N, 4*k) deltas decode each class's box independently
+    coder = BoxCoder()
+    deltas = torch.cat([coder.encode(boxes, ref), torch.zeros(500, 4)], 1)
+    decoded = coder.decode(deltas, ref)
+    torch.testing.assert_close(decoded[:, 4:], ref)
+
+
+def test_box_coder_clamps_huge_scale_deltas():
+    coder = BoxCoder()
+    out = coder.decode(torch.tensor([[0.0, 0.0, 100.0, 100.0]]), torch.tensor([[0.0, 0.0, 16.0, 16.0]]))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0, 2] - out[0, 0], torch.tensor(1000.0))
+
+
+def test_clip_and_remove_small():
+    boxes = torch.tensor([[-5.0, -3.0, 30.0, 12.0], [4.0, 4.0, 4.5, 9.0]])
+    assert clip_boxes(boxes, (10, 20)).tolist() == [[0.0, 0.0, 20.0, 10.0], [4.0, 4.0, 4.5, 9.0]]
+    assert remove_small_boxes(boxes, 1.0).tolist() == [0]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.zeros(3, 5), "shape"),
+    (torch.tensor([[0.0, 0.0, float("nan"), 1.0]]), "non-finite"),
+    (torch.tensor([[5.0, 0.0, 1.0, 1.0]]), "negative size"),
+])
+def test_bad_boxes_raise_a_clear_error(bad, message):
+    with pytest.raises(ValueError, match=message):
+        box_iou(bad, torch.zeros(0, 4))
+    with pytest.raises(ValueError, match="boxes"):
+        nms(bad, torch.zeros(bad.shape[0]), 0.5)
+
+
+def test_mismatched_scores_raise():
+    with pytest.raises(ValueError, match="scores"):
+        nms(torch.zeros(2, 4), torch.zeros(3), 0.5)

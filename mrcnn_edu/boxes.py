@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -40,6 +41,8 @@ __all__ = [
 # Detectron's bound on exp(dw): a box may grow at most 1000/16 times its reference per step,
 # which keeps an untrained network's first decodes from overflowing.
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
+# above this many boxes batched_nms runs per category (memory N^2 -> sum N_c^2)
+_BATCHED_NMS_SHIFT_MAX = 4000
 
 
 def check_boxes(boxes: Tensor, name: str = "boxes", allow_empty_size: bool = True) -> None:
@@ -186,18 +189,13 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Greedy non-maximum suppression (Fast R-CNN §2.4), returning kept indices (int64).
 
-    The rule: visit boxes by decreasing score; keep a box unless it overlaps an already
-    *kept* box with IoU strictly greater than ``iou_threshold``. Equal scores are visited in
-    index order (a stable sort), as ``torchvision.ops.nms`` does. The result is in visiting
-    order, i.e. decreasing score.
+    Visit boxes by decreasing score; keep a box unless it overlaps an already *kept* box with
+    IoU strictly greater than ``iou_threshold``. Equal scores are visited in index order (a
+    stable sort), as ``torchvision.ops.nms`` does; the result is in visiting order.
 
-    Written as a loop, each box waits for every earlier decision -- one tiny step per box,
-    which is slow on a GPU. Instead we iterate the rule on the whole vector at once
-    ("Cluster-NMS", Zheng et al. 2020): with ``suppresses[i, j] = (i before j) and
-    IoU > threshold``, repeat ``keep[j] = not any_i(keep[i] and suppresses[i, j])``. The
-    greedy answer is the only vector that satisfies that rule for every ``j`` (it fixes
-    ``keep[0]``, then ``keep[1]``, ...), and after ``t`` rounds the first ``t`` decisions are
-    final, so the iteration reaches it -- usually in a handful of rounds.
+    The O(N^2) part, every pairwise IoU, is one tensor operation on the boxes' device. What
+    is left is inherently sequential -- each decision depends on the earlier ones -- so it
+    runs as a short loop over a boolean matrix on the CPU: one row OR per *kept* box.
     """
     check_boxes(boxes)
     if scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
@@ -205,28 +203,38 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
-    iou = box_iou(boxes[order], boxes[order])  # (N, N), rows and columns in visiting order
-    suppresses = torch.triu(iou > iou_threshold, diagonal=1)  # only earlier boxes suppress later ones
-    keep = torch.ones(order.shape[0], dtype=torch.bool, device=boxes.device)
-    while True:
-        new_keep = ~(suppresses & keep[:, None]).any(dim=0)
-        if torch.equal(new_keep, keep):
-            break
-        keep = new_keep
-    return order[keep]
+    sorted_boxes = boxes[order]
+    overlaps = (box_iou(sorted_boxes, sorted_boxes) > iou_threshold).cpu().numpy()  # (N, N)
+    suppressed = np.zeros(len(overlaps), dtype=bool)
+    keep = []
+    for i in range(len(overlaps)):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        suppressed |= overlaps[i]  # everything box i overlaps too much is out
+    return order[torch.as_tensor(keep, dtype=torch.int64, device=boxes.device)]
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """NMS run independently per category ``idxs: (N,)``; kept indices in decreasing score.
 
-    The usual trick: shift each category's boxes by a different offset larger than any
-    coordinate, so boxes of different categories can never overlap, then run one NMS.
+    Small inputs use the usual trick: shift each category's boxes by a different offset larger
+    than any coordinate, so boxes of different categories never overlap, then run one NMS.
+    Large inputs (the RPN's thousands of proposals over five FPN levels) run one NMS per
+    category instead, which needs sum(N_c^2) instead of N^2 memory.
     """
     check_boxes(boxes)
     if idxs.dim() != 1 or idxs.shape[0] != boxes.shape[0]:
         raise ValueError(f"idxs must have shape ({boxes.shape[0]},), got {tuple(idxs.shape)}")
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    span = (boxes.max() - boxes.min()) + 1
-    shifted = boxes - boxes.min() + (idxs.to(boxes) * span)[:, None]
-    return nms(shifted, scores, iou_threshold)
+    if boxes.shape[0] <= _BATCHED_NMS_SHIFT_MAX:
+        span = (boxes.max() - boxes.min()) + 1
+        shifted = boxes - boxes.min() + (idxs.to(boxes) * span)[:, None]
+        return nms(shifted, scores, iou_threshold)
+    keep = []
+    for category in torch.unique(idxs).tolist():
+        members = torch.nonzero(idxs == category).flatten()
+        keep.append(members[nms(boxes[members], scores[members], iou_threshold)])
+    keep = torch.cat(keep).sort().values  # index order first, so equal scores keep it
+    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]

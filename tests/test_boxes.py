@@ -115,6 +115,23 @@ def test_nms_agrees_with_torchvision():
         torch.testing.assert_close(box_iou(boxes, boxes[:7]), torchvision.ops.box_iou(boxes, boxes[:7]))
 
 
+def test_batched_nms_per_category_path_for_large_inputs():
+    # above 4000 boxes batched_nms loops over categories; the answer must not change
+    g = torch.Generator().manual_seed(3)
+    n = 4500
+    xy = torch.rand(n, 2, generator=g) * 400
+    boxes = torch.cat([xy, xy + 5 + torch.rand(n, 2, generator=g) * 60], 1)
+    scores = torch.randint(0, 50, (n,), generator=g).float()  # many ties
+    idxs = torch.randint(0, 5, (n,), generator=g)
+    want = []
+    for c in range(5):
+        members = torch.nonzero(idxs == c).flatten()
+        want.append(members[nms(boxes[members], scores[members], 0.5)])
+    want = torch.cat(want)
+    order = sorted(range(len(want)), key=lambda k: (-float(scores[want[k]]), int(want[k])))
+    assert batched_nms(boxes, scores, idxs, 0.5).tolist() == want[order].tolist()
+
+
 def test_nms_empty_input():
     out = nms(torch.zeros(0, 4), torch.zeros(0), 0.5)
     assert out.dtype == torch.int64 and out.numel() == 0

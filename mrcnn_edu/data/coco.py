@@ -1,0 +1,304 @@
+"""COCO detection / instance segmentation / keypoint data, read through pycocotools.
+
+The paper trains and tests on COCO (§4: "trainval35k" for training, "minival" for ablations;
+§5 keypoints: "trained on all COCO trainval35k images that contain annotated keypoints").
+``COCODataset`` reads any COCO json + image folder -- real COCO 2017
+(``instances_train2017.json``, ``person_keypoints_val2017.json``) or ``shapes.py``'s set --
+and returns what the model consumes:
+
+    image  (3, H, W) float32 in [0, 1]
+    target {"boxes" (N, 4) float32 xyxy px, "labels" (N,) int64 in 1..K,
+            "masks" (N, H, W) uint8, "keypoints" (N, Kp, 3) float32 (x, y, v),
+            "image_id" int, "iscrowd" (N,) int64, "area" (N,) float32, "orig_size" (h, w)}
+
+Conventions (project-wide): pixel ``i`` covers ``[i, i+1)``; COCO boxes ``[x, y, w, h]`` are
+already continuous edges, so xyxy = ``[x, y, x + w, y + h]``. Labels: dataset category ids,
+sorted, map to contiguous 1..K (0 is background); ``label_to_cat_id`` maps back for results.
+
+Keypoints: COCO stores keypoints as pixel *indices* (mostly integers; ``[0, W-1]``). We read
+index ``i`` as the centre of pixel ``i``, i.e. continuous ``x = i + 0.5``
+(``COCO_KEYPOINT_OFFSET``, as detectron2 does; torchvision uses them as-is). With this, a
+horizontal flip is exactly ``x' = W - x``. ``evaluation.py`` subtracts the offset again when it
+writes results. Unlabelled keypoints (v = 0) are (0, 0, 0). Instances of categories without
+keypoints get all-zero keypoints.
+
+Bad input: malformed json, a missing image or a mismatched image size raise a message naming
+the file and image id; bad annotations (unknown image or category id, zero-area box, degenerate
+polygon, wrong keypoint count) are skipped, counted in ``skipped`` and summarised in one
+warning, so they never stop a long training run. In training mode (``train=True``) images
+without a usable annotation are skipped and counted too. Masks are decoded per item, lazily.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import io
+import json
+import os
+import warnings
+from collections import Counter, defaultdict
+from typing import Callable, Iterator
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset, Sampler
+
+COCO_KEYPOINT_OFFSET = 0.5  # continuous x = COCO pixel index + 0.5
+
+
+def load_coco(ann_file: str) -> COCO:
+    """A pycocotools COCO object, with a clear error for a missing or malformed file."""
+    if not os.path.isfile(ann_file):
+        raise FileNotFoundError(f"annotation file not found: {ann_file}")
+    try:
+        with open(ann_file) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"malformed json in {ann_file}: {err}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{ann_file} is not a COCO json (needs an 'images' list)")
+    data.setdefault("annotations", [])
+    data.setdefault("categories", [])
+    for key in ("annotations", "categories"):
+        if not isinstance(data[key], list):
+            raise ValueError(f"{ann_file}: '{key}' must be a list")
+    for img in data["images"]:
+        if not isinstance(img, dict) or not {"id", "file_name", "height", "width"} <= img.keys():
+            raise ValueError(f"{ann_file}: image entry {img!r:.120} lacks id/file_name/height/width")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco
+
+
+def keypoint_flip_map(names: list[str]) -> list[int]:
+    """Permutation swapping ``left_*`` and ``right_*`` keypoints (identity for the rest)."""
+    perm = list(range(len(names)))
+    for i, name in enumerate(names):
+        for a, b in (("left_", "right_"), ("right_", "left_")):
+            if name.startswith(a) and b + name[len(a):] in names:
+                perm[i] = names.index(b + name[len(a):])
+    return perm
+
+
+def clean_segmentation(segm, h: int, w: int) -> tuple[object | None, str | None]:
+    """(segmentation with degenerate polygons removed, or None, and why)."""
+    if isinstance(segm, list):
+        polys = [p for p in segm if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        if not polys:
+            return None, "degenerate polygon (< 3 points)"
+        return polys, None
+    if isinstance(segm, dict) and "counts" in segm and "size" in segm:
+        if list(segm["size"]) != [h, w]:
+            return None, f"RLE size {segm['size']} != image size {[h, w]}"
+        return segm, None
+    return None, "segmentation is neither polygons nor RLE"
+
+
+def decode_mask(segm, h: int, w: int) -> np.ndarray:
+    """(h, w) uint8 mask from cleaned polygons (their union), compressed or uncompressed RLE."""
+    if isinstance(segm, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
+    elif isinstance(segm["counts"], list):
+        rle = mask_utils.frPyObjects(segm, h, w)
+    else:
+        rle = segm
+    return mask_utils.decode(rle)
+
+
+class COCODataset(Dataset):
+    def __init__(self, image_dir: str, ann_file: str, transforms: Callable | None = None,
+                 train: bool = True, with_masks: bool = True, with_keypoints: bool = False,
+                 drop_crowd: bool = True):
+        self.image_dir, self.ann_file, self.transforms = image_dir, ann_file, transforms
+        self.train, self.with_masks, self.with_keypoints = train, with_masks, with_keypoints
+        self.drop_crowd = drop_crowd
+        self.coco = load_coco(ann_file)
+        cats = self.coco.dataset["categories"]
+        self.cat_ids = sorted(c["id"] for c in cats)
+        self.cat_id_to_label = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}
+        self.label_to_cat_id = {label: cid for cid, label in self.cat_id_to_label.items()}
+        self.class_names = ["__background__"] + [self.coco.cats[c]["name"] for c in self.cat_ids]
+        kp_cats = [c for c in cats if c.get("keypoints")]
+        self.keypoint_names = list(kp_cats[0]["keypoints"]) if kp_cats else []
+        self.skeleton = [list(e) for e in kp_cats[0].get("skeleton", [])] if kp_cats else []
+        self.keypoint_flip_map = keypoint_flip_map(self.keypoint_names)
+        if with_keypoints and not kp_cats:
+            raise ValueError(f"with_keypoints=True but no category in {ann_file} has 'keypoints'")
+        self.skipped: Counter = Counter()
+        self.problems: list[str] = []  # the first few messages, for the person reading logs
+        self._segmentation: dict[int, object] = {}  # ann id -> cleaned, only where it changed
+        self._anns = self._check_annotations()
+        self.ids = self._select_images()
+        if self.skipped:
+            warnings.warn(f"{ann_file}: skipped {dict(self.skipped)}; e.g. "
+                          + "; ".join(self.problems[:5]), stacklevel=2)
+
+    def _skip(self, reason: str, message: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.problems) < 20:
+            self.problems.append(message)
+
+    def _check_annotations(self) -> dict[int, list[dict]]:
+        """Per image id: the annotations we can use (the COCO object's own dicts, not copies)."""
+        anns = defaultdict(list)
+        n_kp = len(self.keypoint_names)
+        for ann in self.coco.dataset["annotations"]:
+            aid, iid = ann.get("id"), ann.get("image_id")
+            where = f"annotation id {aid} (image id {iid})"
+            if iid not in self.coco.imgs:
+                self._skip("unknown image id", f"{where}: image id not in 'images'")
+                continue
+            if ann.get("category_id") not in self.cat_id_to_label:
+                self._skip("unknown category id",
+                           f"{where}: unknown category id {ann.get('category_id')!r}")
+                continue
+            bbox = ann.get("bbox")
+            if not (isinstance(bbox, list) and len(bbox) == 4) or not (bbox[2] > 0 and bbox[3] > 0):
+                self._skip("zero-area box", f"{where}: zero-area or malformed bbox {bbox!r}")
+                continue
+            if self.with_masks:
+                img = self.coco.imgs[iid]
+                segm, why = clean_segmentation(ann.get("segmentation"), img["height"], img["width"])
+                if segm is None:
+                    self._skip("bad segmentation", f"{where}: {why}")
+                    continue
+                if segm is not ann["segmentation"] and len(segm) != len(ann["segmentation"]):
+                    self._segmentation[aid] = segm  # some degenerate polygons dropped
+            kps = ann.get("keypoints")
+            if self.with_keypoints and kps is not None and len(kps) != 3 * n_kp:
+                self._skip("bad keypoints", f"{where}: {len(kps)} keypoint values, expected {3 * n_kp}")
+                continue
+            anns[iid].append(ann)
+        return anns
+
+    def _select_images(self) -> list[int]:
+        listing = set(os.listdir(self.image_dir)) if os.path.isdir(self.image_dir) else set()
+        ids = []
+        for iid in sorted(self.coco.imgs):
+            name = self.coco.imgs[iid]["file_name"]
+            found = name in listing if os.sep not in name else os.path.exists(
+                os.path.join(self.image_dir, name))
+            if not found:
+                self._skip("missing image file",
+                           f"image id {iid}: {os.path.join(self.image_dir, name)} not found")
+                continue
+            if self.train and not self._usable(self._anns.get(iid, [])):
+                self._skip("no usable annotations", f"image id {iid}: no usable annotations")
+                continue
+            ids.append(iid)
+        return ids
+
+    def _usable(self, anns: list[dict]) -> bool:
+        objects = [a for a in anns if not a.get("iscrowd", 0)]
+        if self.with_keypoints:  # §5: "images that contain annotated keypoints"
+            return any(any(v > 0 for v in a.get("keypoints", [])[2::3]) for a in objects)
+        return bool(objects)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load_image(self, image_id: int) -> torch.Tensor:
+        """(3, H, W) float32 in [0, 1]; checks the file against the json's height/width."""
+        info = self.coco.imgs[image_id]
+        path = os.path.join(self.image_dir, info["file_name"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image file {path} (image id {image_id}) not found")
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"))
+        if array.shape[:2] != (info["height"], info["width"]):
+            raise ValueError(f"image file {path} (image id {image_id}) is {array.shape[:2]}, "
+                             f"but {self.ann_file} says {(info['height'], info['width'])}")
+        pixels = array.astype(np.float32) / np.float32(255.0)  # (H, W, 3)
+        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+    def load_target(self, image_id: int) -> dict:
+        info = self.coco.imgs[image_id]
+        h, w = info["height"], info["width"]
+        anns = [a for a in self._anns.get(image_id, [])
+                if not (self.drop_crowd and a.get("iscrowd", 0))]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        target = {
+            "boxes": boxes,
+            "labels": torch.tensor([self.cat_id_to_label[a["category_id"]] for a in anns],
+                                   dtype=torch.int64),
+            "image_id": int(image_id),
+            "iscrowd": torch.tensor([a.get("iscrowd", 0) for a in anns], dtype=torch.int64),
+            "area": torch.tensor([a.get("area", 0.0) for a in anns], dtype=torch.float32),
+            "orig_size": (h, w),
+        }
+        if self.with_masks:
+            masks = [decode_mask(self._segmentation.get(a["id"], a["segmentation"]), h, w)
+                     for a in anns]
+            target["masks"] = (torch.from_numpy(np.stack(masks)) if masks
+                               else torch.zeros((0, h, w), dtype=torch.uint8))  # (N, H, W)
+        if self.with_keypoints:
+            n_kp = len(self.keypoint_names)
+            kps = torch.zeros((len(anns), n_kp, 3), dtype=torch.float32)
+            for i, a in enumerate(anns):
+                if a.get("keypoints") is not None:
+                    kps[i] = torch.tensor(a["keypoints"], dtype=torch.float32).reshape(n_kp, 3)
+            labelled = kps[..., 2] > 0
+            kps[..., :2] += COCO_KEYPOINT_OFFSET * labelled[..., None]  # index -> pixel centre
+            kps[~labelled] = 0.0
+            target["keypoints"] = kps
+        return target
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        image_id = self.ids[index]
+        image, target = self.load_image(image_id), self.load_target(image_id)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def collate_fn(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
+    """Images differ in size: keep lists; ``transforms.batch_images`` pads them later."""
+    return [image for image, _ in batch], [target for _, target in batch]
+
+
+def aspect_ratio_group_ids(coco: COCO, image_ids: list[int],
+                           bins: tuple[float, ...] = (1.0,)) -> list[int]:
+    """Group of each image by width / height, from the json alone (no image is opened).
+
+    The default splits portrait (< 1) from landscape (>= 1), so batches pad little.
+    """
+    ratios = [coco.imgs[i]["width"] / coco.imgs[i]["height"] for i in image_ids]
+    return [bisect.bisect_right(sorted(bins), r) for r in ratios]
+
+
+class GroupedBatchSampler(Sampler):
+    """Batches whose images share a group id (e.g. aspect ratio), in the sampler's order.
+
+    Full batches are formed per group while the sampler runs; leftovers of all groups are
+    batched together at the end, so each sample appears exactly once per pass and
+    ``len() = ceil(len(sampler) / batch_size)``.
+    """
+
+    def __init__(self, sampler: Sampler | list[int], group_ids: list[int], batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.sampler, self.group_ids, self.batch_size = sampler, list(group_ids), batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        buffers: dict[int, list[int]] = defaultdict(list)
+        for idx in self.sampler:
+            group = buffers[self.group_ids[idx]]
+            group.append(idx)
+            if len(group) == self.batch_size:
+                yield list(group)
+                group.clear()
+        rest = [idx for group in buffers.values() for idx in group]
+        for start in range(0, len(rest), self.batch_size):
+            yield rest[start:start + self.batch_size]
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)

@@ -1,0 +1,166 @@
+"""Image transforms that keep boxes, masks and keypoints consistent.
+
+§3.1: "Images are resized such that their scale (shorter edge) is 800 pixels"; the longer
+edge is capped (1333 in Detectron). §5 and Appendix B: train-time scale jitter, "randomly
+sample a scale from [640, 800] pixels". Inference (Appendix B) also uses horizontal flips.
+
+Shapes: image (3, H, W) float32; target as ``coco.COCODataset`` gives it -- "boxes" (N, 4)
+xyxy px, "masks" (N, H, W) uint8, "keypoints" (N, Kp, 3) (x, y, v) continuous px.
+
+Geometry (pixel ``i`` covers ``[i, i+1)``, so a continuous point ``x`` maps exactly):
+- ``resize`` is a similarity ``x' = s * x`` for every coordinate. The image is resampled
+  with bilinear interpolation whose sampling grid uses exactly ``s`` (``F.interpolate``
+  with ``recompute_scale_factor=False``), so output size is ``floor(H * s)`` and mapping
+  detections back is just ``/ s``. Masks use pixel-centre ``nearest-exact`` sampling on uint8
+  (output pixel ``j`` takes input pixel ``floor((j + 0.5) / s)``), which keeps them binary
+  and cheap; it is the same sampling grid as the image's.
+- ``hflip``: ``x' = W - x``. Box edges swap: ``x1' = W - x2``, ``x2' = W - x1``; keypoints
+  ``x' = W - x`` and left/right keypoint types swap via the flip map.
+- ``normalize`` and ``batch_images`` (zero padding at the bottom/right to a multiple of 32,
+  so every FPN level's stride divides the size) touch no coordinates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # for [0, 1] RGB images (torchvision's backbones)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resize(image: torch.Tensor, target: dict | None, min_size: int, max_size: int
+           ) -> tuple[torch.Tensor, dict | None, float]:
+    """Scale the shorter side to ``min_size`` unless the longer would exceed ``max_size``.
+
+    Returns (image (3, floor(H*s), floor(W*s)), target with boxes/masks/keypoints scaled, s).
+    """
+    if image.dim() != 3:
+        raise ValueError(f"image must be (3, H, W), got shape {tuple(image.shape)}")
+    h, w = image.shape[-2:]
+    scale = min(min_size / min(h, w), max_size / max(h, w))
+    # a hair above s so floor(H * s) cannot fall one pixel short through rounding error
+    scale = scale * (1 + 1e-7)
+    image = F.interpolate(image[None], scale_factor=scale, mode="bilinear", align_corners=False,
+                          recompute_scale_factor=False)[0]
+    if target is None:
+        return image, None, scale
+    new_h, new_w = image.shape[-2:]
+    target = dict(target)
+    if "boxes" in target:
+        boxes = target["boxes"] * scale
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, new_w)  # the last < 1 px may fall off
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, new_h)
+        target["boxes"] = boxes
+    if "masks" in target:
+        masks = target["masks"]
+        if masks.shape[0] == 0:
+            target["masks"] = masks.new_zeros((0, new_h, new_w))
+        else:
+            target["masks"] = F.interpolate(masks[None], scale_factor=scale, mode="nearest-exact",
+                                            recompute_scale_factor=False)[0]  # (N, H', W')
+    if "keypoints" in target:
+        kps = target["keypoints"].clone()
+        kps[..., :2] *= scale  # v = 0 points stay (0, 0)
+        target["keypoints"] = kps
+    if "area" in target:
+        target["area"] = target["area"] * scale**2
+    return image, target, scale
+
+
+def _flip_permutation(flip_map, num_keypoints: int) -> list[int]:
+    """Accept a permutation list or (i, j) pairs; return the permutation."""
+    flip_map = list(flip_map or [])
+    if flip_map and isinstance(flip_map[0], (tuple, list)):
+        perm = list(range(num_keypoints))
+        for i, j in flip_map:
+            perm[i], perm[j] = j, i
+        return perm
+    if flip_map and sorted(flip_map) != list(range(num_keypoints)):
+        raise ValueError(f"flip_map must be a permutation of range({num_keypoints}), got {flip_map}")
+    return flip_map or list(range(num_keypoints))
+
+
+def hflip(image: torch.Tensor, target: dict | None, flip_map=None
+          ) -> tuple[torch.Tensor, dict | None]:
+    """Mirror left-right; swap left/right keypoint types (``flip_map``: permutation or pairs)."""
+    width = image.shape[-1]
+    image = image.flip(-1)
+    if target is None:
+        return image, None
+    target = dict(target)
+    if "boxes" in target:
+        boxes = target["boxes"].clone()
+        boxes[:, 0], boxes[:, 2] = width - target["boxes"][:, 2], width - target["boxes"][:, 0]
+        target["boxes"] = boxes
+    if "masks" in target:
+        target["masks"] = target["masks"].flip(-1)
+    if "keypoints" in target:
+        kps = target["keypoints"].clone()  # (N, Kp, 3)
+        labelled = kps[..., 2] > 0
+        kps[..., 0] = torch.where(labelled, width - kps[..., 0], kps[..., 0])
+        perm = _flip_permutation(flip_map, kps.shape[1])
+        target["keypoints"] = kps[:, perm]  # the new "left" is the old "right"
+    return image, target
+
+
+def normalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """(image - mean) / std per channel."""
+    mean = torch.as_tensor(mean, dtype=image.dtype, device=image.device)
+    std = torch.as_tensor(std, dtype=image.dtype, device=image.device)
+    return (image - mean[:, None, None]) / std[:, None, None]
+
+
+def batch_images(images: list[torch.Tensor], size_divisible: int = 32
+                 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Zero-pad images (bottom/right) to a common size divisible by ``size_divisible``.
+
+    Returns (B, 3, Hp, Wp) and each image's unpadded (h, w).
+    """
+    if not images:
+        raise ValueError("images must be a non-empty list of (3, H, W) tensors")
+    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    pad_h = math.ceil(max(h for h, _ in sizes) / size_divisible) * size_divisible
+    pad_w = math.ceil(max(w for _, w in sizes) / size_divisible) * size_divisible
+    batch = images[0].new_zeros((len(images), images[0].shape[0], pad_h, pad_w))
+    for im, out in zip(images, batch):
+        out[:, : im.shape[-2], : im.shape[-1]].copy_(im)
+    return batch, sizes
+
+
+class Compose:
+    def __init__(self, transforms: list):
+        self.transforms = list(transforms)
+
+    def __call__(self, image: torch.Tensor, target: dict | None):
+        for t in self.transforms:
+            image, target = t(image, target)
+        return image, target
+
+
+class RandomHorizontalFlip:
+    """Flip with probability ``p`` (draws from torch's global generator: seed it)."""
+
+    def __init__(self, p: float = 0.5, flip_map=None):
+        self.p, self.flip_map = p, flip_map
+
+    def __call__(self, image: torch.Tensor, target: dict | None):
+        if torch.rand(()) < self.p:
+            return hflip(image, target, self.flip_map)
+        return image, target
+
+
+class RandomResize:
+    """Scale jitter: one shorter side drawn per image from ``min_sizes`` (e.g. 640..800)."""
+
+    def __init__(self, min_sizes: tuple[int, ...], max_size: int):
+        if not min_sizes:
+            raise ValueError("min_sizes must hold at least one size")
+        self.min_sizes, self.max_size = tuple(min_sizes), max_size
+
+    def __call__(self, image: torch.Tensor, target: dict | None):
+        min_size = self.min_sizes[int(torch.randint(len(self.min_sizes), ()))]
+        image, target, _ = resize(image, target, min_size, self.max_size)
+        return image, target

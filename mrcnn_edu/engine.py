@@ -1,0 +1,403 @@
+"""The training loop: SGD with warm-up and step decay, AMP, DDP, checkpoints, progress, curves.
+
+The paper's recipe (§3.1 "Training"): "We train on 8 GPUs (so effective minibatch size is 16)
+for 160k iterations, with a learning rate of 0.02 which is decreased by 10 at the 120k
+iteration. We use a weight decay of 0.0001 and momentum of 0.9." Keypoints (§5): 90k
+iterations, lr ÷10 at 60k and 80k. :class:`TrainConfig` carries these defaults.
+
+Two additions the paper inherits from its code base rather than states:
+
+- **Warm-up.** Detectron (and maskrcnn-benchmark) raise the learning rate linearly from
+  ``base_lr / 3`` to ``base_lr`` over the first 500 iterations (Goyal et al. 2017, "Accurate,
+  Large Minibatch SGD"); large learning rates on a freshly initialised head otherwise diverge.
+- **The linear scaling rule** (Goyal et al. 2017, used by Detectron): with ``k`` times fewer
+  images per batch, use ``k`` times smaller learning rate and ``k`` times *more* iterations
+  (steps and warm-up too), so that the model sees the same number of epochs. On 1 GPU with
+  2 images: lr 0.0025, 1.28M iterations. :func:`scale_for_batch` applies it; turn it off
+  with ``scale_schedule=False`` to use the numbers as written.
+
+Weight decay: on every trained parameter, biases included, as Detectron does; the parameters
+of normalisation layers (GroupNorm / BatchNorm scales and shifts, present only in miniature
+models: the paper's backbones use frozen BN) get ``weight_decay_norm`` (0 by default, as in
+detectron2), because decaying a scale towards zero fights the normalisation.
+
+What one iteration does (:func:`train` reads top to bottom): fetch a batch whose content is a
+function of ``(seed, iteration)`` (``distributed.py``), set ``lr_at(iteration)``, forward under
+autocast, average the loss terms over processes, stop with :class:`NonFiniteLossError` if one
+is nan/inf (before the optimizer can spoil the weights), backward, SGD step; then log,
+checkpoint (``checkpoint.py``), evaluate. Resuming loads the model, optimizer, scaler and RNG
+states, and the run continues exactly as if it had never stopped.
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import (capture_rng_state, checkpoint_path, last_checkpoint, load_checkpoint,
+                         preserved_rng, restore_rng_state, save_checkpoint)
+from .distributed import (DistInfo, InfiniteBatchSampler, SeededSamples, all_reduce_mean,
+                          init_distributed)
+
+__all__ = [
+    "TrainConfig", "NonFiniteLossError", "train", "lr_at", "scaled_lr", "scale_for_batch",
+    "describe_scaling", "build_optimizer", "to_device", "seed_everything", "plot_loss_curves",
+]
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """How to train; the defaults are the paper's COCO recipe (§3.1) for 16 images per batch."""
+
+    base_lr: float = 0.02  # §3.1, for 16 images per batch ("ResNeXt ... 0.01" with 8)
+    momentum: float = 0.9  # §3.1
+    weight_decay: float = 1e-4  # §3.1
+    weight_decay_norm: float = 0.0  # GN/BN scales and shifts; detectron2's default
+    max_iter: int = 160_000  # §3.1 (keypoints §5: 90_000)
+    steps: tuple[int, ...] = (120_000,)  # §3.1: lr ÷10 at 120k (keypoints: (60_000, 80_000))
+    gamma: float = 0.1  # §3.1 "decreased by 10"
+    warmup_iters: int = 500  # not in the paper: Detectron's default (Goyal et al. 2017)
+    warmup_factor: float = 1.0 / 3.0  # Detectron's: start at base_lr / 3, rise linearly
+    images_per_batch: int = 16  # total over all processes: §3.1 "8 GPUs ... 16"
+    reference_batch: int = 16  # the batch size base_lr, max_iter, steps were written for
+    scale_schedule: bool = True  # linear scaling rule when images_per_batch != reference
+    clip_grad: float | None = None  # max gradient norm; the paper clips nothing
+    amp: str = "none"  # "none" | "bf16" | "fp16" (fp16 with GradScaler, CUDA only)
+    device: str = "auto"  # "auto" (CUDA if available) | "cuda" | "cpu"
+    seed: int = 0  # data order, augmentation, dropout: all derive from it
+    num_workers: int = 2  # DataLoader processes per training process
+    output_dir: str = "runs/train"  # checkpoints, metrics.jsonl, loss_curves.png
+    checkpoint_period: int = 5000  # iterations between checkpoints (0: only at the end)
+    eval_period: int = 0  # iterations between evaluations (0: only at the end)
+    log_period: int = 20  # iterations between metrics.jsonl lines
+    resume: bool | str = False  # True: newest checkpoint in output_dir; or a path
+    progress: bool | None = None  # tqdm bar; None: only when stderr is a terminal
+    find_unused_parameters: bool = False  # DDP: set when some head gets no loss
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became nan or inf; the run stopped before the weights were touched."""
+
+    def __init__(self, iteration: int, bad_terms: dict[str, float],
+                 last_good: Path | None = None) -> None:
+        self.iteration, self.bad_terms, self.last_good = iteration, bad_terms, last_good
+        terms = ", ".join(f"{name}={value}" for name, value in bad_terms.items())
+        where = (f"the last good checkpoint, {last_good}, is untouched; resume from it"
+                 if last_good else "no checkpoint had been written yet")
+        super().__init__(
+            f"non-finite loss at iteration {iteration} ({iteration} iterations had completed): "
+            f"{terms}. Training stopped before the optimizer step; {where}. Usual remedies: "
+            "a lower base_lr or longer warm-up, clip_grad, amp='none', or check the data.")
+
+
+def scaled_lr(base_lr: float, base_batch: int, batch: int) -> float:
+    """Linear scaling rule (Goyal et al. 2017): the learning rate is proportional to the batch."""
+    if base_batch <= 0 or batch <= 0:
+        raise ValueError(f"batch sizes must be positive, got base_batch={base_batch}, batch={batch}")
+    return base_lr * batch / base_batch
+
+
+def scale_for_batch(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` for ``images_per_batch``: lr × k, iterations ÷ k, k = batch / reference_batch."""
+    if not cfg.scale_schedule or cfg.images_per_batch == cfg.reference_batch:
+        return cfg
+    k = cfg.images_per_batch / cfg.reference_batch
+    return replace(
+        cfg,
+        base_lr=scaled_lr(cfg.base_lr, cfg.reference_batch, cfg.images_per_batch),
+        max_iter=round(cfg.max_iter / k),
+        steps=tuple(round(step / k) for step in cfg.steps),
+        warmup_iters=round(cfg.warmup_iters / k),
+        reference_batch=cfg.images_per_batch,  # applying it again changes nothing
+    )
+
+
+def describe_scaling(cfg: TrainConfig) -> str:
+    """One line for the start of a run, e.g. "lr 0.02 @ 16 images -> 0.0025 @ 2 images; ..."."""
+    scaled = scale_for_batch(cfg)
+    if scaled is cfg:
+        return (f"lr {cfg.base_lr:g} @ {cfg.images_per_batch} images; {cfg.max_iter} iterations, "
+                f"lr x{cfg.gamma:g} at {cfg.steps}, warm-up {cfg.warmup_iters}")
+    k = cfg.reference_batch / cfg.images_per_batch
+    how = f"x{k:g} longer" if k > 1 else f"x{1 / k:g} shorter"
+    return (f"lr {cfg.base_lr:g} @ {cfg.reference_batch} images -> {scaled.base_lr:g} @ "
+            f"{cfg.images_per_batch} images; schedule {how}: {scaled.max_iter} iterations, "
+            f"lr x{cfg.gamma:g} at {scaled.steps}, warm-up {scaled.warmup_iters} "
+            "(linear scaling rule, Goyal et al. 2017)")
+
+
+def lr_at(iteration: int, cfg: TrainConfig) -> float:
+    """Learning rate of (0-based) ``iteration``: linear warm-up, then ÷10 at each step."""
+    if iteration < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    warmup = 1.0
+    if iteration < cfg.warmup_iters:
+        alpha = iteration / cfg.warmup_iters
+        warmup = cfg.warmup_factor * (1 - alpha) + alpha
+    return cfg.base_lr * warmup * cfg.gamma ** bisect.bisect_right(cfg.steps, iteration)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD with momentum; weight decay on all trained parameters but norm layers' (see top)."""
+    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    norm_params, other_params = [], []
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.requires_grad:
+                (norm_params if isinstance(module, norm_types) else other_params).append(param)
+    groups = [{"params": other_params, "weight_decay": cfg.weight_decay}]
+    if norm_params:
+        groups.append({"params": norm_params, "weight_decay": cfg.weight_decay_norm})
+    return torch.optim.SGD(groups, lr=lr_at(0, cfg), momentum=cfg.momentum)
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """``obj`` with every tensor inside (lists, tuples, dicts) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {key: to_device(value, device) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(value, device) for value in obj)
+    return obj
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _check_config(cfg: TrainConfig, device: torch.device, world_size: int) -> None:
+    if cfg.amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {list(AMP_DTYPES)}, got {cfg.amp!r}")
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp='fp16' needs a CUDA device; on CPU use amp='bf16' or 'none'")
+    if list(cfg.steps) != sorted(cfg.steps):
+        raise ValueError(f"steps must increase, got {cfg.steps}")
+    if cfg.images_per_batch <= 0 or cfg.images_per_batch % world_size:
+        raise ValueError(f"images_per_batch={cfg.images_per_batch} must be a positive "
+                         f"multiple of the number of processes ({world_size})")
+
+
+def _pick_device(name: str, info: DistInfo) -> torch.device:
+    if name not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {name!r}")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def _autocast(device: torch.device, amp: str):
+    """Mixed precision for the forward pass (the backward follows the forward's dtypes)."""
+    if AMP_DTYPES[amp] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def _build_loader(dataset: Dataset, cfg: TrainConfig, collate_fn: Callable, start_iter: int,
+                  info: DistInfo, group_ids: Sequence[int] | None, pin: bool) -> DataLoader:
+    sampler = InfiniteBatchSampler(len(dataset), cfg.images_per_batch, cfg.seed, info.rank,
+                                   info.world_size, start_iter, group_ids)
+    # Its own generator, so that making the loader never draws from the global RNG.
+    return DataLoader(SeededSamples(dataset), batch_sampler=sampler, collate_fn=collate_fn,
+                      num_workers=cfg.num_workers, pin_memory=pin,
+                      generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def _reduced_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each loss term averaged over processes (what DDP's gradient corresponds to)."""
+    names = sorted(loss_dict)
+    values = torch.stack([loss_dict[name].detach().float() for name in names])  # (T,)
+    return dict(zip(names, all_reduce_mean(values).tolist()))
+
+
+def _resume(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, info: DistInfo) -> tuple[int, Path | None]:
+    """Load the checkpoint ``cfg.resume`` asks for; return (iteration to start at, its path)."""
+    path = Path(cfg.resume) if isinstance(cfg.resume, str) else None
+    if cfg.resume is True:
+        path = last_checkpoint(cfg.output_dir)
+    if path is None:
+        return 0, None
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    rng_states = state["rng"]  # one per process of the run that wrote it
+    if len(rng_states) != info.world_size and info.is_main:
+        print(f"warning: {path} was written by {len(rng_states)} processes, this run has "
+              f"{info.world_size}; dropout/augmentation streams will differ", file=sys.stderr)
+    restore_rng_state(rng_states[info.rank % len(rng_states)])
+    return int(state["iteration"]), path
+
+
+def _save(cfg: TrainConfig, iteration: int, model: nn.Module, optimizer, scaler,
+          info: DistInfo) -> Path:
+    """Every process contributes its RNG state; rank 0 alone writes the file."""
+    rng_states = [capture_rng_state()]
+    if info.world_size > 1:
+        rng_states = [None] * info.world_size
+        torch.distributed.all_gather_object(rng_states, capture_rng_state())
+    path = checkpoint_path(cfg.output_dir, iteration)
+    if info.is_main:
+        save_checkpoint(path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "iteration": iteration, "rng": rng_states,
+            "world_size": info.world_size, "config": asdict(cfg),
+        })
+        plot_loss_curves(Path(cfg.output_dir) / "metrics.jsonl")
+    return path
+
+
+def _evaluate(evaluate_fn: Callable[[nn.Module], dict], model: nn.Module) -> dict:
+    """Run the user's evaluation in eval mode, leaving every training RNG as it was."""
+    model.eval()
+    with preserved_rng(), torch.no_grad():
+        results = evaluate_fn(model)
+    model.train()
+    return results
+
+
+def _log(path: Path, record: dict) -> None:
+    with open(path, "a") as file:
+        file.write(json.dumps(record, default=lambda o: o.tolist() if hasattr(o, "tolist")
+                              else str(o)) + "\n")
+
+
+def _read_metrics(path: Path, up_to: int | None = None) -> list[dict]:
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if up_to is None or r["iteration"] <= up_to]
+
+
+def plot_loss_curves(metrics_path: str | Path, png_path: str | Path | None = None) -> Path | None:
+    """Draw every loss term and the learning rate against the iteration, from metrics.jsonl."""
+    from matplotlib.figure import Figure  # no pyplot: never changes the user's backend
+
+    metrics_path = Path(metrics_path)
+    records = [r for r in _read_metrics(metrics_path) if "loss" in r]
+    if not records:
+        return None
+    png_path = Path(png_path) if png_path else metrics_path.with_name("loss_curves.png")
+    iterations = [r["iteration"] for r in records]
+    fig = Figure(figsize=(9, 3.5))
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, wspace=0.3)
+    loss_ax, lr_ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]})
+    for name in ["loss"] + sorted(k for k in records[-1] if k.startswith("loss_")):
+        loss_ax.plot(iterations, [r.get(name, math.nan) for r in records], label=name,
+                     linewidth=2 if name == "loss" else 1)
+    loss_ax.set(yscale="log", xlabel="iteration", title="training losses")
+    loss_ax.legend(fontsize=7)
+    lr_ax.plot(iterations, [r["lr"] for r in records])
+    lr_ax.set(xlabel="iteration", title="learning rate")
+    fig.savefig(png_path, dpi=80)
+    return png_path
+
+
+def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, collate_fn: Callable,
+          evaluate_fn: Callable[[nn.Module], dict] | None = None,
+          hooks: Sequence[Callable[[int, dict], None]] = (),
+          group_ids: Sequence[int] | None = None) -> dict:
+    """Train ``model`` on ``dataset`` as ``cfg`` says; returns the final iteration, losses, eval.
+
+    ``model(images, targets)`` returns a dict of scalar losses (summed for the gradient);
+    ``evaluate_fn(model)`` runs on every process, gathers to rank 0 (``gather_predictions``)
+    and returns a dict of metrics; each hook is called as ``hook(iterations_done, state)``
+    after every iteration. Under ``torchrun`` the same call trains with DDP.
+    """
+    info = init_distributed(cfg.device)
+    device = _pick_device(cfg.device, info)
+    cfg = scale_for_batch(cfg)
+    _check_config(cfg, device, info.world_size)
+    seed_everything(cfg.seed + info.rank)
+    output_dir, metrics_path = Path(cfg.output_dir), Path(cfg.output_dir) / "metrics.jsonl"
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    start_iter, last_good = _resume(cfg, model, optimizer, scaler, info)
+    trained_model = model
+    if info.world_size > 1:
+        trained_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.find_unused_parameters)
+    batches = iter(_build_loader(dataset, cfg, collate_fn, start_iter, info, group_ids,
+                                 pin=device.type == "cuda"))
+    show_bar = info.is_main and (sys.stderr.isatty() if cfg.progress is None else cfg.progress)
+    progress = _progress_bar(cfg.max_iter, start_iter, show_bar)
+    if info.is_main:
+        metrics_path.write_text("".join(json.dumps(r) + "\n"
+                                        for r in _read_metrics(metrics_path, start_iter)))
+        progress.write(f"{describe_scaling(cfg)}\ntraining iterations {start_iter}..{cfg.max_iter}"
+                       f" on {device} x{info.world_size}, amp={cfg.amp}, output {output_dir}")
+
+    losses, results, tic = {}, {}, time.perf_counter()
+    for iteration in range(start_iter, cfg.max_iter):
+        images, targets = to_device(next(batches), device)
+        lr = lr_at(iteration, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with _autocast(device, cfg.amp):
+            loss_dict = trained_model(images, targets)
+        losses = _reduced_losses(loss_dict)
+        bad_terms = {name: value for name, value in losses.items() if not math.isfinite(value)}
+        if bad_terms:
+            raise NonFiniteLossError(iteration, bad_terms, last_good)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(sum(loss_dict.values())).backward()
+        if cfg.clip_grad is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+
+        done = iteration + 1
+        finished = done == cfg.max_iter
+        progress.update(1)
+        if info.is_main and (done % cfg.log_period == 0 or finished):
+            seconds = (time.perf_counter() - tic) / (done - start_iter)
+            _log(metrics_path, {"iteration": done, "lr": lr, "loss": sum(losses.values()),
+                                **losses, "seconds_per_iter": seconds})
+            progress.set_postfix_str(f"loss {sum(losses.values()):.3f} lr {lr:.2g}")
+        if evaluate_fn and ((cfg.eval_period and done % cfg.eval_period == 0) or finished):
+            results = _evaluate(evaluate_fn, model)
+            if info.is_main:
+                _log(metrics_path, {"iteration": done, "eval": results})
+                progress.write(f"evaluation at iteration {done}: {results}")
+        if (cfg.checkpoint_period and done % cfg.checkpoint_period == 0) or finished:
+            last_good = _save(cfg, done, model, optimizer, scaler, info)
+        for hook in hooks:
+            hook(done, {"model": model, "losses": losses, "lr": lr, "optimizer": optimizer})
+    progress.close()
+    curves = output_dir / "loss_curves.png"  # drawn at each checkpoint, the last one included
+    return {"iteration": max(start_iter, cfg.max_iter), "losses": losses, "eval": results,
+            "checkpoint": last_good, "loss_curves": curves if curves.is_file() else None,
+            "config": cfg}
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    """A tqdm bar with ETA (rank 0, terminals); disabled elsewhere, its ``write`` still prints."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train",
+                dynamic_ncols=True, file=sys.stderr)

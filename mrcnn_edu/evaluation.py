@@ -1,0 +1,166 @@
+"""COCO evaluation: model outputs -> COCO results json -> pycocotools ``COCOeval``.
+
+§4: "We report the standard COCO metrics including AP (averaged over IoU thresholds), AP50,
+AP75, and APS, APM, APL (AP at different scales). Unless noted, AP is evaluating using mask
+IoU." §5 reports keypoint AP (OKS-based) the same way.
+
+Predictions, per image id: {"boxes" (N, 4) xyxy in *original* image pixels, "labels" (N,)
+contiguous 1..K, "scores" (N,), "masks" (N, 1, H, W) or (N, H, W) float probabilities
+(binarised at > 0.5) or bool, "keypoints" (N, Kp, 3) continuous (x, y, v)}.
+
+Conversions: boxes xyxy -> COCO xywh; labels -> category ids with ``label_to_cat_id``
+(default: the sorted category ids of ``coco_gt``, as ``COCODataset`` numbers them); masks ->
+compressed RLE via ``pycocotools.mask.encode``; keypoints -> COCO pixel indices by subtracting
+``COCO_KEYPOINT_OFFSET`` (0.5; see ``data/coco.py``).
+
+Results are FRACTIONS in [0, 1], exactly ``COCOeval.stats``; an entry COCOeval cannot score
+(no ground truth in that size range, e.g. APs for keypoints, where COCO has no "small"
+range) is ``nan``. Images evaluated = the image ids in ``predictions`` (give every image you
+ran, with empty outputs where nothing was detected: skipped images would hide misses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import warnings
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from mrcnn_edu.data.coco import COCO_KEYPOINT_OFFSET
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# positions of METRICS in COCOeval.stats (keypoints have no small range)
+_STATS_INDEX = {"bbox": (0, 1, 2, 3, 4, 5), "segm": (0, 1, 2, 3, 4, 5),
+                "keypoints": (0, 1, 2, None, 3, 4)}
+_NEEDS = {"bbox": "boxes", "segm": "masks", "keypoints": "keypoints"}
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def predictions_to_coco_results(predictions: dict[int, dict], iou_type: str,
+                                label_to_cat_id: dict[int, int] | None = None) -> list[dict]:
+    """COCO results list (``loadRes`` format) of one iou type.
+
+    ``label_to_cat_id=None`` means the labels already are dataset category ids.
+    """
+    if iou_type not in _NEEDS:
+        raise ValueError(f"iou_type must be one of {tuple(_NEEDS)}, got {iou_type!r}")
+    results = []
+    for image_id, pred in predictions.items():
+        scores = _numpy(pred["scores"]).astype(float).reshape(-1)
+        if len(scores) == 0:
+            continue
+        field = _NEEDS[iou_type]
+        if field not in pred:
+            raise ValueError(f"image id {image_id}: predictions lack '{field}' needed for {iou_type}")
+        labels = _numpy(pred["labels"]).reshape(-1)
+        if label_to_cat_id is None:
+            label_to_cat_id = {int(label): int(label) for label in labels}
+        unknown = sorted(set(labels.tolist()) - set(label_to_cat_id))
+        if unknown:
+            raise ValueError(f"image id {image_id}: labels {unknown} not in label_to_cat_id")
+        cat_ids = [int(label_to_cat_id[int(label)]) for label in labels]
+        boxes = _numpy(pred["boxes"]).astype(float).reshape(-1, 4)
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+        for i in range(len(scores)):
+            results.append({"image_id": int(image_id), "category_id": cat_ids[i],
+                            "score": float(scores[i]), "bbox": xywh[i].tolist()})
+        if iou_type == "segm":
+            masks = _numpy(pred["masks"])
+            masks = masks.reshape(len(scores), *masks.shape[-2:])  # (N, H, W)
+            binary = masks if masks.dtype == bool else masks > 0.5
+            rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0).astype(np.uint8)))
+            for res, rle in zip(results[-len(scores):], rles):
+                res["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+                del res["bbox"]  # loadRes derives it from the mask
+        elif iou_type == "keypoints":
+            kps = _numpy(pred["keypoints"]).astype(float).reshape(len(scores), -1, 3).copy()
+            kps[..., :2] -= COCO_KEYPOINT_OFFSET  # continuous px -> COCO pixel index
+            for res, kp in zip(results[-len(scores):], kps):
+                res["keypoints"] = kp.reshape(-1).tolist()
+                del res["bbox"]  # loadRes derives it from the keypoints
+    return results
+
+
+def _empty_results(coco_gt: COCO) -> COCO:
+    """A results COCO with no detections (``loadRes`` cannot take an empty list)."""
+    coco_dt = COCO()
+    coco_dt.dataset = {"images": coco_gt.dataset["images"], "annotations": [],
+                       "categories": coco_gt.dataset["categories"]}
+    coco_dt.createIndex()
+    return coco_dt
+
+
+def run_cocoeval(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int],
+                 cat_ids: list[int] | None = None) -> COCOeval:
+    """loadRes + evaluate + accumulate + summarize (prints the standard table)."""
+    coco_dt = coco_gt.loadRes(results) if results else _empty_results(coco_gt)
+    coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
+    coco_eval.params.imgIds = sorted(image_ids)
+    if cat_ids is not None:
+        coco_eval.params.catIds = cat_ids
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    coco_eval.summarize()
+    return coco_eval
+
+
+def evaluate_coco(coco_gt: COCO, predictions: dict[int, dict],
+                  iou_types: tuple[str, ...] = ("bbox", "segm", "keypoints"),
+                  label_to_cat_id: dict[int, int] | None = None,
+                  verbose: bool = False) -> dict[str, dict[str, float]]:
+    """{iou_type: {AP, AP50, AP75, APs, APm, APl}} as fractions; nan where COCOeval gives -1.
+
+    An iou type is skipped (with a warning) when no image's predictions carry its field
+    (e.g. "keypoints" for a detector without a keypoint head) or, for keypoints, when no
+    ground-truth category defines keypoints.
+    """
+    if label_to_cat_id is None:
+        label_to_cat_id = {i + 1: cid for i, cid in enumerate(sorted(coco_gt.getCatIds()))}
+    unknown = sorted(set(map(int, predictions)) - set(coco_gt.getImgIds()))
+    if unknown:
+        raise ValueError(f"predictions for image ids {unknown[:10]} that are not in the ground truth")
+    kp_cat_ids = sorted(c["id"] for c in coco_gt.dataset["categories"] if c.get("keypoints"))
+    out = {}
+    for iou_type in iou_types:
+        field = _NEEDS.get(iou_type)
+        if field is None:
+            raise ValueError(f"iou_types must be from {tuple(_NEEDS)}, got {iou_type!r}")
+        non_empty = [p for p in predictions.values() if len(p["scores"]) > 0]
+        if non_empty and not any(field in p for p in non_empty):
+            warnings.warn(f"skipping {iou_type} evaluation: no prediction has '{field}'", stacklevel=2)
+            continue
+        if iou_type == "keypoints" and not kp_cat_ids:
+            warnings.warn("skipping keypoints evaluation: no ground-truth category has keypoints",
+                          stacklevel=2)
+            continue
+        results = predictions_to_coco_results(predictions, iou_type, label_to_cat_id)
+        cat_ids = None
+        if iou_type == "keypoints":  # COCOeval's OKS needs num_keypoints on every gt it sees
+            cat_ids = kp_cat_ids
+            results = [r for r in results if r["category_id"] in kp_cat_ids]
+        quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+        with quiet:
+            if verbose:
+                print(f"IoU metric: {iou_type}")
+            stats = run_cocoeval(coco_gt, results, iou_type, list(map(int, predictions)), cat_ids).stats
+        out[iou_type] = {name: (math.nan if i is None or stats[i] < 0 else float(stats[i]))
+                         for name, i in zip(METRICS, _STATS_INDEX[iou_type])}
+    return out
+
+
+def format_ap_table(results: dict[str, dict[str, float]]) -> str:
+    """A markdown table of AP metrics in percent, one row per iou type."""
+    lines = ["| iou type | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for iou_type, metrics in results.items():
+        cells = ["-" if math.isnan(metrics[m]) else f"{100 * metrics[m]:.1f}" for m in METRICS]
+        lines.append(f"| {iou_type} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""RoIPool (Fast R-CNN) and RoIWarp (MNC): the two quantising ops RoIAlign replaces.
+
+    "RoIPool first quantizes a floating-number RoI to the discrete granularity of the feature
+    map, this quantized RoI is then subdivided into spatial bins which are themselves
+    quantized, and finally feature values covered by each bin are aggregated (usually by max
+    pooling)."  -- Mask R-CNN §3 "RoIAlign"
+
+    "RoIWarp overlooked the alignment issue and was implemented in [10] as quantizing RoI just
+    like RoIPool. So even though RoIWarp also adopts bilinear resampling ..., it performs on
+    par with RoIPool"  -- §3; Table 2c
+
+Shapes: ``input (N, C, H, W)``, ``rois (R, 5)`` rows ``[batch_index, x1, y1, x2, y2]`` in image
+pixels, output ``(R, C, oh, ow)``. Feature cell ``j`` covers ``[j, j + 1)`` in feature units.
+
+What is quantised, precisely (``s = spatial_scale``, ``round`` = half away from zero, as C's):
+1. RoIPool and RoIWarp: the RoI. ``start = round(x1 * s)``, ``end = round(x2 * s)``; the RoI
+   is the cells ``start .. end`` inclusive, ``size = max(end - start + 1, 1)`` cells.
+2. RoIPool only: the bins. Bin ``p`` covers cells ``start + floor(p * size / out)`` up to
+   ``start + ceil((p + 1) * size / out)`` (exclusive), clipped to the map; an empty bin gives 0.
+   Its value is the max over those cells.
+RoIWarp then does *no* further quantisation: it is RoIAlign (``aligned=True``, bilinear
+sampling at ``sampling_ratio x sampling_ratio`` regular points per bin, max or avg) applied to the
+quantised box ``[start, start + size)``. So on a box already on the feature grid RoIWarp equals
+RoIAlign, and every difference between them is the RoI quantisation of step 1.
+
+Both ops are vectorised over RoIs and bins, differentiable with respect to ``input``, and match
+``torchvision.ops.roi_pool`` exactly for RoIPool.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+from mrcnn_edu.ops.roi_align import RoIs, check_roi_inputs, roi_align_torch
+
+__all__ = ["roi_pool", "roi_warp", "quantise_rois"]
+
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _round_half_away(x: Tensor) -> Tensor:
+    """C's ``round``: halves go away from zero (``torch.round`` would round them to even)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def quantise_rois(rois: Tensor, spatial_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """RoIPool's step 1: ``(R, 5)`` rois -> integer-valued ``x_start, y_start, width, height``
+    in feature cells (float tensors, ``(R,)`` each)."""
+    x_start = _round_half_away(rois[:, 1] * spatial_scale)
+    y_start = _round_half_away(rois[:, 2] * spatial_scale)
+    x_end = _round_half_away(rois[:, 3] * spatial_scale)
+    y_end = _round_half_away(rois[:, 4] * spatial_scale)
+    width = (x_end - x_start + 1).clamp(min=1)
+    height = (y_end - y_start + 1).clamp(min=1)
+    return x_start, y_start, width, height
+
+
+def _bin_edges(start: Tensor, size: Tensor, bins: int, limit: int) -> tuple[Tensor, Tensor]:
+    """RoIPool's step 2 along one axis: ``(R, bins)`` first and one-past-last cell of each bin."""
+    bin_size = size[:, None] / bins  # (R, 1)
+    p = torch.arange(bins, device=start.device, dtype=start.dtype)[None]  # (1, bins)
+    first = (torch.floor(p * bin_size) + start[:, None]).clamp(0, limit)
+    last = (torch.ceil((p + 1) * bin_size) + start[:, None]).clamp(0, limit)
+    return first.long(), last.long()  # (R, bins) each
+
+
+def roi_pool(input: Tensor, rois: RoIs, output_size: Union[int, Sequence[int]],
+             spatial_scale: float = 1.0) -> Tensor:
+    """Fast R-CNN's RoIPool: quantised RoI, quantised bins, max over each bin's cells."""
+    rois, (oh, ow) = check_roi_inputs(input, rois, output_size, spatial_scale)
+    N, C, H, W = input.shape
+    R = rois.shape[0]
+    coord_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x_start, y_start, width, height = quantise_rois(rois.detach().to(coord_dtype), spatial_scale)
+    y_first, y_last = _bin_edges(y_start, height, oh, H)  # (R, oh)
+    x_first, x_last = _bin_edges(x_start, width, ow, W)  # (R, ow)
+    # largest bin extent over all RoIs: every bin is gathered as a kh x kw window, masked
+    kh = int((y_last - y_first).max()) if R else 1
+    kw = int((x_last - x_first).max()) if R else 1
+    kh, kw = max(kh, 1), max(kw, 1)
+    features = input.permute(0, 2, 3, 1).reshape(N * H * W, C)  # (N*H*W, C)
+    dy = torch.arange(kh, device=input.device)
+    dx = torch.arange(kw, device=input.device)
+    pieces = []
+    per_roi = oh * ow * kh * kw * max(C, 1)
+    for chunk in torch.arange(R, device=input.device).split(max(_CHUNK_ELEMENTS // per_roi, 1)):
+        ys = y_first[chunk][:, :, None] + dy  # (Rc, oh, kh)
+        xs = x_first[chunk][:, :, None] + dx  # (Rc, ow, kw)
+        y_ok = ys < y_last[chunk][:, :, None]
+        x_ok = xs < x_last[chunk][:, :, None]
+        rows = rois[chunk, 0].long()[:, None, None] * H + ys.clamp(max=H - 1)  # (Rc, oh, kh)
+        index = (rows[:, :, None, :, None] * W
+                 + xs.clamp(max=W - 1)[:, None, :, None, :])  # (Rc, oh, ow, kh, kw)
+        valid = y_ok[:, :, None, :, None] & x_ok[:, None, :, None, :]  # (Rc, oh, ow, kh, kw)
+        values = features[index.reshape(-1)].reshape(*index.shape[:3], kh * kw, C)
+        values = values.masked_fill(~valid.reshape(*index.shape[:3], kh * kw, 1), float("-inf"))
+        # amax splits the gradient evenly between exactly tied cells (torchvision's kernel
+        # gives it to the first); max(dim) would match that but is very slow on small CPU tensors
+        best = values.amax(dim=3)  # (Rc, oh, ow, C)
+        empty = ~valid.flatten(3).any(dim=3)  # (Rc, oh, ow): bin clipped away entirely
+        pieces.append(best.masked_fill(empty[..., None], 0.0))
+    if pieces:
+        out = torch.cat(pieces)  # (R, oh, ow, C)
+    else:  # empty RoI set: keep the output attached to the graph
+        out = features[:0, None, None, :].expand(0, oh, ow, C)
+    return out.permute(0, 3, 1, 2)  # (R, C, oh, ow), channels-last strides
+
+
+def roi_warp(input: Tensor, rois: RoIs, output_size: Union[int, Sequence[int]],
+             spatial_scale: float = 1.0, sampling_ratio: int = 2, mode: str = "max") -> Tensor:
+    """MNC's RoIWarp: RoIPool's quantised RoI, then RoIAlign's bilinear sampling inside it.
+
+    ``sampling_ratio``: points per bin each way (2 = the paper's four points; ``<= 0``
+    adaptive); ``mode``: ``"max"`` or ``"avg"`` (both rows of Table 2c).
+    """
+    rois, size = check_roi_inputs(input, rois, output_size, spatial_scale, mode)
+    if not isinstance(sampling_ratio, int):
+        raise ValueError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
+    coord_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    rois = rois.detach().to(coord_dtype)
+    x_start, y_start, width, height = quantise_rois(rois, spatial_scale)
+    # the quantised box, in feature units, handed to RoIAlign at scale 1
+    boxes = torch.stack([rois[:, 0], x_start, y_start, x_start + width, y_start + height], 1)
+    return roi_align_torch(input, boxes, size, 1.0, sampling_ratio, True, mode)  # (R, C, oh, ow)

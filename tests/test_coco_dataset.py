@@ -1,0 +1,208 @@
+"""COCODataset gives back exactly the generated objects; bad input is named, skipped, counted."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mrcnn_edu.data import shapes
+from mrcnn_edu.data.coco import (COCO_KEYPOINT_OFFSET, COCODataset, GroupedBatchSampler,
+                                 aspect_ratio_group_ids, collate_fn, load_coco)
+
+SEED = 11
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("tiny"))
+    shapes.generate(root, seed=SEED, preset="tiny")
+    return root
+
+
+def _dataset(root, split="train", **kwargs):
+    return COCODataset(os.path.join(root, split),
+                       os.path.join(root, "annotations", f"instances_{split}.json"), **kwargs)
+
+
+def test_loading_gives_back_exactly_the_generated_objects(tiny_set):
+    ds = _dataset(tiny_set, train=False, with_keypoints=True, drop_crowd=False)
+    cfg = shapes.tiny_config()
+    assert ds.class_names == ["__background__", *shapes.SHAPE_NAMES]
+    assert ds.keypoint_names == list(shapes.KEYPOINT_NAMES)
+    assert ds.keypoint_flip_map == shapes.KEYPOINT_FLIP_MAP and ds.skeleton == shapes.SKELETON
+    assert ds.ids == list(range(1, cfg.n_train + 1)) and not ds.skipped
+    for i in range(len(ds)):
+        image, target = ds[i]
+        scene = shapes.render_scene(cfg, shapes.scene_rng(SEED, "train", target["image_id"] - 1))
+        assert image.dtype == torch.float32 and image.shape == (3, 64, 64)
+        torch.testing.assert_close(image, torch.from_numpy(scene.image).permute(2, 0, 1) / 255.0)
+        assert target["orig_size"] == (64, 64)
+        assert len(target["labels"]) == len(scene.objects)
+        for k, obj in enumerate(scene.objects):
+            visible = scene.instance_map == k
+            np.testing.assert_array_equal(target["masks"][k].numpy(), visible)
+            assert target["labels"][k] == shapes.SHAPE_NAMES.index(obj.category) + 1
+            assert target["iscrowd"][k] == obj.iscrowd
+            assert target["area"][k] == visible.sum()
+            ys, xs = np.nonzero(visible)
+            assert target["boxes"][k].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+            if obj.keypoints is None:
+                assert (target["keypoints"][k] == 0).all()
+            else:  # continuous coordinates back, to json's 0.01 rounding
+                np.testing.assert_allclose(target["keypoints"][k, :, :2].numpy(), obj.keypoints,
+                                           atol=0.005 + 1e-4)
+
+
+def test_keypoint_training_uses_only_images_with_annotated_keypoints(tiny_set):
+    # §5: "Models are trained on all COCO trainval35k images that contain annotated keypoints"
+    with pytest.warns(UserWarning, match="no usable annotations"):  # reported, never silent
+        ds = _dataset(tiny_set, with_keypoints=True)
+    with_person = [i for i in range(1, 13) if any(
+        o.category == "person" for o in shapes.render_scene(
+            shapes.tiny_config(), shapes.scene_rng(SEED, "train", i - 1)).objects)]
+    assert ds.ids == with_person and 0 < len(with_person) < 12
+    assert ds.skipped == {"no usable annotations": 12 - len(with_person)}
+
+
+def test_crowds_are_dropped_by_default(tiny_set):
+    with_crowd, without = _dataset(tiny_set, drop_crowd=False), _dataset(tiny_set)
+    n_crowd = sum(int(with_crowd[i][1]["iscrowd"].sum()) for i in range(len(with_crowd)))
+    assert n_crowd > 0
+    assert sum(len(without[i][1]["labels"]) for i in range(len(without))) == \
+        sum(len(with_crowd[i][1]["labels"]) for i in range(len(with_crowd))) - n_crowd
+
+
+def test_real_coco_style_json_with_integer_keypoints_and_crowd_rle(tmp_path):
+    """A COCO-2017-like person_keypoints file: polygons, uncompressed crowd RLE, int keypoints."""
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "img" / "000000000001.jpg")
+    kps = [0] * 51
+    kps[0:3] = [4, 5, 2]  # nose at pixel index (4, 5)
+    kps[3 * 5:3 * 5 + 3] = [10, 6, 1]  # left_shoulder labelled, not visible
+    data = {
+        "images": [{"id": 1, "file_name": "000000000001.jpg", "height": 20, "width": 30}],
+        "categories": [{"id": 1, "name": "person", "keypoints": list(shapes.KEYPOINT_NAMES),
+                        "skeleton": shapes.SKELETON}],
+        "annotations": [
+            {"id": 5, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 40.0,
+             "bbox": [2.0, 3.0, 10.0, 4.0], "segmentation": [[2, 3, 12, 3, 12, 7, 2, 7]],
+             "keypoints": kps, "num_keypoints": 2},
+            {"id": 6, "image_id": 1, "category_id": 1, "iscrowd": 1, "area": 6.0,
+             "bbox": [20.0, 0.0, 1.0, 6.0], "segmentation": {"counts": [400, 6, 194], "size": [20, 30]},
+             "num_keypoints": 0, "keypoints": [0] * 51},
+        ],
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    ds = COCODataset(str(tmp_path / "img"), str(tmp_path / "ann.json"), with_keypoints=True,
+                     drop_crowd=False)
+    _, target = ds[0]
+    assert ds.label_to_cat_id == {1: 1} and ds.cat_id_to_label == {1: 1}
+    assert target["boxes"].tolist() == [[2.0, 3.0, 12.0, 7.0], [20.0, 0.0, 21.0, 6.0]]
+    expected = np.zeros((20, 30), np.uint8)
+    expected[0:6, 20] = 1  # column 20, rows 0..5: 400 = 20 columns * 20 rows of zeros first
+    np.testing.assert_array_equal(target["masks"][1].numpy(), expected)
+    np.testing.assert_array_equal(target["masks"][0].numpy(), ds.coco.annToMask(data["annotations"][0]))
+    assert target["keypoints"][0, 0].tolist() == [4 + COCO_KEYPOINT_OFFSET, 5 + COCO_KEYPOINT_OFFSET, 2]
+    assert target["keypoints"][0, 5].tolist() == [10.5, 6.5, 1]
+    assert (target["keypoints"][0, 1] == 0).all()  # unlabelled stays (0, 0, 0)
+
+
+def _corrupt_copy(root, tmp_path):
+    """A copy of the tiny train set with one of each kind of bad annotation and image."""
+    shutil.copytree(os.path.join(root, "train"), tmp_path / "train")
+    with open(os.path.join(root, "annotations", "instances_train.json")) as f:
+        data = json.load(f)
+    anns = data["annotations"]
+    anns[0]["category_id"] = 999
+    anns[1]["bbox"] = [3.0, 4.0, 0.0, 5.0]
+    anns[2]["segmentation"] = [[1.0, 1.0, 5.0, 5.0]]
+    anns.append(dict(anns[3], id=10_000, image_id=777))
+    data["images"].append({"id": 55, "file_name": "missing.png", "height": 64, "width": 64})
+    data["images"].append({"id": 56, "file_name": "000000.png", "height": 64, "width": 64})
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    return data, str(path)
+
+
+def test_bad_annotations_are_skipped_counted_and_named(tiny_set, tmp_path):
+    data, path = _corrupt_copy(tiny_set, tmp_path)
+    with pytest.warns(UserWarning, match="bad.json") as record:
+        ds = COCODataset(str(tmp_path / "train"), path)
+    assert ds.skipped == {"unknown category id": 1, "zero-area box": 1, "bad segmentation": 1,
+                          "unknown image id": 1, "missing image file": 1,
+                          "no usable annotations": ds.skipped["no usable annotations"]}
+    assert ds.skipped["no usable annotations"] >= 1  # image 56 has no annotations
+    message = str(record[0].message)
+    ids = [data["annotations"][i]["id"] for i in range(3)]
+    assert all(f"annotation id {aid} " in " ".join(ds.problems) for aid in ids)
+    assert "image id 55" in " ".join(ds.problems) and "missing.png" in " ".join(ds.problems)
+    assert "unknown category id" in message
+    n_objects = sum(len(ds[i][1]["labels"]) for i in range(len(ds)))  # iterates without error
+    assert n_objects > 0 and 55 not in ds.ids and 56 not in ds.ids
+
+
+def test_degenerate_polygon_parts_are_dropped_and_the_rest_kept(tmp_path):
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "img" / "a.png")
+    good, bad = [1, 1, 6, 1, 6, 6, 1, 6], [2, 2, 3, 3]
+    data = {"images": [{"id": 1, "file_name": "a.png", "height": 10, "width": 10}],
+            "categories": [{"id": 3, "name": "thing"}],
+            "annotations": [{"id": 9, "image_id": 1, "category_id": 3, "iscrowd": 0, "area": 25.0,
+                             "bbox": [1.0, 1.0, 5.0, 5.0], "segmentation": [good, bad]}]}
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    ds = COCODataset(str(tmp_path / "img"), str(tmp_path / "a.json"))
+    expected = np.zeros((10, 10), np.uint8)
+    expected[1:6, 1:6] = 1  # pycocotools fills the square [1, 6) x [1, 6)
+    np.testing.assert_array_equal(ds[0][1]["masks"][0].numpy(), expected)
+    assert not ds.skipped and ds.coco.anns[9]["segmentation"] == [good, bad]  # gt untouched
+
+
+def test_evaluation_mode_keeps_every_image_with_a_file(tiny_set, tmp_path):
+    _, path = _corrupt_copy(tiny_set, tmp_path)
+    with pytest.warns(UserWarning):
+        ds = COCODataset(str(tmp_path / "train"), path, train=False)
+    assert 56 in ds.ids and 55 not in ds.ids
+    assert len(ds[ds.ids.index(56)][1]["labels"]) == 0
+
+
+def test_malformed_json_and_missing_files_name_the_file(tiny_set, tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text('{"images": [')
+    with pytest.raises(ValueError, match="broken.json"):
+        load_coco(str(bad))
+    with pytest.raises(FileNotFoundError, match="nothere.json"):
+        load_coco(str(tmp_path / "nothere.json"))
+    shutil.copytree(os.path.join(tiny_set, "train"), tmp_path / "train")
+    ds = COCODataset(str(tmp_path / "train"), os.path.join(tiny_set, "annotations", "instances_train.json"))
+    os.remove(tmp_path / "train" / "000002.png")  # vanishes after the dataset was built
+    with pytest.raises(FileNotFoundError, match=r"000002\.png.*image id 3"):
+        ds[2]
+
+
+def test_grouped_batches_share_a_group_and_cover_every_sample_once():
+    group_ids = [0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0]
+    sampler = [3, 1, 4, 0, 5, 9, 2, 6, 10, 8, 7]
+    batches = list(GroupedBatchSampler(sampler, group_ids, batch_size=3))
+    assert sorted(i for b in batches for i in b) == list(range(11))
+    assert len(batches) == len(GroupedBatchSampler(sampler, group_ids, 3)) == 4
+    # by hand: per-group queues emit when full; the leftover group-0 pair comes last
+    assert batches == [[3, 0, 5], [1, 4, 9], [2, 8, 7], [6, 10]]
+    assert all(len({group_ids[i] for i in b}) == 1 for b in batches)
+
+
+def test_aspect_ratio_groups_come_from_the_json(tmp_path):
+    data = {"images": [{"id": i, "file_name": f"{i}.png", "height": h, "width": w}
+                       for i, (h, w) in enumerate([(480, 640), (640, 480), (500, 500)], 1)]}
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    coco = load_coco(str(tmp_path / "a.json"))
+    assert aspect_ratio_group_ids(coco, [1, 2, 3]) == [1, 0, 1]
+
+
+def test_collate_keeps_lists(tiny_set):
+    ds = _dataset(tiny_set)
+    images, targets = collate_fn([ds[0], ds[1]])
+    assert isinstance(images, list) and len(images) == 2 and targets[1]["image_id"] == ds.ids[1]

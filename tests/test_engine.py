@@ -1,0 +1,246 @@
+"""The training engine: the paper's schedule (§3.1), atomic checkpoints, exact resume, nan stops.
+
+Every training run here uses the stand-in detector of ``_ddp_worker.py`` (same calling
+convention as Mask R-CNN, a few hundred parameters) on 16×16 images.
+"""
+from __future__ import annotations
+
+import math
+import random
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _ddp_worker import TinyDetector, TinyShapes, collate, make_model  # noqa: E402
+
+from mrcnn_edu import engine  # noqa: E402
+from mrcnn_edu.checkpoint import (capture_rng_state, last_checkpoint, load_checkpoint,  # noqa: E402
+                                  restore_rng_state, save_checkpoint)
+from mrcnn_edu.engine import (NonFiniteLossError, TrainConfig, build_optimizer,  # noqa: E402
+                              describe_scaling, lr_at, scale_for_batch, scaled_lr, to_device,
+                              train)
+
+
+def tiny_config(output_dir: Path, **changes) -> TrainConfig:
+    cfg = TrainConfig(base_lr=0.1, max_iter=8, steps=(6,), warmup_iters=3, images_per_batch=4,
+                      reference_batch=4, device="cpu", num_workers=0, output_dir=str(output_dir),
+                      checkpoint_period=4, log_period=1, progress=False, seed=3)
+    return replace(cfg, **changes)
+
+
+def final_state(output_dir: Path) -> dict:
+    return load_checkpoint(last_checkpoint(output_dir))
+
+
+def assert_same_tensors(a, b) -> None:
+    """Recursively: equal structure and bit-identical tensors."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same_tensors(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_tensors(x, y)
+    else:
+        assert a == b
+
+
+# --- the schedule (§3.1) ---------------------------------------------------------------------
+
+def test_paper_schedule_warms_up_then_divides_by_ten_at_120k():
+    cfg = TrainConfig()  # the paper's recipe: 0.02, ÷10 at 120k; Detectron's warm-up 500 × 1/3
+    assert math.isclose(lr_at(0, cfg), 0.02 / 3, rel_tol=1e-12)
+    assert math.isclose(lr_at(250, cfg), 0.02 * (1 / 3 * 0.5 + 0.5), rel_tol=1e-12)
+    assert math.isclose(lr_at(500, cfg), 0.02, rel_tol=1e-12)
+    assert math.isclose(lr_at(119_999, cfg), 0.02, rel_tol=1e-12)
+    assert math.isclose(lr_at(120_000, cfg), 0.002, rel_tol=1e-12)
+    assert math.isclose(lr_at(159_999, cfg), 0.002, rel_tol=1e-12)
+    keypoints = replace(cfg, max_iter=90_000, steps=(60_000, 80_000))  # §5
+    assert math.isclose(lr_at(70_000, keypoints), 0.002, rel_tol=1e-12)
+    assert math.isclose(lr_at(80_000, keypoints), 0.0002, rel_tol=1e-12)
+    with pytest.raises(ValueError, match="iteration"):
+        lr_at(-1, cfg)
+
+
+def test_linear_scaling_rule_keeps_the_number_of_epochs():
+    assert scaled_lr(0.02, 16, 2) == pytest.approx(0.0025, rel=1e-12)
+    one_gpu = replace(TrainConfig(), images_per_batch=2)
+    scaled = scale_for_batch(one_gpu)
+    assert scaled.base_lr == pytest.approx(0.0025, rel=1e-12)
+    assert (scaled.max_iter, scaled.steps, scaled.warmup_iters) == (1_280_000, (960_000,), 4000)
+    assert scaled.max_iter * scaled.images_per_batch == 160_000 * 16  # same images seen
+    assert scale_for_batch(scaled) == scaled  # applying it twice changes nothing
+    line = describe_scaling(one_gpu)
+    assert "lr 0.02 @ 16 images -> 0.0025 @ 2 images" in line and "x8 longer" in line
+    assert scale_for_batch(replace(one_gpu, scale_schedule=False)).base_lr == 0.02
+
+
+def test_norm_layers_get_no_weight_decay_and_everything_else_does():
+    model = TinyDetector()
+    optimizer = build_optimizer(model, TrainConfig())
+    decayed, not_decayed = optimizer.param_groups
+    assert decayed["weight_decay"] == 1e-4 and not_decayed["weight_decay"] == 0.0
+    assert {id(p) for p in not_decayed["params"]} == {id(model.norm.weight), id(model.norm.bias)}
+    assert len(decayed["params"]) == 6  # conv, cls_score, bbox_pred: weights and biases
+    assert optimizer.defaults["momentum"] == 0.9
+
+
+def test_bad_settings_are_refused_with_the_setting_named(tmp_path):
+    with pytest.raises(ValueError, match="fp16"):
+        train(make_model(), TinyShapes(), tiny_config(tmp_path, amp="fp16"), collate)
+    with pytest.raises(ValueError, match="amp"):
+        train(make_model(), TinyShapes(), tiny_config(tmp_path, amp="fp8"), collate)
+    with pytest.raises(ValueError, match="steps"):
+        train(make_model(), TinyShapes(), tiny_config(tmp_path, steps=(6, 2)), collate)
+
+
+def test_to_device_moves_every_tensor_and_keeps_the_structure():
+    batch = ([torch.zeros(2)], [{"boxes": torch.ones(1, 4), "name": "a", "ids": (torch.ones(1),)}])
+    moved = to_device(batch, "meta")
+    assert moved[0][0].device.type == "meta" and moved[1][0]["boxes"].device.type == "meta"
+    assert moved[1][0]["ids"][0].device.type == "meta" and moved[1][0]["name"] == "a"
+    assert isinstance(moved, tuple) and isinstance(moved[1][0]["ids"], tuple)
+
+
+# --- checkpoints --------------------------------------------------------------------------
+
+def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint_intact(tmp_path,
+                                                                                monkeypatch):
+    good = save_checkpoint(tmp_path / "model_0000001.pth", {"weights": torch.arange(5.0)})
+    good_bytes = good.read_bytes()
+
+    def crash_after_partial_write(obj, file, *args, **kwargs):
+        file.write(b"half a checkpoint")
+        raise OSError("simulated crash: disk full")
+
+    monkeypatch.setattr(torch, "save", crash_after_partial_write)
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint(tmp_path / "model_0000002.pth", {"weights": torch.zeros(5)})
+    with pytest.raises(OSError, match="simulated"):
+        save_checkpoint(good, {"weights": torch.zeros(5)})  # even when overwriting it
+    monkeypatch.undo()
+
+    assert good.read_bytes() == good_bytes
+    assert last_checkpoint(tmp_path) == good
+    assert torch.equal(load_checkpoint(good)["weights"], torch.arange(5.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000001.pth"]
+
+
+def test_rng_states_survive_a_round_trip_through_a_checkpoint_file(tmp_path):
+    random.gauss(0, 1)  # leaves a cached gaussian in python's state
+    path = save_checkpoint(tmp_path / "rng.pth", {"rng": capture_rng_state()})
+    first = (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(),
+             np.random.randn(), torch.rand(3))
+    restore_rng_state(load_checkpoint(path)["rng"])
+    second = (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(),
+              np.random.randn(), torch.rand(3))
+    assert first[:4] == second[:4] and torch.equal(first[4], second[4])
+
+
+# --- exact resume -----------------------------------------------------------------------------
+
+class Killed(Exception):
+    """Stands for the job being killed."""
+
+
+def kill_at(iteration: int):
+    def hook(done: int, state: dict) -> None:
+        if done == iteration:
+            raise Killed(f"killed after {done} iterations")
+    return hook
+
+
+def test_kill_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    dataset = TinyShapes()  # random flips and noise: the augmentation must repeat too
+    train(make_model(dropout=0.5), dataset, tiny_config(tmp_path / "whole"), collate)
+
+    killed_cfg = tiny_config(tmp_path / "killed")
+    with pytest.raises(Killed):  # checkpoint at 4, killed at 6: iterations 5, 6 are lost
+        train(make_model(dropout=0.5), dataset, killed_cfg, collate, hooks=[kill_at(6)])
+    assert last_checkpoint(killed_cfg.output_dir).name == "model_0000004.pth"
+    train(make_model(dropout=0.5), dataset, replace(killed_cfg, resume=True), collate)
+
+    whole, resumed = final_state(tmp_path / "whole"), final_state(tmp_path / "killed")
+    assert_same_tensors(whole["model"], resumed["model"])
+    assert_same_tensors(whole["optimizer"], resumed["optimizer"])  # momentum buffers too
+    logged = [r["iteration"] for r in engine._read_metrics(tmp_path / "killed" / "metrics.jsonl")]
+    assert logged == list(range(1, 9))  # the lost iterations 5, 6 are logged once, not twice
+    assert (tmp_path / "killed" / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The RNG states in the checkpoint matter: resuming without them changes the weights.
+    monkeypatch.setattr(engine, "restore_rng_state", lambda state: None)
+    torch.manual_seed(12345)
+    train(make_model(dropout=0.5), dataset,
+          replace(killed_cfg, resume=str(tmp_path / "killed" / "model_0000004.pth"),
+                  output_dir=str(tmp_path / "no_rng")), collate)
+    assert not torch.equal(final_state(tmp_path / "no_rng")["model"]["conv.weight"],
+                           whole["model"]["conv.weight"])
+
+
+def test_augmentation_does_not_depend_on_the_number_of_loader_workers(tmp_path):
+    dataset = TinyShapes()
+    for workers in (0, 2):
+        cfg = tiny_config(tmp_path / f"w{workers}", max_iter=2, num_workers=workers)
+        train(make_model(), dataset, cfg, collate)
+    assert_same_tensors(final_state(tmp_path / "w0")["model"], final_state(tmp_path / "w2")["model"])
+
+
+# --- non-finite losses ----------------------------------------------------------------------
+
+class PoisonedDetector(TinyDetector):
+    """The stand-in, whose mask and keypoint losses turn nan / inf at one iteration."""
+
+    def __init__(self, poisoned_iteration: int) -> None:
+        super().__init__()
+        self.poisoned_iteration, self.calls = poisoned_iteration, 0
+
+    def forward(self, images, targets=None):
+        losses = super().forward(images, targets)
+        bad = self.calls == self.poisoned_iteration
+        losses["loss_mask"] = torch.tensor(math.nan if bad else 0.0)
+        losses["loss_keypoint"] = torch.tensor(math.inf if bad else 0.0)
+        self.calls += 1
+        return losses
+
+
+def test_a_nan_loss_stops_the_run_naming_iteration_and_term_and_spares_the_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, checkpoint_period=2)
+    good = tmp_path / "model_0000002.pth"
+    written: list[bytes] = []
+
+    def remember_checkpoint(done: int, state: dict) -> None:
+        if done == 2:
+            written.append(good.read_bytes())
+
+    torch.manual_seed(0)
+    with pytest.raises(NonFiniteLossError) as caught:
+        train(PoisonedDetector(poisoned_iteration=3), TinyShapes(), cfg, collate,
+              hooks=[remember_checkpoint])
+    error = caught.value
+    assert error.iteration == 3
+    assert set(error.bad_terms) == {"loss_mask", "loss_keypoint"}
+    message = str(error)
+    assert "iteration 3" in message and "loss_mask=nan" in message and "loss_keypoint=inf" in message
+    assert "model_0000002.pth" in message
+    assert last_checkpoint(tmp_path) == good
+    assert good.read_bytes() == written[0]  # untouched since it was written
+    assert load_checkpoint(good)["iteration"] == 2
+    assert not (tmp_path / "model_0000004.pth").exists()
+
+
+# --- mixed precision --------------------------------------------------------------------------
+
+def test_bf16_autocast_runs_the_convolutions_in_bfloat16_on_cpu(tmp_path):
+    for amp, dtype in (("bf16", torch.bfloat16), ("none", torch.float32)):
+        model = make_model()
+        train(model, TinyShapes(), tiny_config(tmp_path / amp, max_iter=1, amp=amp), collate)
+        assert model.feature_dtype == dtype
+        assert all(torch.isfinite(p).all() for p in model.parameters())

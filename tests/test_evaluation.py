@@ -1,0 +1,181 @@
+"""COCO evaluation: ground truth scores AP 1, perturbations score lower, figures = pycocotools."""
+
+import contextlib
+import copy
+import io
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from pycocotools.cocoeval import COCOeval
+
+from mrcnn_edu.data import shapes
+from mrcnn_edu.data.coco import COCODataset
+from mrcnn_edu.evaluation import (evaluate_coco, format_ap_table, predictions_to_coco_results)
+
+SEED = 5  # its tiny val split holds crowds and a person
+
+
+@pytest.fixture(scope="module")
+def val_set(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("val"))
+    shapes.generate(root, n_train=0, n_val=10, seed=SEED, preset="tiny")
+    ds = COCODataset(os.path.join(root, "val"), os.path.join(root, "annotations", "instances_val.json"),
+                     train=False, with_keypoints=True)
+    return ds, [ds[i][1] for i in range(len(ds))]
+
+
+def _ground_truth_predictions(targets, shift=0.0, erode=False, kp_shift=0.0):
+    preds = {}
+    for t in targets:
+        n = len(t["labels"])
+        masks = t["masks"].clone()
+        if erode:  # drop the mask's first row and column
+            masks = masks & torch.roll(masks, 1, dims=1) & torch.roll(masks, 1, dims=2)
+        kps = t["keypoints"].clone()
+        kps[..., 0] += kp_shift
+        preds[t["image_id"]] = {"boxes": t["boxes"] + shift, "labels": t["labels"],
+                                "scores": torch.linspace(1.0, 0.5, n), "masks": masks[:, None].bool(),
+                                "keypoints": kps}
+    return preds
+
+
+def test_ground_truth_fed_back_scores_ap_one(val_set):
+    ds, targets = val_set
+    assert any((t["labels"] == ds.class_names.index("person")).any() for t in targets)
+    results = evaluate_coco(ds.coco, _ground_truth_predictions(targets))
+    assert set(results) == {"bbox", "segm", "keypoints"}
+    one = pytest.approx(1.0, rel=0, abs=1e-12)  # COCOeval averages floats: 1 up to rounding
+    for iou_type in ("bbox", "segm", "keypoints"):
+        assert results[iou_type]["AP"] == one
+        assert results[iou_type]["AP50"] == one and results[iou_type]["AP75"] == one
+    assert math.isnan(results["keypoints"]["APs"])  # COCO has no small range for keypoints
+
+
+@pytest.mark.parametrize("iou_type,perturbation", [
+    ("bbox", {"shift": 1.5}), ("segm", {"erode": True}), ("keypoints", {"kp_shift": 0.5})])
+def test_perturbed_predictions_score_lower(val_set, iou_type, perturbation):
+    ds, targets = val_set
+    results = evaluate_coco(ds.coco, _ground_truth_predictions(targets, **perturbation), (iou_type,))
+    assert 0.0 < results[iou_type]["AP"] < 1.0
+
+
+def _direct_results(coco, rng):
+    """COCO results written straight from the json, perturbed: the independent oracle's input."""
+    out = {"bbox": [], "segm": [], "keypoints": []}
+    person = coco.getCatIds(catNms=["person"])[0]
+    for ann in coco.loadAnns(coco.getAnnIds(iscrowd=False)):
+        score = float(rng.uniform(0.05, 1.0))
+        x, y, w, h = (np.array(ann["bbox"]) + rng.normal(0, 1.0, 4)).tolist()
+        out["bbox"].append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                            "bbox": [x, y, w, h], "score": score})
+        mask = coco.annToMask(ann)
+        if rng.uniform() < 0.5:
+            mask = np.roll(mask, int(rng.integers(1, 3)), axis=int(rng.integers(2)))
+        out["segm"].append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                            "mask": mask, "score": score})
+        if ann["category_id"] == person:
+            kps = np.array(ann["keypoints"], float).reshape(-1, 3)
+            kps[:, :2] += rng.normal(0, 1.0, (len(kps), 2))
+            out["keypoints"].append({"image_id": ann["image_id"], "category_id": person,
+                                     "keypoints": kps.reshape(-1).tolist(), "score": score})
+    return out
+
+
+def test_figures_equal_a_direct_pycocotools_run(val_set):
+    import pycocotools.mask as mask_utils
+    ds, _ = val_set
+    rng = np.random.default_rng(0)
+    direct = _direct_results(ds.coco, rng)
+    # the same detections in the model's format (xyxy, labels, masks, continuous keypoints)
+    preds = {i: {"boxes": [], "labels": [], "scores": [], "masks": [], "keypoints": []} for i in ds.ids}
+    for box, seg in zip(direct["bbox"], direct["segm"]):
+        p = preds[box["image_id"]]
+        x, y, w, h = box["bbox"]
+        p["boxes"].append([x, y, x + w, y + h])
+        p["labels"].append(ds.cat_id_to_label[box["category_id"]])
+        p["scores"].append(box["score"])
+        p["masks"].append(seg["mask"][None])
+        kp = next((k for k in direct["keypoints"] if k["score"] == box["score"]), None)
+        p["keypoints"].append(np.zeros((17, 3)) if kp is None else
+                              np.array(kp["keypoints"]).reshape(17, 3) + [0.5, 0.5, 0])
+    preds = {i: {k: torch.tensor(np.array(v), dtype=torch.float64) for k, v in p.items()}
+             for i, p in preds.items()}
+    ours = evaluate_coco(ds.coco, preds)
+    names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    for iou_type, dets in direct.items():
+        dets = copy.deepcopy(dets)
+        for d in dets:
+            if "mask" in d:
+                rle = mask_utils.encode(np.asfortranarray(d.pop("mask")))
+                d["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
+        with contextlib.redirect_stdout(io.StringIO()):
+            ev = COCOeval(ds.coco, ds.coco.loadRes(dets), iou_type)
+            ev.params.imgIds = ds.ids
+            if iou_type == "keypoints":
+                ev.params.catIds = ds.coco.getCatIds(catNms=["person"])
+            ev.evaluate(), ev.accumulate(), ev.summarize()
+        stats = list(ev.stats[:3]) + ([math.nan] if iou_type == "keypoints" else [ev.stats[3]]) + \
+            list(ev.stats[3:5] if iou_type == "keypoints" else ev.stats[4:6])
+        expected = [math.nan if s == -1 else s for s in stats]
+        got = [ours[iou_type][n] for n in names]
+        np.testing.assert_array_equal(got, expected)
+        assert 0 < ours[iou_type]["AP"] < 1
+
+
+def test_empty_predictions_score_zero_not_crash(val_set):
+    ds, targets = val_set
+    empty = {t["image_id"]: {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+                             "scores": torch.zeros(0)} for t in targets}
+    results = evaluate_coco(ds.coco, empty)
+    for iou_type in ("bbox", "segm", "keypoints"):
+        assert results[iou_type]["AP"] == 0.0 and results[iou_type]["AP50"] == 0.0
+
+
+def test_mask_probabilities_are_binarised_at_one_half(val_set):
+    ds, targets = val_set
+    preds = _ground_truth_predictions(targets)
+    for p in preds.values():
+        p["masks"] = p["masks"].float() * 0.6 + (~p["masks"]).float() * 0.4
+    assert evaluate_coco(ds.coco, preds, ("segm",))["segm"]["AP"] == pytest.approx(1.0, rel=0, abs=1e-12)
+    results = predictions_to_coco_results(preds, "segm", ds.label_to_cat_id)
+    first = next(iter(preds.values()))
+    assert isinstance(results[0]["segmentation"]["counts"], str)
+    np.testing.assert_array_equal(mask_decode(results[0]["segmentation"]), first["masks"][0, 0] > 0.5)
+
+
+def mask_decode(rle):
+    import pycocotools.mask as mask_utils
+    return mask_utils.decode(rle)
+
+
+def test_prints_only_when_verbose_and_formats_a_table(val_set, capsys):
+    ds, targets = val_set
+    preds = _ground_truth_predictions(targets)
+    results = evaluate_coco(ds.coco, preds, ("bbox",))
+    assert capsys.readouterr().out == ""
+    evaluate_coco(ds.coco, preds, ("bbox",), verbose=True)
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 1.000" in capsys.readouterr().out
+    table = format_ap_table(results)
+    assert "| bbox | 100.0 | 100.0 | 100.0 |" in table
+
+
+def test_iou_types_without_predictions_are_skipped_with_a_warning(val_set):
+    ds, targets = val_set
+    boxes_only = {k: {f: v[f] for f in ("boxes", "labels", "scores")}
+                  for k, v in _ground_truth_predictions(targets).items()}
+    with pytest.warns(UserWarning, match="skipping segm"):
+        results = evaluate_coco(ds.coco, boxes_only, ("bbox", "segm"))
+    assert set(results) == {"bbox"}
+
+
+def test_unknown_image_ids_and_labels_are_named(val_set):
+    ds, targets = val_set
+    preds = _ground_truth_predictions(targets)
+    with pytest.raises(ValueError, match="image ids \\[999\\]"):
+        evaluate_coco(ds.coco, {999: next(iter(preds.values()))})
+    bad = {k: dict(v, labels=torch.full_like(v["labels"], 42)) for k, v in preds.items()}
+    with pytest.raises(ValueError, match="labels \\[42\\]"):
+        evaluate_coco(ds.coco, bad, ("bbox",))

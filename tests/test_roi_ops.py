@@ -1,0 +1,311 @@
+"""RoIPool, RoIWarp and RoIAlign (Mask R-CNN §3, Figure 3, Table 2c) against independent
+references: per-element Python loops written from the definitions, gradcheck, torchvision."""
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mrcnn_edu.ops import roi_align, roi_pool, roi_warp, sampling_points
+
+# ---- brute-force references: one Python float at a time -------------------------------------
+
+
+def _bilinear(plane, y, x):
+    H, W = len(plane), len(plane[0])
+    if y < -1.0 or y > H or x < -1.0 or x > W:
+        return 0.0
+    y, x = min(max(y, 0.0), H - 1), min(max(x, 0.0), W - 1)
+    y0, x0 = int(math.floor(y)), int(math.floor(x))
+    y1, x1 = min(y0 + 1, H - 1), min(x0 + 1, W - 1)
+    ly, lx = y - y0, x - x0
+    return ((1 - ly) * (1 - lx) * plane[y0][x0] + (1 - ly) * lx * plane[y0][x1]
+            + ly * (1 - lx) * plane[y1][x0] + ly * lx * plane[y1][x1])
+
+
+def _align_box(feat, rois, out_hw, bins_from_box, sampling_ratio, mode):
+    """Shared loop: `bins_from_box(roi) -> (batch, x0, y0, w, h)` in the sampling frame."""
+    R, C, (oh, ow) = len(rois), len(feat[0]), out_hw
+    out = torch.zeros(R, C, oh, ow, dtype=torch.float64)
+    for r, roi in enumerate(rois):
+        b, x0, y0, w, h = bins_from_box(roi)
+        gh = sampling_ratio if sampling_ratio > 0 else max(math.ceil(h / oh), 0)
+        gw = sampling_ratio if sampling_ratio > 0 else max(math.ceil(w / ow), 0)
+        for c in range(C):
+            for ph in range(oh):
+                for pw in range(ow):
+                    bh, bw = h / oh, w / ow
+                    vals = [_bilinear(feat[b][c], y0 + ph * bh + (iy + 0.5) * bh / gh,
+                                      x0 + pw * bw + (ix + 0.5) * bw / gw)
+                            for iy in range(gh) for ix in range(gw)]
+                    if vals:
+                        out[r, c, ph, pw] = max(vals) if mode == "max" else sum(vals) / len(vals)
+    return out
+
+
+def ref_roi_align(x, rois, out_hw, scale, sampling_ratio, aligned, mode="avg"):
+    def frame(roi):
+        off = 0.5 if aligned else 0.0
+        x1, y1, x2, y2 = (v * scale - off for v in roi[1:])
+        w, h = x2 - x1, y2 - y1
+        if not aligned:
+            w, h = max(w, 1.0), max(h, 1.0)
+        return int(roi[0]), x1, y1, w, h
+    return _align_box(x.tolist(), rois.tolist(), out_hw, frame, sampling_ratio, mode)
+
+
+def _c_round(v):
+    return math.floor(v + 0.5) if v >= 0 else -math.floor(-v + 0.5)
+
+
+def ref_roi_pool(x, rois, out_hw, scale):
+    feat, (oh, ow) = x.tolist(), out_hw
+    _, C, H, W = x.shape
+    out = torch.zeros(len(rois), C, oh, ow, dtype=torch.float64)
+    for r, roi in enumerate(rois.tolist()):
+        xs, ys, xe, ye = (_c_round(v * scale) for v in roi[1:])
+        w, h = max(xe - xs + 1, 1), max(ye - ys + 1, 1)
+        for c in range(C):
+            for ph in range(oh):
+                for pw in range(ow):
+                    h0 = min(max(math.floor(ph * h / oh) + ys, 0), H)
+                    h1 = min(max(math.ceil((ph + 1) * h / oh) + ys, 0), H)
+                    w0 = min(max(math.floor(pw * w / ow) + xs, 0), W)
+                    w1 = min(max(math.ceil((pw + 1) * w / ow) + xs, 0), W)
+                    cells = [feat[int(roi[0])][c][i][j] for i in range(h0, h1)
+                             for j in range(w0, w1)]
+                    out[r, c, ph, pw] = max(cells) if cells else 0.0
+    return out
+
+
+def ref_roi_warp(x, rois, out_hw, scale, sampling_ratio, mode):
+    def frame(roi):  # RoIPool's quantised box [start, start + size), aligned sampling
+        xs, ys, xe, ye = (_c_round(v * scale) for v in roi[1:])
+        return int(roi[0]), xs - 0.5, ys - 0.5, max(xe - xs + 1, 1), max(ye - ys + 1, 1)
+    return _align_box(x.tolist(), rois.tolist(), out_hw, frame, sampling_ratio, mode)
+
+
+# ---- test data ------------------------------------------------------------------------------
+
+
+def make_rois(n_images=2, n=10, extent=40.0, seed=0, dtype=torch.float64):
+    """Random boxes plus the awkward ones: partly / wholly outside, zero-size, tiny."""
+    g = torch.Generator().manual_seed(seed)
+    corners = torch.rand(n, 4, generator=g, dtype=dtype) * (extent + 20) - 10
+    boxes = torch.cat([corners[:, :2].min(corners[:, 2:]), corners[:, :2].max(corners[:, 2:])], 1)
+    special = torch.tensor([[-30.0, -20.0, -12.0, -5.0],   # wholly outside (top-left)
+                            [50.0, 60.0, 90.0, 95.0],      # wholly outside (bottom-right)
+                            [-6.0, 4.0, 20.0, 70.0],       # partly outside
+                            [8.0, 8.0, 8.0, 8.0],          # zero-size
+                            [12.3, 5.1, 12.3, 17.9],       # zero width
+                            [3.3, 7.7, 4.1, 8.2]], dtype=dtype)  # smaller than a cell
+    boxes = torch.cat([boxes, special])
+    index = torch.arange(boxes.shape[0], dtype=dtype)[:, None] % n_images
+    return torch.cat([index, boxes], 1)  # (R, 5)
+
+
+@pytest.fixture
+def feature_map():
+    torch.manual_seed(0)
+    return torch.randn(2, 3, 9, 11, dtype=torch.float64)
+
+
+# ---- exact agreement with the brute-force references ----------------------------------------
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [-1, 1, 2, 3])
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_roialign_equals_bruteforce_bilinear_sampling(feature_map, aligned, sampling_ratio, mode):
+    rois = make_rois()
+    got = roi_align(feature_map, rois, (3, 2), 0.25, sampling_ratio, aligned, mode)
+    want = ref_roi_align(feature_map, rois, (3, 2), 0.25, sampling_ratio, aligned, mode)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_roipool_equals_bruteforce_quantised_max(feature_map):
+    rois = make_rois()
+    for scale, size in [(0.25, (3, 2)), (0.5, (2, 4)), (1.0, (1, 1))]:
+        torch.testing.assert_close(roi_pool(feature_map, rois, size, scale),
+                                   ref_roi_pool(feature_map, rois, size, scale), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_roiwarp_equals_bruteforce_quantised_bilinear(feature_map, mode, sampling_ratio):
+    rois = make_rois()
+    got = roi_warp(feature_map, rois, (3, 2), 0.25, sampling_ratio, mode)
+    want = ref_roi_warp(feature_map, rois, (3, 2), 0.25, sampling_ratio, mode)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", ["align", "pool", "warp"])
+def test_ops_accept_noncontiguous_input_and_several_images(op):
+    torch.manual_seed(1)
+    base = torch.randn(3, 9, 11, 4, dtype=torch.float64)
+    x = base.permute(0, 3, 1, 2)[:, ::2]  # (3, 2, 9, 11), neither contiguous nor channels-last
+    assert not x.is_contiguous()
+    rois = make_rois(n_images=3, seed=3)
+    f = {"align": lambda t: roi_align(t, rois, 3, 0.25, 2),
+         "pool": lambda t: roi_pool(t, rois, 3, 0.25),
+         "warp": lambda t: roi_warp(t, rois, 3, 0.25, 2, "avg")}[op]
+    torch.testing.assert_close(f(x), f(x.contiguous()), rtol=0, atol=0)
+    ref = {"align": lambda t: ref_roi_align(t, rois, (3, 3), 0.25, 2, True),
+           "pool": lambda t: ref_roi_pool(t, rois, (3, 3), 0.25),
+           "warp": lambda t: ref_roi_warp(t, rois, (3, 3), 0.25, 2, "avg")}[op]
+    torch.testing.assert_close(f(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", [lambda x, r: roi_align(x, r, (2, 3), 0.5),
+                                lambda x, r: roi_pool(x, r, (2, 3), 0.5),
+                                lambda x, r: roi_warp(x, r, (2, 3), 0.5)])
+def test_empty_roi_set_gives_empty_output_and_zero_gradient(op):
+    x = torch.randn(2, 4, 6, 7, dtype=torch.float64, requires_grad=True)
+    out = op(x, torch.zeros(0, 5, dtype=torch.float64))
+    assert out.shape == (0, 4, 2, 3)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(grad, torch.zeros_like(x))
+
+
+def test_list_of_boxes_equals_rois_with_batch_index(feature_map):
+    rois = make_rois()
+    boxes = [rois[rois[:, 0] == i, 1:] for i in range(2)]
+    ordered = torch.cat([rois[rois[:, 0] == i] for i in range(2)])
+    torch.testing.assert_close(roi_align(feature_map, boxes, 2, 0.25),
+                               roi_align(feature_map, ordered, 2, 0.25), rtol=0, atol=0)
+
+
+# ---- gradients ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,op", [
+    ("roi_align avg aligned", lambda x, r: roi_align(x, r, (2, 2), 0.5, 2, True, "avg")),
+    ("roi_align avg legacy", lambda x, r: roi_align(x, r, (2, 2), 0.5, -1, False, "avg")),
+    ("roi_align max aligned", lambda x, r: roi_align(x, r, (2, 2), 0.5, 2, True, "max")),
+    ("roi_align max legacy", lambda x, r: roi_align(x, r, (2, 2), 0.5, -1, False, "max")),
+    ("roi_pool", lambda x, r: roi_pool(x, r, (2, 2), 0.5)),
+    ("roi_warp avg", lambda x, r: roi_warp(x, r, (2, 2), 0.5, 2, "avg")),
+    ("roi_warp max", lambda x, r: roi_warp(x, r, (2, 2), 0.5, 2, "max")),
+])
+def test_gradients_match_finite_differences(name, op):
+    torch.manual_seed(2)
+    x = torch.randn(2, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 1.3, 2.2, 9.7, 8.1], [1, -3.0, 0.4, 5.5, 14.2],
+                         [1, 6.1, 6.2, 6.1, 9.0], [0, 2.0, 2.0, 13.0, 11.0]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: op(t, rois), (x,), eps=1e-6, atol=1e-7)
+
+
+# ---- the paper's claims ---------------------------------------------------------------------
+
+
+def test_roialign_samples_exactly_at_the_returned_sampling_points():
+    # On a linear map f(y, x) = 3x - 2y + 1, bilinear interpolation is exact inside the map,
+    # so RoIAlign's average must equal f averaged over the points sampling_points reports.
+    H, W = 20, 30
+    yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float64),
+                            torch.arange(W, dtype=torch.float64), indexing="ij")
+    x = (3 * xx - 2 * yy + 1)[None, None]
+    roi = torch.tensor([0, 21.0, 13.0, 77.0, 55.0], dtype=torch.float64)
+    for aligned in (True, False):
+        for sr in (1, 2, -1):
+            pts = sampling_points(roi, (4, 3), sr, 0.25, aligned)  # (4, 3, gh, gw, 2)
+            want = (3 * pts[..., 0] - 2 * pts[..., 1] + 1).mean(dim=(2, 3))
+            got = roi_align(x, roi[None], (4, 3), 0.25, sr, aligned)[0, 0]
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_roialign_has_no_quantisation_error_and_roipool_does():
+    # Shift a box by a fraction of the stride on a linear ramp f(x) = x (feature units):
+    # RoIAlign's output moves by exactly shift * scale; RoIPool's and RoIWarp's stay put.
+    ramp = torch.arange(40, dtype=torch.float64).repeat(30, 1)[None, None]  # (1, 1, 30, 40)
+    scale = 1 / 16
+    box = torch.tensor([[0, 96.0, 64.0, 320.0, 288.0]], dtype=torch.float64)
+    shift = torch.tensor([[0, 5.0, 0.0, 5.0, 0.0]], dtype=torch.float64)  # 5 px < stride / 2
+    align_moves = roi_align(ramp, box + shift, 7, scale, 2) - roi_align(ramp, box, 7, scale, 2)
+    torch.testing.assert_close(align_moves, torch.full_like(align_moves, 5 * scale))
+    assert torch.equal(roi_pool(ramp, box + shift, 7, scale), roi_pool(ramp, box, 7, scale))
+    assert torch.equal(roi_warp(ramp, box + shift, 7, scale), roi_warp(ramp, box, 7, scale))
+
+
+def test_roiwarp_on_a_grid_aligned_box_equals_roialign(feature_map):
+    # Its only difference from RoIAlign is the quantisation of the RoI.
+    rois = torch.tensor([[0, 4.0, 8.0, 24.0, 32.0], [1, 0.0, 4.0, 40.0, 20.0]], dtype=torch.float64)
+    # RoIPool's "inclusive" quantisation: [x1, x2] -> cells x1/4 .. x2/4, so x2 = last cell start
+    pool_rois = rois.clone()
+    pool_rois[:, 3:] -= 4.0
+    torch.testing.assert_close(roi_warp(feature_map, pool_rois, 3, 0.25, 2, "avg"),
+                               roi_align(feature_map, rois, 3, 0.25, 2, True, "avg"))
+
+
+# ---- torchvision as an oracle ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 1, 2, 4])
+def test_roialign_matches_torchvision(aligned, sampling_ratio):
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(4)
+    x = torch.randn(2, 5, 25, 31)
+    rois = make_rois(extent=120.0, n=40, dtype=torch.float32)
+    got = roi_align(x, rois, (7, 5), 0.25, sampling_ratio, aligned)
+    want = tv.ops.roi_align(x, rois, (7, 5), 0.25, sampling_ratio, aligned)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_roipool_matches_torchvision():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(5)
+    x = torch.randn(2, 5, 25, 31, requires_grad=True)
+    rois = make_rois(extent=120.0, n=40, dtype=torch.float32)
+    for scale, size in [(0.25, (7, 7)), (1 / 16, (2, 3))]:
+        got = roi_pool(x, rois, size, scale)
+        want = tv.ops.roi_pool(x, rois, size, scale)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        g = torch.randn_like(got)
+        torch.testing.assert_close(torch.autograd.grad(got, x, g)[0],
+                                   torch.autograd.grad(want, x, g)[0], rtol=1e-6, atol=1e-6)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rois,message", [
+    (torch.zeros(3, 4), "rois must have shape"),
+    (torch.tensor([[2.0, 0, 0, 4, 4]]), "batch_index"),
+    (torch.tensor([[-1.0, 0, 0, 4, 4]]), "batch_index"),
+    (torch.tensor([[0.5, 0, 0, 4, 4]]), "batch_index"),
+    (torch.tensor([[0.0, 0, float("nan"), 4, 4]]), "finite"),
+    (torch.tensor([[0.0, 0, 0, float("inf"), 4]]), "finite"),
+    (torch.zeros(1, 5, dtype=torch.int64), "floating point"),
+    (torch.zeros(1, 5, device="meta"), "on meta"),
+])
+@pytest.mark.parametrize("op", [roi_align, roi_pool, roi_warp])
+def test_bad_rois_get_a_clear_error(op, rois, message):
+    with pytest.raises(ValueError, match=message):
+        op(torch.zeros(2, 3, 8, 8), rois, 2)
+
+
+def test_bad_arguments_get_a_clear_error():
+    x, rois = torch.zeros(1, 3, 8, 8), torch.tensor([[0.0, 0, 0, 4, 4]])
+    with pytest.raises(ValueError, match="input must be an"):
+        roi_align(torch.zeros(3, 8, 8), rois, 2)
+    with pytest.raises(ValueError, match="output_size"):
+        roi_align(x, rois, (2, 0))
+    with pytest.raises(ValueError, match="mode"):
+        roi_align(x, rois, 2, mode="sum")
+    with pytest.raises(ValueError, match="spatial_scale"):
+        roi_pool(x, rois, 2, spatial_scale=0.0)
+    with pytest.raises(ValueError, match="backend"):
+        roi_align(x, rois, 2, backend="triton")
+    with pytest.raises(ValueError, match="cupy"):
+        roi_align(x, rois, 2, backend="cupy")  # CPU tensors
+
+
+def test_benchmark_script_runs_on_cpu(capsys, monkeypatch):
+    script = Path(__file__).resolve().parents[1] / "bench" / "roi_align.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--quick", "--device", "cpu", "--iters", "1"])
+    runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "forward" in printed and "torch" in printed

@@ -1,0 +1,143 @@
+"""The synthetic COCO-format set: deterministic, loads in pycocotools, pixel-exact masks."""
+
+import contextlib
+import io
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+from mrcnn_edu.data import shapes
+
+
+def _coco(path):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(path)
+
+
+def _files(root):
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+# a default-like set at 96 px with many crowds, so every encoding shows up
+MIXED = replace(shapes.default_config(), image_size=96, crowd_prob=0.4, tiny_prob=0.2)
+
+
+@pytest.fixture(scope="module")
+def mixed_set(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("mixed"))
+    shapes.generate(root, n_train=24, n_val=4, seed=3, config=MIXED)
+    return root
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path):
+    shapes.generate(str(tmp_path / "a"), seed=7, preset="tiny")
+    shapes.generate(str(tmp_path / "b"), seed=7, preset="tiny")
+    shapes.generate(str(tmp_path / "c"), seed=8, preset="tiny")
+    a, b, c = (_files(str(tmp_path / d)) for d in "abc")
+    assert len(a) == 12 + 6 + 2
+    assert a == b
+    assert a["annotations/instances_train.json"] != c["annotations/instances_train.json"]
+
+
+def test_parallel_workers_write_the_same_bytes(tmp_path):
+    shapes.generate(str(tmp_path / "one"), seed=1, preset="tiny", n_train=6, n_val=2)
+    shapes.generate(str(tmp_path / "two"), seed=1, preset="tiny", n_train=6, n_val=2, workers=2)
+    assert _files(str(tmp_path / "one")) == _files(str(tmp_path / "two"))
+
+
+def test_masks_from_polygons_and_rle_equal_the_rendered_objects(mixed_set):
+    coco = _coco(os.path.join(mixed_set, "annotations", "instances_train.json"))
+    kinds = set()
+    for image_id in coco.getImgIds():
+        scene = shapes.render_scene(MIXED, shapes.scene_rng(3, "train", image_id - 1))
+        png = np.asarray(Image.open(os.path.join(mixed_set, "train", coco.imgs[image_id]["file_name"])))
+        np.testing.assert_array_equal(png, scene.image)
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=None))
+        assert len(anns) == len(scene.objects)
+        for k, ann in enumerate(anns):
+            visible = scene.instance_map == k
+            np.testing.assert_array_equal(coco.annToMask(ann), visible)
+            assert ann["area"] == visible.sum()
+            ys, xs = np.nonzero(visible)  # the box is the visible mask's extent, [i, i+1) pixels
+            assert ann["bbox"] == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+            segm = ann["segmentation"]
+            kinds.add("polygon" if isinstance(segm, list) else
+                      "crowd-rle" if isinstance(segm["counts"], list) else "rle")
+            assert ann["iscrowd"] == (isinstance(segm, dict) and isinstance(segm["counts"], list))
+    assert kinds == {"polygon", "rle", "crowd-rle"}
+
+
+def test_rings_have_holes_and_occluded_objects_store_their_visible_part(mixed_set):
+    coco = _coco(os.path.join(mixed_set, "annotations", "instances_train.json"))
+    ring = coco.getCatIds(catNms=["ring"])[0]
+    rings = [a for a in coco.loadAnns(coco.getAnnIds(catIds=[ring])) if not a["iscrowd"]]
+    assert rings
+    for ann in rings:
+        assert isinstance(ann["segmentation"], dict)  # holes cannot be a COCO polygon
+    scene = shapes.render_scene(MIXED, shapes.scene_rng(3, "train", 0))
+    for obj in scene.objects:  # nothing in the set is less than half visible
+        visible = (scene.instance_map == scene.objects.index(obj)).sum()
+        assert visible >= MIXED.min_visible_frac * obj.full_mask.sum()
+
+
+def test_object_sizes_span_tiny_to_most_of_the_image():
+    sides = []
+    for i in range(40):
+        scene = shapes.render_scene(MIXED, shapes.scene_rng(0, "train", i))
+        for obj in scene.objects:
+            if not obj.iscrowd:
+                ys, xs = np.nonzero(obj.full_mask)
+                sides.append(max(np.ptp(xs), np.ptp(ys)) + 1)
+    assert min(sides) <= 12
+    assert max(sides) >= 0.5 * MIXED.image_size
+
+
+def test_person_keypoints_follow_coco_and_mark_occlusion(mixed_set):
+    coco = _coco(os.path.join(mixed_set, "annotations", "instances_train.json"))
+    person = coco.loadCats(coco.getCatIds(catNms=["person"]))[0]
+    assert person["keypoints"] == list(shapes.KEYPOINT_NAMES) and len(person["keypoints"]) == 17
+    assert person["skeleton"] == shapes.SKELETON
+    for i, j in enumerate(shapes.KEYPOINT_FLIP_MAP):
+        left_right = {shapes.KEYPOINT_NAMES[i], shapes.KEYPOINT_NAMES[j]}
+        assert i == j or {n.split("_", 1)[0] for n in left_right} == {"left", "right"}
+    n_persons = 0
+    for image_id in coco.getImgIds():
+        scene = shapes.render_scene(MIXED, shapes.scene_rng(3, "train", image_id - 1))
+        for k, ann in enumerate(coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=None))):
+            if ann["category_id"] != person["id"]:
+                assert "keypoints" not in ann
+                continue
+            n_persons += 1
+            kps = np.array(ann["keypoints"]).reshape(17, 3)
+            # stored as COCO pixel indices: continuous position - 0.5, rounded to 0.01
+            np.testing.assert_allclose(kps[:, :2] + 0.5, scene.objects[k].keypoints, atol=0.005 + 1e-9)
+            owner = scene.instance_map[np.floor(kps[:, 1] + 0.5).astype(int),
+                                       np.floor(kps[:, 0] + 0.5).astype(int)]
+            np.testing.assert_array_equal(kps[:, 2], np.where(owner > k, 1, 2))
+            assert ann["num_keypoints"] == 17
+    assert n_persons > 0
+
+
+def test_cli_writes_a_coco_dataset(tmp_path):
+    shapes.main(["--out", str(tmp_path), "--train", "2", "--val", "1", "--size", "48",
+                 "--seed", "5", "--preset", "tiny", "--workers", "1"])
+    coco = _coco(str(tmp_path / "annotations" / "instances_val.json"))
+    assert len(coco.getImgIds()) == 1 and coco.imgs[1]["width"] == 48
+    assert Image.open(tmp_path / "train" / "000001.png").size == (48, 48)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="preset"):
+        shapes.generate("/tmp/unused", preset="huge")
+    with pytest.raises(ValueError, match="size"):
+        shapes.generate("/tmp/unused", size=8, preset="tiny")

@@ -1,0 +1,141 @@
+"""Transforms keep boxes, masks and keypoints consistent (pixel i covers [i, i+1))."""
+
+import math
+
+import pytest
+import torch
+
+from mrcnn_edu.data.shapes import KEYPOINT_FLIP_MAP, KEYPOINT_NAMES
+from mrcnn_edu.data.transforms import (Compose, RandomHorizontalFlip, RandomResize, batch_images,
+                                       hflip, normalize, resize)
+
+
+def _mask_box(mask: torch.Tensor) -> list[float]:
+    """Tight box of a mask's pixels under [i, i+1): brute force over rows and columns."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    return [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+
+
+def _example(h=40, w=60):
+    torch.manual_seed(0)
+    masks = torch.zeros((2, h, w), dtype=torch.uint8)
+    masks[0, 5:15, 10:30] = 1
+    masks[1, 20:38, 41:44] = 1  # a thin bar
+    kps = torch.zeros((2, 17, 3))
+    kps[0, :, 0] = torch.linspace(11, 29, 17)
+    kps[0, :, 1] = torch.linspace(6, 14, 17)
+    kps[0, :, 2] = 2
+    kps[0, 3] = 0  # an unlabelled keypoint
+    target = {"boxes": torch.tensor([_mask_box(m) for m in masks], dtype=torch.float32),
+              "masks": masks, "keypoints": kps, "labels": torch.tensor([1, 2]),
+              "area": masks.flatten(1).sum(1).float()}
+    return torch.rand(3, h, w), target
+
+
+def test_flipping_twice_is_the_identity():
+    image, target = _example()
+    image2, target2 = hflip(*hflip(image, target, KEYPOINT_FLIP_MAP), KEYPOINT_FLIP_MAP)
+    assert torch.equal(image2, image)
+    for key in ("boxes", "masks", "keypoints", "labels", "area"):
+        assert torch.equal(target2[key], target[key])
+
+
+def test_flip_maps_box_edges_and_keypoints_by_w_minus_x():
+    image, target = _example()
+    _, flipped = hflip(image, target, KEYPOINT_FLIP_MAP)
+    assert flipped["boxes"][0].tolist() == [60 - 30, 5, 60 - 10, 15]  # x1' = W - x2
+    for mask, box in zip(flipped["masks"], flipped["boxes"]):
+        assert _mask_box(mask) == box.tolist()  # the flipped box is the flipped mask's box
+    right_eye, left_eye = KEYPOINT_NAMES.index("right_eye"), KEYPOINT_NAMES.index("left_eye")
+    assert flipped["keypoints"][0, right_eye].tolist() == [60 - target["keypoints"][0, left_eye, 0].item(),
+                                                           target["keypoints"][0, left_eye, 1].item(), 2]
+    # the unlabelled left ear (v = 0) stays (0, 0, 0) and becomes the right ear
+    assert flipped["keypoints"][0, KEYPOINT_NAMES.index("right_ear")].tolist() == [0, 0, 0]
+
+
+def test_keypoint_flip_swaps_left_and_right_names():
+    for i, j in enumerate(KEYPOINT_FLIP_MAP):
+        a, b = KEYPOINT_NAMES[i], KEYPOINT_NAMES[j]
+        assert a.replace("left", "LR").replace("right", "LR") == b.replace("left", "LR").replace("right", "LR")
+        assert (a == b) == ("left" not in a and "right" not in a)
+    pairs = [(i, j) for i, j in enumerate(KEYPOINT_FLIP_MAP) if i < j]
+    image, target = _example()
+    assert torch.equal(hflip(image, target, pairs)[1]["keypoints"],
+                       hflip(image, target, KEYPOINT_FLIP_MAP)[1]["keypoints"])
+
+
+def test_flip_agrees_with_torchvision_on_boxes():
+    F = pytest.importorskip("torchvision.transforms.v2.functional")
+    tv_tensors = pytest.importorskip("torchvision.tv_tensors")
+    image, target = _example()
+    theirs = F.horizontal_flip(tv_tensors.BoundingBoxes(target["boxes"], format="XYXY",
+                                                        canvas_size=(40, 60)))
+    assert torch.equal(hflip(image, target)[1]["boxes"], theirs.as_subclass(torch.Tensor))
+
+
+def test_resize_is_a_similarity_on_pixel_centres():
+    # a ramp whose pixel i holds its centre coordinate i + 0.5; after resizing by s, pixel j
+    # must hold (j + 0.5) / s: the point x maps to s * x, which is how boxes/keypoints move
+    h, w = 30, 50
+    ramp = (torch.arange(w, dtype=torch.float64) + 0.5).expand(3, h, w)
+    out, _, s = resize(ramp, None, min_size=48, max_size=1000)
+    assert out.shape[-2:] == (48, math.floor(50 * s)) and s == pytest.approx(48 / 30, rel=1e-6)
+    interior = slice(2, out.shape[-1] - 2)  # bilinear clamps at the borders
+    expected = (torch.arange(out.shape[-1], dtype=torch.float64) + 0.5) / s
+    torch.testing.assert_close(out[0, 0, interior], expected[interior], rtol=0, atol=1e-9)
+
+
+def test_resize_scales_the_shorter_side_and_caps_the_longer():
+    image, target = _example(40, 60)
+    out, target2, s = resize(image, target, min_size=80, max_size=1000)
+    assert out.shape == (3, 80, 120)
+    out, _, s2 = resize(image, None, min_size=80, max_size=90)  # 60 * 2 > 90: the cap wins
+    assert out.shape == (3, 60, 90) and s2 == pytest.approx(1.5, rel=1e-6)
+    torch.testing.assert_close(target2["boxes"], target["boxes"] * s)
+    torch.testing.assert_close(target2["keypoints"][..., :2], target["keypoints"][..., :2] * s)
+    assert target2["keypoints"][0, 3].tolist() == [0, 0, 0]
+    torch.testing.assert_close(target2["area"], target["area"] * s**2)
+
+
+@pytest.mark.parametrize("min_size", [23, 57, 80, 101])
+def test_resized_masks_stay_within_half_a_pixel_of_the_resized_boxes(min_size):
+    # nearest-exact: output pixel j takes input floor((j + 0.5) / s), so a mask edge at x lands
+    # at ceil(s * x - 0.5): within half an output pixel of the box edge s * x
+    image, target = _example(40, 60)
+    _, out, s = resize(image, target, min_size=min_size, max_size=10_000)
+    assert out["masks"].dtype == torch.uint8 and out["masks"].shape[-2:] == (min_size, math.floor(60 * s))
+    for mask, box in zip(out["masks"], out["boxes"]):
+        assert (torch.tensor(_mask_box(mask)) - box).abs().max() <= 0.5 + 1e-4
+
+
+def test_batch_pads_to_a_multiple_of_32_with_zeros():
+    images = [torch.rand(3, 40, 70), torch.rand(3, 65, 33)]
+    batch, sizes = batch_images(images)
+    assert batch.shape == (2, 3, 96, 96) and sizes == [(40, 70), (65, 33)]
+    for im, out in zip(images, batch):
+        assert torch.equal(out[:, :im.shape[1], :im.shape[2]], im)
+        assert out.sum() == im.sum()  # everything else is zero padding
+    with pytest.raises(ValueError, match="images"):
+        batch_images([])
+
+
+def test_normalize_per_channel():
+    image = torch.full((3, 2, 2), 0.5)
+    out = normalize(image, mean=(0.5, 0.25, 0.0), std=(1.0, 0.5, 0.25))
+    assert out[:, 0, 0].tolist() == [0.0, 0.5, 2.0]
+
+
+def test_random_transforms_compose_and_respect_their_choices():
+    image, target = _example()
+    torch.manual_seed(0)
+    always = Compose([RandomHorizontalFlip(1.0, KEYPOINT_FLIP_MAP), RandomResize((20, 30), 1000)])
+    heights = set()
+    for _ in range(20):
+        out, t = always(image, target)
+        heights.add(out.shape[1])
+        s = out.shape[1] / 40
+        flipped = hflip(image, target, KEYPOINT_FLIP_MAP)[1]
+        torch.testing.assert_close(t["boxes"], flipped["boxes"] * s, rtol=1e-5, atol=1e-4)
+    assert heights == {20, 30}
+    out, t = RandomHorizontalFlip(0.0)(image, target)
+    assert out is image and t is target

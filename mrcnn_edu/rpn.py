@@ -1,0 +1,306 @@
+"""The Region Proposal Network (Faster R-CNN, Ren et al. 2015, §3.1; Mask R-CNN §3, §3.1).
+
+Mask R-CNN's first stage is unchanged from Faster R-CNN: "The first stage, called a Region
+Proposal Network (RPN), proposes candidate object bounding boxes" (§3). A small network slides
+over the feature map(s): a 3×3 conv (+ ReLU) shared by every level, then two sibling 1×1
+convs giving, for each of the ``A`` anchors of a cell, an objectness logit and 4 box deltas.
+
+Training (Faster R-CNN §3.1.2): anchors are matched to ground truth (IoU >= 0.7 positive, the
+best anchor of each box positive too, < 0.3 negative, see ``matching.py``); 256 anchors per image
+are sampled, up to half positive; the loss is binary cross-entropy on objectness plus
+smooth-L1 on the positive anchors' deltas. Proposals are then selected (top-k by objectness
+per level, decode, clip, NMS at 0.7, top-k per image) and passed on *detached*: the box
+branch does not back-propagate into the proposal coordinates (approximate joint training).
+
+One departure, as in torchvision and Detectron2: Faster R-CNN §3.1.3 ignores anchors that
+cross the image boundary during training; here every anchor takes part (proposals are clipped).
+
+Notation: ``N`` images, ``L`` feature levels, level ``l`` of size ``(H_l, W_l)`` with ``A``
+anchors per cell; ``N_a = sum_l H_l*W_l*A`` anchors per image, ordered ``(level, H, W, A)``
+as in ``anchors.py``; ``G`` ground-truth boxes of an image. Objectness: ``(N, N_a)`` logits;
+deltas: ``(N, N_a, 4)``.
+
+Parameter names follow torchvision (``head.conv``, ``head.cls_logits``, ``head.bbox_pred``),
+so its ``rpn.*`` weights load through :func:`rpn_state_dict_from_torchvision`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .anchors import AnchorGenerator
+from .boxes import BoxCoder, batched_nms, box_iou, clip_boxes, remove_small_boxes
+from .matching import BalancedSampler, Matcher
+
+__all__ = [
+    "RPNConfig", "fpn_rpn_config", "c4_rpn_config", "RPNHead", "rpn_targets", "rpn_loss",
+    "select_proposals", "RPN", "rpn_state_dict_from_torchvision",
+]
+
+
+@dataclass
+class RPNConfig:
+    """RPN hyper-parameters; the defaults are the FPN set-up (Mask R-CNN §3.1 follows [27])."""
+
+    fg_iou_thresh: float = 0.7  # Faster R-CNN §3.1.2: IoU >= 0.7 is a positive anchor
+    bg_iou_thresh: float = 0.3  # Faster R-CNN §3.1.2: IoU < 0.3 with every box is negative
+    batch_size_per_image: int = 256  # Faster R-CNN §3.1.3: 256 anchors per image
+    positive_fraction: float = 0.5  # Faster R-CNN §3.1.3: "a ratio of up to 1:1"
+    nms_thresh: float = 0.7  # Faster R-CNN §3.3: NMS on proposals at IoU 0.7
+    pre_nms_top_n_train: int = 2000  # per level, FPN (Detectron / torchvision)
+    pre_nms_top_n_test: int = 1000  # per level, FPN (Detectron / torchvision)
+    post_nms_top_n_train: int = 2000  # per image (torchvision; Detectron counts per batch)
+    post_nms_top_n_test: int = 1000  # Mask R-CNN §3.1: "1000 for FPN (as in [27])"
+    min_size: float = 1e-3  # drop (near-)empty boxes after clipping (torchvision)
+    score_thresh: float = 0.0  # objectness probability below which proposals are dropped
+    box_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)  # Faster R-CNN eq. 2
+    # torchvision / Detectron's choice, not stated in the papers: smooth-L1 with beta = 1/9 is
+    # the Caffe "sigma = 3" loss of the original py-faster-rcnn code
+    smooth_l1_beta: float = 1.0 / 9.0
+
+    def __post_init__(self) -> None:
+        for name in ("pre_nms_top_n_train", "pre_nms_top_n_test", "post_nms_top_n_train", "post_nms_top_n_test"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RPNConfig.{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.nms_thresh <= 1.0:
+            raise ValueError(f"RPNConfig.nms_thresh must be in [0, 1], got {self.nms_thresh}")
+
+    def pre_nms_top_n(self, training: bool) -> int:
+        return self.pre_nms_top_n_train if training else self.pre_nms_top_n_test
+
+    def post_nms_top_n(self, training: bool) -> int:
+        return self.post_nms_top_n_train if training else self.post_nms_top_n_test
+
+
+def fpn_rpn_config(**overrides) -> RPNConfig:
+    """FPN: 2000 / 1000 per level before NMS (train / test), 2000 / 1000 after (§3.1, [27])."""
+    return RPNConfig(**overrides)
+
+
+def c4_rpn_config(**overrides) -> RPNConfig:
+    """C4 (one level): Detectron's 12000 / 6000 before NMS, 2000 after in training, and at
+    test time Mask R-CNN §3.1's "the proposal number is 300 for the C4 backbone (as in [36])"."""
+    values = dict(pre_nms_top_n_train=12000, pre_nms_top_n_test=6000,
+                  post_nms_top_n_train=2000, post_nms_top_n_test=300)
+    values.update(overrides)
+    return RPNConfig(**values)
+
+
+class RPNHead(nn.Module):
+    """3×3 conv + ReLU shared over levels, then 1×1 objectness (A) and 1×1 deltas (4A).
+
+    ``forward(features: list of (N, C, H_l, W_l))`` -> ``(objectness, deltas)``, lists of
+    ``(N, A, H_l, W_l)`` and ``(N, 4A, H_l, W_l)``. Weights ~ N(0, 0.01²), biases 0
+    (Faster R-CNN §3.1.3).
+    """
+
+    def __init__(self, in_channels: int, num_anchors: int) -> None:
+        super().__init__()
+        if in_channels <= 0 or num_anchors <= 0:
+            raise ValueError(f"in_channels and num_anchors must be positive, got {in_channels}, {num_anchors}")
+        self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1)
+        self.cls_logits = nn.Conv2d(in_channels, num_anchors, kernel_size=1)
+        self.bbox_pred = nn.Conv2d(in_channels, 4 * num_anchors, kernel_size=1)
+        for layer in (self.conv, self.cls_logits, self.bbox_pred):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        objectness, deltas = [], []
+        for feature in features:
+            hidden = F.relu(self.conv(feature))
+            objectness.append(self.cls_logits(hidden))  # (N, A, H, W)
+            deltas.append(self.bbox_pred(hidden))  # (N, 4A, H, W)
+        return objectness, deltas
+
+
+def flatten_head_outputs(objectness: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor]:
+    """One level's head outputs in anchor order ``(H, W, A)``.
+
+    ``(N, A, H, W)``, ``(N, 4A, H, W)`` -> ``(N, H*W*A)``, ``(N, H*W*A, 4)``.
+    """
+    n, a, h, w = objectness.shape
+    objectness = objectness.permute(0, 2, 3, 1).reshape(n, h * w * a)  # (N, A, H, W) -> (N, H, W, A) -> (N, H*W*A)
+    deltas = deltas.view(n, a, 4, h, w)  # (N, A, 4, H, W): torchvision / Detectron group the 4 deltas per anchor
+    deltas = deltas.permute(0, 3, 4, 1, 2).reshape(n, h * w * a, 4)  # (N, H, W, A, 4) -> (N, H*W*A, 4)
+    return objectness, deltas
+
+
+def rpn_targets(anchors: Tensor, gt_boxes: Tensor, matcher: Matcher, box_coder: BoxCoder) -> tuple[Tensor, Tensor]:
+    """Labels and regression targets for one image's anchors.
+
+    ``anchors: (N_a, 4)``, ``gt_boxes: (G, 4)`` -> ``labels: (N_a,)`` float in {1 positive,
+    0 negative, -1 ignored}, ``regression_targets: (N_a, 4)`` (deltas to the matched box for
+    positives, zeros elsewhere -- only positives enter the loss).
+    """
+    if gt_boxes.dim() != 2 or gt_boxes.shape[-1] != 4:
+        raise ValueError(f"gt_boxes must have shape (G, 4), got {tuple(gt_boxes.shape)}")
+    gt_boxes = gt_boxes.to(anchors)
+    matched_idx = matcher(box_iou(gt_boxes, anchors))  # (N_a,)
+    labels = torch.full((anchors.shape[0],), -1.0, dtype=anchors.dtype, device=anchors.device)
+    labels[matched_idx >= 0] = 1.0
+    labels[matched_idx == -1] = 0.0
+    regression_targets = torch.zeros_like(anchors)
+    positive = matched_idx >= 0
+    if positive.any():
+        regression_targets[positive] = box_coder.encode(gt_boxes[matched_idx[positive]], anchors[positive])
+    return labels, regression_targets
+
+
+def rpn_loss(objectness: Tensor, deltas: Tensor, labels: Tensor, regression_targets: Tensor,
+             sampler: BalancedSampler, beta: float = 1.0 / 9.0,
+             generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """Faster R-CNN eq. 1 on ``sampler``'s anchors.
+
+    ``objectness: (N, N_a)`` logits, ``deltas: (N, N_a, 4)``, ``labels: (N, N_a)`` in {1, 0, -1},
+    ``regression_targets: (N, N_a, 4)``. ``loss_objectness`` is the BCE averaged over the sampled
+    anchors; ``loss_rpn_box_reg`` is smooth-L1 summed over the sampled positives and divided by
+    the number of sampled anchors (Detectron / torchvision's normalisation of eq. 1's λ term).
+    """
+    if objectness.shape != labels.shape or deltas.shape != regression_targets.shape \
+            or deltas.shape[:2] != objectness.shape:
+        raise ValueError(
+            f"shapes disagree: objectness {tuple(objectness.shape)}, labels {tuple(labels.shape)}, "
+            f"deltas {tuple(deltas.shape)}, regression_targets {tuple(regression_targets.shape)}"
+        )
+    pos_masks, neg_masks = [], []
+    for image_labels in labels:  # the 256-anchor budget is per image
+        pos_mask, neg_mask = sampler.sample(image_labels == 1, image_labels == 0, generator)
+        pos_masks.append(pos_mask)
+        neg_masks.append(neg_mask)
+    pos_mask = torch.stack(pos_masks)  # (N, N_a)
+    sampled = pos_mask | torch.stack(neg_masks)  # (N, N_a)
+    num_sampled = max(int(sampled.sum()), 1)
+    loss_objectness = F.binary_cross_entropy_with_logits(
+        objectness[sampled], labels[sampled].to(objectness.dtype), reduction="sum") / num_sampled
+    loss_box_reg = F.smooth_l1_loss(
+        deltas[pos_mask], regression_targets[pos_mask].to(deltas.dtype), beta=beta, reduction="sum") / num_sampled
+    return {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_box_reg}
+
+
+@torch.no_grad()
+def select_proposals(objectness: list[Tensor], deltas: list[Tensor], anchors: list[Tensor],
+                     image_sizes: list[tuple[int, int]], cfg: RPNConfig,
+                     training: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """Proposals from the RPN's outputs (Faster R-CNN §3.3, FPN §4.1).
+
+    Per level: ``objectness[l]: (N, H_l*W_l*A)``, ``deltas[l]: (N, H_l*W_l*A, 4)``,
+    ``anchors[l]: (H_l*W_l*A, 4)``. For each image: keep the ``pre_nms_top_n`` highest-scoring
+    anchors of each level, decode them, clip to the image, drop boxes smaller than
+    ``min_size`` or below ``score_thresh``, NMS at ``nms_thresh`` within each level, keep the
+    ``post_nms_top_n`` best. Returns ``(proposals, scores)``: per image ``(R_i, 4)`` boxes and
+    ``(R_i,)`` objectness probabilities, in decreasing score. No gradient flows through.
+    """
+    if not (len(objectness) == len(deltas) == len(anchors)):
+        raise ValueError(f"need one objectness, deltas and anchors tensor per level, got "
+                         f"{len(objectness)}, {len(deltas)}, {len(anchors)}")
+    num_images = objectness[0].shape[0]
+    if len(image_sizes) != num_images:
+        raise ValueError(f"image_sizes has {len(image_sizes)} entries for {num_images} images")
+    box_coder = BoxCoder(cfg.box_weights)
+    pre_nms_top_n, post_nms_top_n = cfg.pre_nms_top_n(training), cfg.post_nms_top_n(training)
+
+    # top-k per level, for the whole batch at once
+    top_logits, top_boxes, top_levels = [], [], []
+    for level, (level_logits, level_deltas, level_anchors) in enumerate(zip(objectness, deltas, anchors)):
+        k = min(pre_nms_top_n, level_logits.shape[1])
+        logits, top_idx = level_logits.topk(k, dim=1)  # (N, k)
+        chosen_deltas = torch.gather(level_deltas, 1, top_idx[..., None].expand(-1, -1, 4))  # (N, k, 4)
+        chosen_anchors = level_anchors[top_idx]  # (N, k, 4)
+        boxes = box_coder.decode(chosen_deltas.reshape(-1, 4), chosen_anchors.reshape(-1, 4).to(chosen_deltas))
+        top_logits.append(logits)
+        top_boxes.append(boxes.view(num_images, k, 4))
+        top_levels.append(torch.full((k,), level, dtype=torch.int64, device=logits.device))
+    all_scores = torch.cat(top_logits, dim=1).sigmoid()  # (N, sum_l k_l)
+    all_boxes = torch.cat(top_boxes, dim=1)  # (N, sum_l k_l, 4)
+    all_levels = torch.cat(top_levels)  # (sum_l k_l,)
+
+    proposals, scores = [], []
+    for boxes, image_scores, image_size in zip(all_boxes, all_scores, image_sizes):
+        boxes = clip_boxes(boxes, image_size)
+        keep = remove_small_boxes(boxes, cfg.min_size)
+        keep = keep[image_scores[keep] >= cfg.score_thresh]
+        boxes, image_scores, levels = boxes[keep], image_scores[keep], all_levels[keep]
+        # NMS per level (FPN / torchvision): levels are scored independently
+        keep = batched_nms(boxes, image_scores, levels, cfg.nms_thresh)[:post_nms_top_n]
+        proposals.append(boxes[keep])
+        scores.append(image_scores[keep])
+    return proposals, scores
+
+
+class RPN(nn.Module):
+    """Anchors -> head -> (losses) and proposals.
+
+    ``forward(features, image_sizes, targets=None)``: ``features`` a list of ``(N, C, H_l, W_l)``
+    maps (one for C4 / C5, P2..P6 for FPN), ``image_sizes`` the ``(h, w)`` of each image before
+    padding, ``targets`` a list of dicts with ``"boxes": (G_i, 4)``. Returns
+    ``(proposals: list of (R_i, 4), losses: dict)``. In training mode targets are required; in
+    eval mode losses are computed only if targets are given. ``self.training`` picks the
+    train or test proposal counts. The last ``select_proposals`` scores are kept in
+    ``self.last_proposal_scores`` for inspection (notebook 02).
+    """
+
+    def __init__(self, cfg: RPNConfig, anchor_generator: AnchorGenerator, head: RPNHead) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.anchor_generator = anchor_generator
+        self.head = head
+        self.matcher = Matcher(cfg.fg_iou_thresh, cfg.bg_iou_thresh, allow_low_quality_matches=True)
+        self.sampler = BalancedSampler(cfg.batch_size_per_image, cfg.positive_fraction)
+        self.box_coder = BoxCoder(cfg.box_weights)
+        self.last_proposal_scores: list[Tensor] = []
+
+    def forward(self, features: Sequence[Tensor] | Mapping[str, Tensor], image_sizes: list[tuple[int, int]],
+                targets: list[dict[str, Tensor]] | None = None,
+                generator: torch.Generator | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
+        if isinstance(features, Mapping):  # {"p2": ..., "p6": ...} or {"c4": ...}, finest first
+            features = list(features.values())
+        if self.training and targets is None:
+            raise ValueError("targets are required in training mode (list of dicts with 'boxes')")
+        if len(features) != len(self.anchor_generator.strides):
+            raise ValueError(f"features has {len(features)} levels, "
+                             f"the anchor generator {len(self.anchor_generator.strides)}")
+        anchors = self.anchor_generator([tuple(f.shape[-2:]) for f in features])  # L x (H_l*W_l*A, 4)
+        raw_objectness, raw_deltas = self.head(features)
+        flat = [flatten_head_outputs(o, d) for o, d in zip(raw_objectness, raw_deltas)]
+        objectness = [o for o, _ in flat]  # L x (N, H_l*W_l*A)
+        deltas = [d for _, d in flat]  # L x (N, H_l*W_l*A, 4)
+
+        proposals, self.last_proposal_scores = select_proposals(
+            [o.detach() for o in objectness], [d.detach() for d in deltas], anchors, image_sizes,
+            self.cfg, self.training)
+
+        losses: dict[str, Tensor] = {}
+        if targets is not None:
+            if len(targets) != len(image_sizes):
+                raise ValueError(f"targets has {len(targets)} entries for {len(image_sizes)} images")
+            all_anchors = torch.cat(anchors)  # (N_a, 4)
+            labels, regression_targets = zip(*[
+                rpn_targets(all_anchors, t["boxes"], self.matcher, self.box_coder) for t in targets])
+            losses = rpn_loss(torch.cat(objectness, dim=1), torch.cat(deltas, dim=1),  # (N, N_a), (N, N_a, 4)
+                              torch.stack(labels), torch.stack(regression_targets), self.sampler,
+                              beta=self.cfg.smooth_l1_beta, generator=generator)
+        return proposals, losses
+
+
+def rpn_state_dict_from_torchvision(state_dict: dict[str, Tensor], prefix: str = "rpn.") -> dict[str, Tensor]:
+    """The :class:`RPN` state dict from a torchvision Faster / Mask R-CNN state dict.
+
+    torchvision >= 0.13 names the shared conv ``rpn.head.conv.0.0.*`` (a Conv2dNormActivation
+    inside a Sequential), older versions ``rpn.head.conv.*``; both map to ``head.conv.*``.
+    ``cls_logits`` and ``bbox_pred`` have the same names here. Note torchvision's anchors sit on
+    cell corners with rounded sizes: build the generator with ``offset=0.0, round_cell=True``.
+    """
+    mapped = {}
+    for key, value in state_dict.items():
+        if not key.startswith(prefix + "head."):
+            continue
+        name = key[len(prefix):].replace("head.conv.0.0.", "head.conv.")
+        mapped[name] = value
+    if not mapped:
+        raise ValueError(f"state_dict has no keys starting with {prefix + 'head.'!r}")
+    return mapped

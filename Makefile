@@ -21,9 +21,12 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	MPLBACKEND=Agg $(BIN)/python -m mrcnn_edu demo
 
-# pytest exits 5 when it collects nothing: that alone is not a failure, anything else is
+# Two pytest workers (-n 2), one file each at a time (notebooks keep their cells together),
+# one thread each: on a 2-core machine, more threads than cores thrash.
+# pytest exits 5 when it collects nothing: that alone is not a failure, anything else is.
 test: setup
-	MPLBACKEND=Agg $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider; \
+	OMP_NUM_THREADS=1 MPLBACKEND=Agg $(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env \
+		-n 2 --dist loadfile -p no:cacheprovider --durations 15; \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 
 clean:

@@ -284,6 +284,8 @@ def render_scene(cfg: ShapesConfig, rng: np.random.Generator) -> Scene:
         union = np.zeros((size, size), bool)
         for m in members:  # re-centre each member around the cluster centre
             ys, xs = np.nonzero(m.full_mask)
+            if ys.size == 0:  # a member too small to cover any pixel centre
+                continue
             shift = np.round(centre + rng.normal(0, spread, 2) - [xs.mean(), ys.mean()]).astype(int)
             ys, xs = np.clip(ys + shift[1], 0, size - 1), np.clip(xs + shift[0], 0, size - 1)
             union[ys, xs] = True

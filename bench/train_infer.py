@@ -1,0 +1,164 @@
+"""Our R-50-FPN Mask R-CNN against torchvision's ``maskrcnn_resnet50_fpn``, same GPU, one run.
+
+Measures, for both models with matching settings (80 + 1 classes, shorter side 800 / longer
+1333, 1000 proposals at test time, 100 detections with masks per image, frozen BN, stem and
+res2 frozen, fp32 unless ``--amp``):
+
+- inference: milliseconds per image on an 800 x 1066 image (COCO's typical aspect ratio),
+  with ``score_thresh = 0`` so that both really return 100 detections with pasted masks
+  (random weights score low; torchvision pastes masks one detection at a time, we paste them
+  all at once);
+- training: milliseconds per iteration (forward, backward, SGD step) at 2 images per batch
+  with 6 random objects each.
+
+Prints the medians and the ratios ours / torchvision (below 1.0: we are faster). Timings
+synchronise the GPU around each call. ``--quick`` is a CPU smoke test of the same code at
+256 px with one timed iteration (its numbers mean nothing).
+
+    python bench/train_infer.py             # on a CUDA GPU
+    python bench/train_infer.py --quick     # anywhere, seconds
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mrcnn_edu.config import r50_fpn  # noqa: E402
+from mrcnn_edu.model import MaskRCNN  # noqa: E402
+
+
+def build_ours(min_size: int, max_size: int) -> MaskRCNN:
+    cfg = r50_fpn(num_classes=80)
+    cfg.transform.min_size_train, cfg.transform.min_size_test, cfg.transform.max_size = (min_size,), min_size, max_size
+    cfg.box_head.score_thresh = 0.0  # always 100 detections, as torchvision below
+    return MaskRCNN(cfg)
+
+
+def build_torchvision(min_size: int, max_size: int):
+    """``maskrcnn_resnet50_fpn`` as torchvision builds it around pre-trained weights (frozen BN,
+    res3-res5 trained), without loading any: ``weights=None`` would switch to plain BN."""
+    from torchvision.models import resnet50
+    from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops import FrozenBatchNorm2d
+
+    backbone = _resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), trainable_layers=3)
+    return TorchvisionMaskRCNN(backbone, num_classes=81, min_size=min_size, max_size=max_size,
+                               box_score_thresh=0.0, box_detections_per_img=100)
+
+
+def random_targets(images: list[torch.Tensor], objects: int, generator: torch.Generator) -> list[dict]:
+    targets = []
+    for image in images:
+        height, width = image.shape[-2:]
+        xy = torch.rand(objects, 2, generator=generator) * torch.tensor([width * 0.7, height * 0.7])
+        wh = (0.1 + 0.2 * torch.rand(objects, 2, generator=generator)) * torch.tensor([width, height])
+        boxes = torch.cat([xy, xy + wh], dim=1)  # (G, 4) xyxy
+        masks = torch.zeros(objects, height, width, dtype=torch.uint8)
+        for g, (x1, y1, x2, y2) in enumerate(boxes.round().long().tolist()):
+            masks[g, y1:y2, x1:x2] = 1
+        targets.append({"boxes": boxes, "labels": torch.randint(1, 81, (objects,), generator=generator),
+                        "masks": masks})
+    return targets
+
+
+def timed(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Milliseconds of each of ``iters`` calls of ``fn`` after ``warmup`` untimed ones."""
+    times = []
+    for i in range(warmup + iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tic = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(1000 * (time.perf_counter() - tic))
+    return times
+
+
+def bench(model, images, targets, device, warmup, iters, amp: str) -> dict:
+    model.to(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    one_image = images[:1]
+
+    def infer():
+        model.eval()
+        with torch.no_grad(), autocast():
+            infer.detections = len(model(one_image)[0]["boxes"])
+
+    def train_step():
+        model.train()
+        with autocast():
+            losses = model(images, targets)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    infer_ms = timed(infer, device, warmup, iters)
+    train_ms = timed(train_step, device, warmup, iters)
+    model.cpu()
+    return {"infer_ms": statistics.median(infer_ms), "train_ms": statistics.median(train_ms),
+            "detections": infer.detections}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CPU smoke test: 128 px, 1 timed iteration")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", type=int, default=800, help="shorter side (default 800, §3.1)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.device, args.size, args.warmup, args.iters = "cpu", 128, 0, 1
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        print("torchvision is not installed: it is the reference this benchmark compares against")
+        return 1
+    device = torch.device(args.device)
+    if device.type != "cuda" and not args.quick:
+        print("warning: no CUDA device; CPU timings say little about the GPU ratios", file=sys.stderr)
+    max_size = round(args.size * 1333 / 800)
+    generator = torch.Generator().manual_seed(0)
+    width = round(args.size * 4 / 3)
+    images = [torch.rand(3, args.size, width, generator=generator) for _ in range(2)]  # 2 per batch
+    targets = random_targets(images, 6, generator)
+    images_dev = [im.to(device) for im in images]
+    targets_dev = [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+    torch.manual_seed(0)
+    results = {"ours": bench(build_ours(args.size, max_size), images_dev, targets_dev, device,
+                             args.warmup, args.iters, args.amp)}
+    torch.manual_seed(0)
+    results["torchvision"] = bench(build_torchvision(args.size, max_size), images_dev, targets_dev,
+                                   device, args.warmup, args.iters, args.amp)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"R-50-FPN Mask R-CNN on {name}, {args.size} x {width} images, amp={args.amp}, "
+          f"median of {args.iters} after {args.warmup} warm-up")
+    print(f"{'':12s} {'inference ms/image':>20s} {'detections':>11s} {'train ms/iter (2 img)':>22s}")
+    for model_name, r in results.items():
+        print(f"{model_name:12s} {r['infer_ms']:20.1f} {r['detections']:11d} {r['train_ms']:22.1f}")
+    ours, reference = results["ours"], results["torchvision"]
+    print(f"ratio ours / torchvision: inference {ours['infer_ms'] / reference['infer_ms']:.2f}, "
+          f"training {ours['train_ms'] / reference['train_ms']:.2f}  (target <= 1.0)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

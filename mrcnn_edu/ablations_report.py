@@ -1,0 +1,314 @@
+"""Table 2's results: per-seed records -> mean ± std, gain rows, the paper's claims, markdown.
+
+The paper prints one number per row (one training each, COCO minival). A miniature's numbers
+move with the seed, so every figure here is a mean over seeds with its spread:
+
+- a row: ``mean ± std`` over seeds (sample std, ``ddof=1``; one seed shows no spread);
+- a gain or any comparison of runs: ``Δ ± s.e.``, the difference of the runs' means and its
+  standard error ``sqrt(Σ c_i² s_i² / n_i)`` (different runs are independent trainings; no
+  pairing by seed is assumed);
+- a claim of the paper (§4.2) is judged by ``z = Δ / s.e.``: "agrees" when the difference has
+  the paper's sign and ``z > 2``, "same direction, within noise" when ``0 < z <= 2``,
+  "opposite direction" otherwise. "Close" claims (class-agnostic vs -specific) agree when
+  ``|Δ| < CLOSE_AP``. A rough rule for reading three seeds, not a significance test.
+
+Metrics are stored as COCOeval gives them (fractions, ``metrics[iou_type][AP...]``) in the
+records and shown in percent, as the paper prints them; ``APbb*`` are box AP.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+from mrcnn_edu.ablations import GAINS, ROWS, RUNS, SUBTABLES, Row, stand_in
+
+__all__ = ["write_json_atomic", "result_path", "git_commit", "device_name", "mean_std", "format_mean_std", "contrast",
+           "format_gain", "percent_metrics", "load_records", "check_same_schedule", "CLAIMS", "judge_claims", "summarise",
+           "markdown_table", "write_report"]
+
+MASK_KEYS = ("AP", "AP50", "AP75")
+BOX_KEYS = ("APbb", "APbb50", "APbb75")
+CLOSE_AP = 1.0  # "close": the paper's class-agnostic gap is 0.6 AP
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``ddof=1``); nan std for fewer than 2 values."""
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, math.nan
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def format_mean_std(values: list[float], digits: int = 1) -> str:
+    """``"30.3 ± 0.4"``; one value: ``"30.3"``; none: ``"–"``."""
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def contrast(terms: list[tuple[float, list[float]]]) -> tuple[float, float]:
+    """``Σ c_i mean(x_i)`` and its standard error ``sqrt(Σ c_i² var(x_i) / n_i)``.
+
+    Each term is ``(c_i, per-seed values of one run)``; nan if any run has no value, nan
+    standard error if any has a single one.
+    """
+    if any(not values for _, values in terms):
+        return math.nan, math.nan
+    estimate, variance = 0.0, 0.0
+    for coef, values in terms:
+        mean, std = mean_std(values)
+        estimate += coef * mean
+        variance += coef**2 * std**2 / len(values)
+    return estimate, math.sqrt(variance)
+
+
+def format_gain(delta: float, se: float, digits: int = 1) -> str:
+    """``"+5.5 ± 0.7"`` (difference ± its standard error)."""
+    if math.isnan(delta):
+        return "–"
+    return f"{delta:+.{digits}f}" + ("" if math.isnan(se) else f" ± {se:.{digits}f}")
+
+
+def percent_metrics(record: dict) -> dict[str, float]:
+    """``{"AP": 31.2, ..., "APbb75": 40.1}`` in percent, from a run record's COCOeval fractions."""
+    out = {}
+    for iou_type, keys in (("segm", MASK_KEYS), ("bbox", BOX_KEYS)):
+        for key, name in zip(keys, MASK_KEYS):
+            value = record["metrics"].get(iou_type, {}).get(name)
+            out[key] = math.nan if value is None else 100.0 * value  # None: nan in the JSON
+    return out
+
+
+# --- records: per-run files and a previous summary ----------------------------------------------
+
+
+def _finite(obj):
+    """nan -> None, so that the file is strict JSON (a std over one seed is nan)."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(value) for value in obj]
+    return obj
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_finite(data), indent=1, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def result_path(workdir: str | Path, run: str, seed: int) -> Path:
+    return Path(workdir) / "results" / f"{run}__seed{seed}.json"
+
+
+def git_commit() -> str | None:
+    """``git rev-parse HEAD`` of this checkout, "+dirty" if files differ from it; None outside git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                               cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() + ("+dirty" if dirty else "")) if out.returncode == 0 else None
+
+
+def device_name() -> str:
+    """The GPU's name, or the CPU's."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def load_records(workdir: str | Path, summary_path: str | Path | None = None) -> dict:
+    """``{(run, seed): record}`` from an earlier summary JSON, then the per-run files (newer)."""
+    records = {}
+    if summary_path and Path(summary_path).is_file():
+        summary = json.loads(Path(summary_path).read_text())
+        for run, entry in summary.get("runs", {}).items():
+            for seed, record in entry.get("seeds", {}).items():
+                records[(run, int(seed))] = record
+    folder = Path(workdir) / "results"
+    for path in sorted(folder.glob("*__seed*.json")) if folder.is_dir() else []:
+        record = json.loads(path.read_text())
+        records[(record["run"], int(record["seed"]))] = record
+    return records
+
+
+def check_same_schedule(record: dict, planned) -> None:
+    """ValueError if a finished run used another schedule than ``planned`` (a TrainConfig)."""
+    from mrcnn_edu.engine import scale_for_batch
+
+    planned = scale_for_batch(planned)  # records hold the schedule as it ran
+    done = record.get("train_config", {})
+    for key in ("max_iter", "images_per_batch", "base_lr"):
+        if key in done and done[key] != getattr(planned, key):
+            raise ValueError(
+                f"{record['run']} seed {record['seed']} finished with {key}={done[key]} but this "
+                f"command plans {key}={getattr(planned, key)}; use another --workdir/--out or "
+                f"delete {result_path('WORKDIR', record['run'], record['seed'])}")
+
+
+# --- the paper's claims (§4.2), as contrasts between runs ---------------------------------------
+
+# (claim, [(coefficient, run, {metric: weight})], kind); kind "greater" or "close"
+CLAIMS = [
+    ("sigmoid beats softmax (2b)", [(1, "r50_c4", {"AP": 1}), (-1, "r50_c4_softmax", {"AP": 1})], "greater"),
+    ("class-agnostic is close to class-specific (2b text)",
+     [(1, "r50_c4", {"AP": 1}), (-1, "r50_c4_agnostic", {"AP": 1})], "close"),
+    ("RoIAlign beats RoIPool on C4 (2c)", [(1, "r50_c4", {"AP": 1}), (-1, "r50_c4_roipool", {"AP": 1})], "greater"),
+    ("RoIAlign beats RoIWarp, avg (2c)",
+     [(1, "r50_c4", {"AP": 1}), (-1, "r50_c4_roiwarp_avg", {"AP": 1})], "greater"),
+    ("RoIAlign beats RoIWarp, max (2c)",
+     [(1, "r50_c4_roialign_max", {"AP": 1}), (-1, "r50_c4_roiwarp_max", {"AP": 1})], "greater"),
+    ("RoIAlign's C4 gain over RoIPool is larger at AP75 than at AP50 (2c)",
+     [(1, "r50_c4", {"AP75": 1, "AP50": -1}), (-1, "r50_c4_roipool", {"AP75": 1, "AP50": -1})], "greater"),
+    ("RoIAlign's gain on C5 (stride 32) exceeds its gain on C4 (2c vs 2d)",
+     [(1, "r50_c5_roialign", {"AP": 1}), (-1, "r50_c5_roipool", {"AP": 1}),
+      (-1, "r50_c4", {"AP": 1}), (1, "r50_c4_roipool", {"AP": 1})], "greater"),
+    ("RoIAlign beats RoIPool on C5 in box AP (2d)",
+     [(1, "r50_c5_roialign", {"APbb": 1}), (-1, "r50_c5_roipool", {"APbb": 1})], "greater"),
+    ("FCN beats the 2-fc MLP mask head (2e)", [(1, "r50_fpn", {"AP": 1}), (-1, "r50_fpn_mlp2", {"AP": 1})], "greater"),
+    ("FCN beats the 3-fc MLP mask head (2e)", [(1, "r50_fpn", {"AP": 1}), (-1, "r50_fpn_mlp3", {"AP": 1})], "greater"),
+]
+
+
+def _paper_value(run: str, metric: str) -> float:
+    for row in ROWS:
+        if row.run == run and metric in row.paper:
+            return row.paper[metric]
+    return math.nan
+
+
+def judge_claims(values: dict[str, list[dict[str, float]]]) -> list[dict]:
+    """Each claim of :data:`CLAIMS` with the paper's Δ, ours (± s.e.) and a verdict.
+
+    ``values[run]`` is the list of per-seed percent metrics (:func:`percent_metrics`).
+    """
+    judged = []
+    for text, terms, kind in CLAIMS:
+        paper = sum(c * w * _paper_value(run, m) for c, run, weights in terms for m, w in weights.items())
+        per_run = [(c, [sum(w * seed[m] for m, w in weights.items()) for seed in values.get(run, [])])
+                   for c, run, weights in terms]
+        delta, se = contrast(per_run)
+        if math.isnan(delta):
+            verdict = "not run"
+        elif kind == "close":
+            verdict = "agrees (close)" if abs(delta) < CLOSE_AP else f"disagrees (|Δ| ≥ {CLOSE_AP} AP)"
+        elif math.isnan(se):
+            verdict = ("same direction" if delta > 0 else "opposite direction") + " (no spread: 1 seed)"
+        else:
+            z = delta / se if se > 0 else math.copysign(math.inf, delta) if delta else 0.0
+            verdict = "agrees" if z > 2 else ("same direction, within noise" if z > 0 else "opposite direction")
+        judged.append({"claim": text, "paper_delta": round(paper, 2), "delta": delta, "se": se,
+                       "verdict": verdict, "runs": sorted({run for _, run, _ in terms})})
+    return judged
+
+
+# --- the summary and its markdown ---------------------------------------------------------------
+
+
+def summarise(rows: list[Row], runs: list[str], records: dict, seeds: int, mode: str = "miniature") -> dict:
+    """Per run: configs and per-seed records; per row: the paper's figures and ours (mean, std)."""
+    values = {run: [percent_metrics(records[(run, s)]) for s in range(seeds) if (run, s) in records]
+              for run in runs}
+    run_entries = {}
+    for run in runs:
+        seeds_done = {str(s): records[(run, s)] for s in range(seeds) if (run, s) in records}
+        run_entries[run] = {"paper_model": RUNS[run].paper_name(), "stand_in": stand_in(RUNS[run], mode),
+                            "note": RUNS[run].note, "seeds": seeds_done}
+    row_entries = []
+    for row in rows:
+        ours = {}
+        for key in MASK_KEYS + (BOX_KEYS if row.table == "2d" else ()):
+            per_seed = [v[key] for v in values[row.run]]
+            mean, std = mean_std(per_seed)
+            ours[key] = {"mean": mean, "std": std, "n": len(per_seed), "values": per_seed}
+        row_entries.append({"table": row.table, "label": row.label, "run": row.run,
+                            "stand_in": stand_in(RUNS[row.run], mode), "paper": row.paper, "ours": ours})
+    gains = []
+    for table, label, better, worse in GAINS:
+        if better in values and worse in values:
+            keys = MASK_KEYS + (BOX_KEYS if table == "2d" else ())
+            cells = {k: contrast([(1, [v[k] for v in values[better]]), (-1, [v[k] for v in values[worse]])])
+                     for k in keys}
+            paper = {k: round(_paper_value(better, k) - _paper_value(worse, k), 1) for k in keys}
+            gains.append({"table": table, "label": label, "paper": paper,
+                          "ours": {k: {"delta": d, "se": s} for k, (d, s) in cells.items()}})
+    claims = [c for c in judge_claims(values) if set(c["runs"]) <= set(runs)]
+    return {"runs": run_entries, "rows": row_entries, "gains": gains, "claims": claims}
+
+
+def _cell(entry: dict | None) -> str:
+    return "–" if entry is None else format_mean_std(entry["values"])
+
+
+def markdown_table(summary: dict) -> str:
+    """Every sub-table with the paper's figures beside ours, the gain rows and the claims."""
+    mode = summary.get("mode", "")
+    lines = [f"# Table 2 of Mask R-CNN, reproduced ({mode}, dataset {summary.get('dataset', '?')})", "",
+             "Ours: mean ± std over seeds (n = seeds finished); gains: Δ ± standard error. "
+             "Paper: COCO minival, one training per row. Mask AP unless noted; APbb = box AP.", ""]
+    if mode == "quick":
+        lines += ["**Quick mode: a few CPU iterations on 64 px images. These numbers mean nothing;**",
+                  "**they only show that the code path runs.**", ""]
+    for table, title in SUBTABLES.items():
+        rows = [r for r in summary["rows"] if r["table"] == table]
+        if not rows:
+            continue
+        keys = MASK_KEYS + (BOX_KEYS if table == "2d" else ())
+        lines += [f"## ({table[1]}) {title}", "",
+                  "| paper row | model trained here | n | " + " | ".join(f"{k} ours" for k in keys)
+                  + " | " + " | ".join(f"{k} paper" for k in keys) + " |",
+                  "|---" * (3 + 2 * len(keys)) + "|"]
+        for r in rows:
+            n = r["ours"]["AP"]["n"]
+            ours = " | ".join(_cell(r["ours"].get(k)) for k in keys)
+            paper = " | ".join(f"{r['paper'][k]:.1f}" if k in r["paper"] else "–" for k in keys)
+            lines.append(f"| {r['label']} | {r['stand_in']} | {n} | {ours} | {paper} |")
+        for g in (g for g in summary["gains"] if g["table"] == table):
+            ours = " | ".join(format_gain(g["ours"][k]["delta"], g["ours"][k]["se"]) for k in keys)
+            paper = " | ".join(f"{g['paper'][k]:+.1f}" for k in keys)
+            lines.append(f"| **{g['label']}** | | | {ours} | {paper} |")
+        lines.append("")
+    if summary["claims"]:
+        lines += ["## The paper's claims, judged against the spread over seeds", "",
+                  "| claim | paper Δ | ours Δ ± s.e. | verdict |", "|---|---|---|---|"]
+        lines += [f"| {c['claim']} | {c['paper_delta']:+.1f} | {format_gain(c['delta'], c['se'])} | {c['verdict']} |"
+                  for c in summary["claims"]]
+        lines += ["", f"Verdict rule: agrees if Δ has the paper's sign and Δ > 2 s.e.; 'close' if |Δ| < {CLOSE_AP} AP.", ""]
+    sessions = summary.get("sessions", [])
+    if sessions:
+        lines += ["## Runs", ""] + [
+            f"- {s['started']}: {s['trained']} trainings, {s['elapsed_s']:.0f} s wall, {s['jobs']} at a time "
+            f"on {s['device']}, commit {s['git_commit']}" + (f", failed {s['failed']}" if s["failed"] else "")
+            for s in sessions] + [""]
+    return "\n".join(lines)
+
+
+def write_report(rows: list[Row], runs: list[str], seeds: int, mode: str, dataset: str, records: dict,
+                 summary_path: str | Path, session: dict | None = None) -> dict:
+    """Write ``table2_<mode>.json`` (everything) and ``.md`` (the tables) beside each other."""
+    summary_path = Path(summary_path)
+    previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = {"table": "2", "mode": mode, "dataset": dataset, "seeds": seeds,
+               "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "sessions": previous.get("sessions", []) + ([session] if session else []),
+               **summarise(rows, runs, records, seeds, mode)}
+    write_json_atomic(summary_path, summary)
+    summary_path.with_suffix(".md").write_text(markdown_table(summary))
+    return summary

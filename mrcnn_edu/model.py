@@ -1,0 +1,321 @@
+"""Mask R-CNN: the parts assembled (He et al. 2017, §3, Figure 1 and Figure 4).
+
+"Mask R-CNN adopts the same two-stage procedure [as Faster R-CNN], with an identical first
+stage (which is RPN). In the second stage, in parallel to predicting the class and box offset,
+Mask R-CNN also outputs a binary mask for each RoI." -- §3
+
+The data's path, every step a module of its own::
+
+    images (list of (3, H_i, W_i) in [0, 1])
+      -> preprocess: normalise, resize shorter side, pad-batch to /32   (data/transforms.py)
+      -> backbone: {"c4"} | {"c5"} | {"p2".."p6"}                        (backbone/)
+      -> RPN: anchors -> objectness + deltas -> proposals               (rpn.py)
+      -> box branch: pool -> head -> class + box                        (roi_heads/box_head.py)
+      -> mask branch: pool -> FCN -> K x m x m                          (roi_heads/mask_head.py)
+      -> keypoint branch (§5): pool -> 8 convs -> K x 56 x 56           (roi_heads/keypoint_head.py)
+
+Train mode: ``model(images, targets) -> dict of losses`` (``loss_objectness``,
+``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``, ``loss_mask``, ``loss_keypoint``);
+§3: "the multi-task loss on each sampled RoI is L = L_cls + L_box + L_mask".
+Eval mode: ``model(images) -> list of dicts`` with ``boxes (N, 4)``, ``labels (N,)``,
+``scores (N,)``, ``masks (N, 1, H, W)`` floats in [0, 1] and ``keypoints (N, Kp, 3)``, all in
+the original image's pixels.
+
+Compatibility with torchvision's pretrained detectors (``weights.py``) is three config
+switches, all off by default: ``cfg.anchors.stride_mode``, ``cfg.transform.resize_mode`` and
+``cfg.transform.paste_mode`` set to ``"torchvision"`` (plus ``aligned=False`` pooling).
+
+The mask branch trains on the box branch's *positive* RoIs (§3.1: "The mask loss L_mask is
+defined only on positive RoIs") and at test time runs on the final detections (§3.1: "the mask
+branch is then applied to the highest scoring 100 detection boxes").
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mrcnn_edu.anchors import AnchorGenerator
+from mrcnn_edu.backbone import build_backbone, make_res5_head
+from mrcnn_edu.config import MaskRCNNConfig
+from mrcnn_edu.data.transforms import batch_images, normalize, resize
+from mrcnn_edu.roi_heads.box_head import BoxBranch, BoxPredictor, PositiveRoIs, Res5Head, TwoFCHead
+from mrcnn_edu.roi_heads.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
+from mrcnn_edu.roi_heads.mask_head import build_mask_head, mask_loss, mask_probs, mask_targets, paste_masks_in_image
+from mrcnn_edu.roi_heads.pooler import RoIPooler
+from mrcnn_edu.rpn import RPN, RPNHead
+
+__all__ = ["MaskRCNN"]
+
+
+class MaskRCNN(nn.Module):
+    """Mask R-CNN (and Faster R-CNN with ``cfg.mask_head = None``) built from a config."""
+
+    def __init__(self, cfg: MaskRCNNConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg.backbone)
+        names = list(self.backbone.feature_names)
+        strides = [self.backbone.strides[n] for n in names]
+        channels = self.backbone.out_channels
+        if len(cfg.anchors.sizes) != len(names):
+            raise ValueError(f"cfg.anchors.sizes has {len(cfg.anchors.sizes)} levels but the "
+                             f"{cfg.backbone.features} backbone gives {len(names)} ({names})")
+        # FPN: the RPN sees P2..P6, the RoI heads pool from P2..P5 only (FPN §4.2)
+        self.num_roi_levels = 4 if cfg.backbone.features == "FPN" else 1
+        scales = [1.0 / s for s in strides[: self.num_roi_levels]]
+
+        torchvision_strides = cfg.anchors.stride_mode == "torchvision"
+        generator_class = TorchvisionStrideAnchorGenerator if torchvision_strides else AnchorGenerator
+        anchor_generator = generator_class(cfg.anchors.sizes, [cfg.anchors.aspect_ratios] * len(names), strides,
+                                           offset=cfg.anchors.offset, round_cell=cfg.anchors.round_cell)
+        self.rpn = RPN(cfg.rpn, anchor_generator, RPNHead(channels, anchor_generator.num_anchors_per_cell[0]))
+
+        box_cfg = cfg.box_head
+        res5 = None
+        if box_cfg.head == "res5":
+            res5 = make_res5_head(cfg.backbone.resnet)  # Figure 4 left: res5 runs per RoI
+            head, head_dim = Res5Head(res5), res5.out_channels
+        else:
+            head, head_dim = TwoFCHead(channels, box_cfg.pooler_resolution, box_cfg.fc_dim), box_cfg.fc_dim
+        self.box_branch = BoxBranch(box_cfg, RoIPooler(cfg.pooler, box_cfg.pooler_resolution, scales), head,
+                                    BoxPredictor(head_dim, cfg.num_classes + 1, box_cfg.class_specific))
+
+        self.mask_pooler = self.mask_head = None
+        if cfg.mask_head is not None:
+            if cfg.mask_head.head == "res5_deconv":
+                if res5 is None:
+                    raise ValueError("mask_head.head='res5_deconv' needs box_head.head='res5' (they share res5)")
+                self.mask_head = build_mask_head(res5.out_channels, cfg.num_classes, cfg.mask_head)
+            else:
+                self.mask_pooler = RoIPooler(cfg.pooler, cfg.mask_head.pooler_resolution, scales)
+                self.mask_head = build_mask_head(channels, cfg.num_classes, cfg.mask_head)
+
+        self.keypoint_pooler = self.keypoint_head = None
+        if cfg.keypoint_head is not None:
+            self.keypoint_pooler = RoIPooler(cfg.pooler, cfg.keypoint_head.pooler_resolution, scales)
+            self.keypoint_head = KeypointHead(channels, cfg.keypoint_head)
+
+    # --- the forward pass ----------------------------------------------------------------------
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        if self.training and targets is None:
+            raise ValueError("targets are required in training mode: model(images, targets)")
+        _check_images(images, targets)
+        original_sizes = [tuple(im.shape[-2:]) for im in images]
+        batch, image_sizes, targets, scales = self.preprocess(images, targets)
+        feature_maps = self.backbone(batch)
+        features = [feature_maps[n] for n in self.backbone.feature_names]  # RPN levels
+        roi_features = features[: self.num_roi_levels]  # pooled levels
+        proposals, losses = self.rpn(features, image_sizes, targets if self.training else None)
+
+        if self.training:
+            box_losses, positives = self.box_branch(roi_features, proposals, image_sizes, targets)
+            losses.update(box_losses)
+            if self.mask_head is not None:
+                losses["loss_mask"] = self.mask_loss(roi_features, positives, targets)
+            if self.keypoint_head is not None:
+                losses["loss_keypoint"] = self.keypoint_loss(roi_features, positives, targets)
+            return losses
+
+        detections = self.box_branch(roi_features, proposals, image_sizes)
+        if self.mask_head is not None:
+            self.predict_masks(roi_features, detections)
+        if self.keypoint_head is not None:
+            self.predict_keypoints(roi_features, detections)
+        return self.postprocess(detections, scales, original_sizes, image_sizes)
+
+    def preprocess(self, images: list[Tensor], targets: list[dict] | None):
+        """Normalise, resize (one random train scale per image) and pad-batch.
+
+        Returns ``(batch (B, 3, Hp, Wp), image_sizes [(h, w)] after resizing, targets resized,
+        scales [s])``: a point ``x`` of the original image is at ``s * x`` in the batch.
+        """
+        t = self.cfg.transform
+        out_images, out_targets, scales = [], [], []
+        for i, image in enumerate(images):
+            if self.training:
+                choice = int(torch.randint(len(t.min_size_train), ()))  # §5: scale jitter
+                min_size = t.min_size_train[choice]
+            else:
+                min_size = t.min_size_test
+            image = normalize(image, t.pixel_mean, t.pixel_std)
+            resize_fn = resize_like_torchvision if t.resize_mode == "torchvision" else resize
+            image, target, scale = resize_fn(image, targets[i] if targets is not None else None, min_size, t.max_size)
+            out_images.append(image)
+            out_targets.append(target)
+            scales.append(scale)
+        batch, image_sizes = batch_images(out_images, t.size_divisible)
+        return batch, image_sizes, (out_targets if targets is not None else None), scales
+
+    # --- the mask branch ---------------------------------------------------------------------
+
+    def _mask_logits(self, roi_features: list[Tensor], boxes: list[Tensor], res5_features: Tensor | None) -> Tensor:
+        if self.mask_pooler is None:  # C4: the deconv sits on res5's output, shared with the box head
+            return self.mask_head(res5_features)  # (R, C_out, 14, 14)
+        return self.mask_head(self.mask_pooler(roi_features, boxes))  # (R, C_out, m, m)
+
+    def mask_loss(self, roi_features: list[Tensor], positives: PositiveRoIs, targets: list[dict]) -> Tensor:
+        """L_mask on the positive RoIs, against the ground-truth mask cropped to each RoI (§3)."""
+        cfg = self.cfg.mask_head
+        logits = self._mask_logits(roi_features, positives.rois, positives.res5_features)
+        gt = torch.cat([mask_targets(t["masks"], idx, rois, cfg.resolution)
+                        for t, idx, rois in zip(targets, positives.matched_gt_idx, positives.rois)])  # (P, m, m)
+        return mask_loss(logits, torch.cat(positives.labels), gt, cfg.loss, cfg.class_agnostic)
+
+    def predict_masks(self, roi_features: list[Tensor], detections: list[dict]) -> None:
+        """Adds ``"mask_probs": (N_i, m, m)`` to each image's detections (pasted later)."""
+        cfg = self.cfg.mask_head
+        boxes = [d["boxes"] for d in detections]
+        res5 = self.box_branch.res5_features(roi_features, boxes) if self.mask_pooler is None else None
+        logits = self._mask_logits(roi_features, boxes, res5)
+        probs = mask_probs(logits, torch.cat([d["labels"] for d in detections]), cfg.loss, cfg.class_agnostic)
+        for d, p in zip(detections, probs.split([len(b) for b in boxes])):
+            d["mask_probs"] = p
+
+    # --- the keypoint branch (§5) --------------------------------------------------------------
+
+    def keypoint_loss(self, roi_features: list[Tensor], positives: PositiveRoIs, targets: list[dict]) -> Tensor:
+        """§5: cross-entropy over an m²-way softmax per visible keypoint, on positive RoIs whose
+        ground truth carries keypoints (other categories have none)."""
+        m = self.cfg.keypoint_head.resolution
+        rois, gt_targets, valid = [], [], []
+        for t, idx, image_rois in zip(targets, positives.matched_gt_idx, positives.rois):
+            keypoints = t["keypoints"][idx]  # (P_i, Kp, 3)
+            has_keypoints = (keypoints[..., 2] > 0).any(dim=1)
+            heatmap_idx, is_valid = keypoint_targets(keypoints[has_keypoints], image_rois[has_keypoints], m)
+            rois.append(image_rois[has_keypoints])
+            gt_targets.append(heatmap_idx)
+            valid.append(is_valid)
+        logits = self.keypoint_head(self.keypoint_pooler(roi_features, rois))  # (P, Kp, m, m)
+        return keypoint_loss(logits, torch.cat(gt_targets), torch.cat(valid))
+
+    def predict_keypoints(self, roi_features: list[Tensor], detections: list[dict]) -> None:
+        boxes = [d["boxes"] for d in detections]
+        logits = self.keypoint_head(self.keypoint_pooler(roi_features, boxes))  # (N, Kp, 56, 56)
+        keypoints = heatmaps_to_keypoints(logits, torch.cat(boxes))  # (N, Kp, 3) (x, y, score)
+        for d, k in zip(detections, keypoints.split([len(b) for b in boxes])):
+            d["keypoints"] = k
+
+    # --- back to the original image ------------------------------------------------------------
+
+    def postprocess(self, detections: list[dict], scales: list[float], original_sizes: list[tuple[int, int]],
+                    image_sizes: list[tuple[int, int]] | None = None):
+        """Undo the resize: boxes and keypoints divided by the scale, masks pasted at full size.
+
+        With ``resize_mode="torchvision"`` coordinates are multiplied by the float32 ratios
+        original / resized size per axis (``image_sizes``: the resized sizes) and boxes are not
+        clamped, as torchvision's ``resize_boxes``.
+        """
+        t = self.cfg.transform
+        results = []
+        for i, (d, scale, (height, width)) in enumerate(zip(detections, scales, original_sizes)):
+            if t.resize_mode == "torchvision":
+                if image_sizes is None:
+                    raise ValueError("postprocess with resize_mode='torchvision' needs image_sizes (the resized sizes)")
+                ratio_y, ratio_x = _size_ratios((height, width), image_sizes[i], d["boxes"].device)
+                boxes = d["boxes"] * torch.stack([ratio_x, ratio_y, ratio_x, ratio_y])
+            else:
+                ratio_y = ratio_x = 1.0 / scale
+                boxes = d["boxes"] / scale
+                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+            out = {"boxes": boxes, "labels": d["labels"], "scores": d["scores"]}
+            if "mask_probs" in d:
+                out["masks"] = paste_masks_in_image(d["mask_probs"], boxes, (height, width),
+                                                    mode=t.paste_mode)  # (N, 1, H, W)
+            if "keypoints" in d:
+                keypoints = d["keypoints"].clone()
+                if t.resize_mode == "torchvision":
+                    keypoints[..., 0] *= ratio_x
+                    keypoints[..., 1] *= ratio_y
+                else:
+                    keypoints[..., :2] /= scale
+                out["keypoints"] = keypoints
+            results.append(out)
+        return results
+
+
+# --- torchvision compatibility (cfg.anchors.stride_mode / cfg.transform.resize_mode) --------------
+
+class TorchvisionStrideAnchorGenerator(AnchorGenerator):
+    """Anchors placed with torchvision's strides: padded image size // feature size, per axis.
+
+    torchvision does not use a level's nominal stride: it divides the padded batch size by the
+    map's size. P2..P5 come out as 4..32, but P6 (P5 max-pooled with stride 2) of a P5 with an
+    odd side has ceil(side / 2) cells, so an 800-px-high batch has a P6 stride of 800 // 13 = 61
+    rows, not 64. Weights trained that way expect those anchors. The padded size is the finest
+    map's size times its stride (the batch is padded to a multiple of 32, so that is exact).
+    """
+
+    def forward(self, feature_sizes):
+        if len(feature_sizes) != len(self.strides):
+            raise ValueError(f"feature_sizes has {len(feature_sizes)} levels, the generator {len(self.strides)}")
+        finest_h, finest_w = (int(v) for v in feature_sizes[0])
+        image_h, image_w = round(finest_h * self.strides[0]), round(finest_w * self.strides[0])
+        anchors = []
+        for level, (height, width) in enumerate(feature_sizes):
+            cell = self.cell(level)  # (A, 4)
+            stride_y, stride_x = image_h // int(height), image_w // int(width)
+            ys = (torch.arange(int(height), device=cell.device, dtype=cell.dtype) + self.offset) * stride_y  # (H,)
+            xs = (torch.arange(int(width), device=cell.device, dtype=cell.dtype) + self.offset) * stride_x  # (W,)
+            cy, cx = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
+            centres = torch.stack([cx, cy, cx, cy], dim=-1).reshape(-1, 1, 4)  # (H*W, 1, 4)
+            anchors.append((centres + cell[None]).reshape(-1, 4))  # (H*W*A, 4), ordered (H, W, A)
+        return anchors
+
+
+def _size_ratios(new_size: tuple[int, int], old_size: tuple[int, int], device) -> tuple[Tensor, Tensor]:
+    """(new_h / old_h, new_w / old_w) as float32 tensors, computed as torchvision's resize_boxes does."""
+    return tuple(torch.tensor(float(new), dtype=torch.float32, device=device)
+                 / torch.tensor(float(old), dtype=torch.float32, device=device)
+                 for new, old in zip(new_size, old_size))
+
+
+def resize_like_torchvision(image: Tensor, target: dict | None, min_size: int, max_size: int):
+    """torchvision's GeneralizedRCNNTransform.resize: ``(image, target, scale)``.
+
+    ``s = min(min_size / min(H, W), max_size / max(H, W))``; the image becomes
+    ``int(H * s) x int(W * s)`` (bilinear, ``align_corners=False``, resampled with the ratio of
+    the integer sizes, not ``s``); boxes and keypoints are multiplied by the float32 per-axis
+    size ratios, masks resized by nearest neighbour. Unlike :func:`data.transforms.resize` a
+    point ``x`` does not land exactly at ``s * x``: up to a pixel's worth of rounding.
+    """
+    if image.dim() != 3:
+        raise ValueError(f"image must be (3, H, W), got shape {tuple(image.shape)}")
+    height, width = image.shape[-2:]
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    new_size = (int(height * scale), int(width * scale))
+    image = F.interpolate(image[None], size=new_size, mode="bilinear", align_corners=False)[0]
+    if target is None:
+        return image, None, scale
+    target = dict(target)
+    ratio_y, ratio_x = _size_ratios(new_size, (height, width), image.device)
+    if "boxes" in target:
+        target["boxes"] = target["boxes"] * torch.stack([ratio_x, ratio_y, ratio_x, ratio_y])
+    if "masks" in target:
+        masks = target["masks"]
+        target["masks"] = F.interpolate(masks[:, None].float(), size=new_size)[:, 0].to(masks.dtype)  # (N, H', W')
+    if "keypoints" in target:
+        keypoints = target["keypoints"].clone()
+        keypoints[..., 0] *= ratio_x
+        keypoints[..., 1] *= ratio_y
+        target["keypoints"] = keypoints
+    if "area" in target:
+        target["area"] = target["area"] * (ratio_x * ratio_y)
+    return image, target, scale
+
+
+def _check_images(images: list[Tensor], targets: list[dict] | None) -> None:
+    if not isinstance(images, (list, tuple)) or len(images) == 0:
+        raise ValueError("images must be a non-empty list of (3, H, W) float tensors in [0, 1]")
+    for i, image in enumerate(images):
+        if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
+            shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+            raise ValueError(f"images[{i}] must be a (3, H, W) float tensor in [0, 1], got {shape}")
+    if targets is not None:
+        if len(targets) != len(images):
+            raise ValueError(f"got {len(targets)} targets for {len(images)} images")
+        for i, t in enumerate(targets):
+            if "boxes" not in t or "labels" not in t:
+                raise ValueError(f"targets[{i}] needs 'boxes' (G, 4) and 'labels' (G,); has {sorted(t)}")

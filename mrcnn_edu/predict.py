@@ -1,0 +1,167 @@
+"""Running a trained model: COCO evaluation over a dataset, and pictures of its predictions.
+
+§4: "We report the standard COCO metrics including AP (averaged over IoU thresholds), AP50,
+AP75, and APS, APM, APL". At test time (§3.1 "Inference") "the box prediction branch [runs] on
+these proposals, followed by non-maximum suppression. The mask branch is then applied to the
+highest scoring 100 detection boxes ... The m×m floating-number mask output is then resized to
+the RoI size, and binarized at a threshold of 0.5."
+
+Evaluation streams: each image's detections become COCO result entries (masks as compressed
+RLE) straight away, so memory stays small even on COCO's 5k val images (100 full-size float
+masks per image would not fit). Under ``torchrun`` each process predicts its shard
+(``distributed.shard_indices``); ``gather_predictions`` brings the entries to rank 0, which
+runs ``COCOeval``. Shapes: predictions as ``model.py`` returns them -- ``boxes (N, 4)``,
+``labels (N,)``, ``scores (N,)``, ``masks (N, 1, H, W)`` in [0, 1], ``keypoints (N, Kp, 3)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mrcnn_edu.data.coco import COCODataset
+from mrcnn_edu.distributed import gather_predictions, get_dist_info, shard_indices
+from mrcnn_edu.evaluation import METRICS, predictions_to_coco_results, run_cocoeval
+
+__all__ = ["iou_types_of", "predict_images", "evaluate_model", "make_evaluate_fn",
+           "draw_prediction", "save_prediction_grid", "load_image"]
+
+_STATS_INDEX = {"bbox": (0, 1, 2, 3, 4, 5), "segm": (0, 1, 2, 3, 4, 5),
+                "keypoints": (0, 1, 2, None, 3, 4)}  # COCO has no "small" keypoint range
+
+
+def iou_types_of(model: nn.Module) -> tuple[str, ...]:
+    """What the model can be scored on: boxes always, masks and keypoints if it has the head."""
+    cfg = model.cfg
+    return ("bbox",) + (("segm",) if cfg.mask_head is not None else ()) + (
+        ("keypoints",) if cfg.keypoint_head is not None else ())
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """(3, H, W) float32 RGB in [0, 1] from an image file."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255.0)  # (H, W, 3)
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+@torch.no_grad()
+def predict_images(model: nn.Module, images: Sequence[torch.Tensor], batch_size: int = 2) -> list[dict]:
+    """Eval-mode predictions for ``images``, moved to the CPU (masks stay (N, 1, H, W) floats)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = [image.to(device) for image in images[start:start + batch_size]]
+        outputs += [{k: v.cpu() for k, v in out.items()} for out in model(batch)]
+    model.train(was_training)
+    return outputs
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, dataset: COCODataset, iou_types: Sequence[str] | None = None,
+                   batch_size: int = 2, max_images: int | None = None) -> dict[str, dict[str, float]]:
+    """COCO AP of ``model`` on ``dataset`` (all processes call it; rank 0 gets the numbers).
+
+    Returns ``{iou_type: {AP, AP50, AP75, APs, APm, APl}}`` as fractions (nan where COCOeval
+    has nothing to score); other ranks return ``{}``.
+    """
+    iou_types = tuple(iou_types or iou_types_of(model))
+    info = get_dist_info()
+    image_ids = dataset.ids[:max_images] if max_images else list(dataset.ids)
+    local: dict[int, dict[str, list[dict]]] = {}
+    mine = [image_ids[i] for i in shard_indices(len(image_ids), info.rank, info.world_size)]
+    for start in range(0, len(mine), batch_size):
+        ids = mine[start:start + batch_size]
+        predictions = predict_images(model, [dataset.load_image(i) for i in ids], batch_size)
+        for image_id, prediction in zip(ids, predictions):
+            # one image's entries, RLE-encoded now: memory stays O(detections), not O(pixels)
+            local[image_id] = {t: predictions_to_coco_results({image_id: prediction}, t,
+                                                              dataset.label_to_cat_id)
+                               for t in iou_types}
+    gathered = gather_predictions(local)
+    if not info.is_main:
+        return {}
+    coco_gt = dataset.coco
+    keypoint_cats = sorted(c["id"] for c in coco_gt.dataset["categories"] if c.get("keypoints"))
+    metrics = {}
+    for iou_type in iou_types:
+        results = [r for per_image in gathered.values() for r in per_image[iou_type]]
+        cat_ids = None
+        if iou_type == "keypoints":  # OKS needs num_keypoints: score person categories only
+            if not keypoint_cats:
+                continue
+            cat_ids, results = keypoint_cats, [r for r in results if r["category_id"] in keypoint_cats]
+        with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its own table
+            stats = run_cocoeval(coco_gt, results, iou_type, sorted(gathered), cat_ids).stats
+        metrics[iou_type] = {name: (math.nan if i is None or stats[i] < 0 else float(stats[i]))
+                             for name, i in zip(METRICS, _STATS_INDEX[iou_type])}
+    return metrics
+
+
+def make_evaluate_fn(dataset: COCODataset, batch_size: int = 2, max_images: int | None = None):
+    """``evaluate_fn(model)`` for ``engine.train``: COCO AP on ``dataset``."""
+    def evaluate(model: nn.Module) -> dict:
+        return evaluate_model(model, dataset, batch_size=batch_size, max_images=max_images)
+    return evaluate
+
+
+# --- pictures ----------------------------------------------------------------------------------
+
+def draw_prediction(image: torch.Tensor, prediction: dict, ax, class_names: Sequence[str] | None = None,
+                    score_threshold: float = 0.5, skeleton: Sequence[Sequence[int]] | None = None,
+                    title: str | None = None):
+    """Masks, boxes, "class score" labels and keypoints of the detections above the threshold."""
+    from mrcnn_edu.visualize import draw_boxes, draw_keypoints, draw_masks, show_image
+
+    show_image(image, ax, title=title)
+    keep = prediction["scores"] >= score_threshold
+    if "masks" in prediction and keep.any():
+        draw_masks(prediction["masks"][keep], ax)
+    labels = prediction["labels"][keep].tolist()
+    names = [(class_names[label] if class_names and label < len(class_names) else f"class {label}")
+             for label in labels]
+    texts = [f"{name} {score:.2f}" for name, score in zip(names, prediction["scores"][keep].tolist())]
+    draw_boxes(prediction["boxes"][keep], ax, labels=texts, linewidth=1.0)
+    if "keypoints" in prediction and keep.any():
+        # the third column of predicted keypoints is a heatmap logit, not a visibility flag
+        draw_keypoints(prediction["keypoints"][keep], ax, skeleton=skeleton,
+                       min_visibility=-math.inf)
+    ax.set_axis_off()
+    return ax
+
+
+def save_prediction_grid(images: Sequence[torch.Tensor], predictions: Sequence[dict],
+                         path: str | Path, class_names: Sequence[str] | None = None,
+                         score_threshold: float = 0.5, columns: int = 4,
+                         skeleton: Sequence[Sequence[int]] | None = None,
+                         titles: Sequence[str] | None = None) -> Path:
+    """One PNG with a panel per image (no pyplot: the caller's backend is left alone)."""
+    from matplotlib.figure import Figure
+
+    columns = min(columns, len(images))
+    rows = math.ceil(len(images) / columns)
+    fig = Figure(figsize=(3 * columns, 3 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).reshape(-1)
+    for i, ax in enumerate(axes):
+        if i < len(images):
+            draw_prediction(images[i], predictions[i], ax, class_names, score_threshold, skeleton,
+                            titles[i] if titles else None)
+        else:
+            ax.set_axis_off()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    return path

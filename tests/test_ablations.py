@@ -1,0 +1,161 @@
+"""Table 2's runner: every row a valid model, the paper's figures, the statistics, resumption."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mrcnn_edu import ablations
+from mrcnn_edu import ablations_report as report
+from mrcnn_edu.ablations import ROWS, RUNS, model_config, pending, select_runs, train_config
+from mrcnn_edu.model import MaskRCNN
+
+
+@pytest.mark.parametrize("dataset,quick", [("shapes", False), ("shapes", True), ("coco", False)])
+def test_every_table2_run_builds_a_mask_rcnn(dataset, quick):
+    for name, spec in RUNS.items():
+        cfg = model_config(spec, dataset, quick)
+        with torch.device("meta"):  # structure only: no memory, no initialisation cost
+            model = MaskRCNN(cfg)
+        assert cfg.backbone.features == spec.features, name
+        assert (cfg.pooler.kind, cfg.pooler.mode) == (spec.pooler, spec.pool_mode), name
+        assert (cfg.mask_head.loss, cfg.mask_head.class_agnostic) == (spec.mask_loss, spec.class_agnostic), name
+        assert cfg.mask_head.head == ("mlp" if spec.mlp_dims else ("res5_deconv" if spec.features == "C4" else "fcn"))
+        assert len(cfg.mask_head.mlp_dims) == len(spec.mlp_dims) or not spec.mlp_dims
+        assert model.backbone.strides[model.backbone.feature_names[0]] == {"C4": 16, "C5": 32, "FPN": 4}[spec.features]
+
+
+def test_the_101_stand_in_deepens_res4_only_and_the_resnext_one_groups_its_convolutions():
+    r50, r101, x101 = (model_config(RUNS[n]).backbone.resnet for n in ("r50_fpn", "r101_fpn", "x101_fpn"))
+    assert r50.blocks == (1, 1, 1, 1) and r101.blocks == (1, 1, 3, 1)  # R-50 (3,4,6,3) vs R-101 (3,4,23,3)
+    assert r50.groups == 1 and x101.groups > 1 and x101.blocks == r101.blocks
+    coco = model_config(RUNS["x101_fpn"], "coco").backbone.resnet
+    assert (coco.groups, coco.width_per_group, coco.blocks) == (32, 8, (3, 4, 23, 3))
+
+
+def test_coco_mode_uses_the_papers_recipe_160k_iterations_lr_002_16_images():
+    cfg = train_config("coco", False, seed=1, output_dir="x")
+    assert (cfg.base_lr, cfg.max_iter, cfg.steps, cfg.images_per_batch) == (0.02, 160_000, (120_000,), 16)
+    assert model_config(RUNS["r50_c4"], "coco").num_classes == 80
+    with pytest.raises(ValueError, match="quick"):
+        model_config(RUNS["r50_c4"], "coco", quick=True)
+
+
+def test_max_iter_override_keeps_the_lr_steps_at_the_same_fractions():
+    cfg = train_config("shapes", False, 0, "x", max_iter=1500)
+    full = train_config("shapes", False, 0, "x")
+    assert cfg.max_iter == 1500 and cfg.steps == tuple(round(s / 2) for s in full.steps)
+
+
+def test_gain_rows_match_the_papers_printed_gains():
+    """The encoded rows reproduce the gains the paper prints in Table 2b and 2d."""
+    paper = {row.run: row.paper for row in ROWS}
+    sigmoid, softmax = paper["r50_c4"], paper["r50_c4_softmax"]
+    assert [round(sigmoid[k] - softmax[k], 1) for k in ("AP", "AP50", "AP75")] == [5.5, 7.1, 6.4]
+    align, pool = paper["r50_c5_roialign"], paper["r50_c5_roipool"]
+    keys = ("AP", "AP50", "AP75", "APbb", "APbb50", "APbb75")
+    assert [round(align[k] - pool[k], 1) for k in keys] == [7.3, 5.3, 10.5, 5.8, 2.6, 9.5]
+    # rows sharing a model print the same figures, as in the paper (30.3 in 2a, 2b, 2c)
+    for run in {r.run for r in ROWS}:
+        figures = [r.paper for r in ROWS if r.run == run and "AP50" in r.paper]
+        assert all(f == figures[0] for f in figures), run
+
+
+def test_rows_select_by_subtable_or_run_name():
+    rows, runs = select_runs("2b,r50_c5_roipool")
+    assert [r.label for r in rows] == ["softmax", "sigmoid", "class-agnostic (§4.2 text, AP only)", "RoIPool"]
+    assert runs == ["r50_c4_softmax", "r50_c4", "r50_c4_agnostic", "r50_c5_roipool"]
+    assert len(select_runs(None)[1]) == 15 and len(select_runs(None)[0]) == 18
+    with pytest.raises(ValueError, match="2z"):
+        select_runs("2z")
+
+
+def test_mean_std_and_standard_error_on_hand_made_numbers():
+    assert report.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample std: sqrt((1 + 0 + 1) / 2)
+    assert report.format_mean_std([29.0, 31.0, 30.0, 30.0]) == "30.0 ± 0.8"  # sqrt(2 / 3) = 0.816
+    assert report.format_mean_std([30.25]) == "30.2"  # one seed: no spread shown
+    assert report.format_mean_std([]) == "–"
+    # Δ = 2 - 0 = 2, s.e. = sqrt(1 / 3 + 0) for runs [1, 2, 3] and [0, 0, 0]
+    delta, se = report.contrast([(1, [1.0, 2.0, 3.0]), (-1, [0.0, 0.0, 0.0])])
+    assert delta == 2.0 and se == pytest.approx(math.sqrt(1 / 3), abs=1e-12)
+    assert report.format_gain(delta, se) == "+2.0 ± 0.6"
+    # a difference of differences: (4 - 1) - (3 - 2) = 2; s.e. sqrt(4 * 1 / 3) with each std 1
+    runs = [(1, [3.0, 4.0, 5.0]), (-1, [0.0, 1.0, 2.0]), (-1, [2.0, 3.0, 4.0]), (1, [1.0, 2.0, 3.0])]
+    delta, se = report.contrast(runs)
+    assert delta == 2.0 and se == pytest.approx(math.sqrt(4 / 3), abs=1e-12)
+
+
+def _fake_record(run: str, seed: int, ap: float, ap50: float, ap75: float, box: float = 40.0) -> dict:
+    """A run record as ``run_one`` writes it, with hand-made COCOeval fractions."""
+    segm = {"AP": ap / 100, "AP50": ap50 / 100, "AP75": ap75 / 100, "APs": math.nan, "APm": 0.1, "APl": 0.2}
+    bbox = {"AP": box / 100, "AP50": (box + 20) / 100, "AP75": (box + 5) / 100, "APs": 0.1, "APm": 0.1, "APl": 0.1}
+    planned = train_config("shapes", True, seed, "x")
+    return {"run": run, "seed": seed, "metrics": {"segm": segm, "bbox": bbox}, "wall_time_s": 1.0,
+            "device": "cpu", "git_commit": "abc", "train_config": {"max_iter": planned.max_iter,
+            "images_per_batch": planned.images_per_batch, "base_lr": planned.base_lr}}
+
+
+def test_claims_are_judged_against_the_spread_over_seeds():
+    def values(aps):
+        return [{"AP": ap, "AP50": 0.0, "AP75": 0.0} for ap in aps]
+
+    clear = report.judge_claims({"r50_c4": values([30, 31, 32]), "r50_c4_softmax": values([24, 25, 26])})
+    sigmoid = next(c for c in clear if c["claim"].startswith("sigmoid"))
+    assert sigmoid["verdict"] == "agrees" and sigmoid["delta"] == 6.0 and sigmoid["paper_delta"] == 5.5
+    noisy = report.judge_claims({"r50_c4": values([30, 35, 25]), "r50_c4_softmax": values([28, 29, 30])})
+    assert next(c for c in noisy if c["claim"].startswith("sigmoid"))["verdict"] == "same direction, within noise"
+    close = report.judge_claims({"r50_c4": values([30, 31, 32]), "r50_c4_agnostic": values([30.5, 31.0, 31.5])})
+    assert next(c for c in close if "agnostic" in c["claim"])["verdict"] == "agrees (close)"
+
+
+def test_markdown_table_puts_the_papers_figures_beside_mean_and_std(tmp_path):
+    records = {}
+    for seed, (a, b) in enumerate([(30.0, 25.0), (31.0, 24.0), (32.0, 26.0)]):
+        records[("r50_c4", seed)] = _fake_record("r50_c4", seed, a, a + 20, a + 2)
+        records[("r50_c4_softmax", seed)] = _fake_record("r50_c4_softmax", seed, b, b + 20, b + 1)
+    rows, runs = select_runs("r50_c4_softmax,r50_c4")
+    summary = report.write_report(rows, runs, 3, "miniature", "shapes", records, tmp_path / "t.json")
+    text = (tmp_path / "t.md").read_text()
+    assert "| softmax | R-mini-C4, blocks (1,1,1,1), width 16 | 3 | 25.0 ± 1.0 | 45.0 ± 1.0 | 26.0 ± 1.0 | 24.8 | 44.1 | 25.1 |" in text
+    assert "| ResNet-50-C4 |" in text and "| 31.0 ± 1.0 | 51.0 ± 1.0 | 33.0 ± 1.0 | 30.3 | 51.2 | 31.5 |" in text
+    # the gain row: Δ = 31 - 25 = 6, s.e. = sqrt(1/3 + 1/3) = 0.816
+    assert "| **gain (sigmoid − softmax)** | | | +6.0 ± 0.8 | +6.0 ± 0.8 | +7.0 ± 0.8 | +5.5 | +7.1 | +6.4 |" in text
+    assert summary["rows"][0]["ours"]["AP"]["values"] == pytest.approx([25.0, 24.0, 26.0])
+    stored = json.loads((tmp_path / "t.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert stored["runs"]["r50_c4"]["seeds"]["0"]["metrics"]["segm"]["APs"] is None  # nan -> null
+
+
+def test_resumption_skips_finished_entries_and_refuses_another_schedule():
+    planned = train_config("shapes", True, 0, "x")
+    done = {("r50_c4", 0): _fake_record("r50_c4", 0, 1, 2, 3), ("r50_c4_roipool", 1): _fake_record("r50_c4_roipool", 1, 1, 2, 3)}
+    todo = pending(["r50_c4", "r50_c4_roipool"], 2, done, planned)
+    assert todo == [("r50_c4_roipool", 0), ("r50_c4", 1)]  # seed-major, finished ones left out
+    other = _fake_record("r50_c4", 0, 1, 2, 3)
+    other["train_config"]["max_iter"] = 999
+    with pytest.raises(ValueError, match="max_iter=999"):
+        pending(["r50_c4"], 1, {("r50_c4", 0): other}, planned)
+
+
+def test_quick_mode_trains_one_row_end_to_end_then_a_rerun_trains_nothing(tiny_shapes, tmp_path, capsys):
+    args = ["--table", "2", "--rows", "r50_c4_roipool", "--seeds", "1", "--quick", "--jobs", "1",
+            "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"), "--data", str(tiny_shapes["root"])]
+    assert ablations.main(args) == 0
+    summary_path = tmp_path / "out" / "table2_quick.json"
+    summary = json.loads(summary_path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    record = summary["runs"]["r50_c4_roipool"]["seeds"]["0"]
+    assert record["iterations"] == 3 and record["model_config"]["pooler"]["kind"] == "roi_pool"
+    assert {"git_commit", "device", "wall_time_s", "train_config"} <= set(record)
+    assert set(record["metrics"]) == {"bbox", "segm"}
+    assert all(0.0 <= record["metrics"]["segm"][k] <= 1.0 for k in ("AP", "AP50", "AP75"))
+    row = next(r for r in summary["rows"] if r["label"] == "RoIPool (max)")
+    assert row["ours"]["AP"]["n"] == 1 and row["paper"]["AP"] == 26.9
+    assert "Quick mode" in summary_path.with_suffix(".md").read_text()
+    per_run = tmp_path / "work" / "results" / "r50_c4_roipool__seed0.json"
+    before = per_run.stat().st_mtime_ns
+    capsys.readouterr()
+    assert ablations.main(args) == 0  # resumes: everything is there already
+    assert "0 to train" in capsys.readouterr().out
+    assert per_run.stat().st_mtime_ns == before
+    assert len(json.loads(summary_path.read_text())["sessions"]) == 2

@@ -1,0 +1,143 @@
+"""The command line: train writes checkpoints and metrics, eval prints AP, predict draws, resume.
+
+Every run uses the ``tiny`` recipe (64 px synthetic images, a width-8 R-mini-FPN, 3 iterations)
+in-process, so the whole file takes seconds, not minutes.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mrcnn_edu.__main__ import build_parser, main
+from mrcnn_edu.checkpoint import load_checkpoint
+from mrcnn_edu.data import shapes
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Bit-identical runs need one CPU thread: multi-threaded conv backward sums in varying order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes_tiny")
+    shapes.generate(str(out), preset="tiny", seed=0)
+    return out
+
+
+def data_overrides(data_dir) -> list[str]:
+    return [f"data.train_images={data_dir}/train",
+            f"data.train_annotations={data_dir}/annotations/instances_train.json",
+            f"data.val_images={data_dir}/val",
+            f"data.val_annotations={data_dir}/annotations/instances_val.json",
+            "data.synthetic=None"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_dir, tmp_path_factory):
+    """``train --config tiny``: 3 iterations, uninterrupted."""
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "--config", "tiny", f"train.output_dir={out}",
+                 *data_overrides(data_dir)]) == 0
+    return out
+
+
+def test_train_writes_a_checkpoint_metrics_curves_and_its_experiment(trained_run):
+    state = load_checkpoint(trained_run / "model_0000003.pth")
+    assert state["iteration"] == 3 and "model" in state and "optimizer" in state
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in records if "loss" in r]
+    assert [r["iteration"] for r in losses] == [1, 2, 3]
+    for record in losses:
+        assert {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg",
+                "loss_mask"} <= record.keys()
+        assert math.isfinite(record["loss"])
+    (evaluation,) = [r["eval"] for r in records if "eval" in r]
+    assert set(evaluation) == {"bbox", "segm"}
+    assert Image.open(trained_run / "loss_curves.png").size[0] > 0
+    run = json.loads((trained_run / "experiment.json").read_text())
+    assert run["recipe"] == "tiny" and run["overrides"]["train.output_dir"] == str(trained_run)
+    assert run["class_names"][1:] == list(shapes.SHAPE_NAMES)
+
+
+def test_eval_prints_the_ap_table_the_training_run_computed(trained_run, capsys, tmp_path):
+    capsys.readouterr()
+    metrics_path = tmp_path / "metrics.json"
+    assert main(["eval", "--weights", str(trained_run / "model_0000003.pth"),
+                 "--out", str(metrics_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| bbox |" in printed and "| segm |" in printed
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    (at_training,) = [r["eval"] for r in records if "eval" in r]
+    again = json.loads(metrics_path.read_text())
+    # the same weights on the same images: the same numbers, whichever command computed them
+    for iou_type in ("bbox", "segm"):
+        for name, value in at_training[iou_type].items():
+            assert (math.isnan(value) and math.isnan(again[iou_type][name])) or \
+                value == again[iou_type][name]
+
+
+def test_predict_writes_one_picture_per_image(trained_run, data_dir, tmp_path, capsys):
+    images = [str(data_dir / "val" / "000000.png"), str(data_dir / "val" / "000001.png")]
+    assert main(["predict", *images, "--weights", str(trained_run / "model_0000003.pth"),
+                 "--out", str(tmp_path), "--score-threshold", "0.0"]) == 0
+    for name in ("000000.png", "000001.png"):
+        picture = np.asarray(Image.open(tmp_path / name))
+        assert picture.ndim == 3 and picture.shape[0] > 64 and picture.std() > 0
+    assert "detections with score >= 0.0" in capsys.readouterr().out
+
+
+def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(trained_run, data_dir,
+                                                                     tmp_path, capsys):
+    settings = [f"train.output_dir={tmp_path}", *data_overrides(data_dir),
+                "train.checkpoint_period=1", "data.eval_images=1"]
+    assert main(["train", "--config", "tiny", *settings, "train.max_iter=2"]) == 0  # "killed" at 2
+    # max_iter back to 3; a key=value right after --resume is an override, not a checkpoint
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny", "--resume", *settings]) == 0
+    printed = capsys.readouterr()
+    assert "training iterations 2..3" in printed.out + printed.err  # it did not start over
+    resumed = load_checkpoint(tmp_path / "model_0000003.pth")["model"]
+    uninterrupted = load_checkpoint(trained_run / "model_0000003.pth")["model"]
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+
+
+def test_bad_override_stops_with_the_key_named(capsys, data_dir, tmp_path):
+    assert main(["train", "--config", "tiny", "train.base_lrr=0.1"]) == 2
+    assert "unknown key train.base_lrr" in capsys.readouterr().err
+    assert main(["train", "--config", "tiny", "train.max_iter=many"]) == 2
+    assert "bad value for train.max_iter" in capsys.readouterr().err
+    assert main(["train", "--config", "tiny", *data_overrides(data_dir), "model.num_classes=3",
+                 f"train.output_dir={tmp_path}"]) == 2
+    assert "model.num_classes=8" in capsys.readouterr().err
+
+
+def test_eval_without_an_experiment_asks_for_config(tmp_path, capsys):
+    weights = tmp_path / "model.pth"
+    torch.save({}, weights)
+    assert main(["eval", "--weights", str(weights)]) == 2
+    assert "--config" in capsys.readouterr().err
+
+
+def test_help_shows_every_command_and_worked_examples(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("demo", "train", "eval", "predict", "anchors", "torchrun", "r50_fpn_coco",
+                 "key=value"):
+        assert word in text
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    assert "--resume" in capsys.readouterr().out

@@ -222,8 +222,10 @@ class MaskRCNN(nn.Module):
                 boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
             out = {"boxes": boxes, "labels": d["labels"], "scores": d["scores"]}
             if "mask_probs" in d:
-                out["masks"] = paste_masks_in_image(d["mask_probs"], boxes, (height, width),
-                                                    mode=t.paste_mode)  # (N, 1, H, W)
+                # pasting is resampling arithmetic, not learned: keep it in fp32 under autocast
+                with torch.autocast(boxes.device.type, enabled=False):
+                    out["masks"] = paste_masks_in_image(d["mask_probs"].float(), boxes.float(), (height, width),
+                                                        mode=t.paste_mode)  # (N, 1, H, W)
             if "keypoints" in d:
                 keypoints = d["keypoints"].clone()
                 if t.resize_mode == "torchvision":

@@ -156,3 +156,13 @@ def test_bad_input_gets_a_clear_error():
         cfg = mini_fpn(num_classes=2)
         cfg.anchors.sizes = ((32,),)
         MaskRCNN(cfg)
+
+
+def test_inference_under_bf16_autocast_returns_fp32_masks():
+    torch.manual_seed(0)
+    cfg = mini_fpn(num_classes=2, image_size=64)
+    cfg.box_head.score_thresh = 0.0
+    model = MaskRCNN(cfg).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        (out,) = model([torch.rand(3, 64, 64)])
+    assert out["masks"].dtype == torch.float32 and len(out["masks"]) > 0

@@ -30,7 +30,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["cell_anchors", "grid_anchors", "AnchorGenerator", "c4_anchor_generator", "fpn_anchor_generator"]
+__all__ = ["cell_anchors", "grid_anchors", "AnchorGenerator", "TorchvisionStrideAnchorGenerator",
+           "c4_anchor_generator", "fpn_anchor_generator"]
 
 
 def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], round_cell: bool = False,
@@ -53,8 +54,10 @@ def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], round_c
     return anchors.to(dtype)
 
 
-def grid_anchors(cell: Tensor, feature_size: tuple[int, int], stride: float, offset: float = 0.5) -> Tensor:
-    """Place ``cell: (A, 4)`` anchors on every cell of an ``(H, W)`` map of stride ``stride``.
+def grid_anchors(cell: Tensor, feature_size: tuple[int, int], stride: float | tuple[float, float],
+                 offset: float = 0.5) -> Tensor:
+    """Place ``cell: (A, 4)`` anchors on every cell of an ``(H, W)`` map of stride ``stride``
+    (one number, or ``(stride_y, stride_x)``).
 
     Returns ``(H * W * A, 4)`` xyxy in image pixels, ordered ``(H, W, A)``.
     """
@@ -63,10 +66,11 @@ def grid_anchors(cell: Tensor, feature_size: tuple[int, int], stride: float, off
     height, width = (int(v) for v in feature_size)
     if height < 0 or width < 0:
         raise ValueError(f"feature_size must be non-negative (H, W), got {feature_size}")
-    if not stride > 0:
+    stride_y, stride_x = stride if isinstance(stride, (tuple, list)) else (stride, stride)
+    if not (stride_y > 0 and stride_x > 0):
         raise ValueError(f"stride must be positive, got {stride}")
-    ys = (torch.arange(height, device=cell.device, dtype=cell.dtype) + offset) * stride  # (H,)
-    xs = (torch.arange(width, device=cell.device, dtype=cell.dtype) + offset) * stride  # (W,)
+    ys = (torch.arange(height, device=cell.device, dtype=cell.dtype) + offset) * stride_y  # (H,)
+    xs = (torch.arange(width, device=cell.device, dtype=cell.dtype) + offset) * stride_x  # (W,)
     cy, cx = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
     centres = torch.stack([cx, cy, cx, cy], dim=-1).reshape(-1, 1, 4)  # (H*W, 1, 4)
     return (centres + cell[None]).reshape(-1, 4)  # (H*W*A, 4)
@@ -111,6 +115,25 @@ class AnchorGenerator(nn.Module):
             raise ValueError(f"feature_sizes has {len(feature_sizes)} levels, the generator {len(self.strides)}")
         return [grid_anchors(self.cell(level), size, self.strides[level], self.offset)
                 for level, size in enumerate(feature_sizes)]
+
+
+class TorchvisionStrideAnchorGenerator(AnchorGenerator):
+    """Anchors placed with torchvision's strides: padded image size // feature size, per axis.
+
+    torchvision does not use a level's nominal stride: it divides the padded batch size by the
+    map's size. P2..P5 come out as 4..32, but P6 (P5 max-pooled with stride 2) of a P5 with an
+    odd side has ceil(side / 2) cells, so an 800-px-high batch has a P6 stride of 800 // 13 = 61
+    rows, not 64. Weights trained that way expect those anchors. The padded size is the finest
+    map's size times its stride (the batch is padded to a multiple of 32, so that is exact).
+    """
+
+    def forward(self, feature_sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
+        if len(feature_sizes) != len(self.strides):
+            raise ValueError(f"feature_sizes has {len(feature_sizes)} levels, the generator {len(self.strides)}")
+        finest_h, finest_w = (int(v) for v in feature_sizes[0])
+        image_h, image_w = round(finest_h * self.strides[0]), round(finest_w * self.strides[0])
+        return [grid_anchors(self.cell(level), (h, w), (image_h // int(h), image_w // int(w)), self.offset)
+                for level, (h, w) in enumerate(feature_sizes)]
 
 
 def c4_anchor_generator(sizes: Sequence[float] = (32, 64, 128, 256, 512),

@@ -32,13 +32,12 @@ branch is then applied to the highest scoring 100 detection boxes").
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mrcnn_edu.anchors import AnchorGenerator
+from mrcnn_edu.anchors import AnchorGenerator, TorchvisionStrideAnchorGenerator
 from mrcnn_edu.backbone import build_backbone, make_res5_head
 from mrcnn_edu.config import MaskRCNNConfig
-from mrcnn_edu.data.transforms import batch_images, normalize, resize
+from mrcnn_edu.data.transforms import batch_images, normalize, resize, resize_like_torchvision, size_ratios
 from mrcnn_edu.roi_heads.box_head import BoxBranch, BoxPredictor, PositiveRoIs, Res5Head, TwoFCHead
 from mrcnn_edu.roi_heads.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
 from mrcnn_edu.roi_heads.mask_head import build_mask_head, mask_loss, mask_probs, mask_targets, paste_masks_in_image
@@ -213,11 +212,11 @@ class MaskRCNN(nn.Module):
             if t.resize_mode == "torchvision":
                 if image_sizes is None:
                     raise ValueError("postprocess with resize_mode='torchvision' needs image_sizes (the resized sizes)")
-                ratio_y, ratio_x = _size_ratios((height, width), image_sizes[i], d["boxes"].device)
-                boxes = d["boxes"] * torch.stack([ratio_x, ratio_y, ratio_x, ratio_y])
+                ratio_y, ratio_x = size_ratios((height, width), image_sizes[i], d["boxes"].device)
             else:
-                ratio_y = ratio_x = 1.0 / scale
-                boxes = d["boxes"] / scale
+                ratio_y = ratio_x = torch.tensor(1.0 / scale, dtype=d["boxes"].dtype, device=d["boxes"].device)
+            boxes = d["boxes"] * torch.stack([ratio_x, ratio_y, ratio_x, ratio_y])
+            if t.resize_mode != "torchvision":  # torchvision's resize_boxes does not clamp
                 boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
                 boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
             out = {"boxes": boxes, "labels": d["labels"], "scores": d["scores"]}
@@ -228,84 +227,11 @@ class MaskRCNN(nn.Module):
                                                         mode=t.paste_mode)  # (N, 1, H, W)
             if "keypoints" in d:
                 keypoints = d["keypoints"].clone()
-                if t.resize_mode == "torchvision":
-                    keypoints[..., 0] *= ratio_x
-                    keypoints[..., 1] *= ratio_y
-                else:
-                    keypoints[..., :2] /= scale
+                keypoints[..., 0] *= ratio_x
+                keypoints[..., 1] *= ratio_y
                 out["keypoints"] = keypoints
             results.append(out)
         return results
-
-
-# --- torchvision compatibility (cfg.anchors.stride_mode / cfg.transform.resize_mode) --------------
-
-class TorchvisionStrideAnchorGenerator(AnchorGenerator):
-    """Anchors placed with torchvision's strides: padded image size // feature size, per axis.
-
-    torchvision does not use a level's nominal stride: it divides the padded batch size by the
-    map's size. P2..P5 come out as 4..32, but P6 (P5 max-pooled with stride 2) of a P5 with an
-    odd side has ceil(side / 2) cells, so an 800-px-high batch has a P6 stride of 800 // 13 = 61
-    rows, not 64. Weights trained that way expect those anchors. The padded size is the finest
-    map's size times its stride (the batch is padded to a multiple of 32, so that is exact).
-    """
-
-    def forward(self, feature_sizes):
-        if len(feature_sizes) != len(self.strides):
-            raise ValueError(f"feature_sizes has {len(feature_sizes)} levels, the generator {len(self.strides)}")
-        finest_h, finest_w = (int(v) for v in feature_sizes[0])
-        image_h, image_w = round(finest_h * self.strides[0]), round(finest_w * self.strides[0])
-        anchors = []
-        for level, (height, width) in enumerate(feature_sizes):
-            cell = self.cell(level)  # (A, 4)
-            stride_y, stride_x = image_h // int(height), image_w // int(width)
-            ys = (torch.arange(int(height), device=cell.device, dtype=cell.dtype) + self.offset) * stride_y  # (H,)
-            xs = (torch.arange(int(width), device=cell.device, dtype=cell.dtype) + self.offset) * stride_x  # (W,)
-            cy, cx = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
-            centres = torch.stack([cx, cy, cx, cy], dim=-1).reshape(-1, 1, 4)  # (H*W, 1, 4)
-            anchors.append((centres + cell[None]).reshape(-1, 4))  # (H*W*A, 4), ordered (H, W, A)
-        return anchors
-
-
-def _size_ratios(new_size: tuple[int, int], old_size: tuple[int, int], device) -> tuple[Tensor, Tensor]:
-    """(new_h / old_h, new_w / old_w) as float32 tensors, computed as torchvision's resize_boxes does."""
-    return tuple(torch.tensor(float(new), dtype=torch.float32, device=device)
-                 / torch.tensor(float(old), dtype=torch.float32, device=device)
-                 for new, old in zip(new_size, old_size))
-
-
-def resize_like_torchvision(image: Tensor, target: dict | None, min_size: int, max_size: int):
-    """torchvision's GeneralizedRCNNTransform.resize: ``(image, target, scale)``.
-
-    ``s = min(min_size / min(H, W), max_size / max(H, W))``; the image becomes
-    ``int(H * s) x int(W * s)`` (bilinear, ``align_corners=False``, resampled with the ratio of
-    the integer sizes, not ``s``); boxes and keypoints are multiplied by the float32 per-axis
-    size ratios, masks resized by nearest neighbour. Unlike :func:`data.transforms.resize` a
-    point ``x`` does not land exactly at ``s * x``: up to a pixel's worth of rounding.
-    """
-    if image.dim() != 3:
-        raise ValueError(f"image must be (3, H, W), got shape {tuple(image.shape)}")
-    height, width = image.shape[-2:]
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    new_size = (int(height * scale), int(width * scale))
-    image = F.interpolate(image[None], size=new_size, mode="bilinear", align_corners=False)[0]
-    if target is None:
-        return image, None, scale
-    target = dict(target)
-    ratio_y, ratio_x = _size_ratios(new_size, (height, width), image.device)
-    if "boxes" in target:
-        target["boxes"] = target["boxes"] * torch.stack([ratio_x, ratio_y, ratio_x, ratio_y])
-    if "masks" in target:
-        masks = target["masks"]
-        target["masks"] = F.interpolate(masks[:, None].float(), size=new_size)[:, 0].to(masks.dtype)  # (N, H', W')
-    if "keypoints" in target:
-        keypoints = target["keypoints"].clone()
-        keypoints[..., 0] *= ratio_x
-        keypoints[..., 1] *= ratio_y
-        target["keypoints"] = keypoints
-    if "area" in target:
-        target["area"] = target["area"] * (ratio_x * ratio_y)
-    return image, target, scale
 
 
 def _check_images(images: list[Tensor], targets: list[dict] | None) -> None:

@@ -356,7 +356,7 @@ def test_torchvision_strides_put_p6_anchors_61_pixels_apart_when_p5_is_odd():
     from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchvisionAnchorGenerator
     from torchvision.models.detection.image_list import ImageList
 
-    from mrcnn_edu.model import TorchvisionStrideAnchorGenerator
+    from mrcnn_edu.anchors import TorchvisionStrideAnchorGenerator
     sizes = ((32,), (64,), (128,), (256,), (512,))
     ratios = ((0.5, 1.0, 2.0),) * 5
     theirs = TorchvisionAnchorGenerator(sizes, ratios)

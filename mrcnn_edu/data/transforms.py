@@ -70,6 +70,47 @@ def resize(image: torch.Tensor, target: dict | None, min_size: int, max_size: in
     return image, target, scale
 
 
+def size_ratios(new_size: tuple[int, int], old_size: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(new_h / old_h, new_w / old_w) as float32 tensors, computed as torchvision's resize_boxes does."""
+    return tuple(torch.tensor(float(new), dtype=torch.float32, device=device)
+                 / torch.tensor(float(old), dtype=torch.float32, device=device)
+                 for new, old in zip(new_size, old_size))
+
+
+def resize_like_torchvision(image: torch.Tensor, target: dict | None, min_size: int, max_size: int):
+    """torchvision's GeneralizedRCNNTransform.resize: ``(image, target, scale)``.
+
+    ``s = min(min_size / min(H, W), max_size / max(H, W))``; the image becomes
+    ``int(H * s) x int(W * s)`` (bilinear, ``align_corners=False``, resampled with the ratio of
+    the integer sizes, not ``s``); boxes and keypoints are multiplied by the float32 per-axis
+    size ratios, masks resized by nearest neighbour. Unlike :func:`resize` a
+    point ``x`` does not land exactly at ``s * x``: up to a pixel's worth of rounding.
+    """
+    if image.dim() != 3:
+        raise ValueError(f"image must be (3, H, W), got shape {tuple(image.shape)}")
+    height, width = image.shape[-2:]
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    new_size = (int(height * scale), int(width * scale))
+    image = F.interpolate(image[None], size=new_size, mode="bilinear", align_corners=False)[0]
+    if target is None:
+        return image, None, scale
+    target = dict(target)
+    ratio_y, ratio_x = size_ratios(new_size, (height, width), image.device)
+    if "boxes" in target:
+        target["boxes"] = target["boxes"] * torch.stack([ratio_x, ratio_y, ratio_x, ratio_y])
+    if "masks" in target:
+        masks = target["masks"]
+        target["masks"] = F.interpolate(masks[:, None].float(), size=new_size)[:, 0].to(masks.dtype)  # (N, H', W')
+    if "keypoints" in target:
+        keypoints = target["keypoints"].clone()
+        keypoints[..., 0] *= ratio_x
+        keypoints[..., 1] *= ratio_y
+        target["keypoints"] = keypoints
+    if "area" in target:
+        target["area"] = target["area"] * (ratio_x * ratio_y)
+    return image, target, scale
+
+
 def _flip_permutation(flip_map, num_keypoints: int) -> list[int]:
     """Accept a permutation list or (i, j) pairs; return the permutation."""
     flip_map = list(flip_map or [])

@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["RunSpec", "Row", "RUNS", "ROWS", "SUBTABLES", "MINI_SCHEDULE", "DEFAULT_JOBS",
-           "model_config", "train_config", "select_runs", "stand_in", "run_one", "pending", "run_table",
-           "main"]
+           "model_config", "train_config", "select_runs", "stand_in", "run_one", "pending", "may_start",
+           "run_table", "main"]
 
 # --- the runs: one model each ---------------------------------------------------------------
 
@@ -350,6 +350,15 @@ def pending(runs: list[str], seeds: int, done: dict, planned) -> list[tuple[str,
     return todo
 
 
+def may_start(elapsed: float, deadline: float | None, durations: list[float]) -> bool:
+    """Whether a training started now is expected to end before ``deadline`` (seconds since the
+    table started; ``None``: no deadline). The expectation is the slowest training finished so
+    far in this session; before the first one finishes, anything may start."""
+    if deadline is None:
+        return True
+    return elapsed + (max(durations) if durations else 0.0) < deadline
+
+
 def run_table(args: argparse.Namespace) -> dict:
     """Train every (run, seed) of ``args.rows`` without a result, ``args.jobs`` at a time; report."""
     from mrcnn_edu import ablations_report as report
@@ -361,31 +370,52 @@ def run_table(args: argparse.Namespace) -> dict:
     todo = pending(runs, args.seeds, report.load_records(args.workdir, summary_path), planned)
     print(f"Table 2 ({mode}): {len(runs)} runs x {args.seeds} seeds, {len(todo)} to train, "
           f"{args.jobs} at a time; results in {args.workdir}/results", flush=True)
-    tic, started, active, failed, launched = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S"), {}, [], len(todo)
+    tic, started, active, failed = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S"), {}, []
+    durations, stopped, launched = [], [], 0
     if todo:
         prepare_data(args.dataset, args.quick, args.data)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
     logs = Path(args.workdir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    deadline = getattr(args, "deadline", None)
     while todo or active:
-        while todo and len(active) < args.jobs:
+        now = time.perf_counter() - tic
+        while todo and len(active) < args.jobs and may_start(now, deadline, durations):
             name, seed = todo.pop(0)
             log = open(logs / f"{name}__seed{seed}.log", "w")
             active[(name, seed)] = (subprocess.Popen(_child_command(name, seed, args), env=env,
-                                                     stdout=log, stderr=subprocess.STDOUT), log)
+                                                     stdout=log, stderr=subprocess.STDOUT), log, now)
+            launched += 1
+        if not active:  # what is left would not finish before the deadline
+            break
         time.sleep(0.2 if args.quick else 2.0)
-        for key, (process, log) in list(active.items()):
+        now = time.perf_counter() - tic
+        for key, (process, log, start) in list(active.items()):
             if process.poll() is None:
+                if deadline is not None and now > deadline:  # out of time: stop it, keep the rest
+                    process.terminate()
+                    process.wait()
+                    log.close()
+                    del active[key]
+                    stopped.append(key)
+                    print(f"[{now:6.0f} s] {key[0]} seed {key[1]}: stopped at the deadline", flush=True)
                 continue
             log.close()
             del active[key]
             status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode}, see {log.name})"
             if process.returncode != 0:
                 failed.append(key)
-            print(f"[{time.perf_counter() - tic:6.0f} s] {key[0]} seed {key[1]}: {status}", flush=True)
+            else:
+                durations.append(now - start)
+            print(f"[{now:6.0f} s] {key[0]} seed {key[1]}: {status}", flush=True)
+    left = [list(key) for key in stopped] + [[name, seed] for name, seed in todo]
+    if left:
+        print(f"--deadline {deadline:.0f} s: {len(left)} training(s) left for the next session "
+              "(the same command resumes them)", flush=True)
     session = {"started": started, "elapsed_s": round(time.perf_counter() - tic, 1), "jobs": args.jobs,
-               "device": report.device_name(), "git_commit": report.git_commit(), "trained": launched - len(failed),
-               "failed": [list(key) for key in failed]}
+               "device": report.device_name(), "git_commit": report.git_commit(),
+               "trained": launched - len(failed) - len(stopped), "failed": [list(key) for key in failed],
+               "left": left}
     summary = report.write_report(rows, runs, args.seeds, mode, args.dataset,
                                   report.load_records(args.workdir, summary_path), summary_path, session)
     print(f"wrote {summary_path} and {summary_path.with_suffix('.md')} "
@@ -411,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-iter", type=int, default=None, help="override the schedule's length (steps scale with it)")
     parser.add_argument("--nproc-per-run", type=int, default=1, help="GPUs per run via torchrun (COCO)")
     parser.add_argument("--imagenet", default=None, help="COCO: folder with ResNet-50.pth, ResNet-101.pth, ResNeXt-101.pth")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds: start no training that would end later, stop the running ones "
+                             "then, and write the table of what finished (a GPU lent for minutes)")
     return parser
 
 

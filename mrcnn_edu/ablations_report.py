@@ -296,7 +296,10 @@ def markdown_table(summary: dict) -> str:
         lines += ["## Runs", ""] + [
             f"- {s['started']}: {s['trained']} trainings, {s['elapsed_s']:.0f} s wall, {s['jobs']} at a time "
             f"on {s['device']}, commit {s['git_commit']}" + (f", failed {s['failed']}" if s["failed"] else "")
+            + (f", {len(s['left'])} left at the deadline" if s.get("left") else "")
             for s in sessions] + [""]
+        total = sum(s["elapsed_s"] for s in sessions)
+        lines += [f"Wall time over all sessions: {total / 60:.1f} min.", ""]
     return "\n".join(lines)
 
 

@@ -45,11 +45,17 @@ DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 _BATCHED_NMS_SHIFT_MAX = 4000
 
 
-def check_boxes(boxes: Tensor, name: str = "boxes", allow_empty_size: bool = True) -> None:
+def check_boxes(boxes: Tensor, name: str = "boxes", allow_empty_size: bool = True,
+                values: bool | None = None) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``boxes`` is a finite ``(N, 4)`` xyxy tensor.
 
     ``allow_empty_size``: zero-width / zero-height boxes are legal (they occur after clipping);
     negative sizes (``x2 < x1``) never are.
+    ``values``: also check the coordinates (finite, non-negative sizes). Reading values on the
+    host is a synchronisation on a GPU -- it stalls the queue of kernels the CPU runs ahead
+    with -- so by default (``None``) only CPU tensors get it. On a GPU, ``MaskRCNN`` checks its
+    targets once per batch (``values=True``) and the box functions it then calls many times
+    per image check shapes and dtypes only, as torchvision's do.
     """
     if not isinstance(boxes, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(boxes).__name__}")
@@ -57,18 +63,23 @@ def check_boxes(boxes: Tensor, name: str = "boxes", allow_empty_size: bool = Tru
         raise ValueError(f"{name} must have shape (N, 4) in xyxy, got {tuple(boxes.shape)}")
     if not boxes.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {boxes.dtype}")
-    if boxes.numel() == 0:
+    if values is None:
+        values = boxes.device.type == "cpu"
+    if boxes.numel() == 0 or not values:
         return
-    if not torch.isfinite(boxes).all():
-        raise ValueError(f"{name} contains non-finite coordinates (nan or inf)")
     widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    if (widths < 0).any() or (heights < 0).any():
-        bad = int(torch.nonzero((widths < 0) | (heights < 0))[0, 0])
-        raise ValueError(
-            f"{name} has a negative size at row {bad}: {boxes[bad].tolist()} (expected x2 >= x1, y2 >= y1)"
-        )
-    if not allow_empty_size and ((widths == 0) | (heights == 0)).any():
-        raise ValueError(f"{name} contains zero-area boxes")
+    bad = ~torch.isfinite(boxes).all(dim=1) | (widths < 0) | (heights < 0)
+    if not allow_empty_size:
+        bad |= (widths == 0) | (heights == 0)
+    if not bad.any():  # the one host read
+        return
+    row = int(bad.nonzero()[0, 0])
+    box = boxes[row].tolist()
+    if not all(math.isfinite(v) for v in box):
+        raise ValueError(f"{name} contains non-finite coordinates (nan or inf) at row {row}: {box}")
+    if box[2] < box[0] or box[3] < box[1]:
+        raise ValueError(f"{name} has a negative size at row {row}: {box} (expected x2 >= x1, y2 >= y1)")
+    raise ValueError(f"{name} contains zero-area boxes, e.g. row {row}: {box}")
 
 
 def box_area(boxes: Tensor) -> Tensor:
@@ -167,13 +178,16 @@ class BoxCoder:
 def clip_boxes(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
     """Clip ``boxes: (N, 4*k)`` to an image of ``image_size = (height, width)`` pixels.
 
-    With pixel ``i`` covering ``[i, i+1)`` the image spans ``[0, width] x [0, height]``.
+    With pixel ``i`` covering ``[i, i+1)`` the image spans ``[0, width] x [0, height]``. A NaN
+    coordinate (a diverged network's decode) becomes 0: clipped boxes are always in the image,
+    so no RoI op downstream indexes memory with a NaN (the loss, NaN too, stops training).
     """
     if boxes.dim() != 2 or boxes.shape[1] % 4 != 0:
         raise ValueError(f"boxes must have shape (N, 4*k), got {tuple(boxes.shape)}")
     height, width = image_size
     if height <= 0 or width <= 0:
         raise ValueError(f"image_size must be positive (height, width), got {image_size}")
+    boxes = boxes.nan_to_num(nan=0.0)
     x = boxes[:, 0::2].clamp(min=0, max=width)
     y = boxes[:, 1::2].clamp(min=0, max=height)
     return torch.stack([x, y], dim=2).reshape(boxes.shape)

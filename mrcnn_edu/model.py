@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from mrcnn_edu.anchors import AnchorGenerator, TorchvisionStrideAnchorGenerator
 from mrcnn_edu.backbone import build_backbone, make_res5_head
+from mrcnn_edu.boxes import check_boxes
 from mrcnn_edu.config import MaskRCNNConfig
 from mrcnn_edu.data.transforms import batch_images, normalize, resize, resize_like_torchvision, size_ratios
 from mrcnn_edu.roi_heads.box_head import BoxBranch, BoxPredictor, PositiveRoIs, Res5Head, TwoFCHead
@@ -247,3 +248,12 @@ def _check_images(images: list[Tensor], targets: list[dict] | None) -> None:
         for i, t in enumerate(targets):
             if "boxes" not in t or "labels" not in t:
                 raise ValueError(f"targets[{i}] needs 'boxes' (G, 4) and 'labels' (G,); has {sorted(t)}")
+            check_boxes(t["boxes"], f"targets[{i}]['boxes']", values=False)
+        # the coordinates, once for the whole batch: one host read even on a GPU (the box
+        # functions downstream skip it there); per image only to name the culprit
+        try:
+            check_boxes(torch.cat([t["boxes"] for t in targets]), "target boxes", values=True)
+        except ValueError:
+            for i, t in enumerate(targets):
+                check_boxes(t["boxes"], f"targets[{i}]['boxes']", values=True)
+            raise

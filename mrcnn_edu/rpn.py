@@ -145,9 +145,13 @@ def rpn_targets(anchors: Tensor, gt_boxes: Tensor, matcher: Matcher, box_coder: 
     labels[matched_idx >= 0] = 1.0
     labels[matched_idx == -1] = 0.0
     regression_targets = torch.zeros_like(anchors)
-    positive = matched_idx >= 0
-    if positive.any():
-        regression_targets[positive] = box_coder.encode(gt_boxes[matched_idx[positive]], anchors[positive])
+    if gt_boxes.shape[0] > 0:
+        # every anchor against its matched box (box 0 stands in for the unmatched), kept for the
+        # positives: more arithmetic than encoding the positives alone, but no host read of how
+        # many there are -- on a GPU that read would stall the queue once per image
+        positive = (matched_idx >= 0)[:, None]  # (N_a, 1)
+        deltas = box_coder.encode(gt_boxes[matched_idx.clamp(min=0)], anchors)  # (N_a, 4)
+        regression_targets = torch.where(positive, deltas, regression_targets)
     return labels, regression_targets
 
 

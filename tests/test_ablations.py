@@ -159,3 +159,26 @@ def test_quick_mode_trains_one_row_end_to_end_then_a_rerun_trains_nothing(tiny_s
     assert "0 to train" in capsys.readouterr().out
     assert per_run.stat().st_mtime_ns == before
     assert len(json.loads(summary_path.read_text())["sessions"]) == 2
+
+
+def test_may_start_expects_the_slowest_finished_training():
+    assert ablations.may_start(1e6, None, [5.0])  # no deadline
+    assert ablations.may_start(10.0, 60.0, [])  # nothing finished yet: no estimate
+    assert ablations.may_start(10.0, 60.0, [20.0, 45.0])  # 10 + 45 < 60
+    assert not ablations.may_start(20.0, 60.0, [20.0, 45.0])  # 20 + 45 > 60
+
+
+def test_deadline_stops_running_trainings_and_leaves_the_rest_for_the_next_session(
+        tiny_shapes, tmp_path, capsys):
+    args = ["--table", "2", "--rows", "r50_c4_roipool", "--seeds", "2", "--quick", "--jobs", "1",
+            "--deadline", "0.5", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"),
+            "--data", str(tiny_shapes["root"])]
+    assert ablations.main(args) == 0  # running out of time is not a failure
+    out = capsys.readouterr().out
+    assert "r50_c4_roipool seed 0: stopped at the deadline" in out
+    assert "2 training(s) left for the next session" in out
+    summary = json.loads((tmp_path / "out" / "table2_quick.json").read_text())
+    assert summary["sessions"][-1]["left"] == [["r50_c4_roipool", 0], ["r50_c4_roipool", 1]]
+    assert summary["sessions"][-1]["trained"] == 0 and summary["runs"]["r50_c4_roipool"]["seeds"] == {}
+    assert not list((tmp_path / "work" / "results").glob("*.json"))  # nothing half-written
+    assert "2 left at the deadline" in (tmp_path / "out" / "table2_quick.md").read_text()

@@ -191,3 +191,8 @@ def test_bad_boxes_raise_a_clear_error(bad, message):
 def test_mismatched_scores_raise():
     with pytest.raises(ValueError, match="scores"):
         nms(torch.zeros(2, 4), torch.zeros(3), 0.5)
+
+
+def test_clip_turns_a_diverged_networks_nan_into_a_box_inside_the_image():
+    boxes = torch.tensor([[float("nan"), 2.0, float("inf"), float("-inf")]])
+    assert clip_boxes(boxes, (10, 20)).tolist() == [[0.0, 2.0, 20.0, 0.0]]

@@ -91,7 +91,9 @@ def test_miniature_faster_rcnn_overfits_and_recovers_every_box(tiny_shapes, buil
 def test_miniature_mask_rcnn_with_keypoints_overfits_masks(tiny_shapes):
     ds, images, targets = _load(tiny_shapes, 4, with_keypoints=True)
     cfg = mini_fpn(num_classes=len(ds.class_names) - 1, image_size=64, keypoints=len(ds.keypoint_names))
-    history, detections = _overfit(MaskRCNN(cfg), images, targets, iterations=150, lr=3e-3)
+    # 200 iterations: at 150 the smallest-margin object (image 11) sat at mask IoU 0.77, its
+    # mask still growing; at 200 every object is at 0.88 or more (measured, this seed)
+    history, detections = _overfit(MaskRCNN(cfg), images, targets, iterations=200, lr=3e-3)
     assert {"loss_mask", "loss_keypoint"} <= set(history[0])
     assert history[-1]["loss_mask"] < 0.3 * history[0]["loss_mask"]
     assert history[-1]["loss_keypoint"] < history[0]["loss_keypoint"]
@@ -156,6 +158,14 @@ def test_bad_input_gets_a_clear_error():
         cfg = mini_fpn(num_classes=2)
         cfg.anchors.sizes = ((32,),)
         MaskRCNN(cfg)
+    model.train()
+    good = {"boxes": torch.tensor([[2.0, 2.0, 20.0, 30.0]]), "labels": torch.tensor([1])}
+    for bad_box, message in (([5.0, 2.0, 1.0, 30.0], "negative size"),
+                             ([2.0, float("nan"), 20.0, 30.0], "non-finite")):
+        bad = {"boxes": torch.tensor([bad_box]), "labels": torch.tensor([1])}
+        # the image holding the bad box is named, whichever position it has in the batch
+        with pytest.raises(ValueError, match=rf"targets\[1\]\['boxes'\].*{message}"):
+            model([torch.rand(3, 64, 64)] * 2, [good, bad])
 
 
 def test_inference_under_bf16_autocast_returns_fp32_masks():

@@ -9,13 +9,19 @@
 //   -DACC_T=<accumulation type> float (double for double inputs)
 // so every product and sum below happens in ACC_T, whatever the storage type.
 //
-// Layout. Both kernels read features channels-last, (N, H, W, C), and write the output as
-// (R, oh, ow, C). One thread computes one output element (r, ph, pw, c) and the channel index
-// varies fastest between threads, so the 32 threads of a warp read 32 neighbouring channels of
-// the same feature-map position: each load is one contiguous, coalesced transaction. (With the
-// usual (N, C, H, W) layout the 32 threads would read 32 different planes.) In the backward
-// pass the same argument makes the warp's 32 atomicAdds land on one contiguous cache line.
-//
+// Layout. One thread computes one output element and consecutive threads (a warp's 32) take
+// consecutive elements, so the order of the output decides which memory a warp touches:
+//   * channels-last features (a torch.channels_last input, as a channels-last network makes):
+//     output (R, oh, ow, C), channel fastest. The 32 threads read 32 neighbouring channels of
+//     the same feature-map position: each tap is one contiguous, coalesced load, and in the
+//     backward pass the warp's 32 atomicAdds land on one contiguous cache line.
+//   * standard (N, C, H, W) features: output (R, C, oh, ow), pw fastest (torchvision's order).
+//     Neighbouring threads sample neighbouring bins of one plane, which share cache lines. No
+//     copy of the feature map into the other layout is ever made: that copy alone costs as much
+//     memory traffic as the whole forward pass for large maps.
+// The features (and grad_input) are addressed through their four strides, so one kernel
+// serves both layouts; `channels_fastest` picks the output order.
+
 // Semantics are exactly those of ops/roi_align.py (and of torchvision's kernels):
 //   * RoI start/size in the "sampling frame" where the value of cell j sits at j: multiply
 //     by spatial_scale and subtract 0.5 when aligned (the half-pixel shift);
@@ -94,7 +100,7 @@ struct Taps {
 
 __device__ __forceinline__ Taps bilinear_taps(acc_t coord, int size) {
     Taps t;
-    t.inside = !(coord < (acc_t)-1 || coord > (acc_t)size);
+    t.inside = coord >= (acc_t)-1 && coord <= (acc_t)size;  // a NaN is outside
     acc_t c = coord > (acc_t)0 ? coord : (acc_t)0;              // clamp to [0, size - 1]
     c = c < (acc_t)(size - 1) ? c : (acc_t)(size - 1);
     t.lo = (int)c;                                              // floor, since c >= 0
@@ -110,49 +116,69 @@ __device__ __forceinline__ acc_t sample_coord(acc_t start, acc_t bin, int p, int
     return start + (acc_t)p * bin + ((acc_t)i + (acc_t)0.5) * bin / (acc_t)grid;
 }
 
-// Output element i = ((r * pooled_h + ph) * pooled_w + pw) * channels + c.
+// Output element i -> (r, c, ph, pw): i = ((r * oh + ph) * ow + pw) * C + c when channels are
+// fastest, i = ((r * C + c) * oh + ph) * ow + pw otherwise.
 __device__ __forceinline__ void unravel(long long i, int channels, int pooled_h, int pooled_w,
-                                        long long& r, int& ph, int& pw, int& c) {
-    c = (int)(i % channels);
-    long long t = i / channels;
-    pw = (int)(t % pooled_w);
-    t /= pooled_w;
-    ph = (int)(t % pooled_h);
-    r = t / pooled_h;
+                                        int channels_fastest,
+                                        long long& r, int& c, int& ph, int& pw) {
+    if (channels_fastest) {
+        c = (int)(i % channels);
+        long long t = i / channels;
+        pw = (int)(t % pooled_w);
+        t /= pooled_w;
+        ph = (int)(t % pooled_h);
+        r = t / pooled_h;
+    } else {
+        pw = (int)(i % pooled_w);
+        long long t = i / pooled_w;
+        ph = (int)(t % pooled_h);
+        t /= pooled_h;
+        c = (int)(t % channels);
+        r = t / channels;
+    }
 }
+
+// The features of one layout: position (y, x) of one (image, channel) plane is at
+// plane[y * stride_h + x * stride_w].
+struct Strides {
+    long long n, c, h, w;
+};
 
 // ---- forward -------------------------------------------------------------------------------
 extern "C" __global__ void roi_align_forward(
-    const scalar_t* __restrict__ input,  // (N, H, W, C) channels-last
+    const scalar_t* __restrict__ input,  // (N, C, H, W) features, strides below
     const acc_t* __restrict__ rois,      // (R, 5) [batch_index, x1, y1, x2, y2]
-    scalar_t* __restrict__ output,       // (R, oh, ow, C)
-    int* __restrict__ argmax,            // (R, oh, ow, C); written only when use_max
-    const long long total,               // R * oh * ow * C
+    scalar_t* __restrict__ output,       // (R, oh, ow, C) or (R, C, oh, ow), see unravel
+    int* __restrict__ argmax,            // same order as output; written only when use_max
+    const long long total,               // R * C * oh * ow
     const int height, const int width, const int channels,
+    const long long stride_n, const long long stride_c, const long long stride_h,
+    const long long stride_w, const int channels_fastest,
     const int pooled_h, const int pooled_w, const acc_t spatial_scale,
     const int sampling_ratio, const int aligned, const int use_max) {
+    const Strides s = {stride_n, stride_c, stride_h, stride_w};
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (long long)blockDim.x * gridDim.x) {
         long long r;
-        int ph, pw, c;
-        unravel(i, channels, pooled_h, pooled_w, r, ph, pw, c);
+        int c, ph, pw;
+        unravel(i, channels, pooled_h, pooled_w, channels_fastest, r, c, ph, pw);
         const RoiGeometry g = roi_geometry(rois + r * 5, spatial_scale, pooled_h, pooled_w,
                                            sampling_ratio, aligned);
-        // this thread's channel of this RoI's image; position (y, x) is at (y * W + x) * C
-        const scalar_t* image = input + (long long)g.batch * height * width * channels + c;
+        // this thread's (image, channel) plane
+        const scalar_t* plane = input + g.batch * s.n + c * s.c;
 
         acc_t sum = 0, best = 0;
         int best_index = -1;
         for (int iy = 0; iy < g.grid_h; ++iy) {
             const Taps ty = bilinear_taps(sample_coord(g.y0, g.bin_h, ph, iy, g.grid_h), height);
-            const scalar_t* row_lo = image + (long long)ty.lo * width * channels;
-            const scalar_t* row_hi = image + (long long)ty.hi * width * channels;
+            const scalar_t* row_lo = plane + ty.lo * s.h;
+            const scalar_t* row_hi = plane + ty.hi * s.h;
             for (int ix = 0; ix < g.grid_w; ++ix) {
                 const Taps tx = bilinear_taps(sample_coord(g.x0, g.bin_w, pw, ix, g.grid_w), width);
                 acc_t value = 0;  // a point outside the map counts, with value 0
                 if (ty.inside && tx.inside) {
-                    const long long col_lo = (long long)tx.lo * channels;
-                    const long long col_hi = (long long)tx.hi * channels;
+                    const long long col_lo = tx.lo * s.w;
+                    const long long col_hi = tx.hi * s.w;
                     value = (ty.w_lo * tx.w_lo) * to_acc(row_lo[col_lo])
                           + (ty.w_lo * tx.w_hi) * to_acc(row_lo[col_hi])
                           + (ty.w_hi * tx.w_lo) * to_acc(row_hi[col_lo])
@@ -180,8 +206,8 @@ extern "C" __global__ void roi_align_forward(
 // taps of every sampling point (avg) or of the arg-max point only (max). Different output
 // elements share taps, hence atomicAdd; grad_input is ACC_T (fp32 for half types) so that the
 // sums are exact enough and fp32 atomics can be used.
-__device__ __forceinline__ void scatter_point(acc_t* image, const Taps& ty, const Taps& tx,
-                                              int width, int channels, acc_t grad) {
+__device__ __forceinline__ void scatter_point(acc_t* plane, const Taps& ty, const Taps& tx,
+                                              const Strides& s, acc_t grad) {
     if (!(ty.inside && tx.inside)) return;
     const int rows[2] = {ty.lo, ty.hi};
     const int cols[2] = {tx.lo, tx.hi};
@@ -193,30 +219,32 @@ __device__ __forceinline__ void scatter_point(acc_t* image, const Taps& ty, cons
         for (int b = 0; b < 2; ++b) {
             const acc_t weight = wy[a] * wx[b];
             if (weight != (acc_t)0) {  // integer coordinates and borders: skip the no-op atomics
-                atomicAdd(image + ((long long)rows[a] * width + cols[b]) * channels,
-                          grad * weight);
+                atomicAdd(plane + rows[a] * s.h + cols[b] * s.w, grad * weight);
             }
         }
     }
 }
 
 extern "C" __global__ void roi_align_backward(
-    const scalar_t* __restrict__ grad_output,  // (R, oh, ow, C)
+    const scalar_t* __restrict__ grad_output,  // same order as the forward's output
     const acc_t* __restrict__ rois,            // (R, 5)
-    const int* __restrict__ argmax,            // (R, oh, ow, C); read only when use_max
-    acc_t* __restrict__ grad_input,            // (N, H, W, C), zero-initialised
+    const int* __restrict__ argmax,            // read only when use_max
+    acc_t* __restrict__ grad_input,            // (N, C, H, W), strides below, zero-initialised
     const long long total,
     const int height, const int width, const int channels,
+    const long long stride_n, const long long stride_c, const long long stride_h,
+    const long long stride_w, const int channels_fastest,
     const int pooled_h, const int pooled_w, const acc_t spatial_scale,
     const int sampling_ratio, const int aligned, const int use_max) {
+    const Strides s = {stride_n, stride_c, stride_h, stride_w};
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (long long)blockDim.x * gridDim.x) {
         long long r;
-        int ph, pw, c;
-        unravel(i, channels, pooled_h, pooled_w, r, ph, pw, c);
+        int c, ph, pw;
+        unravel(i, channels, pooled_h, pooled_w, channels_fastest, r, c, ph, pw);
         const RoiGeometry g = roi_geometry(rois + r * 5, spatial_scale, pooled_h, pooled_w,
                                            sampling_ratio, aligned);
-        acc_t* image = grad_input + (long long)g.batch * height * width * channels + c;
+        acc_t* plane = grad_input + g.batch * s.n + c * s.c;
         const acc_t grad = to_acc(grad_output[i]);
 
         if (use_max) {
@@ -225,7 +253,7 @@ extern "C" __global__ void roi_align_backward(
             const int iy = k / g.grid_w, ix = k % g.grid_w;
             const Taps ty = bilinear_taps(sample_coord(g.y0, g.bin_h, ph, iy, g.grid_h), height);
             const Taps tx = bilinear_taps(sample_coord(g.x0, g.bin_w, pw, ix, g.grid_w), width);
-            scatter_point(image, ty, tx, width, channels, grad);
+            scatter_point(plane, ty, tx, s, grad);
         } else {
             const int count = g.grid_h * g.grid_w > 1 ? g.grid_h * g.grid_w : 1;
             const acc_t grad_per_point = grad / (acc_t)count;
@@ -233,7 +261,7 @@ extern "C" __global__ void roi_align_backward(
                 const Taps ty = bilinear_taps(sample_coord(g.y0, g.bin_h, ph, iy, g.grid_h), height);
                 for (int ix = 0; ix < g.grid_w; ++ix) {
                     const Taps tx = bilinear_taps(sample_coord(g.x0, g.bin_w, pw, ix, g.grid_w), width);
-                    scatter_point(image, ty, tx, width, channels, grad_per_point);
+                    scatter_point(plane, ty, tx, s, grad_per_point);
                 }
             }
         }

@@ -72,11 +72,13 @@ def _pair(output_size: Union[int, Sequence[int]]) -> tuple[int, int]:
 
 
 def check_roi_inputs(input: Tensor, rois: RoIs, output_size, spatial_scale: float,
-                     mode: str = "avg") -> tuple[Tensor, tuple[int, int]]:
+                     mode: str = "avg", check_values: bool = True) -> tuple[Tensor, tuple[int, int]]:
     """Validate the arguments shared by every RoI op; return ``(rois (R, 5), (oh, ow))``.
 
     One combined device check (one host sync) covers batch indices and finiteness, so a bad
-    RoI is a ``ValueError`` here and never an out-of-bounds read on the GPU.
+    RoI is a ``ValueError`` here and never an out-of-bounds read on the GPU. ``check_values=
+    False`` skips that one for RoIs the caller built itself (the pooler, the mask targets):
+    on a GPU a host read stalls the queue of kernels, and it would happen per call.
     """
     if not isinstance(input, Tensor) or input.dim() != 4:
         shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
@@ -100,7 +102,7 @@ def check_roi_inputs(input: Tensor, rois: RoIs, output_size, spatial_scale: floa
     if mode not in ("avg", "max"):
         raise ValueError(f"mode must be 'avg' or 'max', got {mode!r}")
     size = _pair(output_size)
-    if rois.shape[0] > 0:
+    if check_values and rois.shape[0] > 0:
         batch_index = rois[:, 0]
         bad = (~torch.isfinite(rois).all(dim=1) | (batch_index < 0)
                | (batch_index >= input.shape[0]) | (batch_index != batch_index.floor()))
@@ -207,6 +209,27 @@ def _sample_group(features: Tensor, rois: Tensor, x1: Tensor, y1: Tensor, roi_w:
     return samples.amax(dim=3)  # (R, oh, ow, C)
 
 
+def _grid_groups(roi_h: Tensor, roi_w: Tensor, output_size: tuple[int, int],
+                 sampling_ratio: int) -> list[tuple[Tensor, int, int]]:
+    """``[(members (Rg,), gh, gw)]``: the RoIs sharing each sampling grid.
+
+    A fixed ``sampling_ratio`` is one group of every RoI, found without reading a value (no
+    GPU sync); the adaptive grid reads the sizes to group the RoIs.
+    """
+    R = roi_h.shape[0]
+    if R == 0:
+        return []
+    if sampling_ratio > 0:
+        return [(torch.arange(R, device=roi_h.device), sampling_ratio, sampling_ratio)]
+    gh, gw = _grid_sizes(roi_h, roi_w, output_size, sampling_ratio)
+    grid_key = gh * (int(gw.max()) + 1) + gw  # (R,) one key per (gh, gw)
+    groups = []
+    for key in torch.unique(grid_key).tolist():
+        members = (grid_key == key).nonzero()[:, 0]  # (Rg,)
+        groups.append((members, int(gh[members[0]]), int(gw[members[0]])))
+    return groups
+
+
 def roi_align_torch(input: Tensor, rois: Tensor, output_size: tuple[int, int],
                     spatial_scale: float, sampling_ratio: int, aligned: bool,
                     mode: str) -> Tensor:
@@ -224,12 +247,8 @@ def roi_align_torch(input: Tensor, rois: Tensor, output_size: tuple[int, int],
     # channels-last rows: one (y, x) position's C values are contiguous for the gather
     features = input.permute(0, 2, 3, 1).reshape(N * H * W, C).to(compute_dtype)  # (N*H*W, C)
     x1, y1, roi_w, roi_h = _roi_frame(rois, spatial_scale, aligned)
-    gh, gw = _grid_sizes(roi_h, roi_w, output_size, sampling_ratio)
-    grid_key = gh * (int(gw.max()) + 1 if R else 1) + gw  # (R,) one key per (gh, gw)
     pieces, order = [], []
-    for key in torch.unique(grid_key).tolist() if R else []:
-        members = (grid_key == key).nonzero()[:, 0]  # (Rg,)
-        g_h, g_w = int(gh[members[0]]), int(gw[members[0]])
+    for members, g_h, g_w in _grid_groups(roi_h, roi_w, output_size, sampling_ratio):
         if g_h == 0 or g_w == 0:  # zero-size aligned RoIs: no sampling point, output 0
             pieces.append(features.new_zeros(members.shape[0], oh, ow, C))
             order.append(members)
@@ -242,6 +261,8 @@ def roi_align_torch(input: Tensor, rois: Tensor, output_size: tuple[int, int],
             order.append(chunk)
     if not pieces:  # empty RoI set: keep the output attached to the graph
         out = features[:0, None, None, :].expand(0, oh, ow, C)  # (0, oh, ow, C)
+    elif sampling_ratio > 0:  # one group, chunks in order
+        out = torch.cat(pieces)  # (R, oh, ow, C)
     else:
         out = torch.cat(pieces)[torch.argsort(torch.cat(order))]  # (R, oh, ow, C) input order
     return out.to(input.dtype).permute(0, 3, 1, 2)  # (R, C, oh, ow), channels-last strides
@@ -261,7 +282,7 @@ def cupy_available() -> bool:
 
 def roi_align(input: Tensor, rois: RoIs, output_size: Union[int, Sequence[int]],
               spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = True,
-              mode: str = "avg", backend: str = "auto") -> Tensor:
+              mode: str = "avg", backend: str = "auto", check_values: bool = True) -> Tensor:
     """RoIAlign: ``(N, C, H, W)`` features, ``(R, 5)`` rois -> ``(R, C, oh, ow)``.
 
     ``sampling_ratio``: points per bin each way; ``<= 0`` adapts to ``ceil(roi_size / out)``.
@@ -269,8 +290,10 @@ def roi_align(input: Tensor, rois: RoIs, output_size: Union[int, Sequence[int]],
     ``mode``: ``"avg"`` (the paper's choice, Table 2c) or ``"max"``.
     ``backend``: ``"auto"`` uses the CuPy kernel for CUDA tensors when cupy imports and plain
     PyTorch otherwise; ``"torch"`` / ``"cupy"`` force one.
+    ``check_values``: check that RoIs are finite with valid batch indices (see
+    ``check_roi_inputs``; ``False`` only for RoIs built by the caller).
     """
-    rois, size = check_roi_inputs(input, rois, output_size, spatial_scale, mode)
+    rois, size = check_roi_inputs(input, rois, output_size, spatial_scale, mode, check_values)
     if not isinstance(sampling_ratio, int):
         raise ValueError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
     if backend not in ("auto", "torch", "cupy"):

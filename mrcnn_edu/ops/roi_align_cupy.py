@@ -10,9 +10,9 @@ arguments and results. How the pieces fit:
   the same GPU memory, no copy. Memory is allocated by PyTorch's caching allocator.
 - Kernels are launched on PyTorch's *current* stream (``cupy.cuda.ExternalStream``), so they
   are ordered with the surrounding PyTorch work without any synchronisation.
-- The kernels read channels-last features ``(N, H, W, C)``. A ``torch.channels_last`` input is
-  used as is; a standard ``(N, C, H, W)``-contiguous one is transposed once per call.
-  The output is returned as a channels-last strided ``(R, C, oh, ow)`` view.
+- No copy of the features: a ``torch.channels_last`` input is read with channels fastest
+  (coalesced per tap), a standard ``(N, C, H, W)`` one with ``pw`` fastest, as torchvision
+  does (see the layout note in ``roi_align.cu``); the output comes back in the same layout.
 - Backward: avg scatters ``grad / count`` to every sampling point's four taps; max scatters to
   the taps of the arg-max point the forward pass stored. ``grad_input`` accumulates in fp32.
   Gradients flow to the features only (not to the RoI coordinates), as in the PyTorch path.
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["roi_align_cupy", "RoIAlignCuPy", "KERNEL_SOURCE"]
+__all__ = ["roi_align_cupy", "RoIAlignCuPy", "KERNEL_SOURCE", "compile_options"]
 
 KERNEL_SOURCE = Path(__file__).with_name("roi_align.cu")
 _THREADS = 256
@@ -54,18 +54,27 @@ def _cuda_include_dirs() -> list[str]:
     return [d for d in candidates if os.path.isfile(os.path.join(d, "cuda_bf16.h"))][:1]
 
 
+def compile_options(dtype: torch.dtype) -> list[str]:
+    """NVRTC options for ``roi_align.cu`` with ``dtype`` storage (CuPy adds the architecture).
+
+    ``--fmad=false``: no fused multiply-adds, so each product and sum rounds as in the PyTorch
+    path and max mode picks the same point; the kernel is memory-bound, FMAs would not help.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"the CuPy RoIAlign supports {list(_DTYPES)}, got {dtype}")
+    scalar, acc, macros = _DTYPES[dtype]
+    options = ["--std=c++14", "--fmad=false", f"-DSCALAR_T={scalar}", f"-DACC_T={acc}", *macros]
+    return options + [f"-I{d}" for d in _cuda_include_dirs()]
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels(dtype: torch.dtype, device_index: int):
     """Compile ``roi_align.cu`` for one dtype on one device: (forward, backward) kernels."""
     import cupy
 
-    scalar, acc, macros = _DTYPES[dtype]
-    # --fmad=false: no fused multiply-adds, so each product and sum rounds as in the PyTorch
-    # path and max mode picks the same point; the kernel is memory-bound, FMAs would not help
-    options = ["--std=c++14", "--fmad=false", f"-DSCALAR_T={scalar}", f"-DACC_T={acc}", *macros]
-    options += [f"-I{d}" for d in _cuda_include_dirs()]
     with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=tuple(options))
+        options = tuple(compile_options(dtype))
+        module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=options)
         return module.get_function("roi_align_forward"), module.get_function("roi_align_backward")
 
 
@@ -84,6 +93,31 @@ def _launch(kernel, total: int, tensors: list[Tensor], scalars: list, device: to
         kernel((blocks,), (_THREADS,), (*arrays, *scalars))
 
 
+def _layout(input: Tensor) -> tuple[Tensor, bool]:
+    """``(features, channels_fastest)``: the input as the kernel reads it, without a copy when
+    it is ``(N, C, H, W)``-contiguous or channels-last (anything else is made contiguous)."""
+    if input.shape[1] > 1 and input.is_contiguous(memory_format=torch.channels_last):
+        return input, True  # a torch.channels_last tensor: channels fastest in memory
+    return input.contiguous(), False
+
+
+def _dense(t: Tensor) -> Tensor:
+    """The same memory as a contiguous tensor (a channels-last ``(N, C, H, W)`` tensor becomes
+    its ``(N, H, W, C)`` permutation), so that DLPack hands the kernel a plain dense buffer."""
+    if t.dim() == 4 and not t.is_contiguous():
+        t = t.permute(0, 2, 3, 1)
+    assert t.is_contiguous()
+    return t
+
+
+def _nchw_empty(shape: tuple[int, int, int, int], channels_fastest: bool, **kw) -> Tensor:
+    """An uninitialised ``(A, C, B, D)`` tensor laid out as the kernel's order expects."""
+    a, c, b, d = shape
+    if channels_fastest:
+        return torch.empty((a, b, d, c), **kw).permute(0, 3, 1, 2)
+    return torch.empty(shape, **kw)
+
+
 class RoIAlignCuPy(torch.autograd.Function):
     """``torch.autograd.Function`` around the two kernels; arguments as ``roi_align``."""
 
@@ -95,37 +129,47 @@ class RoIAlignCuPy(torch.autograd.Function):
         R = rois.shape[0]
         acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
         np_acc = np.float64 if acc_dtype == torch.float64 else np.float32
-        features = input.detach().permute(0, 2, 3, 1).contiguous()  # (N, H, W, C), no-op if NHWC
+        features, channels_fastest = _layout(input.detach())
         boxes = rois.detach().to(acc_dtype).contiguous()  # (R, 5)
-        output = torch.empty((R, oh, ow, C), dtype=input.dtype, device=input.device)
+        kw = dict(device=input.device)
+        output = _nchw_empty((R, C, oh, ow), channels_fastest, dtype=input.dtype, **kw)
         use_max = mode == "max"
-        argmax = torch.empty((R, oh, ow, C) if use_max else (1,), dtype=torch.int32,
-                             device=input.device)
+        argmax = (_nchw_empty((R, C, oh, ow), channels_fastest, dtype=torch.int32, **kw)
+                  if use_max else torch.empty(1, dtype=torch.int32, **kw))
         # kernel scalars as explicit numpy types: CuPy passes Python ints as 64-bit
-        scalars = [np.int64(R * oh * ow * C), np.int32(H), np.int32(W), np.int32(C),
-                   np.int32(oh), np.int32(ow), np_acc(spatial_scale), np.int32(sampling_ratio),
-                   np.int32(aligned), np.int32(use_max)]
+        shape = [np.int64(R * C * oh * ow), np.int32(H), np.int32(W), np.int32(C)]
+        rest = [np.int32(channels_fastest), np.int32(oh), np.int32(ow), np_acc(spatial_scale),
+                np.int32(sampling_ratio), np.int32(aligned), np.int32(use_max)]
+        strides = [np.int64(s) for s in features.stride()]  # (N, C, H, W) order
         forward_kernel, _ = _kernels(input.dtype, input.device.index)
-        _launch(forward_kernel, R * oh * ow * C, [features, boxes, output, argmax], scalars,
-                input.device)
+        _launch(forward_kernel, R * C * oh * ow,
+                [_dense(features), boxes, _dense(output), _dense(argmax)],
+                shape + strides + rest, input.device)
         ctx.save_for_backward(boxes, argmax)
-        ctx.scalars = scalars
+        ctx.scalars = (shape, rest)
         ctx.input_shape, ctx.input_dtype = (N, C, H, W), input.dtype
-        return output.permute(0, 3, 1, 2)  # (R, C, oh, ow), channels-last strides
+        ctx.channels_fastest = channels_fastest
+        return output  # (R, C, oh, ow), in the memory order of the input's layout
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
         boxes, argmax = ctx.saved_tensors
-        N, C, H, W = ctx.input_shape
-        grad = grad_output.permute(0, 2, 3, 1).contiguous().to(ctx.input_dtype)  # (R, oh, ow, C)
-        grad_input = torch.zeros((N, H, W, C), dtype=boxes.dtype, device=grad.device)
+        shape, rest = ctx.scalars
+        fastest = ctx.channels_fastest
+        # the gradient in the forward output's memory order (the kernel indexes both alike)
+        grad = grad_output.to(ctx.input_dtype)
+        grad = (grad.contiguous(memory_format=torch.channels_last) if fastest
+                else grad.contiguous())
+        # accumulated in fp32 (fp64 for fp64), in the input's layout: fp32 atomics are native
+        grad_input = _nchw_empty(ctx.input_shape, fastest, dtype=boxes.dtype, device=grad.device)
+        grad_input.zero_()
+        strides = [np.int64(s) for s in grad_input.stride()]
         _, backward_kernel = _kernels(ctx.input_dtype, grad.device.index)
-        total = int(ctx.scalars[0])
-        _launch(backward_kernel, total, [grad, boxes, argmax, grad_input], ctx.scalars,
-                grad.device)
-        grad_input = grad_input.to(ctx.input_dtype).permute(0, 3, 1, 2)  # (N, C, H, W)
-        return grad_input, None, None, None, None, None, None
+        _launch(backward_kernel, int(shape[0]), [_dense(grad), boxes, _dense(argmax),
+                                                 _dense(grad_input)],
+                shape + strides + rest, grad.device)
+        return grad_input.to(ctx.input_dtype), None, None, None, None, None, None
 
 
 def roi_align_cupy(input: Tensor, rois: Tensor, output_size: tuple[int, int],

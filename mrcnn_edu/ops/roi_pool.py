@@ -67,9 +67,13 @@ def _bin_edges(start: Tensor, size: Tensor, bins: int, limit: int) -> tuple[Tens
 
 
 def roi_pool(input: Tensor, rois: RoIs, output_size: Union[int, Sequence[int]],
-             spatial_scale: float = 1.0) -> Tensor:
-    """Fast R-CNN's RoIPool: quantised RoI, quantised bins, max over each bin's cells."""
-    rois, (oh, ow) = check_roi_inputs(input, rois, output_size, spatial_scale)
+             spatial_scale: float = 1.0, check_values: bool = True) -> Tensor:
+    """Fast R-CNN's RoIPool: quantised RoI, quantised bins, max over each bin's cells.
+
+    ``check_values``: as in ``roi_align`` (``False`` only for RoIs built by the caller).
+    """
+    rois, (oh, ow) = check_roi_inputs(input, rois, output_size, spatial_scale,
+                                      check_values=check_values)
     N, C, H, W = input.shape
     R = rois.shape[0]
     coord_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
@@ -109,13 +113,15 @@ def roi_pool(input: Tensor, rois: RoIs, output_size: Union[int, Sequence[int]],
 
 
 def roi_warp(input: Tensor, rois: RoIs, output_size: Union[int, Sequence[int]],
-             spatial_scale: float = 1.0, sampling_ratio: int = 2, mode: str = "max") -> Tensor:
+             spatial_scale: float = 1.0, sampling_ratio: int = 2, mode: str = "max",
+             check_values: bool = True) -> Tensor:
     """MNC's RoIWarp: RoIPool's quantised RoI, then RoIAlign's bilinear sampling inside it.
 
     ``sampling_ratio``: points per bin each way (2 = the paper's four points; ``<= 0``
-    adaptive); ``mode``: ``"max"`` or ``"avg"`` (both rows of Table 2c).
+    adaptive); ``mode``: ``"max"`` or ``"avg"`` (both rows of Table 2c); ``check_values``:
+    as in ``roi_align``.
     """
-    rois, size = check_roi_inputs(input, rois, output_size, spatial_scale, mode)
+    rois, size = check_roi_inputs(input, rois, output_size, spatial_scale, mode, check_values)
     if not isinstance(sampling_ratio, int):
         raise ValueError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
     coord_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32

@@ -209,7 +209,8 @@ def mask_targets(
     rois = torch.cat([matched_gt_idx.to(proposals)[:, None], proposals], dim=1)  # (P, 5)
     masks = gt_masks[:, None].to(proposals.dtype)  # (G, 1, H, W)
     # sampling_ratio=0: adaptive, ceil(bin size) samples per bin, so no mask pixel is skipped.
-    soft = roi_align(masks, rois, (m, m), spatial_scale=1.0, sampling_ratio=0, aligned=True)  # (P, 1, m, m)
+    soft = roi_align(masks, rois, (m, m), spatial_scale=1.0, sampling_ratio=0, aligned=True,
+                     check_values=False)  # (P, 1, m, m); indices checked above
     return (soft[:, 0] >= 0.5).to(proposals.dtype)  # (P, m, m)
 
 

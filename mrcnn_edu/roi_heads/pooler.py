@@ -67,13 +67,14 @@ def fpn_level(boxes: Tensor, k_min: int = 2, k_max: int = 5, canonical_size: flo
 
 
 def _pool_one_level(cfg: PoolerConfig, feature: Tensor, rois: Tensor, output_size,
-                    scale: float) -> Tensor:
+                    scale: float, check_values: bool = True) -> Tensor:
     if cfg.kind == "roi_pool":
-        return roi_pool(feature, rois, output_size, scale)
+        return roi_pool(feature, rois, output_size, scale, check_values=check_values)
     if cfg.kind == "roi_warp":
-        return roi_warp(feature, rois, output_size, scale, cfg.sampling_ratio, cfg.mode)
+        return roi_warp(feature, rois, output_size, scale, cfg.sampling_ratio, cfg.mode,
+                        check_values=check_values)
     return roi_align(feature, rois, output_size, scale, cfg.sampling_ratio, cfg.aligned,
-                     cfg.mode)
+                     cfg.mode, check_values=check_values)
 
 
 def _levels_from_scales(scales: Sequence[float]) -> list[int]:
@@ -88,27 +89,32 @@ def _levels_from_scales(scales: Sequence[float]) -> list[int]:
 
 
 def pool_rois(cfg: PoolerConfig, features: Sequence[Tensor], rois: Tensor,
-              output_size: Union[int, Sequence[int]], scales: Sequence[float]) -> Tensor:
-    """Pool every RoI from its FPN level (or the single map): ``(R, C, oh, ow)``, input order."""
+              output_size: Union[int, Sequence[int]], scales: Sequence[float],
+              check_values: bool = True) -> Tensor:
+    """Pool every RoI from its FPN level (or the single map): ``(R, C, oh, ow)``, input order.
+
+    ``check_values``: validate the RoIs' values (see ``roi_align``); ``RoIPooler`` skips it, as
+    it builds the RoIs itself from the model's own boxes.
+    """
     if len(features) == 0 or len(features) != len(scales):
         raise ValueError(f"features ({len(features)} maps) and scales ({len(scales)}) must be "
                          f"non-empty lists of the same length")
     if len(features) == 1:
-        return _pool_one_level(cfg, features[0], rois, output_size, scales[0])
+        return _pool_one_level(cfg, features[0], rois, output_size, scales[0], check_values)
     levels = _levels_from_scales(scales)
     if not isinstance(rois, Tensor) or rois.dim() != 2 or rois.shape[1] != 5:
         shape = tuple(rois.shape) if isinstance(rois, Tensor) else type(rois).__name__
         raise ValueError(f"rois must have shape (R, 5), got {shape}")
     level_of_roi = fpn_level(rois[:, 1:], levels[0], levels[-1], cfg.canonical_size,
                              cfg.canonical_level) - levels[0]  # (R,) index into features
-    out = None
-    for index, (feature, scale) in enumerate(zip(features, scales)):
-        members = (level_of_roi == index).nonzero()[:, 0]  # (R_l,)
-        pooled = _pool_one_level(cfg, feature, rois[members], output_size, scale)
-        if out is None:
-            out = pooled.new_zeros((rois.shape[0], *pooled.shape[1:]))  # (R, C, oh, ow)
-        out = out.index_copy(0, members, pooled)  # back to the RoIs' input order
-    return out
+    # RoIs sorted by level, then one slice per level: a single host read (the counts) for all
+    # levels, where a mask per level would be one GPU sync each
+    order = torch.argsort(level_of_roi, stable=True)  # (R,)
+    counts = torch.bincount(level_of_roi, minlength=len(features)).tolist()
+    sorted_rois = rois[order]
+    pooled = [_pool_one_level(cfg, feature, level_rois, output_size, scale, check_values)
+              for feature, scale, level_rois in zip(features, scales, sorted_rois.split(counts))]
+    return torch.cat(pooled)[torch.argsort(order)]  # (R, C, oh, ow), the RoIs' input order
 
 
 class RoIPooler(nn.Module):
@@ -123,8 +129,9 @@ class RoIPooler(nn.Module):
                 boxes: Sequence[Tensor]) -> Tensor:
         if isinstance(features, Mapping):
             features = list(features.values())
-        rois = boxes_to_rois(boxes)  # (R, 5)
-        return pool_rois(self.cfg, list(features), rois, self.output_size, self.scales)
+        rois = boxes_to_rois(boxes)  # (R, 5), batch indices right by construction
+        return pool_rois(self.cfg, list(features), rois, self.output_size, self.scales,
+                         check_values=False)
 
     def extra_repr(self) -> str:
         return f"{self.cfg}, output_size={self.output_size}, scales={self.scales}"

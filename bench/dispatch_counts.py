@@ -1,0 +1,155 @@
+"""Count what a training step and an inference ask of the device: ATen ops and host reads.
+
+On a GPU, each ATen op the CPU dispatches is at least one kernel launch, and each op that
+reads a device value on the host (``.item()``, ``bool(t)``, ``nonzero``, boolean masking,
+``unique``, ``.tolist()``) is a synchronisation: the CPU waits until the GPU has drained its
+queue. For small images (the Table 2 miniature) the time per iteration is set by these
+counts rather than by arithmetic, so they are the first thing to compare -- and they are the
+same on every machine, so they are measured here, on the CPU, in one run for both models.
+
+Compared: our R-50-FPN Mask R-CNN and torchvision's ``maskrcnn_resnet50_fpn``, the same network
+with the same weights and a few likely classes per proposal, as ``train_infer.py`` builds them,
+on ``--size`` pixel images (default 192, the miniature's), ``--batches`` of images with 3-6
+objects each; and our Table 2 miniature (``--mini``). RoIAlign is counted as one op for both (on a GPU
+ours is one CuPy kernel launch, torchvision's one CUDA kernel; on this CPU our PyTorch path
+would be counted op by op, which says nothing about the GPU).
+
+    python bench/dispatch_counts.py                 # both R-50-FPN models, 2 and 16 images
+    python bench/dispatch_counts.py --mini          # our miniature Table 2 default rows too
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mrcnn_edu.boxes as boxes_module  # noqa: E402
+from mrcnn_edu.model import MaskRCNN  # noqa: E402,F401  (imports the module patched below)
+
+# the modules, not the functions of the same name that mrcnn_edu.ops exports
+roi_align_module = sys.modules["mrcnn_edu.ops.roi_align"]
+roi_pool_module = sys.modules["mrcnn_edu.ops.roi_pool"]
+
+# ops that make the host wait for the device
+HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim",
+              "unique_consecutive", "equal", "is_nonzero", "bincount"}
+
+
+class DispatchCounter(TorchDispatchMode):
+    """Counts every ATen op dispatched inside the ``with`` block, and those that read values."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.reads = 0, collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        name = func.__name__.split(".")[0]
+        if name in HOST_READS:
+            self.reads[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def as_on_a_gpu():
+    """Make this CPU run dispatch what a CUDA run would.
+
+    - Our PyTorch RoIAlign becomes torchvision's single op (see the module docstring).
+    - ``check_boxes`` reads coordinates on the host only for CPU tensors (on a GPU the model
+      checks its targets once per batch); here every tensor is on the CPU, so the calls that
+      leave ``values`` to its default are made to skip it, as they would on a GPU.
+    """
+    check_boxes = boxes_module.check_boxes
+
+    def check_boxes_as_on_a_gpu(boxes, name="boxes", allow_empty_size=True, values=None):
+        check_boxes(boxes, name, allow_empty_size, values=bool(values))
+
+    boxes_module.check_boxes = check_boxes_as_on_a_gpu
+    sys.modules["mrcnn_edu.model"].check_boxes = check_boxes_as_on_a_gpu
+    from torchvision.ops import roi_align as tv_roi_align
+
+    def one_op(input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode):
+        if mode != "avg":
+            raise ValueError("the stand-in counts avg RoIAlign only")
+        return tv_roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+
+    roi_align_module.roi_align_torch = one_op
+    roi_pool_module.roi_align_torch = one_op
+    roi_align_module.cupy_available = lambda: False
+
+
+def synthetic_batch(batch: int, size: int, generator: torch.Generator):
+    images, targets = [], []
+    for _ in range(batch):
+        n = int(torch.randint(3, 7, (), generator=generator))
+        xy = torch.rand(n, 2, generator=generator) * size * 0.7
+        wh = torch.rand(n, 2, generator=generator) * size * 0.25 + size * 0.05
+        boxes = torch.cat([xy, (xy + wh).clamp(max=size)], 1)
+        masks = torch.zeros(n, size, size, dtype=torch.uint8)
+        for k, (x1, y1, x2, y2) in enumerate(boxes.round().int().tolist()):
+            masks[k, y1:y2, x1:x2] = 1
+        images.append(torch.rand(3, size, size, generator=generator))
+        targets.append({"boxes": boxes, "labels": torch.randint(1, 9, (n,), generator=generator),
+                        "masks": masks})
+    return images, targets
+
+
+def count(model, images, targets, train: bool) -> tuple[int, int]:
+    model.train(train)
+    with DispatchCounter() as counter:
+        if train:
+            losses = model(images, targets)
+            sum(losses.values()).backward()
+        else:
+            with torch.no_grad():
+                model(images)
+    return counter.ops, sum(counter.reads.values())
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=192)
+    parser.add_argument("--batches", type=int, nargs="+", default=[2, 16])
+    parser.add_argument("--mini", action="store_true", help="also our Table 2 miniature rows")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    as_on_a_gpu()
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train_infer import build_ours, build_torchvision
+
+    torch.manual_seed(0)
+    theirs = build_torchvision(args.size, args.size * 2, all_classes=False)
+    models = {"ours R-50-FPN": build_ours(theirs, args.size, args.size * 2, all_classes=False),
+              "torchvision R-50-FPN": theirs}
+    if args.mini:
+        from mrcnn_edu import ablations
+        for run in ("r50_fpn", "r50_c4"):
+            models[f"ours mini {run}"] = MaskRCNN(ablations.model_config(ablations.RUNS[run]))
+    print(f"{args.size} px images; per call: ATen ops (each >= 1 kernel launch on a GPU) and "
+          f"host reads (each a GPU sync)")
+    print(f"{'model':<26}{'images':>7}{'train ops':>11}{'syncs':>7}{'/image':>8}"
+          f"{'infer ops':>11}{'syncs':>7}")
+    rows = {}
+    for batch in args.batches:
+        images, targets = synthetic_batch(batch, args.size, torch.Generator().manual_seed(batch))
+        for name, model in models.items():
+            train_ops, train_reads = count(model, images, targets, True)
+            infer_ops, infer_reads = count(model, images, None, False)
+            rows[(name, batch)] = (train_ops, train_reads, infer_ops, infer_reads)
+            print(f"{name:<26}{batch:>7}{train_ops:>11}{train_reads:>7}{train_ops / batch:>8.0f}"
+                  f"{infer_ops:>11}{infer_reads:>7}", flush=True)
+    for batch in args.batches:
+        ours, theirs = rows[("ours R-50-FPN", batch)], rows[("torchvision R-50-FPN", batch)]
+        print(f"ratio ours / torchvision at {batch} images: train ops {ours[0] / theirs[0]:.2f}, "
+              f"syncs {ours[1] / max(theirs[1], 1):.2f}; inference ops {ours[2] / theirs[2]:.2f}, "
+              f"syncs {ours[3] / max(theirs[3], 1):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA GPU, in one command, most important first, inside a budget.
+#
+# Made for a GPU lent for minutes (this project's sessions get ~15 minutes of device time, one
+# command at most 10): each phase runs under `timeout`, the whole script stops starting phases
+# when its budget is spent, and the Table 2 phase uses `ablate --deadline` so that what it
+# cannot finish is left, resumable, for the next session. Everything it prints goes to
+# $OUT/session.log; the Table 2 results come back as $OUT/table2_miniature.{json,md} (commit
+# them to results/: the next session resumes from there).
+#
+#   bash bench/gpu_session.sh                      # all phases, 540 s budget
+#   BUDGET=300 bash bench/gpu_session.sh kernel roi_bench   # some phases
+#
+# Phases: kernel (CuPy RoIAlign tests, #3), roi_bench (bench/roi_align.py, #3), parity
+# (full-size torchvision parity on the GPU, #6), train_bench (bench/train_infer.py, #7),
+# table (Table 2 miniature, #8; the r50_fpn row is also #7's "miniature model on a GPU").
+#
+# The device image lacks pycocotools; carry its wheel. On the CPU machine, once:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl pycocotools==2.0.10
+# then run this script with carry [".whl"].
+set -u
+OUT=${OUT:-runs/gpu_session}
+BUDGET=${BUDGET:-540}
+mkdir -p "$OUT"
+LOG="$OUT/session.log"
+START=$(date +%s)
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MPLBACKEND=Agg
+PY=${PYTHON:-python3}
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+
+# phase NAME CAP_SECONDS COMMAND...: run under min(CAP, what is left), log rc and time
+phase() {
+    local name=$1 cap=$2 budget
+    shift 2
+    budget=$(left)
+    if [ "$budget" -lt 20 ]; then
+        echo "=== $name: skipped, budget spent" | tee -a "$LOG"
+        return
+    fi
+    [ "$cap" -gt "$budget" ] && cap=$budget
+    echo "=== $name (at most ${cap} s): $*" | tee -a "$LOG"
+    local t0=$(date +%s)
+    timeout --signal=TERM --kill-after=10 "$cap" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    echo "=== $name: rc=$rc in $(($(date +%s) - t0)) s" | tee -a "$LOG"
+}
+
+{
+    echo "=== device"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+    $PY -c "import cupy; print('cupy', cupy.__version__)" || echo "cupy: not importable"
+    $PY -c "import torchvision; print('torchvision', torchvision.__version__)" || true
+    $PY -c "import pycocotools; print('pycocotools ok')" || echo "pycocotools missing: carry .whl (see the header)"
+} >>"$LOG" 2>&1
+
+PHASES=${*:-kernel roi_bench parity train_bench table}
+for p in $PHASES; do
+    case $p in
+    kernel)
+        phase kernel 150 $PY -m pytest -q -rs -p no:cacheprovider tests/test_roi_align_cuda.py \
+            tests/test_roi_align_kernel_source.py ;;
+    roi_bench)
+        phase roi_bench_fp32 60 $PY bench/roi_align.py --iters 30
+        phase roi_bench_fp16 60 $PY bench/roi_align.py --iters 30 --dtype float16 ;;
+    parity)
+        phase parity 150 $PY -m pytest -q -rs -p no:cacheprovider tests/test_weights.py -k gpu ;;
+    train_bench)
+        phase train_bench 150 $PY bench/train_infer.py --iters 10 ;;
+    table)
+        # resume from the committed results; stop starting trainings 30 s before the budget ends
+        mkdir -p runs/table2_miniature
+        deadline=$(($(left) - 30))
+        phase table $((deadline + 25)) $PY -m mrcnn_edu ablate --table 2 --seeds 3 --jobs 8 \
+            --deadline "$deadline"
+        cp results/table2_miniature.json results/table2_miniature.md "$OUT/" 2>/dev/null
+        tail -n 40 runs/table2_miniature/logs/*.log >"$OUT/table2_logs.txt" 2>/dev/null ;;
+    *) echo "unknown phase $p" | tee -a "$LOG" ;;
+    esac
+done
+echo "=== total $(($(date +%s) - START)) s" | tee -a "$LOG"

@@ -1,0 +1,104 @@
+"""The benchmark scripts a GPU session runs (bench/): they must run, here, on the CPU.
+
+Their numbers are only meaningful on a GPU; these tests guard the code paths (a GPU lent for
+minutes must not be spent on a Python error) and the counting the dispatch benchmark does.
+"""
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dispatch_counter_counts_ops_and_host_reads_exactly():
+    counter_module = load("dispatch_counts")
+    a, b = torch.ones(3), torch.arange(3.0)
+    with counter_module.DispatchCounter() as counter:
+        c = a + b  # 1 op
+        c.sum().item()  # sum + the host read (_local_scalar_dense)
+        (c > 1).nonzero()  # gt + nonzero, a host read (its size depends on the values)
+    assert counter.ops == 5
+    assert counter.reads == {"_local_scalar_dense": 1, "nonzero": 1}
+
+
+def test_dispatch_counts_script_compares_with_torchvision(capsys, monkeypatch):
+    pytest.importorskip("torchvision")
+    counter_module = load("dispatch_counts")
+    monkeypatch.setattr(sys, "argv", ["dispatch_counts.py"])
+    # undo its GPU stand-ins afterwards: they patch package modules
+    roi_align_module = sys.modules["mrcnn_edu.ops.roi_align"]
+    roi_pool_module = sys.modules["mrcnn_edu.ops.roi_pool"]
+    boxes_module, model_module = sys.modules["mrcnn_edu.boxes"], sys.modules["mrcnn_edu.model"]
+    for module, name in ((roi_align_module, "roi_align_torch"), (roi_pool_module, "roi_align_torch"),
+                         (roi_align_module, "cupy_available"), (boxes_module, "check_boxes"),
+                         (model_module, "check_boxes")):
+        monkeypatch.setattr(module, name, getattr(module, name))
+    counter_module.main(["--size", "64", "--batches", "1"])
+    out = capsys.readouterr().out
+    assert re.search(r"ratio ours / torchvision at 1 images: train ops \d+\.\d\d", out)
+    ours = re.search(r"ours R-50-FPN\s+1\s+(\d+)\s+(\d+)", out)
+    assert ours and int(ours.group(1)) > 100  # it counted a real training step
+
+
+def test_train_infer_benchmark_runs_both_models_with_the_same_weights(capsys):
+    pytest.importorskip("torchvision")
+    assert load("train_infer").main(["--quick", "--iters", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^(ours|torchvision)\s+[\d.]+\s+(\d+)", out, flags=re.M))
+    assert rows == {"ours": "100", "torchvision": "100"}  # 100 detections with masks each
+    assert "ratio ours / torchvision: inference" in out
+
+
+@pytest.fixture
+def as_on_a_gpu(monkeypatch):
+    """``dispatch_counts.as_on_a_gpu`` for one test (it patches package modules)."""
+    counter_module = load("dispatch_counts")
+    roi_align_module = sys.modules["mrcnn_edu.ops.roi_align"]
+    roi_pool_module = sys.modules["mrcnn_edu.ops.roi_pool"]
+    boxes_module, model_module = sys.modules["mrcnn_edu.boxes"], sys.modules["mrcnn_edu.model"]
+    for module, name in ((roi_align_module, "roi_align_torch"), (roi_pool_module, "roi_align_torch"),
+                         (roi_align_module, "cupy_available"), (boxes_module, "check_boxes"),
+                         (model_module, "check_boxes")):
+        monkeypatch.setattr(module, name, getattr(module, name))
+    pytest.importorskip("torchvision")
+    counter_module.as_on_a_gpu()
+    return counter_module
+
+
+def test_host_reads_per_image_stay_few_whatever_the_number_of_detections(as_on_a_gpu):
+    # On a GPU each host read is a synchronisation. Ours must not grow with the detections
+    # (masks are pasted all at once; torchvision reads the host per detection, ~1300 times
+    # per image with 100 masks -- bench/dispatch_counts.py prints both).
+    from mrcnn_edu.config import mini_fpn
+    from mrcnn_edu.model import MaskRCNN
+
+    torch.manual_seed(0)
+    cfg = mini_fpn(num_classes=3, image_size=64)
+    cfg.box_head.score_thresh = 0.0  # random weights: keep 100 detections per image
+    model = MaskRCNN(cfg)
+    reads = {}
+    for batch in (1, 3):
+        images, targets = as_on_a_gpu.synthetic_batch(batch, 64, torch.Generator().manual_seed(0))
+        for t in targets:
+            t["labels"] = t["labels"].clamp(max=3)
+        model.eval()
+        with torch.no_grad():
+            detections = model(images)
+        assert all(len(d["boxes"]) == 100 for d in detections)
+        reads[batch] = (as_on_a_gpu.count(model, images, targets, True)[1],
+                        as_on_a_gpu.count(model, images, None, False)[1])
+    train_per_image = (reads[3][0] - reads[1][0]) / 2
+    infer_per_image = (reads[3][1] - reads[1][1]) / 2
+    assert train_per_image <= 15, reads  # measured 12: RoI sampling and mask targets
+    assert infer_per_image <= 5, reads  # measured 3, with 100 detections per image

@@ -1,0 +1,264 @@
+"""The CUDA source of the CuPy RoIAlign (ops/roi_align.cu), checked without a GPU.
+
+Two independent checks that run on any machine with the test dependencies:
+
+1. NVRTC -- the compiler CuPy uses -- accepts the source for all four storage types with the
+   very options ``roi_align_cupy`` passes (plus CuPy's own). NVRTC ships with PyTorch's CUDA
+   wheels (``nvidia-cuda-nvrtc``, reached through ``cuda-bindings``); it needs no GPU or driver.
+2. The kernels, compiled as plain C++ with ``cuda_on_cpu/cuda_shim.h``, run on the CPU behind the
+   real ``RoIAlignCuPy`` autograd function (only the CuPy launch is swapped out), and must equal
+   the PyTorch path -- itself checked against brute force and torchvision in test_roi_ops.py --
+   forward and backward, avg and max, aligned and legacy, fixed and adaptive sampling.
+
+What only a GPU shows (half-precision arithmetic, racing atomics, streams, DLPack) stays in
+test_roi_align_cuda.py.
+"""
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mrcnn_edu.ops import roi_align
+from mrcnn_edu.ops import roi_align_cupy as cupy_path
+
+SHIM = Path(__file__).with_name("cuda_on_cpu") / "cuda_shim.h"
+
+
+# ---- 1. NVRTC -----------------------------------------------------------------------------
+
+def _nvrtc():
+    nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="needs cuda-bindings (NVRTC)")
+    try:
+        nvrtc.nvrtcVersion()
+    except Exception as error:  # the wheel is there but libnvrtc is not
+        pytest.skip(f"NVRTC is not loadable: {error}")
+    return nvrtc
+
+
+def _nvrtc_compile(nvrtc, source: str, options: list[str]) -> tuple[bool, str, str]:
+    """(success, log, ptx) of one NVRTC compilation."""
+    err, prog = nvrtc.nvrtcCreateProgram(source.encode(), b"roi_align.cu", 0, [], [])
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    encoded = [o.encode() for o in options]
+    (status,) = nvrtc.nvrtcCompileProgram(prog, len(encoded), encoded)
+    _, log_size = nvrtc.nvrtcGetProgramLogSize(prog)
+    log = b" " * log_size
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    ptx = b""
+    if status == nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        _, ptx_size = nvrtc.nvrtcGetPTXSize(prog)
+        ptx = b" " * ptx_size
+        nvrtc.nvrtcGetPTX(prog, ptx)
+    nvrtc.nvrtcDestroyProgram(prog)
+    return status == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace"), ptx.decode()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_nvrtc_compiles_the_kernels_for_every_storage_type(dtype):
+    nvrtc = _nvrtc()
+    options = cupy_path.compile_options(dtype)
+    if dtype in (torch.float16, torch.bfloat16) and not any(o.startswith("-I") for o in options):
+        pytest.skip("no CUDA headers (cuda_fp16.h / cuda_bf16.h) on this machine")
+    # what CuPy's RawModule adds on an H100 (compute capability 9.0)
+    options += ["-ftz=true", "--device-as-default-execution-space", "-arch=compute_90"]
+    ok, log, ptx = _nvrtc_compile(nvrtc, cupy_path.KERNEL_SOURCE.read_text(), options)
+    assert ok, log
+    for name in ("roi_align_forward", "roi_align_backward"):
+        assert f".entry {name}(" in ptx  # extern "C": unmangled names for get_function
+    # --fmad=false is what makes the kernel round like the PyTorch path: no fused mul-adds
+    assert "fma.rn.f32" not in ptx and "fma.rn.f64" not in ptx
+
+
+def test_nvrtc_reports_errors_with_the_line():
+    nvrtc = _nvrtc()
+    broken = cupy_path.KERNEL_SOURCE.read_text().replace("g.bin_h = roi_h / pooled_h;",
+                                                         "g.bin_h = roi_h / pooled_hh;")
+    ok, log, _ = _nvrtc_compile(nvrtc, broken, cupy_path.compile_options(torch.float32)
+                                + ["-arch=compute_90"])
+    assert not ok and "pooled_hh" in log  # the check above can fail, so it means something
+
+
+# ---- 2. the kernels as C++ on the CPU -------------------------------------------------------
+
+_CTYPES = {np.int64: ctypes.c_longlong, np.int32: ctypes.c_int, np.float32: ctypes.c_float,
+           np.float64: ctypes.c_double}
+
+
+class EmulatedKernel:
+    """A compiled kernel called like a ``cupy.RawKernel``: ``kernel(grid, block, args)``.
+
+    Threads run one after another; each sees its own ``blockIdx`` / ``threadIdx`` and runs the
+    kernel's grid-stride loop, exactly the indexing a GPU launch of the same shape does.
+    """
+
+    def __init__(self, library: ctypes.CDLL, name: str):
+        self.library, self.function = library, getattr(library, name)
+        self.function.restype = None
+
+    def __call__(self, grid: tuple[int], block: tuple[int], args: tuple) -> None:
+        converted = [a if isinstance(a, ctypes.c_void_p) else _CTYPES[type(a)](a) for a in args]
+        for b in range(grid[0]):
+            for t in range(block[0]):
+                self.library.emulated_launch_coordinates(b, t, block[0], grid[0])
+                self.function(*converted)
+
+
+@pytest.fixture(scope="module")
+def cpu_kernels(tmp_path_factory):
+    """{torch dtype: (forward, backward)} for fp32 and fp64 storage, built with g++."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("needs a C++ compiler")
+    built = {}
+    for dtype, ctype in ((torch.float32, "float"), (torch.float64, "double")):
+        library = tmp_path_factory.mktemp("kernels") / f"roi_align_{ctype}.so"
+        # -ffp-contract=off mirrors --fmad=false: every product and sum rounds on its own
+        subprocess.run([compiler, "-O2", "-std=c++14", "-ffp-contract=off", "-shared", "-fPIC",
+                        "-x", "c++", "-include", str(SHIM), f"-DSCALAR_T={ctype}",
+                        f"-DACC_T={ctype}", str(cupy_path.KERNEL_SOURCE), "-o", str(library)],
+                       check=True, capture_output=True, text=True)
+        lib = ctypes.CDLL(str(library))
+        built[dtype] = (EmulatedKernel(lib, "roi_align_forward"),
+                        EmulatedKernel(lib, "roi_align_backward"))
+    return built
+
+
+@pytest.fixture
+def kernel_path(cpu_kernels, monkeypatch):
+    """``RoIAlignCuPy`` with the CuPy launch replaced by the CPU-compiled kernels.
+
+    Returns ``run(x, rois, size, scale, sampling_ratio, aligned, mode, launch=(1, 1))``; the
+    launch shape is (blocks, threads per block).
+    """
+    shape = {"launch": (1, 1)}
+
+    def launch(kernel, total, tensors, scalars, device):
+        if total == 0:
+            return
+        for t in tensors:  # what DLPack would hand the kernel: dense memory
+            assert t.is_contiguous(), "the wrapper must pass contiguous buffers to the kernel"
+        blocks, threads = shape["launch"]
+        kernel((blocks,), (threads,), (*[ctypes.c_void_p(t.data_ptr()) for t in tensors],
+                                       *scalars))
+
+    monkeypatch.setattr(cupy_path, "_kernels", lambda dtype, index: cpu_kernels[dtype])
+    monkeypatch.setattr(cupy_path, "_launch", launch)
+
+    def run(x, rois, size, scale, sampling_ratio, aligned, mode, launch=(1, 1)):
+        shape["launch"] = launch
+        return cupy_path.RoIAlignCuPy.apply(x, rois, size, scale, sampling_ratio, aligned, mode)
+
+    return run
+
+
+def make_case(dtype, n=2, c=5, h=11, w=13, n_rois=40, scale=0.25, seed=0):
+    """Random features and RoIs, with the awkward ones first: wholly outside, zero-size, partly
+    outside, tiny, on exact cell borders."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    H, W = h / scale, w / scale
+    xy = torch.rand(n_rois, 2, generator=g, dtype=torch.float64) * torch.tensor([W, H]) * 1.3 - 8
+    wh = torch.exp(torch.rand(n_rois, 2, generator=g, dtype=torch.float64) * 4.0)  # 1..55 px
+    boxes = torch.cat([xy, xy + wh], 1)
+    awkward = torch.tensor([[-60.0, -50, -20, -12], [12, 12, 12, 12], [-10, 6, 30, H + 20],
+                            [W - 3, H - 2, W + 40, H + 30], [8, 4, 24, 40]], dtype=torch.float64)
+    boxes[:5] = awkward[:n_rois]
+    index = torch.randint(0, n, (n_rois, 1), generator=g, dtype=torch.float64)
+    return x.to(dtype), torch.cat([index, boxes], 1).to(dtype)
+
+
+def forward_backward(op, x, rois, grad_seed=1):
+    leaf = x.detach().requires_grad_(True)
+    out = op(leaf, rois)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed),
+                       dtype=out.dtype)
+    (grad_input,) = torch.autograd.grad(out, leaf, grad)
+    return out, grad_input
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])  # the kernel's two thread orders
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2, 3])
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_kernel_equals_pytorch_forward_and_backward(kernel_path, dtype, atol, layout, aligned,
+                                                    sampling_ratio, mode):
+    x, rois = make_case(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    size = (7, 5)
+    args = (size, 0.25, sampling_ratio, aligned, mode)
+    out_k, grad_k = forward_backward(lambda t, r: kernel_path(t, r, *args), x, rois)
+    out_t, grad_t = forward_backward(lambda t, r: roi_align(t, r, *args, backend="torch"),
+                                     x, rois)
+    assert out_k.shape == out_t.shape == (rois.shape[0], x.shape[1], *size)
+    torch.testing.assert_close(out_k, out_t, rtol=0, atol=atol)
+    torch.testing.assert_close(grad_k, grad_t, rtol=0, atol=atol)
+    assert grad_k.abs().sum() > 0  # gradients actually reached the input
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_every_thread_of_a_multi_block_launch_does_its_share(kernel_path, channels_last):
+    # 2 blocks x 3 threads over 3 * 2 * 2 * 5 = 60 outputs: each thread strides by 6, as the
+    # wrapper's (blocks, 256) launch does on a GPU; one thread doing everything must agree
+    # (the forward bit for bit; the backward up to the order of its atomic adds)
+    x, rois = make_case(torch.float64, n_rois=3)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for mode in ("avg", "max"):
+        args = ((2, 2), 0.25, 2, True, mode)
+        one, grad_one = forward_backward(lambda t, r: kernel_path(t, r, *args), x, rois)
+        six, grad_six = forward_backward(lambda t, r: kernel_path(t, r, *args, launch=(2, 3)),
+                                         x, rois)
+        torch.testing.assert_close(six, one, rtol=0, atol=0)
+        torch.testing.assert_close(grad_six, grad_one, rtol=0, atol=1e-13)
+
+
+def test_kernel_reads_channels_last_and_non_contiguous_inputs(kernel_path):
+    x, rois = make_case(torch.float32)
+    args = (7, 7), 0.25, 2, True, "avg"
+    want = roi_align(x, rois, *args, backend="torch")
+    for variant in (x.contiguous(memory_format=torch.channels_last),
+                    torch.stack([x, x], -1)[..., 0],  # every other element: strided
+                    x.transpose(2, 3).contiguous().transpose(2, 3)):
+        torch.testing.assert_close(kernel_path(variant, rois, *args), want, rtol=0, atol=1e-5)
+
+
+def test_kernel_reads_the_features_in_place_in_both_layouts(kernel_path, monkeypatch):
+    # no copy of the feature map into another layout: the kernel gets the input's own memory
+    seen = []
+    launch = cupy_path._launch
+    monkeypatch.setattr(cupy_path, "_launch",
+                        lambda kernel, total, tensors, *rest: (seen.append(tensors[0].data_ptr()),
+                                                               launch(kernel, total, tensors, *rest)))
+    x, rois = make_case(torch.float32)
+    for features in (x, x.contiguous(memory_format=torch.channels_last)):
+        out = kernel_path(features, rois, (7, 7), 0.25, 2, True, "avg")
+        assert seen[-1] == features.data_ptr()
+        # the output comes back in the input's memory order (what the kernel wrote in order)
+        assert out.is_contiguous(memory_format=torch.channels_last) == (features is not x)
+
+
+def test_kernel_with_an_empty_roi_set_keeps_the_graph(kernel_path):
+    x, _ = make_case(torch.float32)
+    leaf = x.detach().requires_grad_(True)
+    out = kernel_path(leaf, torch.zeros(0, 5), (7, 7), 0.25, -1, True, "avg")
+    assert out.shape == (0, x.shape[1], 7, 7)
+    out.sum().backward()
+    assert torch.equal(leaf.grad, torch.zeros_like(leaf))
+
+
+def test_kernel_on_a_hand_computed_case(kernel_path):
+    # one 1x1 bin over a 2x2 ramp, one sampling point at the RoI centre: with aligned=True the
+    # box [0, 2] x [0, 2] (pixels) has its centre at sampling coordinate 0.5, so the value is
+    # the mean of the four cells; with aligned=False the centre sits at 1.0: the last cell
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], dtype=torch.float64)
+    rois = torch.tensor([[0.0, 0.0, 0.0, 2.0, 2.0]], dtype=torch.float64)
+    assert kernel_path(x, rois, (1, 1), 1.0, 1, True, "avg").item() == 2.5
+    assert kernel_path(x, rois, (1, 1), 1.0, 1, False, "avg").item() == 4.0

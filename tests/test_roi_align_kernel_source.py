@@ -47,16 +47,20 @@ def _nvrtc_compile(nvrtc, source: str, options: list[str]) -> tuple[bool, str, s
     assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
     encoded = [o.encode() for o in options]
     (status,) = nvrtc.nvrtcCompileProgram(prog, len(encoded), encoded)
+    # NVRTC writes into the buffers it is given: mutable ones. (The `b" " * size` of NVRTC's
+    # examples is an immutable bytes object, and for size 1 -- an empty log -- it is CPython's
+    # shared b" " itself: overwriting it corrupted every later use of b" " in the process.)
     _, log_size = nvrtc.nvrtcGetProgramLogSize(prog)
-    log = b" " * log_size
+    log = bytearray(log_size)
     nvrtc.nvrtcGetProgramLog(prog, log)
-    ptx = b""
+    ptx = bytearray()
     if status == nvrtc.nvrtcResult.NVRTC_SUCCESS:
         _, ptx_size = nvrtc.nvrtcGetPTXSize(prog)
-        ptx = b" " * ptx_size
+        ptx = bytearray(ptx_size)
         nvrtc.nvrtcGetPTX(prog, ptx)
     nvrtc.nvrtcDestroyProgram(prog)
-    return status == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace"), ptx.decode()
+    text = (bytes(b).rstrip(b"\0").decode(errors="replace") for b in (log, ptx))
+    return (status == nvrtc.nvrtcResult.NVRTC_SUCCESS, *text)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])

@@ -32,18 +32,29 @@ def test_dispatch_counter_counts_ops_and_host_reads_exactly():
     assert counter.reads == {"_local_scalar_dense": 1, "nonzero": 1}
 
 
-def test_dispatch_counts_script_compares_with_torchvision(capsys, monkeypatch):
+@pytest.fixture
+def restore_gpu_stand_ins(monkeypatch):
+    """Put back, after the test, what ``dispatch_counts.as_on_a_gpu`` patches in the package."""
     pytest.importorskip("torchvision")
+    import mrcnn_edu.model  # noqa: F401  (one of the patched modules)
+
+    for module, name in (("mrcnn_edu.ops.roi_align", "roi_align_torch"),
+                         ("mrcnn_edu.ops.roi_pool", "roi_align_torch"),
+                         ("mrcnn_edu.ops.roi_align", "cupy_available"),
+                         ("mrcnn_edu.boxes", "check_boxes"), ("mrcnn_edu.model", "check_boxes")):
+        monkeypatch.setattr(sys.modules[module], name, getattr(sys.modules[module], name))
+
+
+@pytest.fixture
+def as_on_a_gpu(restore_gpu_stand_ins):
+    """``dispatch_counts.as_on_a_gpu`` for one test; returns the bench module."""
     counter_module = load("dispatch_counts")
-    monkeypatch.setattr(sys, "argv", ["dispatch_counts.py"])
-    # undo its GPU stand-ins afterwards: they patch package modules
-    roi_align_module = sys.modules["mrcnn_edu.ops.roi_align"]
-    roi_pool_module = sys.modules["mrcnn_edu.ops.roi_pool"]
-    boxes_module, model_module = sys.modules["mrcnn_edu.boxes"], sys.modules["mrcnn_edu.model"]
-    for module, name in ((roi_align_module, "roi_align_torch"), (roi_pool_module, "roi_align_torch"),
-                         (roi_align_module, "cupy_available"), (boxes_module, "check_boxes"),
-                         (model_module, "check_boxes")):
-        monkeypatch.setattr(module, name, getattr(module, name))
+    counter_module.as_on_a_gpu()
+    return counter_module
+
+
+def test_dispatch_counts_script_compares_with_torchvision(capsys, restore_gpu_stand_ins):
+    counter_module = load("dispatch_counts")
     counter_module.main(["--size", "64", "--batches", "1"])
     out = capsys.readouterr().out
     assert re.search(r"ratio ours / torchvision at 1 images: train ops \d+\.\d\d", out)
@@ -59,21 +70,6 @@ def test_train_infer_benchmark_runs_both_models_with_the_same_weights(capsys):
     assert rows == {"ours": "100", "torchvision": "100"}  # 100 detections with masks each
     assert "ratio ours / torchvision: inference" in out
 
-
-@pytest.fixture
-def as_on_a_gpu(monkeypatch):
-    """``dispatch_counts.as_on_a_gpu`` for one test (it patches package modules)."""
-    counter_module = load("dispatch_counts")
-    roi_align_module = sys.modules["mrcnn_edu.ops.roi_align"]
-    roi_pool_module = sys.modules["mrcnn_edu.ops.roi_pool"]
-    boxes_module, model_module = sys.modules["mrcnn_edu.boxes"], sys.modules["mrcnn_edu.model"]
-    for module, name in ((roi_align_module, "roi_align_torch"), (roi_pool_module, "roi_align_torch"),
-                         (roi_align_module, "cupy_available"), (boxes_module, "check_boxes"),
-                         (model_module, "check_boxes")):
-        monkeypatch.setattr(module, name, getattr(module, name))
-    pytest.importorskip("torchvision")
-    counter_module.as_on_a_gpu()
-    return counter_module
 
 
 def test_host_reads_per_image_stay_few_whatever_the_number_of_detections(as_on_a_gpu):

@@ -110,12 +110,9 @@ def _dense(t: Tensor) -> Tensor:
     return t
 
 
-def _nchw_empty(shape: tuple[int, int, int, int], channels_fastest: bool, **kw) -> Tensor:
-    """An uninitialised ``(A, C, B, D)`` tensor laid out as the kernel's order expects."""
-    a, c, b, d = shape
-    if channels_fastest:
-        return torch.empty((a, b, d, c), **kw).permute(0, 3, 1, 2)
-    return torch.empty(shape, **kw)
+def _memory_format(channels_fastest: bool) -> torch.memory_format:
+    """The memory order of the kernel's outputs: that of the features it reads."""
+    return torch.channels_last if channels_fastest else torch.contiguous_format
 
 
 class RoIAlignCuPy(torch.autograd.Function):
@@ -131,11 +128,10 @@ class RoIAlignCuPy(torch.autograd.Function):
         np_acc = np.float64 if acc_dtype == torch.float64 else np.float32
         features, channels_fastest = _layout(input.detach())
         boxes = rois.detach().to(acc_dtype).contiguous()  # (R, 5)
-        kw = dict(device=input.device)
-        output = _nchw_empty((R, C, oh, ow), channels_fastest, dtype=input.dtype, **kw)
+        kw = dict(device=input.device, memory_format=_memory_format(channels_fastest))
+        output = torch.empty((R, C, oh, ow), dtype=input.dtype, **kw)
         use_max = mode == "max"
-        argmax = (_nchw_empty((R, C, oh, ow), channels_fastest, dtype=torch.int32, **kw)
-                  if use_max else torch.empty(1, dtype=torch.int32, **kw))
+        argmax = torch.empty((R, C, oh, ow) if use_max else (1, 1, 1, 1), dtype=torch.int32, **kw)
         # kernel scalars as explicit numpy types: CuPy passes Python ints as 64-bit
         shape = [np.int64(R * C * oh * ow), np.int32(H), np.int32(W), np.int32(C)]
         rest = [np.int32(channels_fastest), np.int32(oh), np.int32(ow), np_acc(spatial_scale),
@@ -158,12 +154,10 @@ class RoIAlignCuPy(torch.autograd.Function):
         shape, rest = ctx.scalars
         fastest = ctx.channels_fastest
         # the gradient in the forward output's memory order (the kernel indexes both alike)
-        grad = grad_output.to(ctx.input_dtype)
-        grad = (grad.contiguous(memory_format=torch.channels_last) if fastest
-                else grad.contiguous())
+        grad = grad_output.to(ctx.input_dtype).contiguous(memory_format=_memory_format(fastest))
         # accumulated in fp32 (fp64 for fp64), in the input's layout: fp32 atomics are native
-        grad_input = _nchw_empty(ctx.input_shape, fastest, dtype=boxes.dtype, device=grad.device)
-        grad_input.zero_()
+        grad_input = torch.empty(ctx.input_shape, dtype=boxes.dtype, device=grad.device,
+                                 memory_format=_memory_format(fastest)).zero_()
         strides = [np.int64(s) for s in grad_input.stride()]
         _, backward_kernel = _kernels(ctx.input_dtype, grad.device.index)
         _launch(backward_kernel, int(shape[0]), [_dense(grad), boxes, _dense(argmax),

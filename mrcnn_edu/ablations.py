@@ -11,8 +11,11 @@ RoIAlign (avg) is one model, printed as 30.3 AP in (a), (b) and (c); R-50-FPN wi
 mask head is one model in (a) and (e). 15 distinct runs cover the 18 rows.
 
 Scales: ``--dataset shapes`` is the miniature (``data/shapes.py``'s 192 px set, narrow
-GroupNorm ResNets of the same C4 / C5 / FPN structure from scratch, ``config.mini_*``,
-:data:`MINI_SCHEDULE`; each row names the miniature that stands in for the paper's backbone);
+GroupNorm ResNets of the same C4 / C5 / FPN structure, ``config.mini_*``, :data:`MINI_SCHEDULE`;
+each row names the miniature that stands in for the paper's backbone). As the paper's rows
+start from ImageNet weights (§3.1), the miniature's start from its own: each distinct body
+(R-50, R-101, X-101 stand-ins) is first trained once as a classifier of single synthetic
+shapes (``pretrain.py``, :data:`MINI_PRETRAIN`; ``--no-pretrain`` trains from scratch);
 ``--dataset coco`` is the paper's COCO configs and §3.1 recipe (COCO 2017 in ``data/coco``,
 ImageNet weights brought by the user); ``--quick`` runs the miniature code path on the
 ``tiny`` 64 px set for 3 CPU iterations (tests, the notebook) -- its numbers mean nothing.
@@ -23,7 +26,8 @@ trainings share it (default :data:`DEFAULT_JOBS`); 45 / 8 ~ 6 waves in 20 minute
 ~3 minutes of wall time per training, evaluation on 500 images included. The iteration count
 in :data:`MINI_SCHEDULE` is the knob to tune on the GPU (``--max-iter`` overrides it).
 
-Processes: the parent (:func:`run_table`) generates the data once, then launches
+Processes: the parent (:func:`run_table`) generates the data once, pre-trains the bodies
+the rows need (one process each, in turn, cached in ``WORKDIR/pretrain/``), then launches
 ``python -m mrcnn_edu.ablations run-one --run NAME --seed S ...`` for every (run, seed)
 without a result, at most ``jobs`` at a time, all seeing the same ``CUDA_VISIBLE_DEVICES``.
 Each child trains (resuming from its own checkpoint if it was killed), evaluates and writes
@@ -42,8 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["RunSpec", "Row", "RUNS", "ROWS", "SUBTABLES", "MINI_SCHEDULE", "DEFAULT_JOBS",
-           "model_config", "train_config", "select_runs", "stand_in", "run_one", "pending", "may_start",
-           "run_table", "main"]
+           "MINI_PRETRAIN", "model_config", "train_config", "select_runs", "stand_in", "run_one",
+           "pending", "may_start", "pretrain_bodies", "run_table", "main"]
 
 # --- the runs: one model each ---------------------------------------------------------------
 
@@ -149,6 +153,11 @@ DEFAULT_SEEDS = 3
 MINI_SCHEDULE = dict(base_lr=0.02, images_per_batch=16, reference_batch=16, max_iter=3000,
                      steps=(2250, 2750), warmup_iters=200, amp="bf16", num_workers=2,
                      checkpoint_period=500, log_period=50)
+# pretrain.PretrainConfig for the miniature's stand-in for ImageNet: 1500 x 128 single-shape
+# images of 64 px; on the project's CPU 340 s for R-mini-50 and 99.5 % top-1 (docs/training.md)
+MINI_PRETRAIN = dict(iterations=1500, batch_size=128, base_lr=0.1, image_size=64)
+QUICK_PRETRAIN = dict(iterations=3, batch_size=8, base_lr=0.01, image_size=64, warmup_iters=1,
+                      num_workers=0, log_period=1, device="cpu", eval_images=64)
 QUICK_SCHEDULE = dict(base_lr=0.01, images_per_batch=2, reference_batch=2, max_iter=3, steps=(2,),
                       warmup_iters=1, amp="none", device="cpu", num_workers=0,
                       checkpoint_period=0, log_period=1)
@@ -177,10 +186,25 @@ def _apply_heads(cfg, spec: RunSpec, mlp_dims: tuple[int, ...]):
     return cfg
 
 
+def body_name(spec: RunSpec) -> str:
+    """The pre-trained body a run starts from: "ResNet-50", "ResNet-101" or "ResNeXt-101".
+
+    Also the file name (``NAME.pth``) looked up in ``--imagenet DIR`` and ``WORKDIR/pretrain``.
+    """
+    return spec.paper_name().rsplit("-", 1)[0]
+
+
+def mini_body(spec: RunSpec, quick: bool = False):
+    """The miniature ResNet body (a ``ResNetConfig``) standing in for ``spec``'s."""
+    from mrcnn_edu.backbone import mini_resnet
+
+    extra = MINI_RESNEXT if spec.resnext else {}
+    return mini_resnet(width=8 if quick else MINI_WIDTH, blocks=MINI_BLOCKS[spec.depth], **extra)
+
+
 def model_config(spec: RunSpec, dataset: str = "shapes", quick: bool = False):
     """The ``MaskRCNNConfig`` of ``spec``: the paper's COCO model or its miniature stand-in."""
     from mrcnn_edu import config
-    from mrcnn_edu.backbone import mini_resnet
 
     if dataset == "coco":
         if quick:
@@ -192,9 +216,7 @@ def model_config(spec: RunSpec, dataset: str = "shapes", quick: bool = False):
     size, width = (64, 8) if quick else (MINI_IMAGE_SIZE, MINI_WIDTH)
     build = {"C4": config.mini_c4, "C5": config.mini_c5, "FPN": config.mini_fpn}[spec.features]
     cfg = build(num_classes=8, image_size=size, width=width)
-    extra = MINI_RESNEXT if spec.resnext else {}
-    cfg.backbone = dataclasses.replace(
-        cfg.backbone, resnet=mini_resnet(width=width, blocks=MINI_BLOCKS[spec.depth], **extra))
+    cfg.backbone = dataclasses.replace(cfg.backbone, resnet=mini_body(spec, quick))
     if quick:  # as recipes.tiny: few proposals, so that 64 px images train in a blink on a CPU
         cfg.rpn = dataclasses.replace(cfg.rpn, pre_nms_top_n_train=100, post_nms_top_n_train=50,
                                       pre_nms_top_n_test=100, post_nms_top_n_test=50)
@@ -278,14 +300,21 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
     train_set, val_set = _datasets(dataset, data_dir or DATA_DIRS["quick" if quick else dataset])
     torch.manual_seed(seed)  # initial weights: one stream per seed
     model = MaskRCNN(model_cfg)
-    if imagenet:  # COCO: §3.1 fine-tunes ImageNet-pre-trained backbones (brought by the user)
+    init = {"weights": None}  # from scratch
+    if imagenet:  # §3.1 fine-tunes ImageNet-pre-trained bodies (COCO: the user's; shapes: pretrain.py's)
         from mrcnn_edu.backbone import load_imagenet_state_dict
-        path = Path(imagenet) / f"{RUNS[run].paper_name().rsplit('-', 1)[0]}.pth"  # e.g. ResNet-50.pth
+        path = Path(imagenet) / f"{body_name(RUNS[run])}.pth"  # e.g. ResNet-50.pth
         if not path.is_file():
             raise ValueError(f"--imagenet {imagenet}: {path} not found (torchvision key layout)")
         state = torch.load(path, map_location="cpu", weights_only=True)
+        info = state.get("info", {}) if isinstance(state.get("model"), dict) else {}
+        state = state["model"] if isinstance(state.get("model"), dict) else state
         res5 = model.box_branch.head.res5 if model_cfg.backbone.features == "C4" else None
-        load_imagenet_state_dict(model.backbone.body, state, strict=False, res5_head=res5)
+        loaded = load_imagenet_state_dict(model.backbone.body, state, strict=False, res5_head=res5)
+        if not loaded.loaded or loaded.missing:
+            raise ValueError(f"{path} does not fit the body of {run}: missing "
+                             f"{loaded.missing[:5]}, loaded {len(loaded.loaded)} tensors")
+        init = {"weights": str(path), "tensors": len(loaded.loaded), "top1": info.get("top1")}
     trained = train(model, train_set, train_cfg, collate_fn)
     train_s = time.perf_counter() - tic
     metrics = evaluate_model(model, val_set, ("bbox", "segm"), batch_size=8 if not quick else 2)
@@ -294,7 +323,7 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
     record = {
         "run": run, "seed": seed, "dataset": dataset, "quick": quick, "metrics": metrics,
         "iterations": trained["iteration"], "wall_time_s": time.perf_counter() - tic,
-        "train_time_s": train_s, "device": report.device_name(), "git_commit": report.git_commit(),
+        "train_time_s": train_s, "init": init, "device": report.device_name(), "git_commit": report.git_commit(),
         "torch": torch.__version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "model_config": dataclasses.asdict(model_cfg),
         "train_config": dataclasses.asdict(trained["config"]),
@@ -332,11 +361,12 @@ def _child_command(run: str, seed: int, args: argparse.Namespace) -> list[str]:
     return command + (["--imagenet", args.imagenet] if args.imagenet else [])
 
 
-def pending(runs: list[str], seeds: int, done: dict, planned) -> list[tuple[str, int]]:
+def pending(runs: list[str], seeds: int, done: dict, planned, pretrained: bool | None = None
+            ) -> list[tuple[str, int]]:
     """The (run, seed) pairs without a record, seed-major (a first full table arrives early).
 
-    A record made with another schedule than ``planned`` (a TrainConfig) is an error, not
-    something to mix into the table silently.
+    A record made with another schedule than ``planned`` (a TrainConfig), or from scratch
+    when ``pretrained`` (or the reverse), is an error, not something to mix into the table.
     """
     from mrcnn_edu.ablations_report import check_same_schedule
 
@@ -344,10 +374,49 @@ def pending(runs: list[str], seeds: int, done: dict, planned) -> list[tuple[str,
     for seed in range(seeds):
         for name in runs:
             if (name, seed) in done:
-                check_same_schedule(done[(name, seed)], planned)
+                check_same_schedule(done[(name, seed)], planned, pretrained)
             else:
                 todo.append((name, seed))
     return todo
+
+
+def pretrain_bodies(runs: list[str], args: argparse.Namespace) -> Path:
+    """Pre-train each body ``runs`` start from, unless ``WORKDIR/pretrain/NAME.pth`` exists.
+
+    One child process per body, one after the other: drawing the shapes is the slow part,
+    and each child spreads it over all CPU cores (``pretrain.py``'s data loader workers).
+    Returns the folder, which the trainings then read as their ``--imagenet`` folder.
+    """
+    folder = Path(args.workdir) / "pretrain"
+    names = list(dict.fromkeys(body_name(RUNS[run]) for run in runs))
+    for name in names:
+        out = folder / f"{name}.pth"
+        if out.is_file():
+            continue
+        log_path = Path(args.workdir) / "logs" / f"pretrain_{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"pre-training the {name} stand-in on single shapes (log: {log_path}) ...", flush=True)
+        command = [sys.executable, "-m", "mrcnn_edu.ablations", "pretrain-one", "--body", name,
+                   "--out", str(out)] + ["--quick"] * args.quick
+        with open(log_path, "w") as log:
+            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+        if code != 0 or not out.is_file():
+            raise RuntimeError(f"pre-training {name} failed (exit {code}); see {log_path}")
+        print(log_path.read_text().strip().splitlines()[-1], flush=True)
+    return folder
+
+
+def pretrain_one(name: str, out: str | Path, quick: bool = False) -> dict:
+    """Pre-train the body called ``name`` (:func:`body_name`) with :data:`MINI_PRETRAIN`."""
+    from mrcnn_edu.pretrain import PretrainConfig, pretrain
+
+    specs = [spec for spec in RUNS.values() if body_name(spec) == name]
+    if not specs:
+        raise ValueError(f"--body: unknown {name!r}; choose one of "
+                         f"{sorted({body_name(s) for s in RUNS.values()})}")
+    workers = min(16, max(1, (os.cpu_count() or 2) - 1))
+    cfg = PretrainConfig(**(QUICK_PRETRAIN if quick else dict(MINI_PRETRAIN, num_workers=workers)))
+    return pretrain(mini_body(specs[0], quick), cfg, out)[1]
 
 
 def may_start(elapsed: float, deadline: float | None, durations: list[float]) -> bool:
@@ -367,13 +436,16 @@ def run_table(args: argparse.Namespace) -> dict:
     mode = mode_name(args.dataset, args.quick)
     summary_path = Path(args.out) / f"table2_{mode}.json"
     planned = train_config(args.dataset, args.quick, 0, "", args.max_iter)
-    todo = pending(runs, args.seeds, report.load_records(args.workdir, summary_path), planned)
+    pretrained = bool(args.pretrain or args.imagenet)
+    todo = pending(runs, args.seeds, report.load_records(args.workdir, summary_path), planned, pretrained)
     print(f"Table 2 ({mode}): {len(runs)} runs x {args.seeds} seeds, {len(todo)} to train, "
           f"{args.jobs} at a time; results in {args.workdir}/results", flush=True)
     tic, started, active, failed = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S"), {}, []
     durations, stopped, launched = [], [], 0
     if todo:
         prepare_data(args.dataset, args.quick, args.data)
+        if args.pretrain:
+            args.imagenet = str(pretrain_bodies([name for name, _ in todo], args))
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
     logs = Path(args.workdir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -413,6 +485,8 @@ def run_table(args: argparse.Namespace) -> dict:
         print(f"--deadline {deadline:.0f} s: {len(left)} training(s) left for the next session "
               "(the same command resumes them)", flush=True)
     session = {"started": started, "elapsed_s": round(time.perf_counter() - tic, 1), "jobs": args.jobs,
+               "init": ("pre-trained on single shapes (pretrain.py)" if args.pretrain
+                        else f"ImageNet weights from {args.imagenet}" if args.imagenet else "from scratch"),
                "device": report.device_name(), "git_commit": report.git_commit(),
                "trained": launched - len(failed) - len(stopped), "failed": [list(key) for key in failed],
                "left": left}
@@ -441,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-iter", type=int, default=None, help="override the schedule's length (steps scale with it)")
     parser.add_argument("--nproc-per-run", type=int, default=1, help="GPUs per run via torchrun (COCO)")
     parser.add_argument("--imagenet", default=None, help="COCO: folder with ResNet-50.pth, ResNet-101.pth, ResNeXt-101.pth")
+    parser.add_argument("--pretrain", action=argparse.BooleanOptionalAction, default=None,
+                        help="miniature: start each body from its single-shape classifier (pretrain.py), "
+                             "the stand-in for ImageNet pre-training (default on; --no-pretrain: from scratch)")
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds: start no training that would end later, stop the running ones "
                              "then, and write the table of what finished (a GPU lent for minutes)")
@@ -455,6 +532,11 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--quick runs the miniature path; it cannot be combined with --dataset coco")
     if args.seeds < 1 or (args.jobs is not None and args.jobs < 1):
         raise ValueError(f"--seeds and --jobs must be >= 1, got {args.seeds} and {args.jobs}")
+    if args.pretrain and (args.dataset == "coco" or args.imagenet):
+        raise ValueError("--pretrain is the miniature's stand-in for ImageNet; with --dataset coco or "
+                         "--imagenet DIR the bodies come from --imagenet")
+    if args.pretrain is None:
+        args.pretrain = args.dataset == "shapes" and not args.imagenet
     args.jobs = args.jobs or (DEFAULT_JOBS if mode == "miniature" else 1)
     args.out = args.out or ("runs/table2_quick" if args.quick else "results")
     args.workdir = args.workdir or f"runs/table2_{mode}"
@@ -479,7 +561,19 @@ def _run_one_main(argv: list[str]) -> int:
     return 0
 
 
+def _pretrain_one_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mrcnn_edu.ablations pretrain-one")
+    parser.add_argument("--body", required=True, help="ResNet-50 | ResNet-101 | ResNeXt-101")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    pretrain_one(args.body, args.out, args.quick)
+    return 0
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["run-one"]:
         sys.exit(_run_one_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["pretrain-one"]:
+        sys.exit(_pretrain_one_main(sys.argv[2:]))
     sys.exit(main(sys.argv[1:]))

@@ -149,9 +149,18 @@ def load_records(workdir: str | Path, summary_path: str | Path | None = None) ->
     return records
 
 
-def check_same_schedule(record: dict, planned) -> None:
-    """ValueError if a finished run used another schedule than ``planned`` (a TrainConfig)."""
+def check_same_schedule(record: dict, planned, pretrained: bool | None = None) -> None:
+    """ValueError if a finished run used another schedule than ``planned`` (a TrainConfig), or
+    started from scratch where ``pretrained`` is True (pre-trained where False)."""
     from mrcnn_edu.engine import scale_for_batch
+
+    was_pretrained = bool(record.get("init", {}).get("weights"))
+    if pretrained is not None and was_pretrained != pretrained:
+        how = {True: "from pre-trained weights", False: "from scratch"}
+        raise ValueError(
+            f"{record['run']} seed {record['seed']} was trained {how[was_pretrained]} but this command "
+            f"plans {how[pretrained]} (--pretrain / --no-pretrain / --imagenet); use another "
+            f"--workdir/--out or delete {result_path('WORKDIR', record['run'], record['seed'])}")
 
     planned = scale_for_batch(planned)  # records hold the schedule as it ran
     done = record.get("train_config", {})
@@ -295,7 +304,8 @@ def markdown_table(summary: dict) -> str:
     if sessions:
         lines += ["## Runs", ""] + [
             f"- {s['started']}: {s['trained']} trainings, {s['elapsed_s']:.0f} s wall, {s['jobs']} at a time "
-            f"on {s['device']}, commit {s['git_commit']}" + (f", failed {s['failed']}" if s["failed"] else "")
+            f"on {s['device']}, commit {s['git_commit']}" + (f", bodies {s['init']}" if s.get("init") else "")
+            + (f", failed {s['failed']}" if s["failed"] else "")
             + (f", {len(s['left'])} left at the deadline" if s.get("left") else "")
             for s in sessions] + [""]
         total = sum(s["elapsed_s"] for s in sessions)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "atomic_save",
     "save_checkpoint",
     "load_checkpoint",
     "last_checkpoint",
@@ -68,11 +69,17 @@ def _atomic_write(path: Path, write) -> None:
             os.close(dir_fd)
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically and record it in ``last_checkpoint`` beside it."""
+def atomic_save(state: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(state, path)``, atomically: a crash leaves the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, lambda file: torch.save(state, file))
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically and record it in ``last_checkpoint`` beside it."""
+    path = atomic_save(state, path)
     pointer = path.parent / LAST_CHECKPOINT_FILE
     _atomic_write(pointer, lambda file: file.write(path.name.encode() + b"\n"))
     return path

@@ -136,6 +136,15 @@ def test_resumption_skips_finished_entries_and_refuses_another_schedule():
     other["train_config"]["max_iter"] = 999
     with pytest.raises(ValueError, match="max_iter=999"):
         pending(["r50_c4"], 1, {("r50_c4", 0): other}, planned)
+    # a table is all pre-trained or all from scratch
+    scratch, pretrained = _fake_record("r50_c4", 0, 1, 2, 3), _fake_record("r50_c4", 0, 1, 2, 3)
+    pretrained["init"] = {"weights": "runs/x/pretrain/ResNet-50.pth", "top1": 0.99}
+    assert pending(["r50_c4"], 1, {("r50_c4", 0): pretrained}, planned, pretrained=True) == []
+    assert pending(["r50_c4"], 1, {("r50_c4", 0): scratch}, planned, pretrained=False) == []
+    with pytest.raises(ValueError, match="from pre-trained weights but this command plans from scratch"):
+        pending(["r50_c4"], 1, {("r50_c4", 0): pretrained}, planned, pretrained=False)
+    with pytest.raises(ValueError, match="from scratch but this command plans from pre-trained"):
+        pending(["r50_c4"], 1, {("r50_c4", 0): scratch}, planned, pretrained=True)
 
 
 def test_quick_mode_trains_one_row_end_to_end_then_a_rerun_trains_nothing(tiny_shapes, tmp_path, capsys):
@@ -147,6 +156,11 @@ def test_quick_mode_trains_one_row_end_to_end_then_a_rerun_trains_nothing(tiny_s
     record = summary["runs"]["r50_c4_roipool"]["seeds"]["0"]
     assert record["iterations"] == 3 and record["model_config"]["pooler"]["kind"] == "roi_pool"
     assert {"git_commit", "device", "wall_time_s", "train_config"} <= set(record)
+    # the body started from its single-shape classifier, pre-trained once before the trainings
+    weights = tmp_path / "work" / "pretrain" / "ResNet-50.pth"
+    assert record["init"]["weights"] == str(weights) and 0.0 <= record["init"]["top1"] <= 1.0
+    assert record["init"]["tensors"] > 0 and "pre-trained on single shapes" in summary["sessions"][0]["init"]
+    pretrained_at = weights.stat().st_mtime_ns
     assert set(record["metrics"]) == {"bbox", "segm"}
     assert all(0.0 <= record["metrics"]["segm"][k] <= 1.0 for k in ("AP", "AP50", "AP75"))
     row = next(r for r in summary["rows"] if r["label"] == "RoIPool (max)")
@@ -157,8 +171,10 @@ def test_quick_mode_trains_one_row_end_to_end_then_a_rerun_trains_nothing(tiny_s
     capsys.readouterr()
     assert ablations.main(args) == 0  # resumes: everything is there already
     assert "0 to train" in capsys.readouterr().out
-    assert per_run.stat().st_mtime_ns == before
+    assert per_run.stat().st_mtime_ns == before and weights.stat().st_mtime_ns == pretrained_at
     assert len(json.loads(summary_path.read_text())["sessions"]) == 2
+    with pytest.raises(ValueError, match="from scratch"):  # the same table from scratch: refused
+        ablations.main(args + ["--no-pretrain"])
 
 
 def test_may_start_expects_the_slowest_finished_training():
@@ -171,7 +187,7 @@ def test_may_start_expects_the_slowest_finished_training():
 def test_deadline_stops_running_trainings_and_leaves_the_rest_for_the_next_session(
         tiny_shapes, tmp_path, capsys):
     args = ["--table", "2", "--rows", "r50_c4_roipool", "--seeds", "2", "--quick", "--jobs", "1",
-            "--deadline", "0.5", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"),
+            "--deadline", "0.5", "--no-pretrain", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"),
             "--data", str(tiny_shapes["root"])]
     assert ablations.main(args) == 0  # running out of time is not a failure
     out = capsys.readouterr().out
@@ -182,3 +198,10 @@ def test_deadline_stops_running_trainings_and_leaves_the_rest_for_the_next_sessi
     assert summary["sessions"][-1]["trained"] == 0 and summary["runs"]["r50_c4_roipool"]["seeds"] == {}
     assert not list((tmp_path / "work" / "results").glob("*.json"))  # nothing half-written
     assert "2 left at the deadline" in (tmp_path / "out" / "table2_quick.md").read_text()
+
+
+def test_pretrain_is_the_miniatures_and_refused_with_coco_or_imagenet_weights():
+    with pytest.raises(ValueError, match="--pretrain is the miniature's"):
+        ablations.main(["--dataset", "coco", "--pretrain"])
+    with pytest.raises(ValueError, match="--pretrain is the miniature's"):
+        ablations.main(["--imagenet", "somewhere", "--pretrain"])

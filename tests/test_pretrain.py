@@ -1,0 +1,96 @@
+"""The miniature's stand-in for ImageNet pre-training (pretrain.py) and how Table 2 loads it."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mrcnn_edu import ablations
+from mrcnn_edu.backbone import ResNet, load_imagenet_state_dict, mini_resnet
+from mrcnn_edu.data import shapes
+from mrcnn_edu.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mrcnn_edu.model import MaskRCNN
+from mrcnn_edu.pretrain import STREAM, PretrainConfig, ShapeClassification, evaluate_classifier, pretrain
+
+
+def test_each_image_shows_one_shape_labelled_by_its_class_and_normalised_like_the_detector():
+    cfg = PretrainConfig(image_size=48, seed=3)
+    data = ShapeClassification(cfg, length=40)
+    labels = []
+    for i in (0, 7, 39):
+        image, label = data[i]
+        scene = shapes.render_scene(data.scene, np.random.default_rng([3, STREAM, i]))
+        assert len(scene.objects) == 1 and label == shapes.SHAPE_NAMES.index(scene.objects[0].category)
+        pixels = image * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        assert image.shape == (3, 48, 48)
+        torch.testing.assert_close(pixels, torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255,
+                                   rtol=0, atol=1e-6)
+        again, _ = data[i]
+        assert torch.equal(image, again)  # deterministic per index
+    labels = [data[i][1] for i in range(40)]
+    assert len(set(labels)) >= 6  # classes drawn uniformly: 40 draws from 8 miss at most a couple
+
+
+def test_the_held_out_images_are_not_training_images():
+    cfg = PretrainConfig(image_size=32)
+    train, held_out = ShapeClassification(cfg, 5), ShapeClassification(cfg, 5, offset=10**9)
+    assert not torch.equal(train[0][0], held_out[0][0])
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ValueError, match="iterations"):
+        PretrainConfig(iterations=0)
+    with pytest.raises(ValueError, match="min_size_frac"):
+        PretrainConfig(min_size_frac=0.9, max_size_frac=0.5)
+
+
+def test_a_short_pretraining_learns_and_writes_weights_that_load_into_c4_and_fpn_models(tmp_path):
+    torch.set_num_threads(1)
+    cfg = PretrainConfig(image_size=48, batch_size=32, iterations=150, base_lr=0.1, warmup_iters=20,
+                         num_workers=0, device="cpu", log_period=50)
+    body = mini_resnet(width=8)
+    state, info = pretrain(body, cfg, tmp_path / "ResNet-50.pth", verbose=False)
+    # 8 classes: chance is 12.5 % (s.d. 1.0 % on 1000 images); the loss starts near ln 8
+    assert info["top1"] > 0.16, info
+    assert info["losses"][-1][1] < math.log(8) - 0.02 and info["losses"][-1][1] < info["losses"][0][1]
+    saved = torch.load(tmp_path / "ResNet-50.pth", map_location="cpu", weights_only=True)
+    assert saved["info"]["top1"] == info["top1"] and saved["model"].keys() == state.keys()
+    assert {"fc.weight", "conv1.weight", "layer4.0.conv2.weight"} <= state.keys()  # torchvision's layout
+
+    # the saved weights are the classifier whose accuracy was measured
+    classifier = ResNet(mini_resnet(width=8, num_classes=8)).eval()
+    classifier.load_state_dict(state)
+    assert evaluate_classifier(classifier, cfg) == info["top1"]
+
+    for run in ("r50_c4", "r50_fpn"):
+        spec = ablations.RUNS[run]
+        model = MaskRCNN(ablations.model_config(spec, "shapes", quick=True))
+        res5 = model.box_branch.head.res5 if spec.features == "C4" else None
+        report = load_imagenet_state_dict(model.backbone.body, state, strict=False, res5_head=res5)
+        assert not report.missing and not report.unexpected, (run, report)
+        assert set(report.ignored) == {"fc.weight", "fc.bias"}
+        torch.testing.assert_close(model.backbone.body.layer3[0].conv2.weight, state["layer3.0.conv2.weight"])
+        c5_weight = (res5[0] if res5 is not None else model.backbone.body.layer4[0]).conv2.weight
+        torch.testing.assert_close(c5_weight, state["layer4.0.conv2.weight"])  # C4: res5 is the RoI head
+
+
+def test_every_run_maps_to_one_of_three_bodies_with_its_own_file_name():
+    names = {run: ablations.body_name(spec) for run, spec in ablations.RUNS.items()}
+    assert set(names.values()) == {"ResNet-50", "ResNet-101", "ResNeXt-101"}
+    assert names["r50_c4_roipool"] == names["r50_fpn_mlp2"] == "ResNet-50"
+    with pytest.raises(ValueError, match="--body"):
+        ablations.pretrain_one("ResNet-18", "/nonexistent.pth", quick=True)
+
+
+def test_command_line_writes_the_file_and_names_a_bad_argument(tmp_path, capsys):
+    from mrcnn_edu.pretrain import main
+
+    out = tmp_path / "R.pth"
+    assert main(["--blocks", "1,1,1,1", "--width", "4", "--iterations", "2", "--batch-size", "4",
+                 "--image-size", "32", "--workers", "0", "--device", "cpu", "--out", str(out)]) == 0
+    saved = torch.load(out, map_location="cpu", weights_only=True)
+    assert saved["model"]["conv1.weight"].shape == (4, 3, 7, 7) and saved["info"]["config"]["iterations"] == 2
+    assert "top-1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--blocks", "1,1,x", "--out", str(out)])
+    assert "--blocks must be 4 integers" in capsys.readouterr().err

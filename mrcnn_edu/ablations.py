@@ -202,20 +202,30 @@ def mini_body(spec: RunSpec, quick: bool = False):
     return mini_resnet(width=8 if quick else MINI_WIDTH, blocks=MINI_BLOCKS[spec.depth], **extra)
 
 
-def model_config(spec: RunSpec, dataset: str = "shapes", quick: bool = False):
-    """The ``MaskRCNNConfig`` of ``spec``: the paper's COCO model or its miniature stand-in."""
+def model_config(spec: RunSpec, dataset: str = "shapes", quick: bool = False,
+                 input_size: int | None = None):
+    """The ``MaskRCNNConfig`` of ``spec``: the paper's COCO model or its miniature stand-in.
+
+    ``input_size`` (miniature only): the shorter side the model resizes images to, e.g. 384 to
+    upsample the 192 px set 2x, so that objects cover as many stride-16 cells as COCO's do at
+    800 px (docs/training.md); ``None``: the images' own size.
+    """
     from mrcnn_edu import config
 
     if dataset == "coco":
         if quick:
             raise ValueError("--quick runs the miniature path; it cannot be combined with --dataset coco")
         name = f"{'x' if spec.resnext else 'r'}{spec.depth}_{spec.features.lower()}"  # config.PRESETS
+        if input_size is not None:
+            raise ValueError("--input-size is the miniature's; the COCO configs resize to 800 (§3.1)")
         return _apply_heads(config.get_preset(name), spec, spec.mlp_dims)
     if dataset != "shapes":
         raise ValueError(f"dataset must be 'shapes' or 'coco', got {dataset!r}")
     size, width = (64, 8) if quick else (MINI_IMAGE_SIZE, MINI_WIDTH)
     build = {"C4": config.mini_c4, "C5": config.mini_c5, "FPN": config.mini_fpn}[spec.features]
-    cfg = build(num_classes=8, image_size=size, width=width)
+    if input_size is not None and input_size < 16:
+        raise ValueError(f"--input-size must be >= 16 pixels, got {input_size}")
+    cfg = build(num_classes=8, image_size=input_size or size, width=width)
     cfg.backbone = dataclasses.replace(cfg.backbone, resnet=mini_body(spec, quick))
     if quick:  # as recipes.tiny: few proposals, so that 64 px images train in a blink on a CPU
         cfg.rpn = dataclasses.replace(cfg.rpn, pre_nms_top_n_train=100, post_nms_top_n_train=50,
@@ -280,7 +290,8 @@ def _datasets(dataset: str, data_dir: str):
 
 def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
             workdir: str | Path = "runs/table2_miniature", data_dir: str | None = None,
-            max_iter: int | None = None, imagenet: str | None = None) -> dict:
+            max_iter: int | None = None, imagenet: str | None = None,
+            input_size: int | None = None) -> dict:
     """Train and evaluate ``run`` with ``seed``; write and return its result record."""
     import torch
 
@@ -294,7 +305,7 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
     if run not in RUNS:
         raise ValueError(f"--run: unknown run {run!r}; choose one of {list(RUNS)}")
     tic = time.perf_counter()
-    model_cfg = model_config(RUNS[run], dataset, quick)
+    model_cfg = model_config(RUNS[run], dataset, quick, input_size)
     train_cfg = train_config(dataset, quick, seed, str(Path(workdir) / "train" / f"{run}__seed{seed}"),
                              max_iter)
     train_set, val_set = _datasets(dataset, data_dir or DATA_DIRS["quick" if quick else dataset])
@@ -358,6 +369,7 @@ def _child_command(run: str, seed: int, args: argparse.Namespace) -> list[str]:
     command = launcher + ["-m", "mrcnn_edu.ablations", "run-one", "--run", run, "--seed", str(seed),
                           "--dataset", args.dataset, "--workdir", args.workdir, "--data", args.data]
     command += ["--quick"] * args.quick + (["--max-iter", str(args.max_iter)] if args.max_iter else [])
+    command += ["--input-size", str(args.input_size)] if args.input_size else []
     return command + (["--imagenet", args.imagenet] if args.imagenet else [])
 
 
@@ -437,7 +449,15 @@ def run_table(args: argparse.Namespace) -> dict:
     summary_path = Path(args.out) / f"table2_{mode}.json"
     planned = train_config(args.dataset, args.quick, 0, "", args.max_iter)
     pretrained = bool(args.pretrain or args.imagenet)
-    todo = pending(runs, args.seeds, report.load_records(args.workdir, summary_path), planned, pretrained)
+    records = report.load_records(args.workdir, summary_path)
+    size = model_config(RUNS[runs[0]], args.dataset, args.quick, args.input_size).transform.min_size_test
+    for (name, seed), record in records.items():  # one input size per table, as one schedule
+        done = record.get("model_config", {}).get("transform", {}).get("min_size_test", size)
+        if name in runs and done != size:
+            raise ValueError(f"{name} seed {seed} was trained on {done} px inputs but this command plans "
+                             f"{size} px (--input-size); use another --workdir/--out or delete "
+                             f"{report.result_path(args.workdir, name, seed)}")
+    todo = pending(runs, args.seeds, records, planned, pretrained)
     print(f"Table 2 ({mode}): {len(runs)} runs x {args.seeds} seeds, {len(todo)} to train, "
           f"{args.jobs} at a time; results in {args.workdir}/results", flush=True)
     tic, started, active, failed = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S"), {}, []
@@ -513,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", default=None, help="per-run results, logs, checkpoints (default runs/table2_<mode>)")
     parser.add_argument("--data", default=None, help="dataset folder (default data/generated/shapes, ..._tiny, data/coco)")
     parser.add_argument("--max-iter", type=int, default=None, help="override the schedule's length (steps scale with it)")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="miniature: the shorter side images are resized to in the model "
+                             "(default: as drawn, 192; 384 upsamples 2x)")
     parser.add_argument("--nproc-per-run", type=int, default=1, help="GPUs per run via torchrun (COCO)")
     parser.add_argument("--imagenet", default=None, help="COCO: folder with ResNet-50.pth, ResNet-101.pth, ResNeXt-101.pth")
     parser.add_argument("--pretrain", action=argparse.BooleanOptionalAction, default=None,
@@ -555,9 +578,10 @@ def _run_one_main(argv: list[str]) -> int:
     parser.add_argument("--data", default=None)
     parser.add_argument("--max-iter", type=int, default=None)
     parser.add_argument("--imagenet", default=None)
+    parser.add_argument("--input-size", type=int, default=None)
     args = parser.parse_args(argv)
     run_one(args.run, args.seed, args.dataset, args.quick, args.workdir, args.data, args.max_iter,
-            args.imagenet)
+            args.imagenet, args.input_size)
     return 0
 
 

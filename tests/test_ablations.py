@@ -205,3 +205,23 @@ def test_pretrain_is_the_miniatures_and_refused_with_coco_or_imagenet_weights():
         ablations.main(["--dataset", "coco", "--pretrain"])
     with pytest.raises(ValueError, match="--pretrain is the miniature's"):
         ablations.main(["--imagenet", "somewhere", "--pretrain"])
+
+
+def test_input_size_resizes_the_miniature_and_a_table_keeps_one_size(tmp_path):
+    cfg = model_config(RUNS["r50_c4"], "shapes", input_size=384)
+    assert cfg.transform.min_size_train == (384,) and cfg.transform.min_size_test == 384
+    assert cfg.transform.max_size == 768
+    assert model_config(RUNS["r50_c4"], "shapes").transform.min_size_test == ablations.MINI_IMAGE_SIZE
+    with pytest.raises(ValueError, match="--input-size is the miniature's"):
+        model_config(RUNS["r50_c4"], "coco", input_size=384)
+    with pytest.raises(ValueError, match="--input-size must be >= 16"):
+        model_config(RUNS["r50_c4"], "shapes", input_size=8)
+    # a finished record made at 64 px (quick's size) and a command planning 96 px: refused, by name
+    record = _fake_record("r50_c4", 0, 1, 2, 3)
+    record["model_config"] = {"transform": {"min_size_test": 64}}
+    report.write_json_atomic(report.result_path(tmp_path / "work", "r50_c4", 0), record)
+    args = ["--rows", "r50_c4", "--seeds", "1", "--quick", "--out", str(tmp_path / "out"),
+            "--workdir", str(tmp_path / "work"), "--data", str(tmp_path / "data")]
+    with pytest.raises(ValueError, match="r50_c4 seed 0 was trained on 64 px inputs but this command plans 96 px"):
+        ablations.main(args + ["--input-size", "96"])
+    assert not (tmp_path / "data").exists()  # refused before anything was generated or trained

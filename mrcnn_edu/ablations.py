@@ -318,8 +318,9 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
         if not path.is_file():
             raise ValueError(f"--imagenet {imagenet}: {path} not found (torchvision key layout)")
         state = torch.load(path, map_location="cpu", weights_only=True)
-        info = state.get("info", {}) if isinstance(state.get("model"), dict) else {}
-        state = state["model"] if isinstance(state.get("model"), dict) else state
+        info = {}
+        if isinstance(state.get("model"), dict):  # pretrain.py's file: {"model": ..., "info": ...}
+            state, info = state["model"], state.get("info", {})
         res5 = model.box_branch.head.res5 if model_cfg.backbone.features == "C4" else None
         loaded = load_imagenet_state_dict(model.backbone.body, state, strict=False, res5_head=res5)
         if not loaded.loaded or loaded.missing:
@@ -373,12 +374,13 @@ def _child_command(run: str, seed: int, args: argparse.Namespace) -> list[str]:
     return command + (["--imagenet", args.imagenet] if args.imagenet else [])
 
 
-def pending(runs: list[str], seeds: int, done: dict, planned, pretrained: bool | None = None
-            ) -> list[tuple[str, int]]:
+def pending(runs: list[str], seeds: int, done: dict, planned, pretrained: bool | None = None,
+            input_size: int | None = None) -> list[tuple[str, int]]:
     """The (run, seed) pairs without a record, seed-major (a first full table arrives early).
 
-    A record made with another schedule than ``planned`` (a TrainConfig), or from scratch
-    when ``pretrained`` (or the reverse), is an error, not something to mix into the table.
+    A record made with another schedule than ``planned`` (a TrainConfig), from scratch when
+    ``pretrained`` (or the reverse), or on other than ``input_size`` px inputs, is an error,
+    not something to mix into the table.
     """
     from mrcnn_edu.ablations_report import check_same_schedule
 
@@ -386,7 +388,7 @@ def pending(runs: list[str], seeds: int, done: dict, planned, pretrained: bool |
     for seed in range(seeds):
         for name in runs:
             if (name, seed) in done:
-                check_same_schedule(done[(name, seed)], planned, pretrained)
+                check_same_schedule(done[(name, seed)], planned, pretrained, input_size)
             else:
                 todo.append((name, seed))
     return todo
@@ -449,15 +451,9 @@ def run_table(args: argparse.Namespace) -> dict:
     summary_path = Path(args.out) / f"table2_{mode}.json"
     planned = train_config(args.dataset, args.quick, 0, "", args.max_iter)
     pretrained = bool(args.pretrain or args.imagenet)
-    records = report.load_records(args.workdir, summary_path)
     size = model_config(RUNS[runs[0]], args.dataset, args.quick, args.input_size).transform.min_size_test
-    for (name, seed), record in records.items():  # one input size per table, as one schedule
-        done = record.get("model_config", {}).get("transform", {}).get("min_size_test", size)
-        if name in runs and done != size:
-            raise ValueError(f"{name} seed {seed} was trained on {done} px inputs but this command plans "
-                             f"{size} px (--input-size); use another --workdir/--out or delete "
-                             f"{report.result_path(args.workdir, name, seed)}")
-    todo = pending(runs, args.seeds, records, planned, pretrained)
+    todo = pending(runs, args.seeds, report.load_records(args.workdir, summary_path), planned,
+                   pretrained, size)
     print(f"Table 2 ({mode}): {len(runs)} runs x {args.seeds} seeds, {len(todo)} to train, "
           f"{args.jobs} at a time; results in {args.workdir}/results", flush=True)
     tic, started, active, failed = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S"), {}, []

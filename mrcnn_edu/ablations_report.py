@@ -149,18 +149,24 @@ def load_records(workdir: str | Path, summary_path: str | Path | None = None) ->
     return records
 
 
-def check_same_schedule(record: dict, planned, pretrained: bool | None = None) -> None:
-    """ValueError if a finished run used another schedule than ``planned`` (a TrainConfig), or
-    started from scratch where ``pretrained`` is True (pre-trained where False)."""
+def check_same_schedule(record: dict, planned, pretrained: bool | None = None,
+                        input_size: int | None = None) -> None:
+    """ValueError if a finished run used another schedule than ``planned`` (a TrainConfig),
+    started from scratch where ``pretrained`` is True (pre-trained where False), or was
+    trained on other than ``input_size`` px inputs (the model's ``min_size_test``)."""
     from mrcnn_edu.engine import scale_for_batch
 
+    where = f"use another --workdir/--out or delete {result_path('WORKDIR', record['run'], record['seed'])}"
+    done_size = record.get("model_config", {}).get("transform", {}).get("min_size_test", input_size)
+    if input_size is not None and done_size != input_size:
+        raise ValueError(f"{record['run']} seed {record['seed']} was trained on {done_size} px inputs "
+                         f"but this command plans {input_size} px (--input-size); {where}")
     was_pretrained = bool(record.get("init", {}).get("weights"))
     if pretrained is not None and was_pretrained != pretrained:
         how = {True: "from pre-trained weights", False: "from scratch"}
         raise ValueError(
             f"{record['run']} seed {record['seed']} was trained {how[was_pretrained]} but this command "
-            f"plans {how[pretrained]} (--pretrain / --no-pretrain / --imagenet); use another "
-            f"--workdir/--out or delete {result_path('WORKDIR', record['run'], record['seed'])}")
+            f"plans {how[pretrained]} (--pretrain / --no-pretrain / --imagenet); {where}")
 
     planned = scale_for_batch(planned)  # records hold the schedule as it ran
     done = record.get("train_config", {})
@@ -168,8 +174,7 @@ def check_same_schedule(record: dict, planned, pretrained: bool | None = None) -
         if key in done and done[key] != getattr(planned, key):
             raise ValueError(
                 f"{record['run']} seed {record['seed']} finished with {key}={done[key]} but this "
-                f"command plans {key}={getattr(planned, key)}; use another --workdir/--out or "
-                f"delete {result_path('WORKDIR', record['run'], record['seed'])}")
+                f"command plans {key}={getattr(planned, key)}; {where}")
 
 
 # --- the paper's claims (§4.2), as contrasts between runs ---------------------------------------

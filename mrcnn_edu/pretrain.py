@@ -40,8 +40,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from mrcnn_edu.backbone import ResNet, ResNetConfig, mini_resnet
 from mrcnn_edu.checkpoint import atomic_save
-from mrcnn_edu.config import IMAGENET_MEAN, IMAGENET_STD
 from mrcnn_edu.data import shapes
+from mrcnn_edu.data.transforms import normalize
+from mrcnn_edu.distributed import get_dist_info
+from mrcnn_edu.engine import _pick_device
 
 __all__ = ["PretrainConfig", "ShapeClassification", "pretrain", "evaluate_classifier", "main"]
 
@@ -89,8 +91,6 @@ class ShapeClassification(Dataset):
                                          min_size_frac=cfg.min_size_frac,
                                          max_size_frac=cfg.max_size_frac, tiny_prob=0.0,
                                          crowd_prob=0.0)
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def __len__(self) -> int:
         return self.length
@@ -100,8 +100,7 @@ class ShapeClassification(Dataset):
         scene = shapes.render_scene(self.scene, rng)
         # one object is drawn; _drop_occluded never removes the only object of a scene
         label = shapes.SHAPE_NAMES.index(scene.objects[0].category)
-        image = torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255.0
-        return (image - self.mean) / self.std, label
+        return normalize(torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255.0), label
 
 
 def _lr_at(cfg: PretrainConfig, iteration: int) -> float:
@@ -109,12 +108,6 @@ def _lr_at(cfg: PretrainConfig, iteration: int) -> float:
         return cfg.base_lr * (iteration + 1) / cfg.warmup_iters
     progress = (iteration - cfg.warmup_iters) / max(1, cfg.iterations - cfg.warmup_iters)
     return 0.5 * cfg.base_lr * (1 + math.cos(math.pi * progress))
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @torch.no_grad()
@@ -143,7 +136,7 @@ def pretrain(resnet: ResNetConfig, cfg: PretrainConfig, out: str | Path | None =
     wall time. With ``out``, also writes ``{"model": state_dict, "info": info}`` there
     atomically -- ``load_imagenet_state_dict`` takes either form's ``model``.
     """
-    device = _device(cfg.device)
+    device = _pick_device(cfg.device, get_dist_info())
     torch.manual_seed(cfg.seed)
     model = ResNet(dataclasses.replace(resnet, num_classes=len(shapes.SHAPE_NAMES), freeze_at=0)).to(device)
     data = ShapeClassification(cfg, cfg.iterations * cfg.batch_size)

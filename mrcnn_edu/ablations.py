@@ -46,8 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["RunSpec", "Row", "RUNS", "ROWS", "SUBTABLES", "MINI_SCHEDULE", "DEFAULT_JOBS",
-           "MINI_PRETRAIN", "model_config", "train_config", "select_runs", "stand_in", "run_one",
-           "pending", "may_start", "pretrain_bodies", "run_table", "main"]
+           "MINI_PRETRAIN", "model_config", "train_config", "load_body", "select_runs", "stand_in",
+           "run_one", "pending", "may_start", "pretrain_bodies", "run_table", "main"]
 
 # --- the runs: one model each ---------------------------------------------------------------
 
@@ -288,6 +288,30 @@ def _datasets(dataset: str, data_dir: str):
     return train_set, COCODataset(str(val_dir), str(val_json), train=False, with_masks=False)
 
 
+def load_body(model, path: str | Path, run: str = "the model") -> dict:
+    """Load pre-trained body weights into ``model``, as the paper's models start from ImageNet's.
+
+    ``path``: a torchvision-layout ResNet state dict (ImageNet weights a user brings), or
+    ``pretrain.py``'s file (``{"model": ..., "info": ...}``). A C4 model also takes its res5 head
+    from the file (the paper's C4 box head *is* ResNet's res5). Returns the ``init`` record the
+    results carry: ``{"weights": path, "tensors": n loaded, "top1": the classifier's, or None}``.
+    """
+    import torch
+
+    from mrcnn_edu.backbone import load_imagenet_state_dict
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    info = {}
+    if isinstance(state.get("model"), dict):  # pretrain.py's file
+        state, info = state["model"], state.get("info", {})
+    res5 = model.box_branch.head.res5 if model.cfg.backbone.features == "C4" else None
+    loaded = load_imagenet_state_dict(model.backbone.body, state, strict=False, res5_head=res5)
+    if not loaded.loaded or loaded.missing:
+        raise ValueError(f"{path} does not fit the body of {run}: missing "
+                         f"{loaded.missing[:5]}, loaded {len(loaded.loaded)} tensors")
+    return {"weights": str(path), "tensors": len(loaded.loaded), "top1": info.get("top1")}
+
+
 def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
             workdir: str | Path = "runs/table2_miniature", data_dir: str | None = None,
             max_iter: int | None = None, imagenet: str | None = None,
@@ -313,20 +337,10 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
     model = MaskRCNN(model_cfg)
     init = {"weights": None}  # from scratch
     if imagenet:  # §3.1 fine-tunes ImageNet-pre-trained bodies (COCO: the user's; shapes: pretrain.py's)
-        from mrcnn_edu.backbone import load_imagenet_state_dict
         path = Path(imagenet) / f"{body_name(RUNS[run])}.pth"  # e.g. ResNet-50.pth
         if not path.is_file():
             raise ValueError(f"--imagenet {imagenet}: {path} not found (torchvision key layout)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        info = {}
-        if isinstance(state.get("model"), dict):  # pretrain.py's file: {"model": ..., "info": ...}
-            state, info = state["model"], state.get("info", {})
-        res5 = model.box_branch.head.res5 if model_cfg.backbone.features == "C4" else None
-        loaded = load_imagenet_state_dict(model.backbone.body, state, strict=False, res5_head=res5)
-        if not loaded.loaded or loaded.missing:
-            raise ValueError(f"{path} does not fit the body of {run}: missing "
-                             f"{loaded.missing[:5]}, loaded {len(loaded.loaded)} tensors")
-        init = {"weights": str(path), "tensors": len(loaded.loaded), "top1": info.get("top1")}
+        init = load_body(model, path, run)
     trained = train(model, train_set, train_cfg, collate_fn)
     train_s = time.perf_counter() - tic
     metrics = evaluate_model(model, val_set, ("bbox", "segm"), batch_size=8 if not quick else 2)

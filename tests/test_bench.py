@@ -4,6 +4,7 @@ Their numbers are only meaningful on a GPU; these tests guard the code paths (a 
 minutes must not be spent on a Python error) and the counting the dispatch benchmark does.
 """
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -98,3 +99,34 @@ def test_host_reads_per_image_stay_few_whatever_the_number_of_detections(as_on_a
     infer_per_image = (reads[3][1] - reads[1][1]) / 2
     assert train_per_image <= 15, reads  # measured 12: RoI sampling and mask targets
     assert infer_per_image <= 5, reads  # measured 3, with 100 detections per image
+
+
+def test_miniature_probe_evaluates_on_the_way_what_a_shorter_run_gives(tiny_shapes, tmp_path, capsys):
+    # docs/training.md's 500-iteration rows are the 1000-iteration probes' checkpoints at 500:
+    # with no lr decay, that must be exactly the model a 500-iteration probe ends with
+    from mrcnn_edu.backbone import ResNet, mini_resnet
+
+    probe = load("miniature_probe")
+    weights = tmp_path / "ResNet-50.pth"
+    torch.save({"model": ResNet(mini_resnet(width=8, num_classes=8)).state_dict(), "info": {"top1": 0.5}},
+               weights)
+    common = ["--run", "r50_c4", "--quick", "--data", str(tiny_shapes["root"]), "--warmup", "1",
+              "--val-images", "4", "--weights", str(weights)]
+    long = probe.main(common + ["--iters", "2", "--eval-at", "1", "2", "--diagnose", "3",
+                                "--out", str(tmp_path / "long")])
+    short = probe.main(common + ["--iters", "1", "--out", str(tmp_path / "short")])
+    assert sorted(long["eval"]) == [1, 2] and sorted(short["eval"]) == [1]
+    assert json.dumps(long["eval"][1]) == json.dumps(short["eval"][1])  # NaN-safe (no large objects)
+    one = torch.load(tmp_path / "long/model_0000001.pth", map_location="cpu", weights_only=False)["model"]
+    end = torch.load(tmp_path / "short/model_0000001.pth", map_location="cpu", weights_only=False)["model"]
+    assert one.keys() == end.keys() and all(torch.equal(one[k], end[k]) for k in one)
+    assert long["init"]["top1"] == 0.5 and long["init"]["tensors"] > 0
+    assert long["schedule"]["steps"] == (10**9,) and long["schedule"]["images_per_batch"] == 4
+    diag = long["diagnose"]
+    assert diag["images"] == 3 and diag["objects"] > 0
+    assert 0 <= diag["rpn_recall@0.5"] <= 1 and 0 <= diag["class_right"] <= 1
+    printed = capsys.readouterr().out
+    assert "PROBE r50_c4 iteration 2: box AP" in printed and printed.count("RESULT ") == 2
+    with pytest.raises(SystemExit):
+        probe.main(common + ["--iters", "2", "--eval-at", "3"])
+    assert "--eval-at: iterations must lie in 1..2" in capsys.readouterr().err

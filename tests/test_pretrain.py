@@ -73,6 +73,17 @@ def test_a_short_pretraining_learns_and_writes_weights_that_load_into_c4_and_fpn
         c5_weight = (res5[0] if res5 is not None else model.backbone.body.layer4[0]).conv2.weight
         torch.testing.assert_close(c5_weight, state["layer4.0.conv2.weight"])  # C4: res5 is the RoI head
 
+        # what ablate's children call: the same load from the file, and the record it returns
+        model = MaskRCNN(ablations.model_config(spec, "shapes", quick=True))
+        init = ablations.load_body(model, tmp_path / "ResNet-50.pth", run)
+        assert init == {"weights": str(tmp_path / "ResNet-50.pth"), "tensors": len(report.loaded),
+                        "top1": info["top1"]}
+        torch.testing.assert_close(c5_weight, (model.box_branch.head.res5[0] if res5 is not None
+                                               else model.backbone.body.layer4[0]).conv2.weight)
+    with pytest.raises(ValueError, match=r"other\.pth does not fit the body of r50_c4: missing"):
+        ablations.load_body(MaskRCNN(ablations.model_config(ablations.RUNS["r50_c4"], "shapes", quick=True)),
+                            _save_state(tmp_path / "other.pth", {"fc.weight": torch.zeros(8, 4)}), "r50_c4")
+
 
 def test_every_run_maps_to_one_of_three_bodies_with_its_own_file_name():
     names = {run: ablations.body_name(spec) for run, spec in ablations.RUNS.items()}
@@ -94,3 +105,8 @@ def test_command_line_writes_the_file_and_names_a_bad_argument(tmp_path, capsys)
     with pytest.raises(SystemExit):
         main(["--blocks", "1,1,x", "--out", str(out)])
     assert "--blocks must be 4 integers" in capsys.readouterr().err
+
+
+def _save_state(path, state):
+    torch.save(state, path)
+    return path

@@ -1,0 +1,146 @@
+"""Probe one Table 2 miniature run: train it on a schedule of your choice, evaluate it on the way.
+
+The design questions of the miniature (does pre-training help? is C4 held back by resolution or
+by the schedule?) are answered by single runs like these before a whole table is spent on them.
+The probe tables in docs/training.md are runs of this script (commands there), one core each:
+
+    python -m mrcnn_edu.ablations pretrain-one --body ResNet-50 --out runs/probe/R-mini-50.pth
+    python bench/miniature_probe.py --run r50_c4 --iters 1000 --eval-at 500 1000 \\
+        --weights runs/probe/R-mini-50.pth [--input-size 384] [--diagnose 60]
+
+It trains ``ablations.model_config(RUNS[run])`` -- exactly the model ``ablate`` trains -- with
+the probe's schedule (default: 4 images per batch, lr 0.005, 200 warm-up iterations, no decay,
+so that the evaluation at iteration 500 of a 1000-iteration probe is what a 500-iteration run
+gives), evaluates with COCOeval at each ``--eval-at`` iteration, and prints one line per
+evaluation. ``--diagnose N`` adds, on the first N val images, the RPN's recall at IoU 0.5 and
+the share of found objects whose best-overlapping detection has the right class (what separates
+"where" from "what"). Rerunning the same command resumes from the run's last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from mrcnn_edu import ablations  # noqa: E402
+from mrcnn_edu.boxes import box_iou  # noqa: E402
+from mrcnn_edu.checkpoint import checkpoint_path  # noqa: E402
+from mrcnn_edu.data.coco import collate_fn  # noqa: E402
+from mrcnn_edu.engine import train  # noqa: E402
+from mrcnn_edu.model import MaskRCNN  # noqa: E402
+from mrcnn_edu.predict import evaluate_model  # noqa: E402
+
+
+@torch.no_grad()
+def diagnose(model: MaskRCNN, dataset, n: int) -> dict:
+    """RPN recall @0.5 and "class right" (see the module docstring) on the first ``n`` images."""
+    model.eval()
+    found = total = right = matched = 0
+    for index in range(min(n, len(dataset))):
+        image, target = dataset[index]
+        gt_boxes, gt_labels = target["boxes"], target["labels"]
+        if len(gt_boxes) == 0:
+            continue
+        device = next(model.parameters()).device
+        batch, sizes, _, scales = model.preprocess([image.to(device)], None)
+        features = model.backbone(batch)
+        proposals, _ = model.rpn([features[k] for k in model.backbone.feature_names], sizes, None)
+        best = box_iou(gt_boxes.to(device) * scales[0], proposals[0]).max(1).values
+        found += int((best >= 0.5).sum())
+        total += len(gt_boxes)
+        detections = model([image.to(device)])[0]
+        if len(detections["boxes"]):
+            iou = box_iou(gt_boxes.to(device), detections["boxes"])  # (G, D)
+            best_iou, best_det = iou.max(1)
+            hit = best_iou >= 0.5
+            matched += int(hit.sum())
+            right += int((detections["labels"][best_det[hit]] == gt_labels.to(device)[hit]).sum())
+    return {"images": min(n, len(dataset)), "objects": total, "rpn_recall@0.5": found / max(total, 1),
+            "class_right": right / max(matched, 1), "detected@0.5": matched}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, choices=list(ablations.RUNS), help="a Table 2 run")
+    parser.add_argument("--iters", type=int, default=1000, help="training iterations")
+    parser.add_argument("--eval-at", type=int, nargs="*", default=None,
+                        help="iterations to evaluate at (default: the last); each a multiple of their gcd")
+    parser.add_argument("--batch", type=int, default=4, help="images per batch")
+    parser.add_argument("--lr", type=float, default=0.005, help="learning rate (not rescaled)")
+    parser.add_argument("--warmup", type=int, default=200, help="linear warm-up iterations")
+    parser.add_argument("--decay-at", type=int, nargs="*", default=(), help="lr x0.1 at these iterations")
+    parser.add_argument("--weights", default=None,
+                        help="pre-trained body (pretrain.py's file or torchvision layout); default: from scratch")
+    parser.add_argument("--input-size", type=int, default=None, help="as ablate --input-size")
+    parser.add_argument("--blocks", default=None, help="blocks per stage of the body, e.g. 2,2,3,2 "
+                                                       "(default: the run's stand-in)")
+    parser.add_argument("--quick", action="store_true", help="the quick 64 px miniature (tests)")
+    parser.add_argument("--data", default=None, help="dataset folder (default: ablate's)")
+    parser.add_argument("--val-images", type=int, default=None, help="evaluate on the first N (default: all)")
+    parser.add_argument("--diagnose", type=int, default=0, help="RPN recall / class right on N val images")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    parser.add_argument("--threads", type=int, default=1, help="CPU compute threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="run folder (default runs/probe/RUN_ITERS_BATCH[_SIZE])")
+    args = parser.parse_args(argv)
+    eval_at = sorted(set(args.eval_at or [args.iters]))
+    if eval_at[0] < 1 or eval_at[-1] > args.iters:
+        parser.error(f"--eval-at: iterations must lie in 1..{args.iters}, got {eval_at}")
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out or (f"runs/probe/{args.run}_{args.iters}_{args.batch}"
+                            + (f"_{args.input_size}" if args.input_size else "")))
+    dataset = "shapes"
+    model_cfg = ablations.model_config(ablations.RUNS[args.run], dataset, args.quick, args.input_size)
+    if args.blocks:
+        blocks = tuple(int(b) for b in args.blocks.split(","))
+        model_cfg.backbone = dataclasses.replace(
+            model_cfg.backbone, resnet=dataclasses.replace(model_cfg.backbone.resnet, depth=blocks))
+    data_dir = args.data or ablations.DATA_DIRS["quick" if args.quick else dataset]
+    ablations.prepare_data(dataset, args.quick, data_dir)
+    train_set, val_set = ablations._datasets(dataset, data_dir)
+    train_cfg = dataclasses.replace(
+        ablations.train_config(dataset, args.quick, args.seed, str(out), max_iter=args.iters),
+        device=args.device, amp="none", num_workers=0, images_per_batch=args.batch,
+        reference_batch=args.batch, base_lr=args.lr, warmup_iters=min(args.warmup, args.iters),
+        steps=tuple(args.decay_at) or (10**9,), log_period=min(50, args.iters),
+        checkpoint_period=math.gcd(*eval_at), progress=False)  # a checkpoint at every --eval-at
+
+    torch.manual_seed(args.seed)
+    model = MaskRCNN(model_cfg)
+    init = ablations.load_body(model, args.weights, args.run) if args.weights else {"weights": None}
+    tic = time.perf_counter()
+    trained = train(model, train_set, train_cfg, collate_fn)
+    result = {"run": args.run, "init": init, "input_size": args.input_size,
+              "train_s": round(time.perf_counter() - tic),
+              "schedule": {k: getattr(trained["config"], k) for k in
+                           ("max_iter", "images_per_batch", "base_lr", "warmup_iters", "steps")},
+              "eval": {}}
+    model.eval()
+    for it in eval_at:  # the checkpoints the training wrote; the last one is the model in hand
+        if it != args.iters:
+            state = torch.load(checkpoint_path(out, it), map_location="cpu", weights_only=False)
+            model.load_state_dict(state["model"])
+        metrics = evaluate_model(model, val_set, ("bbox", "segm"), 2 if args.quick else 8, args.val_images)
+        metrics = {t: {k: round(100 * v, 1) for k, v in m.items()} for t, m in metrics.items()}
+        result["eval"][it] = metrics
+        print(f"PROBE {args.run} iteration {it}: box AP {metrics['bbox']['AP']:.1f} "
+              f"mask AP {metrics['segm']['AP']:.1f}  {json.dumps(metrics)}", flush=True)
+    if args.diagnose:
+        result["diagnose"] = diagnose(model, val_set, args.diagnose)  # the model at --eval-at's last
+        print(f"PROBE {args.run} diagnose: {json.dumps(result['diagnose'])}", flush=True)
+    print("RESULT " + json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

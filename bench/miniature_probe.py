@@ -126,10 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
                            ("max_iter", "images_per_batch", "base_lr", "warmup_iters", "steps")},
               "eval": {}}
     model.eval()
-    for it in eval_at:  # the checkpoints the training wrote; the last one is the model in hand
-        if it != args.iters:
-            state = torch.load(checkpoint_path(out, it), map_location="cpu", weights_only=False)
-            model.load_state_dict(state["model"])
+    for it in eval_at:  # the checkpoints the training wrote (it writes one at the end too)
+        state = torch.load(checkpoint_path(out, it), map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
         metrics = evaluate_model(model, val_set, ("bbox", "segm"), 2 if args.quick else 8, args.val_images)
         metrics = {t: {k: round(100 * v, 1) for k, v in m.items()} for t, m in metrics.items()}
         result["eval"][it] = metrics

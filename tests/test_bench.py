@@ -101,12 +101,21 @@ def test_host_reads_per_image_stay_few_whatever_the_number_of_detections(as_on_a
     assert infer_per_image <= 5, reads  # measured 3, with 100 detections per image
 
 
-def test_miniature_probe_evaluates_on_the_way_what_a_shorter_run_gives(tiny_shapes, tmp_path, capsys):
+def test_miniature_probe_evaluates_on_the_way_what_a_shorter_run_gives(tiny_shapes, tmp_path, capsys,
+                                                                        monkeypatch):
     # docs/training.md's 500-iteration rows are the 1000-iteration probes' checkpoints at 500:
     # with no lr decay, that must be exactly the model a 500-iteration probe ends with
     from mrcnn_edu.backbone import ResNet, mini_resnet
 
     probe = load("miniature_probe")
+    evaluated = []  # the weights each evaluation saw: each --eval-at its own checkpoint
+
+    def evaluate_model(model, *args):
+        evaluated.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_evaluate_model(model, *args)
+
+    real_evaluate_model = probe.evaluate_model
+    monkeypatch.setattr(probe, "evaluate_model", evaluate_model)
     weights = tmp_path / "ResNet-50.pth"
     torch.save({"model": ResNet(mini_resnet(width=8, num_classes=8)).state_dict(), "info": {"top1": 0.5}},
                weights)
@@ -120,6 +129,11 @@ def test_miniature_probe_evaluates_on_the_way_what_a_shorter_run_gives(tiny_shap
     one = torch.load(tmp_path / "long/model_0000001.pth", map_location="cpu", weights_only=False)["model"]
     end = torch.load(tmp_path / "short/model_0000001.pth", map_location="cpu", weights_only=False)["model"]
     assert one.keys() == end.keys() and all(torch.equal(one[k], end[k]) for k in one)
+    two = torch.load(tmp_path / "long/model_0000002.pth", map_location="cpu", weights_only=False)["model"]
+    assert len(evaluated) == 3  # long at 1 and 2, short at 1
+    for seen, checkpoint in zip(evaluated, (one, two, end)):
+        assert all(torch.equal(seen[k], checkpoint[k]) for k in checkpoint)
+    assert not all(torch.equal(one[k], two[k]) for k in one)  # one more step changed the weights
     assert long["init"]["top1"] == 0.5 and long["init"]["tensors"] > 0
     assert long["schedule"]["steps"] == (10**9,) and long["schedule"]["images_per_batch"] == 4
     diag = long["diagnose"]

@@ -44,12 +44,12 @@ def diagnose(model: MaskRCNN, dataset, n: int) -> dict:
     """RPN recall @0.5 and "class right" (see the module docstring) on the first ``n`` images."""
     model.eval()
     found = total = right = matched = 0
+    device = next(model.parameters()).device
     for index in range(min(n, len(dataset))):
         image, target = dataset[index]
         gt_boxes, gt_labels = target["boxes"], target["labels"]
         if len(gt_boxes) == 0:
             continue
-        device = next(model.parameters()).device
         batch, sizes, _, scales = model.preprocess([image.to(device)], None)
         features = model.backbone(batch)
         proposals, _ = model.rpn([features[k] for k in model.backbone.feature_names], sizes, None)

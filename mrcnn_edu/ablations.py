@@ -13,7 +13,7 @@ mask head is one model in (a) and (e). 15 distinct runs cover the 18 rows.
 Scales: ``--dataset shapes`` is the miniature (``data/shapes.py``'s 192 px set, narrow
 GroupNorm ResNets of the same C4 / C5 / FPN structure, ``config.mini_*``, :data:`MINI_SCHEDULE`;
 each row names the miniature that stands in for the paper's backbone). As the paper's rows
-start from ImageNet weights (§3.1), the miniature's start from its own: each distinct body
+start from ImageNet weights (Appendix B), the miniature's start from its own: each distinct body
 (R-50, R-101, X-101 stand-ins) is first trained once as a classifier of single synthetic
 shapes (``pretrain.py``, :data:`MINI_PRETRAIN`; ``--no-pretrain`` trains from scratch);
 ``--dataset coco`` is the paper's COCO configs and §3.1 recipe (COCO 2017 in ``data/coco``,
@@ -336,7 +336,7 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
     torch.manual_seed(seed)  # initial weights: one stream per seed
     model = MaskRCNN(model_cfg)
     init = {"weights": None}  # from scratch
-    if imagenet:  # §3.1 fine-tunes ImageNet-pre-trained bodies (COCO: the user's; shapes: pretrain.py's)
+    if imagenet:  # the paper's bodies start ImageNet-pre-trained (COCO: the user's; shapes: pretrain.py's)
         path = Path(imagenet) / f"{body_name(RUNS[run])}.pth"  # e.g. ResNet-50.pth
         if not path.is_file():
             raise ValueError(f"--imagenet {imagenet}: {path} not found (torchvision key layout)")

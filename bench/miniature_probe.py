@@ -12,9 +12,15 @@ It trains ``ablations.model_config(RUNS[run])`` -- exactly the model ``ablate`` 
 the probe's schedule (default: 4 images per batch, lr 0.005, 200 warm-up iterations, no decay,
 so that the evaluation at iteration 500 of a 1000-iteration probe is what a 500-iteration run
 gives), evaluates with COCOeval at each ``--eval-at`` iteration, and prints one line per
-evaluation. ``--diagnose N`` adds, on the first N val images, the RPN's recall at IoU 0.5 and
-the share of found objects whose best-overlapping detection has the right class (what separates
-"where" from "what"). Rerunning the same command resumes from the run's last checkpoint.
+evaluation. ``--diagnose N`` adds, on the first N val images, with the last checkpoint:
+
+- the RPN's recall at IoU 0.5, and the share of found objects whose best-overlapping detection
+  has the right class (what separates "where" from "what");
+- the mask branch alone: the mean mask IoU when it is given each object's true box and class,
+  and the same for the m x m training target pasted back -- the ceiling of the mask resolution
+  (what separates the mask branch from the detector before it), overall and per COCO size.
+
+Rerunning the same command resumes from the run's last checkpoint.
 """
 from __future__ import annotations
 
@@ -33,17 +39,63 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from mrcnn_edu import ablations  # noqa: E402
 from mrcnn_edu.boxes import box_iou  # noqa: E402
 from mrcnn_edu.checkpoint import checkpoint_path  # noqa: E402
-from mrcnn_edu.data.coco import collate_fn  # noqa: E402
+from mrcnn_edu.data.coco import COCODataset, collate_fn  # noqa: E402
 from mrcnn_edu.engine import train  # noqa: E402
 from mrcnn_edu.model import MaskRCNN  # noqa: E402
 from mrcnn_edu.predict import evaluate_model  # noqa: E402
+from mrcnn_edu.roi_heads.mask_head import mask_targets, paste_masks_in_image  # noqa: E402
+
+
+SIZES = {"small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, float("inf"))}  # COCO's areas
+
+
+@torch.no_grad()
+def mask_given_box(model: MaskRCNN, image: torch.Tensor, target: dict) -> torch.Tensor:
+    """The mask branch alone, for each ground-truth object of one image: (G, 3) rows of
+    (mask area in pixels, IoU of the predicted mask, IoU of the m x m training target).
+
+    The branch is handed the object's true box and class, as if the box branch were perfect, so
+    the IoU measures the mask branch and nothing before it. The training target (the ground
+    truth RoIAligned to m x m, ``mask_targets``) pasted back with the same ``paste_masks_in_image``
+    is the best an m x m mask can do: its IoU is the ceiling of the mask resolution.
+    """
+    device = next(model.parameters()).device
+    height, width = image.shape[-2:]
+    boxes, gt = target["boxes"].to(device), target["masks"].to(device).bool()  # (G, 4), (G, H, W)
+    batch, sizes, _, scales = model.preprocess([image.to(device)], None)
+    feature_maps = model.backbone(batch)
+    roi_features = [feature_maps[k] for k in model.backbone.feature_names][: model.num_roi_levels]
+    detections = [{"boxes": boxes * scales[0], "labels": target["labels"].to(device),
+                   "scores": boxes.new_ones(len(boxes))}]
+    model.predict_masks(roi_features, detections)
+    predicted = model.postprocess(detections, scales, [(height, width)], sizes)[0]["masks"][:, 0] >= 0.5
+    m = model.cfg.mask_head.resolution
+    mode = model.cfg.transform.paste_mode
+    best = paste_masks_in_image(mask_targets(gt, torch.arange(len(gt), device=device), boxes, m), boxes,
+                                (height, width), mode=mode)[:, 0] >= 0.5
+
+    def iou(masks: torch.Tensor) -> torch.Tensor:
+        return (masks & gt).flatten(1).sum(1) / (masks | gt).flatten(1).sum(1).clamp(min=1)
+
+    return torch.stack([gt.flatten(1).sum(1).float(), iou(predicted), iou(best)], dim=1).cpu()
+
+
+def _by_size(rows: torch.Tensor, column: int) -> dict:
+    """Mean of ``rows[:, column]`` over all objects and per COCO size (only sizes present)."""
+    means = {"all": rows[:, column].mean()}
+    for name, (low, high) in SIZES.items():
+        pick = (rows[:, 0] >= low) & (rows[:, 0] < high)
+        if pick.any():
+            means[name] = rows[pick, column].mean()
+    return {k: round(float(v), 3) for k, v in means.items()}
 
 
 @torch.no_grad()
 def diagnose(model: MaskRCNN, dataset, n: int) -> dict:
-    """RPN recall @0.5 and "class right" (see the module docstring) on the first ``n`` images."""
+    """The module docstring's diagnostics on the first ``n`` images of ``dataset`` (with masks)."""
     model.eval()
     found = total = right = matched = 0
+    mask_rows = []
     device = next(model.parameters()).device
     for index in range(min(n, len(dataset))):
         image, target = dataset[index]
@@ -63,8 +115,15 @@ def diagnose(model: MaskRCNN, dataset, n: int) -> dict:
             hit = best_iou >= 0.5
             matched += int(hit.sum())
             right += int((detections["labels"][best_det[hit]] == gt_labels.to(device)[hit]).sum())
-    return {"images": min(n, len(dataset)), "objects": total, "rpn_recall@0.5": found / max(total, 1),
-            "class_right": right / max(matched, 1), "detected@0.5": matched}
+        if model.mask_head is not None:
+            mask_rows.append(mask_given_box(model, image, target))
+    result = {"images": min(n, len(dataset)), "objects": total, "rpn_recall@0.5": found / max(total, 1),
+              "class_right": right / max(matched, 1), "detected@0.5": matched}
+    if mask_rows:
+        rows = torch.cat(mask_rows)
+        result["mask_iou_given_box"] = _by_size(rows, 1)
+        result["mask_iou_ceiling"] = _by_size(rows, 2)
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -86,7 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="the quick 64 px miniature (tests)")
     parser.add_argument("--data", default=None, help="dataset folder (default: ablate's)")
     parser.add_argument("--val-images", type=int, default=None, help="evaluate on the first N (default: all)")
-    parser.add_argument("--diagnose", type=int, default=0, help="RPN recall / class right on N val images")
+    parser.add_argument("--diagnose", type=int, default=0,
+                        help="RPN recall, class right and the mask branch alone on N val images")
+    parser.add_argument("--no-eval", action="store_true",
+                        help="skip COCOeval: train (or find the run finished) and --diagnose only")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--threads", type=int, default=1, help="CPU compute threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -126,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
                            ("max_iter", "images_per_batch", "base_lr", "warmup_iters", "steps")},
               "eval": {}}
     model.eval()
-    for it in eval_at:  # the checkpoints the training wrote (it writes one at the end too)
+    for it in [] if args.no_eval else eval_at:  # checkpoints the training wrote (one at the end too)
         state = torch.load(checkpoint_path(out, it), map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         metrics = evaluate_model(model, val_set, ("bbox", "segm"), 2 if args.quick else 8, args.val_images)
@@ -135,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"PROBE {args.run} iteration {it}: box AP {metrics['bbox']['AP']:.1f} "
               f"mask AP {metrics['segm']['AP']:.1f}  {json.dumps(metrics)}", flush=True)
     if args.diagnose:
-        result["diagnose"] = diagnose(model, val_set, args.diagnose)  # the model at --eval-at's last
+        with_masks = COCODataset(val_set.image_dir, val_set.ann_file, train=False)  # val_set has none
+        result["diagnose"] = diagnose(model, with_masks, args.diagnose)  # at the last --eval-at (or the end)
         print(f"PROBE {args.run} diagnose: {json.dumps(result['diagnose'])}", flush=True)
     print("RESULT " + json.dumps(result), flush=True)
     return result

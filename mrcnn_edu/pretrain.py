@@ -45,9 +45,13 @@ from mrcnn_edu.data.transforms import normalize
 from mrcnn_edu.distributed import get_dist_info
 from mrcnn_edu.engine import _pick_device
 
-__all__ = ["PretrainConfig", "ShapeClassification", "pretrain", "evaluate_classifier", "main"]
+__all__ = ["PretrainConfig", "ShapeClassification", "pretrain", "evaluate_classifier", "top1_by_size",
+           "load_classifier", "main"]
 
 STREAM = 7  # the random stream of the classification images: scene_rng's splits are 0, 1
+# object sides (px) at which top1_by_size checks a classifier: the detection set's objects
+# (192 px images) are 17 / 28 / 46 / 75 px at their 10th / 25th / 50th / 75th percentile
+SIZES_PX = (10, 13, 16, 20, 26, 32, 40, 48, 61, 80, 100, 122)
 
 
 @dataclass
@@ -90,7 +94,7 @@ class ShapeClassification(Dataset):
         self.scene = shapes.ShapesConfig(image_size=cfg.image_size, min_objects=1, max_objects=1,
                                          min_size_frac=cfg.min_size_frac,
                                          max_size_frac=cfg.max_size_frac, tiny_prob=0.0,
-                                         crowd_prob=0.0)
+                                         crowd_prob=0.0, min_visible_area=1)
 
     def __len__(self) -> int:
         return self.length
@@ -98,7 +102,7 @@ class ShapeClassification(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         rng = np.random.default_rng([self.cfg.seed, STREAM, self.offset + index])
         scene = shapes.render_scene(self.scene, rng)
-        # one object is drawn; _drop_occluded never removes the only object of a scene
+        # one object is drawn, alone, so nothing occludes it; min_visible_area=1 keeps it however small
         label = shapes.SHAPE_NAMES.index(scene.objects[0].category)
         return normalize(torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255.0), label
 
@@ -123,6 +127,33 @@ def evaluate_classifier(model: ResNet, cfg: PretrainConfig) -> float:
         correct += (model.classify(x.to(device)).argmax(1).cpu() == y).sum().item()
     model.train(was_training)
     return correct / images
+
+
+@torch.no_grad()
+def top1_by_size(model: ResNet, cfg: PretrainConfig, sizes_px: tuple[int, ...] = SIZES_PX) -> dict[int, float]:
+    """Top-1 on held-out images whose one shape is exactly ``px`` pixels, for each size that
+    fits ``cfg.image_size`` (``cfg``'s own size range is ignored). A detector's RoIs meet
+    objects of every size, so a body that knows its classes at one scale only helps little.
+    """
+    return {px: evaluate_classifier(model, dataclasses.replace(cfg, min_size_frac=px / cfg.image_size,
+                                                                max_size_frac=px / cfg.image_size))
+            for px in sizes_px if px <= cfg.image_size}
+
+
+def load_classifier(path: str | Path) -> tuple[ResNet, PretrainConfig]:
+    """The classifier ``pretrain`` wrote to ``path``, and the config it was trained with."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    info = saved.get("info", {}) if isinstance(saved, dict) else {}
+    if not isinstance(saved, dict) or "model" not in saved or "resnet" not in info or "config" not in info:
+        raise ValueError(f"{path}: not a file written by mrcnn_edu.pretrain (needs 'model' and info's "
+                         f"'resnet' and 'config')")
+    depth = info["resnet"]["depth"]
+    resnet = dict(info["resnet"], depth=tuple(depth) if isinstance(depth, (list, tuple)) else depth,
+                  num_classes=len(shapes.SHAPE_NAMES), freeze_at=0)
+    resnet.pop("blocks")  # derived from depth, not an argument
+    model = ResNet(ResNetConfig(**resnet))
+    model.load_state_dict(saved["model"])
+    return model.eval(), PretrainConfig(**info["config"])
 
 
 def pretrain(resnet: ResNetConfig, cfg: PretrainConfig, out: str | Path | None = None,
@@ -160,12 +191,13 @@ def pretrain(resnet: ResNetConfig, cfg: PretrainConfig, out: str | Path | None =
             if verbose:
                 print(f"pretrain iter {iteration + 1}/{cfg.iterations}  loss {losses[-1][1]:.3f}  "
                       f"lr {_lr_at(cfg, iteration):.4f}  {time.perf_counter() - tic:.0f} s", flush=True)
-    info = {"top1": evaluate_classifier(model, cfg), "losses": losses,
+    info = {"top1": evaluate_classifier(model, cfg), "top1_by_size": top1_by_size(model, cfg), "losses": losses,
             "wall_time_s": round(time.perf_counter() - tic, 1), "device": str(device),
             "config": dataclasses.asdict(cfg), "resnet": dataclasses.asdict(resnet)}
     if verbose:
         print(f"pretrain: top-1 {100 * info['top1']:.1f} % on {cfg.eval_images} held-out shapes "
-              f"({info['wall_time_s']:.0f} s on {device})", flush=True)
+              f"({info['wall_time_s']:.0f} s on {device}); by object side: "
+              + ", ".join(f"{px} px {100 * acc:.0f} %" for px, acc in info["top1_by_size"].items()), flush=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if out is not None:
         atomic_save({"model": state, "info": info}, out)
@@ -184,11 +216,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=PretrainConfig.base_lr)
     parser.add_argument("--image-size", type=int, default=PretrainConfig.image_size)
+    parser.add_argument("--min-size-frac", type=float, default=PretrainConfig.min_size_frac,
+                        help="smallest object side as a fraction of the image side")
+    parser.add_argument("--max-size-frac", type=float, default=PretrainConfig.max_size_frac,
+                        help="largest object side as a fraction of the image side")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="where the state dict goes (.pth)")
+    parser.add_argument("--out", help="where the state dict goes (.pth)")
+    parser.add_argument("--evaluate", metavar="FILE",
+                        help="instead of training: print FILE's top-1 per object size (top1_by_size)")
     args = parser.parse_args(argv)
+    if args.evaluate:
+        model, cfg = load_classifier(args.evaluate)
+        cfg = dataclasses.replace(cfg, device="cpu", num_workers=0)
+        by_size = top1_by_size(model, cfg)
+        print(f"{args.evaluate}: top-1 by object side ({cfg.image_size} px images, {cfg.eval_images} each): "
+              + ", ".join(f"{px} px {100 * acc:.0f} %" for px, acc in by_size.items()))
+        return 0
+    if not args.out:
+        parser.error("--out is required (or --evaluate FILE)")
     try:
         blocks = tuple(int(b) for b in args.blocks.split(","))
     except ValueError:
@@ -198,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         extra["width_per_group"] = args.width_per_group
     resnet = mini_resnet(width=args.width, blocks=blocks, **extra)
     cfg = PretrainConfig(image_size=args.image_size, batch_size=args.batch_size, iterations=args.iterations,
-                         base_lr=args.lr, seed=args.seed, device=args.device, num_workers=args.workers)
+                         base_lr=args.lr, seed=args.seed, device=args.device, num_workers=args.workers,
+                         min_size_frac=args.min_size_frac, max_size_frac=args.max_size_frac)
     pretrain(resnet, cfg, args.out)
     return 0
 

@@ -175,6 +175,14 @@ def test_quick_mode_trains_one_row_end_to_end_then_a_rerun_trains_nothing(tiny_s
     assert len(json.loads(summary_path.read_text())["sessions"]) == 2
     with pytest.raises(ValueError, match="from scratch"):  # the same table from scratch: refused
         ablations.main(args + ["--no-pretrain"])
+    # a body cached with another pre-training (e.g. an older MINI_PRETRAIN) is refused, not reused
+    saved = torch.load(weights, map_location="cpu", weights_only=True)
+    saved["info"]["config"]["min_size_frac"] = 0.5
+    torch.save(saved, weights)
+    per_run.unlink()  # (and its copy in the summary) so that there is a training to start from it
+    summary_path.unlink()
+    with pytest.raises(ValueError, match=r"ResNet-50.pth was pre-trained with min_size_frac=0.5 \(planned"):
+        ablations.main(args)
 
 
 def test_may_start_expects_the_slowest_finished_training():

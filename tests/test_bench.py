@@ -139,8 +139,42 @@ def test_miniature_probe_evaluates_on_the_way_what_a_shorter_run_gives(tiny_shap
     diag = long["diagnose"]
     assert diag["images"] == 3 and diag["objects"] > 0
     assert 0 <= diag["rpn_recall@0.5"] <= 1 and 0 <= diag["class_right"] <= 1
+    assert 0 <= diag["mask_iou_given_box"]["all"] <= diag["mask_iou_ceiling"]["all"] + 1 and diag["mask_iou_ceiling"]["all"] > 0.5
+    again = probe.main(common + ["--iters", "2", "--no-eval", "--diagnose", "3", "--out", str(tmp_path / "long")])
+    assert again["eval"] == {} and again["diagnose"] == diag  # the finished run's last model, not retrained
     printed = capsys.readouterr().out
-    assert "PROBE r50_c4 iteration 2: box AP" in printed and printed.count("RESULT ") == 2
+    assert "PROBE r50_c4 iteration 2: box AP" in printed and printed.count("RESULT ") == 3
     with pytest.raises(SystemExit):
         probe.main(common + ["--iters", "2", "--eval-at", "3"])
     assert "--eval-at: iterations must lie in 1..2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["mini_c4", "mini_fpn"])
+def test_mask_given_box_measures_the_mask_branch_against_brute_force_counts(preset):
+    # A mask branch that says "all of the box" (zero weights, bias +30) predicts exactly the box's
+    # pixels, so its IoU with a disk inside the box is disk pixels / box pixels, counted by hand.
+    # The ceiling: a box-filling object's m x m target is all ones, pasted back exactly its box.
+    from mrcnn_edu.config import get_preset
+    from mrcnn_edu.model import MaskRCNN
+
+    probe = load("miniature_probe")
+    model = MaskRCNN(get_preset(preset, num_classes=3, image_size=64, width=8)).eval()
+    torch.nn.init.zeros_(model.mask_head.predictor.weight)
+    torch.nn.init.constant_(model.mask_head.predictor.bias, 30.0)
+    yy, xx = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(64) + 0.5, indexing="ij")
+    disk = ((xx - 30) ** 2 + (yy - 30) ** 2 <= 10**2).to(torch.uint8)  # inside the box 20..40
+    square = torch.zeros(64, 64, dtype=torch.uint8)
+    square[8:16, 44:60] = 1  # rows 8..15, columns 44..59: fills the box (44, 8, 60, 16)
+    target = {"boxes": torch.tensor([[20.0, 20.0, 40.0, 40.0], [44.0, 8.0, 60.0, 16.0]]),
+              "labels": torch.tensor([1, 2]), "masks": torch.stack([disk, square])}
+    rows = probe.mask_given_box(model, torch.rand(3, 64, 64), target)
+    assert rows.shape == (2, 3)
+    assert rows[:, 0].tolist() == [float(disk.sum()), 128.0]
+    assert rows[0, 1].item() == pytest.approx(float(disk.sum()) / 400)
+    assert rows[1, 1].item() == pytest.approx(1.0) and rows[1, 2].item() == pytest.approx(1.0)
+    if model.cfg.mask_head.resolution == 14:  # C4: 14 cells for the disk's 20 px lose detail
+        assert 0.9 < rows[0, 2].item() < 1.0
+    else:  # FPN: 28 cells for 20 px, finer than the pixels: the disk comes back exactly
+        assert model.cfg.mask_head.resolution == 28 and rows[0, 2].item() == 1.0
+    summary = probe._by_size(torch.tensor([[100.0, 0.5, 1.0], [2000.0, 0.7, 0.9], [9300.0, 0.9, 1.0]]), 1)
+    assert summary == {"all": 0.7, "small": 0.5, "medium": 0.7, "large": 0.9}

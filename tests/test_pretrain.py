@@ -1,4 +1,5 @@
 """The miniature's stand-in for ImageNet pre-training (pretrain.py) and how Table 2 loads it."""
+import dataclasses
 import math
 
 import numpy as np
@@ -29,6 +30,19 @@ def test_each_image_shows_one_shape_labelled_by_its_class_and_normalised_like_th
         assert torch.equal(image, again)  # deterministic per index
     labels = [data[i][1] for i in range(40)]
     assert len(set(labels)) >= 6  # classes drawn uniformly: 40 draws from 8 miss at most a couple
+
+
+def test_small_shapes_keep_their_one_object():
+    # objects of 6-8 px can fall under the detection set's min_visible_area (12 px); alone in
+    # the image they are never occluded, so the classifier's image must still show its shape
+    cfg = PretrainConfig(image_size=64, min_size_frac=0.09, max_size_frac=0.12, seed=1)
+    data = ShapeClassification(cfg, length=300)
+    for i in range(300):
+        scene = shapes.render_scene(data.scene, np.random.default_rng([1, STREAM, i]))
+        assert len(scene.objects) == 1 and (scene.instance_map == 0).sum() >= 1
+        assert data[i][1] == shapes.SHAPE_NAMES.index(scene.objects[0].category)
+    assert min((shapes.render_scene(data.scene, np.random.default_rng([1, STREAM, i])).instance_map == 0).sum()
+               for i in range(300)) < 12  # the case the test is about did occur
 
 
 def test_the_held_out_images_are_not_training_images():
@@ -98,15 +112,58 @@ def test_command_line_writes_the_file_and_names_a_bad_argument(tmp_path, capsys)
 
     out = tmp_path / "R.pth"
     assert main(["--blocks", "1,1,1,1", "--width", "4", "--iterations", "2", "--batch-size", "4",
-                 "--image-size", "32", "--workers", "0", "--device", "cpu", "--out", str(out)]) == 0
+                 "--image-size", "32", "--workers", "0", "--device", "cpu", "--min-size-frac", "0.2",
+                 "--max-size-frac", "0.5", "--out", str(out)]) == 0
     saved = torch.load(out, map_location="cpu", weights_only=True)
     assert saved["model"]["conv1.weight"].shape == (4, 3, 7, 7) and saved["info"]["config"]["iterations"] == 2
+    assert (saved["info"]["config"]["min_size_frac"], saved["info"]["config"]["max_size_frac"]) == (0.2, 0.5)
     assert "top-1" in capsys.readouterr().out
+    assert set(saved["info"]["top1_by_size"]) == {10, 13, 16, 20, 26, 32}  # the sizes a 32 px image holds
+    assert main(["--evaluate", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{out}: top-1 by object side (32 px images" in printed and "32 px" in printed and "40 px" not in printed
     with pytest.raises(SystemExit):
         main(["--blocks", "1,1,x", "--out", str(out)])
     assert "--blocks must be 4 integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--blocks", "1,1,1,1"])
+    assert "--out is required" in capsys.readouterr().err
+    bad = tmp_path / "weights_only.pth"
+    torch.save(saved["model"], bad)
+    with pytest.raises(ValueError, match="weights_only.pth: not a file written by mrcnn_edu.pretrain"):
+        main(["--evaluate", str(bad)])
+
+
+def test_top1_by_size_draws_every_shape_at_exactly_that_size(monkeypatch):
+    import mrcnn_edu.pretrain as pretrain_module
+
+    seen = []
+
+    def evaluate(model, cfg):  # what each size's evaluation draws, instead of a classifier
+        data = ShapeClassification(cfg, 20, offset=10**9)
+        seen.append({round(float(s)) for s in [data.scene.min_size_frac * cfg.image_size,
+                                                data.scene.max_size_frac * cfg.image_size]})
+        return len(seen) / 10
+
+    monkeypatch.setattr(pretrain_module, "evaluate_classifier", evaluate)
+    by_size = pretrain_module.top1_by_size(None, PretrainConfig(image_size=32), (8, 16, 32, 48))
+    assert by_size == {8: 0.1, 16: 0.2, 32: 0.3}  # 48 px does not fit a 32 px image
+    assert seen == [{8}, {16}, {32}]
 
 
 def _save_state(path, state):
     torch.save(state, path)
     return path
+
+
+def test_with_a_larger_input_size_the_bodies_are_pre_trained_on_as_much_larger_images(tmp_path):
+    # the classifier's shapes must be as large as the objects the detector will see
+    assert ablations.pretrain_config().image_size == ablations.MINI_PRETRAIN["image_size"] == 64
+    assert ablations.pretrain_config(input_size=384).image_size == 128
+    assert ablations.pretrain_config(input_size=96).image_size == 32
+    assert ablations.pretrain_config(quick=True, input_size=384) == ablations.pretrain_config(quick=True)
+    body = tmp_path / "ResNet-50.pth"
+    torch.save({"model": {}, "info": {"config": dataclasses.asdict(ablations.pretrain_config())}}, body)
+    ablations.check_pretrained_body(body)  # made as planned: accepted
+    with pytest.raises(ValueError, match=r"ResNet-50.pth was pre-trained with image_size=64 \(planned 128\)"):
+        ablations.check_pretrained_body(body, input_size=384)

@@ -163,8 +163,8 @@ def pretrain(resnet: ResNetConfig, cfg: PretrainConfig, out: str | Path | None =
     Seeds torch with ``cfg.seed`` (the initial weights); the images are seeded per index.
 
     Returns ``(state_dict, info)``: the state dict in torchvision's ResNet key layout (body
-    and ``fc``), and ``info`` with the accuracy on 1000 held-out images, the losses and the
-    wall time. With ``out``, also writes ``{"model": state_dict, "info": info}`` there
+    and ``fc``), and ``info`` with the accuracy on 1000 held-out images (``top1``, and per object
+    size ``top1_by_size``), the losses and the wall time. With ``out``, also writes ``{"model": state_dict, "info": info}`` there
     atomically -- ``load_imagenet_state_dict`` takes either form's ``model``.
     """
     device = _pick_device(cfg.device, get_dist_info())

@@ -2,12 +2,13 @@
 
 Mask R-CNN sets its training up "following existing Fast/Faster R-CNN work" (§3.1), which
 fine-tunes ImageNet-pre-trained networks; Appendix B calls it pre-training on "the standard
-1k-class subset" of ImageNet. Every Table 2 row of the paper starts from such weights. The miniature Table 2 (``ablations.py``) has no ImageNet, and a
-from-scratch detector learns *what* an object is very slowly: He, Girshick & Dollár,
-"Rethinking ImageNet Pre-training" (2018), match pre-trained accuracy from scratch only with
-GroupNorm and ~3x longer schedules. Measured here (``docs/training.md``): a from-scratch
-R-mini-C4 after 6000 images proposes well (RPN recall 85 % at IoU 0.5) but names only 30 %
-of the objects it finds correctly -- the synthetic classes differ only by outline.
+1k-class subset" of ImageNet. Every Table 2 row of the paper starts from such weights. The
+miniature Table 2 (``ablations.py``) has no ImageNet, and a from-scratch detector learns
+*what* an object is very slowly: He, Girshick & Dollár, "Rethinking ImageNet Pre-training"
+(2018), match pre-trained accuracy from scratch only with GroupNorm and ~3x longer schedules.
+Measured here (``docs/training.md``): a from-scratch R-mini-C4 after 6000 images proposes well
+(RPN recall 85 % at IoU 0.5) but names only 30 % of the objects it finds correctly -- the
+synthetic classes differ only by outline.
 
 So the miniature does what the paper does, on data of its own world: this module trains the
 ResNet body *as a classifier* (global average pool of C5, then fc, as ImageNet models are) on
@@ -129,7 +130,6 @@ def evaluate_classifier(model: ResNet, cfg: PretrainConfig) -> float:
     return correct / images
 
 
-@torch.no_grad()
 def top1_by_size(model: ResNet, cfg: PretrainConfig, sizes_px: tuple[int, ...] = SIZES_PX) -> dict[int, float]:
     """Top-1 on held-out images whose one shape is exactly ``px`` pixels, for each size that
     fits ``cfg.image_size`` (``cfg``'s own size range is ignored). A detector's RoIs meet
@@ -164,8 +164,9 @@ def pretrain(resnet: ResNetConfig, cfg: PretrainConfig, out: str | Path | None =
 
     Returns ``(state_dict, info)``: the state dict in torchvision's ResNet key layout (body
     and ``fc``), and ``info`` with the accuracy on 1000 held-out images (``top1``, and per object
-    size ``top1_by_size``), the losses and the wall time. With ``out``, also writes ``{"model": state_dict, "info": info}`` there
-    atomically -- ``load_imagenet_state_dict`` takes either form's ``model``.
+    size ``top1_by_size``), the losses and the wall time. With ``out``, also writes
+    ``{"model": state_dict, "info": info}`` there atomically -- ``load_imagenet_state_dict``
+    takes either form's ``model``.
     """
     device = _pick_device(cfg.device, get_dist_info())
     torch.manual_seed(cfg.seed)
@@ -191,8 +192,8 @@ def pretrain(resnet: ResNetConfig, cfg: PretrainConfig, out: str | Path | None =
             if verbose:
                 print(f"pretrain iter {iteration + 1}/{cfg.iterations}  loss {losses[-1][1]:.3f}  "
                       f"lr {_lr_at(cfg, iteration):.4f}  {time.perf_counter() - tic:.0f} s", flush=True)
-    info = {"top1": evaluate_classifier(model, cfg), "top1_by_size": top1_by_size(model, cfg), "losses": losses,
-            "wall_time_s": round(time.perf_counter() - tic, 1), "device": str(device),
+    info = {"top1": evaluate_classifier(model, cfg), "top1_by_size": top1_by_size(model, cfg),
+            "losses": losses, "wall_time_s": round(time.perf_counter() - tic, 1), "device": str(device),
             "config": dataclasses.asdict(cfg), "resnet": dataclasses.asdict(resnet)}
     if verbose:
         print(f"pretrain: top-1 {100 * info['top1']:.1f} % on {cfg.eval_images} held-out shapes "

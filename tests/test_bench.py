@@ -139,7 +139,8 @@ def test_miniature_probe_evaluates_on_the_way_what_a_shorter_run_gives(tiny_shap
     diag = long["diagnose"]
     assert diag["images"] == 3 and diag["objects"] > 0
     assert 0 <= diag["rpn_recall@0.5"] <= 1 and 0 <= diag["class_right"] <= 1
-    assert 0 <= diag["mask_iou_given_box"]["all"] <= diag["mask_iou_ceiling"]["all"] + 1 and diag["mask_iou_ceiling"]["all"] > 0.5
+    assert 0 <= diag["mask_iou_given_box"]["all"] <= 1  # a 2-iteration model: any IoU is possible
+    assert 0.5 < diag["mask_iou_ceiling"]["all"] <= 1  # 14 x 14 targets of the tiny set's 16-45 px shapes
     again = probe.main(common + ["--iters", "2", "--no-eval", "--diagnose", "3", "--out", str(tmp_path / "long")])
     assert again["eval"] == {} and again["diagnose"] == diag  # the finished run's last model, not retrained
     printed = capsys.readouterr().out

@@ -6,7 +6,7 @@ The probe tables in docs/training.md are runs of this script (commands there), o
 
     python -m mrcnn_edu.ablations pretrain-one --body ResNet-50 --out runs/probe/R-mini-50.pth
     python bench/miniature_probe.py --run r50_c4 --iters 1000 --eval-at 500 1000 \\
-        --weights runs/probe/R-mini-50.pth [--input-size 384] [--diagnose 60]
+        --weights runs/probe/R-mini-50.pth [--input-size 192] [--diagnose 60]
 
 It trains ``ablations.model_config(RUNS[run])`` -- exactly the model ``ablate`` trains -- with
 the probe's schedule (default: 4 images per batch, lr 0.005, 200 warm-up iterations, no decay,
@@ -18,9 +18,12 @@ evaluation. ``--diagnose N`` adds, on the first N val images, with the last chec
   has the right class (what separates "where" from "what");
 - the mask branch alone: the mean mask IoU when it is given each object's true box and class,
   and the same for the m x m training target pasted back -- the ceiling of the mask resolution
-  (what separates the mask branch from the detector before it), overall and per COCO size.
+  (what separates the mask branch from the detector before it), overall, per COCO size and per
+  class.
 
-Rerunning the same command resumes from the run's last checkpoint.
+Rerunning the same command resumes from the run's last checkpoint. ``--start-from CKPT``
+starts a new run folder from another probe's checkpoint: the same run continued on another
+schedule, e.g. with the lr decayed from there on (``--decay-at``).
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from mrcnn_edu import ablations  # noqa: E402
 from mrcnn_edu.boxes import box_iou  # noqa: E402
-from mrcnn_edu.checkpoint import checkpoint_path  # noqa: E402
+from mrcnn_edu.checkpoint import checkpoint_path, last_checkpoint  # noqa: E402
 from mrcnn_edu.data.coco import COCODataset, collate_fn  # noqa: E402
 from mrcnn_edu.engine import train  # noqa: E402
 from mrcnn_edu.model import MaskRCNN  # noqa: E402
@@ -51,8 +54,8 @@ SIZES = {"small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, float("
 
 @torch.no_grad()
 def mask_given_box(model: MaskRCNN, image: torch.Tensor, target: dict) -> torch.Tensor:
-    """The mask branch alone, for each ground-truth object of one image: (G, 3) rows of
-    (mask area in pixels, IoU of the predicted mask, IoU of the m x m training target).
+    """The mask branch alone, for each ground-truth object of one image: (G, 4) rows of
+    (mask area in pixels, IoU of the predicted mask, IoU of the m x m training target, label).
 
     The branch is handed the object's true box and class, as if the box branch were perfect, so
     the IoU measures the mask branch and nothing before it. The training target (the ground
@@ -77,7 +80,8 @@ def mask_given_box(model: MaskRCNN, image: torch.Tensor, target: dict) -> torch.
     def iou(masks: torch.Tensor) -> torch.Tensor:
         return (masks & gt).flatten(1).sum(1) / (masks | gt).flatten(1).sum(1).clamp(min=1)
 
-    return torch.stack([gt.flatten(1).sum(1).float(), iou(predicted), iou(best)], dim=1).cpu()
+    labels = target["labels"].to(device).float()
+    return torch.stack([gt.flatten(1).sum(1).float(), iou(predicted), iou(best), labels], dim=1).cpu()
 
 
 def _by_size(rows: torch.Tensor, column: int) -> dict:
@@ -88,6 +92,13 @@ def _by_size(rows: torch.Tensor, column: int) -> dict:
         if pick.any():
             means[name] = rows[pick, column].mean()
     return {k: round(float(v), 3) for k, v in means.items()}
+
+
+def _by_class(rows: torch.Tensor, column: int, class_names: list[str]) -> dict:
+    """Mean of ``rows[:, column]`` per class present (``rows[:, 3]`` the label, 1..K)."""
+    labels = rows[:, 3].long()
+    return {class_names[k]: round(float(rows[labels == k, column].mean()), 3)
+            for k in sorted(set(labels.tolist()))}
 
 
 @torch.no_grad()
@@ -123,6 +134,9 @@ def diagnose(model: MaskRCNN, dataset, n: int) -> dict:
         rows = torch.cat(mask_rows)
         result["mask_iou_given_box"] = _by_size(rows, 1)
         result["mask_iou_ceiling"] = _by_size(rows, 2)
+        # which shapes the branch fails on: thin parts (ring, star, cross) need finer features
+        result["mask_iou_given_box_by_class"] = _by_class(rows, 1, dataset.class_names)
+        result["mask_iou_ceiling_by_class"] = _by_class(rows, 2, dataset.class_names)
     return result
 
 
@@ -152,17 +166,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--threads", type=int, default=1, help="CPU compute threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="run folder (default runs/probe/RUN_ITERS_BATCH[_SIZE])")
+    parser.add_argument("--start-from", default=None,
+                        help="a checkpoint to start from while --out has none yet, e.g. another probe's "
+                             "model_0001500.pth, to branch a schedule (--decay-at) off it")
+    parser.add_argument("--out", default=None, help="run folder (default runs/probe/RUN_ITERS_BATCH_SIZE)")
     args = parser.parse_args(argv)
     eval_at = sorted(set(args.eval_at or [args.iters]))
     if eval_at[0] < 1 or eval_at[-1] > args.iters:
         parser.error(f"--eval-at: iterations must lie in 1..{args.iters}, got {eval_at}")
 
     torch.set_num_threads(args.threads)
-    out = Path(args.out or (f"runs/probe/{args.run}_{args.iters}_{args.batch}"
-                            + (f"_{args.input_size}" if args.input_size else "")))
     dataset = "shapes"
     model_cfg = ablations.model_config(ablations.RUNS[args.run], dataset, args.quick, args.input_size)
+    size = model_cfg.transform.min_size_test  # the input the model resizes to (default MINI_INPUT_SIZE)
+    out = Path(args.out or f"runs/probe/{args.run}_{args.iters}_{args.batch}_{size}")
     if args.blocks:
         blocks = tuple(int(b) for b in args.blocks.split(","))
         model_cfg.backbone = dataclasses.replace(
@@ -176,13 +193,15 @@ def main(argv: list[str] | None = None) -> dict:
         reference_batch=args.batch, base_lr=args.lr, warmup_iters=min(args.warmup, args.iters),
         steps=tuple(args.decay_at) or (10**9,), log_period=min(50, args.iters),
         checkpoint_period=math.gcd(*eval_at), progress=False)  # a checkpoint at every --eval-at
+    if args.start_from and last_checkpoint(out) is None:  # once out has its own, resume from those
+        train_cfg = dataclasses.replace(train_cfg, resume=args.start_from)
 
     torch.manual_seed(args.seed)
     model = MaskRCNN(model_cfg)
     init = ablations.load_body(model, args.weights, args.run) if args.weights else {"weights": None}
     tic = time.perf_counter()
     trained = train(model, train_set, train_cfg, collate_fn)
-    result = {"run": args.run, "init": init, "input_size": args.input_size,
+    result = {"run": args.run, "init": init, "input_size": size,
               "train_s": round(time.perf_counter() - tic),
               "schedule": {k: getattr(trained["config"], k) for k in
                            ("max_iter", "images_per_batch", "base_lr", "warmup_iters", "steps")},

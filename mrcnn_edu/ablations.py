@@ -10,8 +10,9 @@ Rows that share a model share a run, as in the paper: ResNet-50-C4 with sigmoid 
 RoIAlign (avg) is one model, printed as 30.3 AP in (a), (b) and (c); R-50-FPN with the FCN
 mask head is one model in (a) and (e). 15 distinct runs cover the 18 rows.
 
-Scales: ``--dataset shapes`` is the miniature (``data/shapes.py``'s 192 px set, narrow
-GroupNorm ResNets of the same C4 / C5 / FPN structure, ``config.mini_*``, :data:`MINI_SCHEDULE`;
+Scales: ``--dataset shapes`` is the miniature (``data/shapes.py``'s 192 px set, resized to
+:data:`MINI_INPUT_SIZE` in the model, narrow GroupNorm ResNets of the same C4 / C5 / FPN
+structure, ``config.mini_*``, :data:`MINI_SCHEDULE`;
 each row names the miniature that stands in for the paper's backbone). As the paper's rows
 start from ImageNet weights (Appendix B), the miniature's start from its own: each distinct body
 (R-50, R-101, X-101 stand-ins) is first trained once as a classifier of single synthetic
@@ -46,8 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["RunSpec", "Row", "RUNS", "ROWS", "SUBTABLES", "MINI_SCHEDULE", "DEFAULT_JOBS",
-           "MINI_PRETRAIN", "model_config", "train_config", "load_body", "select_runs", "stand_in",
-           "run_one", "pending", "may_start", "pretrain_bodies", "run_table", "main"]
+           "MINI_PRETRAIN", "MINI_INPUT_SIZE", "model_config", "train_config", "load_body",
+           "select_runs", "stand_in", "run_one", "pending", "may_start", "pretrain_bodies",
+           "run_table", "main"]
 
 # --- the runs: one model each ---------------------------------------------------------------
 
@@ -139,6 +141,12 @@ GAINS = [("2b", "gain (sigmoid − softmax)", "r50_c4", "r50_c4_softmax"),
 # --- the miniature: which small model stands in for which paper backbone ----------------------
 
 MINI_IMAGE_SIZE = 192  # data/shapes.py's default set
+# The shorter side the model resizes those images to (--input-size overrides). 2x: at 192 px
+# the stride-16 C4 map (12 x 12) cannot resolve the shapes' thin parts (bar, crescent, the
+# person's limbs). Measured on the CPU (docs/training.md, one seed, 2000 iterations of 4
+# images), 384 px with bodies pre-trained at the same scale lifted C4's mask AP from 9.9 to
+# 16.0, for 1.5x the table's FLOPs and the same kernel launches (bench/input_size_cost.py).
+MINI_INPUT_SIZE = 384
 MINI_WIDTH = 16  # config.mini_*: stem/res2 width 16 instead of 64
 # R-50 has (3, 4, 6, 3) blocks in res2..res5 and R-101 (3, 4, 23, 3): only res4 deepens.
 # The miniatures keep that: 1 block per stage for "50", three in res4 for "101".
@@ -153,9 +161,11 @@ DEFAULT_SEEDS = 3
 MINI_SCHEDULE = dict(base_lr=0.02, images_per_batch=16, reference_batch=16, max_iter=3000,
                      steps=(2250, 2750), warmup_iters=200, amp="bf16", num_workers=2,
                      checkpoint_period=500, log_period=50)
-# pretrain.PretrainConfig for the miniature's stand-in for ImageNet: 1500 x 128 single-shape
-# images of 64 px; on the project's CPU 340 s for R-mini-50 and 99.5 % top-1 (docs/training.md)
-MINI_PRETRAIN = dict(iterations=1500, batch_size=128, base_lr=0.1, image_size=64)
+# pretrain.PretrainConfig for the miniature's stand-in for ImageNet at MINI_INPUT_SIZE: 1500 x 128
+# single-shape images of 128 px, the objects as large as the detector sees them (pretrain_config
+# scales image_size with --input-size: 64 px for 192, where R-mini-50 takes 340 s on the
+# project's CPU and reaches 99.5 % top-1; docs/training.md)
+MINI_PRETRAIN = dict(iterations=1500, batch_size=128, base_lr=0.1, image_size=128)
 QUICK_PRETRAIN = dict(iterations=3, batch_size=8, base_lr=0.01, image_size=64, warmup_iters=1,
                       num_workers=0, log_period=1, device="cpu", eval_images=64)
 QUICK_SCHEDULE = dict(base_lr=0.01, images_per_batch=2, reference_batch=2, max_iter=3, steps=(2,),
@@ -206,9 +216,9 @@ def model_config(spec: RunSpec, dataset: str = "shapes", quick: bool = False,
                  input_size: int | None = None):
     """The ``MaskRCNNConfig`` of ``spec``: the paper's COCO model or its miniature stand-in.
 
-    ``input_size`` (miniature only): the shorter side the model resizes images to, e.g. 384 to
-    upsample the 192 px set 2x, so that objects cover as many stride-16 cells as COCO's do at
-    800 px (docs/training.md); ``None``: the images' own size.
+    ``input_size`` (miniature only): the shorter side the model resizes images to; ``None``:
+    :data:`MINI_INPUT_SIZE` (384, the 192 px set upsampled 2x; docs/training.md), or the tiny
+    set's own 64 px with ``quick``.
     """
     from mrcnn_edu import config
 
@@ -221,7 +231,7 @@ def model_config(spec: RunSpec, dataset: str = "shapes", quick: bool = False,
         return _apply_heads(config.get_preset(name), spec, spec.mlp_dims)
     if dataset != "shapes":
         raise ValueError(f"dataset must be 'shapes' or 'coco', got {dataset!r}")
-    size, width = (64, 8) if quick else (MINI_IMAGE_SIZE, MINI_WIDTH)
+    size, width = (64, 8) if quick else (MINI_INPUT_SIZE, MINI_WIDTH)
     build = {"C4": config.mini_c4, "C5": config.mini_c5, "FPN": config.mini_fpn}[spec.features]
     if input_size is not None and input_size < 16:
         raise ValueError(f"--input-size must be >= 16 pixels, got {input_size}")
@@ -439,17 +449,18 @@ def pretrain_bodies(runs: list[str], args: argparse.Namespace) -> Path:
 def pretrain_config(quick: bool = False, input_size: int | None = None):
     """The ``pretrain.PretrainConfig`` the table's bodies are pre-trained with.
 
-    With ``input_size`` (``--input-size``) the classifier's images grow by the same factor as
-    the detector's, so its shapes are as large as the objects the detector then sees: a body
-    pre-trained at one scale knows its classes at that scale only (docs/training.md measured
-    C4 at 384 px: mask AP 5.0 from 128 px pre-training, 2.0 from 64 px, after 500 iterations).
+    :data:`MINI_PRETRAIN` is for :data:`MINI_INPUT_SIZE`; with another ``input_size``
+    (``--input-size``) the classifier's images scale by the same factor as the detector's, so
+    its shapes are as large as the objects the detector then sees: a body pre-trained at one
+    scale knows its classes at that scale only (docs/training.md measured C4 at 384 px: mask AP
+    5.0 from 128 px pre-training, 2.0 from 64 px, after 500 iterations).
     """
     from mrcnn_edu.pretrain import PretrainConfig
 
     workers = min(16, max(1, (os.cpu_count() or 2) - 1))
     settings = QUICK_PRETRAIN if quick else dict(MINI_PRETRAIN, num_workers=workers)
     if input_size is not None and not quick:
-        settings = dict(settings, image_size=round(MINI_PRETRAIN["image_size"] * input_size / MINI_IMAGE_SIZE))
+        settings = dict(settings, image_size=round(MINI_PRETRAIN["image_size"] * input_size / MINI_INPUT_SIZE))
     return PretrainConfig(**settings)
 
 
@@ -579,9 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default=None, help="dataset folder (default data/generated/shapes, ..._tiny, data/coco)")
     parser.add_argument("--max-iter", type=int, default=None, help="override the schedule's length (steps scale with it)")
     parser.add_argument("--input-size", type=int, default=None,
-                        help="miniature: the shorter side images are resized to in the model "
-                             "(default: as drawn, 192; 384 upsamples 2x); the bodies are "
-                             "pre-trained on images as much larger (pretrain_config)")
+                        help="miniature: the shorter side the 192 px images are resized to in the "
+                             f"model (default {MINI_INPUT_SIZE}; 192: as drawn); the bodies are "
+                             "pre-trained on images scaled alike (pretrain_config)")
     parser.add_argument("--nproc-per-run", type=int, default=1, help="GPUs per run via torchrun (COCO)")
     parser.add_argument("--imagenet", default=None, help="COCO: folder with ResNet-50.pth, ResNet-101.pth, ResNeXt-101.pth")
     parser.add_argument("--pretrain", action=argparse.BooleanOptionalAction, default=None,

@@ -277,6 +277,9 @@ def markdown_table(summary: dict) -> str:
     lines = [f"# Table 2 of Mask R-CNN, reproduced ({mode}, dataset {summary.get('dataset', '?')})", "",
              "Ours: mean ± std over seeds (n = seeds finished); gains: Δ ± standard error. "
              "Paper: COCO minival, one training per row. Mask AP unless noted; APbb = box AP.", ""]
+    if summary.get("input_size") and summary.get("dataset") == "shapes":
+        lines += [f"Inputs: the synthetic images resized to {summary['input_size'][0]} px (shorter side) "
+                  "in the model (`--input-size`).", ""]
     if mode == "quick":
         lines += ["**Quick mode: a few CPU iterations on 64 px images. These numbers mean nothing;**",
                   "**they only show that the code path runs.**", ""]
@@ -323,7 +326,9 @@ def write_report(rows: list[Row], runs: list[str], seeds: int, mode: str, datase
     """Write ``table2_<mode>.json`` (everything) and ``.md`` (the tables) beside each other."""
     summary_path = Path(summary_path)
     previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    sizes = {r.get("model_config", {}).get("transform", {}).get("min_size_test") for r in records.values()}
     summary = {"table": "2", "mode": mode, "dataset": dataset, "seeds": seeds,
+               "input_size": sorted(sizes - {None}),  # one size: a table refuses to mix them
                "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "sessions": previous.get("sessions", []) + ([session] if session else []),
                **summarise(rows, runs, records, seeds, mode)}

@@ -115,9 +115,12 @@ def test_markdown_table_puts_the_papers_figures_beside_mean_and_std(tmp_path):
     for seed, (a, b) in enumerate([(30.0, 25.0), (31.0, 24.0), (32.0, 26.0)]):
         records[("r50_c4", seed)] = _fake_record("r50_c4", seed, a, a + 20, a + 2)
         records[("r50_c4_softmax", seed)] = _fake_record("r50_c4_softmax", seed, b, b + 20, b + 1)
+    for record in records.values():
+        record["model_config"] = {"transform": {"min_size_test": 384}}
     rows, runs = select_runs("r50_c4_softmax,r50_c4")
     summary = report.write_report(rows, runs, 3, "miniature", "shapes", records, tmp_path / "t.json")
     text = (tmp_path / "t.md").read_text()
+    assert summary["input_size"] == [384] and "resized to 384 px (shorter side) in the model" in text
     assert "| softmax | R-mini-C4, blocks (1,1,1,1), width 16 | 3 | 25.0 ± 1.0 | 45.0 ± 1.0 | 26.0 ± 1.0 | 24.8 | 44.1 | 25.1 |" in text
     assert "| ResNet-50-C4 |" in text and "| 31.0 ± 1.0 | 51.0 ± 1.0 | 33.0 ± 1.0 | 30.3 | 51.2 | 31.5 |" in text
     # the gain row: Δ = 31 - 25 = 6, s.e. = sqrt(1/3 + 1/3) = 0.816
@@ -166,6 +169,7 @@ def test_quick_mode_trains_one_row_end_to_end_then_a_rerun_trains_nothing(tiny_s
     row = next(r for r in summary["rows"] if r["label"] == "RoIPool (max)")
     assert row["ours"]["AP"]["n"] == 1 and row["paper"]["AP"] == 26.9
     assert "Quick mode" in summary_path.with_suffix(".md").read_text()
+    assert summary["input_size"] == [64]  # quick: the tiny set's own size
     per_run = tmp_path / "work" / "results" / "r50_c4_roipool__seed0.json"
     before = per_run.stat().st_mtime_ns
     capsys.readouterr()
@@ -219,7 +223,10 @@ def test_input_size_resizes_the_miniature_and_a_table_keeps_one_size(tmp_path):
     cfg = model_config(RUNS["r50_c4"], "shapes", input_size=384)
     assert cfg.transform.min_size_train == (384,) and cfg.transform.min_size_test == 384
     assert cfg.transform.max_size == 768
-    assert model_config(RUNS["r50_c4"], "shapes").transform.min_size_test == ablations.MINI_IMAGE_SIZE
+    default = model_config(RUNS["r50_c4"], "shapes").transform  # the 192 px set, upsampled 2x
+    assert default.min_size_test == ablations.MINI_INPUT_SIZE == 2 * ablations.MINI_IMAGE_SIZE
+    assert model_config(RUNS["r50_c4"], "shapes", input_size=192).transform.min_size_train == (192,)
+    assert model_config(RUNS["r50_c4"], "shapes", quick=True).transform.min_size_test == 64
     with pytest.raises(ValueError, match="--input-size is the miniature's"):
         model_config(RUNS["r50_c4"], "coco", input_size=384)
     with pytest.raises(ValueError, match="--input-size must be >= 16"):

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mrcnn_edu.data.shapes import SHAPE_NAMES
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -61,6 +63,33 @@ def test_dispatch_counts_script_compares_with_torchvision(capsys, restore_gpu_st
     assert re.search(r"ratio ours / torchvision at 1 images: train ops \d+\.\d\d", out)
     ours = re.search(r"ours R-50-FPN\s+1\s+(\d+)\s+(\d+)", out)
     assert ours and int(ours.group(1)) > 100  # it counted a real training step
+
+
+def test_byte_counter_counts_what_ops_write_and_not_views():
+    cost = load("input_size_cost")
+    x = torch.ones(4, 8)
+    with cost.ByteCounter() as counter:
+        y = x * 2  # writes 4 x 8 float32: 128 bytes
+        flat = y.view(32)  # a view: writes nothing
+        flat[:16].sum()  # the slice is a view; the sum writes one float32
+        y.add_(1)  # in place: writes y again
+    assert counter.bytes == 128 + 4 + 128
+    assert counter.ops == 5
+
+
+def test_input_size_cost_counts_each_run_as_its_roialign_twin(capsys, restore_gpu_stand_ins):
+    cost = load("input_size_cost")
+    assert cost.cost_twin("r50_c4_roipool") == cost.cost_twin("r50_c4_roiwarp_max") == "r50_c4"
+    assert cost.cost_twin("r50_c5_roipool") == "r50_c5_roialign"
+    assert cost.cost_twin("r50_fpn_mlp2") == "r50_fpn_mlp2" and cost.cost_twin("r50_c4_softmax") == "r50_c4_softmax"
+    result = cost.main(["--runs", "r50_c4", "r50_c4_roipool", "r50_fpn", "--batch", "1", "--sizes", "96", "192"])
+    costs, total = result["costs"], result["total"]
+    assert set(costs) == {"r50_c4", "r50_fpn"}  # RoIPool costs what RoIAlign does
+    for size in (96, 192):
+        assert total[size][0] == pytest.approx(2 * costs["r50_c4"][size][0] + costs["r50_fpn"][size][0])
+    for run in costs:  # a larger input: more arithmetic and more bytes
+        assert costs[run][192][0] > costs[run][96][0] > 0 and costs[run][192][1] > costs[run][96][1] > 0
+    assert "table (3 runs)" in capsys.readouterr().out
 
 
 def test_train_infer_benchmark_runs_both_models_with_the_same_weights(capsys):
@@ -129,7 +158,8 @@ def test_miniature_probe_evaluates_on_the_way_what_a_shorter_run_gives(tiny_shap
     one = torch.load(tmp_path / "long/model_0000001.pth", map_location="cpu", weights_only=False)["model"]
     end = torch.load(tmp_path / "short/model_0000001.pth", map_location="cpu", weights_only=False)["model"]
     assert one.keys() == end.keys() and all(torch.equal(one[k], end[k]) for k in one)
-    two = torch.load(tmp_path / "long/model_0000002.pth", map_location="cpu", weights_only=False)["model"]
+    two_state = torch.load(tmp_path / "long/model_0000002.pth", map_location="cpu", weights_only=False)
+    two, two_lr = two_state["model"], two_state["optimizer"]["param_groups"][0]["lr"]
     assert len(evaluated) == 3  # long at 1 and 2, short at 1
     for seen, checkpoint in zip(evaluated, (one, two, end)):
         assert all(torch.equal(seen[k], checkpoint[k]) for k in checkpoint)
@@ -141,10 +171,21 @@ def test_miniature_probe_evaluates_on_the_way_what_a_shorter_run_gives(tiny_shap
     assert 0 <= diag["rpn_recall@0.5"] <= 1 and 0 <= diag["class_right"] <= 1
     assert 0 <= diag["mask_iou_given_box"]["all"] <= 1  # a 2-iteration model: any IoU is possible
     assert 0.5 < diag["mask_iou_ceiling"]["all"] <= 1  # 14 x 14 targets of the tiny set's 16-45 px shapes
+    by_class = diag["mask_iou_ceiling_by_class"]
+    assert set(by_class) <= set(SHAPE_NAMES) and by_class and all(0 < v <= 1 for v in by_class.values())
+    assert set(diag["mask_iou_given_box_by_class"]) == set(by_class)
     again = probe.main(common + ["--iters", "2", "--no-eval", "--diagnose", "3", "--out", str(tmp_path / "long")])
     assert again["eval"] == {} and again["diagnose"] == diag  # the finished run's last model, not retrained
+    # a branch: the long run's first step continued with the lr divided by 10 from there on
+    branch = probe.main(common + ["--iters", "2", "--decay-at", "1", "--no-eval", "--out", str(tmp_path / "branch"),
+                                  "--start-from", str(tmp_path / "long/model_0000001.pth")])
+    assert branch["schedule"]["steps"] == (1,)
+    assert sorted(p.name for p in (tmp_path / "branch").glob("model_*.pth")) == ["model_0000002.pth"]
+    decayed = torch.load(tmp_path / "branch/model_0000002.pth", map_location="cpu", weights_only=False)
+    assert decayed["optimizer"]["param_groups"][0]["lr"] == pytest.approx(two_lr / 10)
+    assert not all(torch.equal(decayed["model"][k], two[k]) for k in two)  # a smaller step than long's
     printed = capsys.readouterr().out
-    assert "PROBE r50_c4 iteration 2: box AP" in printed and printed.count("RESULT ") == 3
+    assert "PROBE r50_c4 iteration 2: box AP" in printed and printed.count("RESULT ") == 4
     with pytest.raises(SystemExit):
         probe.main(common + ["--iters", "2", "--eval-at", "3"])
     assert "--eval-at: iterations must lie in 1..2" in capsys.readouterr().err
@@ -169,7 +210,7 @@ def test_mask_given_box_measures_the_mask_branch_against_brute_force_counts(pres
     target = {"boxes": torch.tensor([[20.0, 20.0, 40.0, 40.0], [44.0, 8.0, 60.0, 16.0]]),
               "labels": torch.tensor([1, 2]), "masks": torch.stack([disk, square])}
     rows = probe.mask_given_box(model, torch.rand(3, 64, 64), target)
-    assert rows.shape == (2, 3)
+    assert rows.shape == (2, 4) and rows[:, 3].tolist() == [1.0, 2.0]  # the labels ride along
     assert rows[:, 0].tolist() == [float(disk.sum()), 128.0]
     assert rows[0, 1].item() == pytest.approx(float(disk.sum()) / 400)
     assert rows[1, 1].item() == pytest.approx(1.0) and rows[1, 2].item() == pytest.approx(1.0)
@@ -177,5 +218,7 @@ def test_mask_given_box_measures_the_mask_branch_against_brute_force_counts(pres
         assert 0.9 < rows[0, 2].item() < 1.0
     else:  # FPN: 28 cells for 20 px, finer than the pixels: the disk comes back exactly
         assert model.cfg.mask_head.resolution == 28 and rows[0, 2].item() == 1.0
-    summary = probe._by_size(torch.tensor([[100.0, 0.5, 1.0], [2000.0, 0.7, 0.9], [9300.0, 0.9, 1.0]]), 1)
-    assert summary == {"all": 0.7, "small": 0.5, "medium": 0.7, "large": 0.9}
+    rows = torch.tensor([[100.0, 0.5, 1.0, 2], [2000.0, 0.7, 0.9, 1], [9300.0, 0.9, 1.0, 2]])
+    assert probe._by_size(rows, 1) == {"all": 0.7, "small": 0.5, "medium": 0.7, "large": 0.9}
+    assert probe._by_class(rows, 1, ["__background__", "a", "b", "c"]) == {"a": 0.7, "b": 0.7}
+    assert probe._by_class(rows, 2, ["__background__", "a", "b", "c"]) == {"a": 0.9, "b": 1.0}

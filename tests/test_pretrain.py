@@ -158,12 +158,14 @@ def _save_state(path, state):
 
 def test_with_a_larger_input_size_the_bodies_are_pre_trained_on_as_much_larger_images(tmp_path):
     # the classifier's shapes must be as large as the objects the detector will see
-    assert ablations.pretrain_config().image_size == ablations.MINI_PRETRAIN["image_size"] == 64
-    assert ablations.pretrain_config(input_size=384).image_size == 128
+    # the default input is 384 px (the 192 px set upsampled 2x): 128 px classification images
+    assert ablations.pretrain_config().image_size == ablations.MINI_PRETRAIN["image_size"] == 128
+    assert ablations.pretrain_config(input_size=384) == ablations.pretrain_config()
+    assert ablations.pretrain_config(input_size=192).image_size == 64
     assert ablations.pretrain_config(input_size=96).image_size == 32
     assert ablations.pretrain_config(quick=True, input_size=384) == ablations.pretrain_config(quick=True)
     body = tmp_path / "ResNet-50.pth"
-    torch.save({"model": {}, "info": {"config": dataclasses.asdict(ablations.pretrain_config())}}, body)
-    ablations.check_pretrained_body(body)  # made as planned: accepted
+    torch.save({"model": {}, "info": {"config": dataclasses.asdict(ablations.pretrain_config(input_size=192))}}, body)
+    ablations.check_pretrained_body(body, input_size=192)  # made as planned: accepted
     with pytest.raises(ValueError, match=r"ResNet-50.pth was pre-trained with image_size=64 \(planned 128\)"):
-        ablations.check_pretrained_body(body, input_size=384)
+        ablations.check_pretrained_body(body)  # the default table plans 128 px

@@ -6,7 +6,9 @@ The probe tables in docs/training.md are runs of this script (commands there), o
 
     python -m mrcnn_edu.ablations pretrain-one --body ResNet-50 --out runs/probe/R-mini-50.pth
     python bench/miniature_probe.py --run r50_c4 --iters 1000 --eval-at 500 1000 \\
-        --weights runs/probe/R-mini-50.pth [--input-size 192] [--diagnose 60]
+        --weights runs/probe/R-mini-50.pth [--diagnose 60]
+
+(both at the table's default 384 px input; add ``--input-size 192`` to both for 192 px).
 
 It trains ``ablations.model_config(RUNS[run])`` -- exactly the model ``ablate`` trains -- with
 the probe's schedule (default: 4 images per batch, lr 0.005, 200 warm-up iterations, no decay,

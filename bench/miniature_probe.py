@@ -136,7 +136,7 @@ def diagnose(model: MaskRCNN, dataset, n: int) -> dict:
         rows = torch.cat(mask_rows)
         result["mask_iou_given_box"] = _by_size(rows, 1)
         result["mask_iou_ceiling"] = _by_size(rows, 2)
-        # which shapes the branch fails on: thin parts (ring, star, cross) need finer features
+        # which shapes the branch fails on: thin parts (bar, crescent, limbs) need finer features
         result["mask_iou_given_box_by_class"] = _by_class(rows, 1, dataset.class_names)
         result["mask_iou_ceiling_by_class"] = _by_class(rows, 2, dataset.class_names)
     return result
@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     eval_at = sorted(set(args.eval_at or [args.iters]))
     if eval_at[0] < 1 or eval_at[-1] > args.iters:
         parser.error(f"--eval-at: iterations must lie in 1..{args.iters}, got {eval_at}")
+    if args.start_from and not Path(args.start_from).is_file():
+        parser.error(f"--start-from: no checkpoint file {args.start_from}")
 
     torch.set_num_threads(args.threads)
     dataset = "shapes"

@@ -189,6 +189,9 @@ def test_miniature_probe_evaluates_on_the_way_what_a_shorter_run_gives(tiny_shap
     with pytest.raises(SystemExit):
         probe.main(common + ["--iters", "2", "--eval-at", "3"])
     assert "--eval-at: iterations must lie in 1..2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        probe.main(common + ["--start-from", str(tmp_path / "nowhere.pth"), "--out", str(tmp_path / "x")])
+    assert f"--start-from: no checkpoint file {tmp_path / 'nowhere.pth'}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("preset", ["mini_c4", "mini_fpn"])

@@ -1,8 +1,8 @@
-"""What ``ablate --input-size 384`` costs on a GPU, bounded from this CPU: FLOPs and kernel launches.
+"""What a larger ``ablate --input-size`` costs on a GPU, bounded on the CPU: FLOPs, bytes, launches.
 
-The Table 2 miniature trains on 192 px images; ``--input-size 384`` upsamples them 2x inside the
-model so that objects cover as many stride-16 cells as COCO's do (docs/training.md). Whether the
-table then still fits its GPU budget depends on what bounds a training step there:
+The Table 2 miniature's images are 192 px; its default ``--input-size 384`` upsamples them 2x
+inside the model, so that the stride-16 C4 features resolve the shapes' thin parts
+(docs/training.md). What that costs on a GPU depends on what bounds a training step there:
 
 - **arithmetic** (large images, wide models): time grows with the FLOPs of the convolutions and
   matrix products, counted here by ``torch.utils.flop_counter.FlopCounterMode`` (forward and
@@ -14,11 +14,11 @@ table then still fits its GPU budget depends on what bounds a training step ther
   with the pixels.
 
 So the GPU's time ratio between 384 and 192 px lies between the launch ratio (the lowest it can
-be) and the larger of the FLOP and bytes ratios. All three counts are the same on every machine, so they are
-measured here, on a synthetic batch of 192 px images with 3-6 boxes each (the model resizes
-them). RoI pooling is one op for every variant (as in ``dispatch_counts.py``) and no FLOPs, so
-each run is counted as its RoIAlign-avg twin (the 15 runs of the table have 10 distinct costs),
-and the table's total weights each by the number of runs it stands for.
+be) and the larger of the FLOP and bytes ratios. All three counts are the same on every machine,
+so they are measured here, on a synthetic batch of 192 px images with 3-6 boxes each (the model
+resizes them). RoI pooling is one op for every variant (as in ``dispatch_counts.py``) and no
+FLOPs, so each run is counted as its RoIAlign-avg twin (the 15 runs of the table have 10
+distinct costs), and the table's total weights each by the number of runs it stands for.
 
     python bench/input_size_cost.py                      # every run, 8 images, 192 vs 384
     python bench/input_size_cost.py --runs r50_c4 r50_fpn --batch 16 --sizes 192 288 384

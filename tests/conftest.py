@@ -7,6 +7,17 @@ import torch
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+def pytest_report_header(config) -> list[str]:
+    """Say up front which torch runs the tests and whether torchvision, the oracle, is there."""
+    try:
+        import torchvision
+
+        oracle = f"torchvision {torchvision.__version__}: the tests against it run"
+    except Exception as error:  # absent, or a build that does not match this torch
+        oracle = f"torchvision not importable ({type(error).__name__}): the tests against it skip"
+    return [f"torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}; {oracle}"]
+
+
 @pytest.fixture(scope="session")
 def tiny_shapes(tmp_path_factory):
     """The ``tiny`` preset of ``mrcnn_edu.data.shapes`` (64 px images), written to a temp folder.

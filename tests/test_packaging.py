@@ -21,7 +21,7 @@ def test_environment_yml_and_pyproject_name_the_same_packages():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     wanted = {_name(r) for r in project["dependencies"]}
-    for extra in ("notebooks", "test"):
+    for extra in ("notebooks", "test", "oracle"):
         wanted |= {_name(r) for r in extras[extra]}
     listed = set()
     in_pip = False

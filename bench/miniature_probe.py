@@ -16,8 +16,10 @@ so that the evaluation at iteration 500 of a 1000-iteration probe is what a 500-
 gives), evaluates with COCOeval at each ``--eval-at`` iteration, and prints one line per
 evaluation. ``--diagnose N`` adds, on the first N val images, with the last checkpoint:
 
-- the RPN's recall at IoU 0.5, and the share of found objects whose best-overlapping detection
-  has the right class (what separates "where" from "what");
+- the RPN's recall at IoU 0.5, and the share of found objects (a detection at IoU >= 0.5) whose
+  highest-scoring such detection has the right class, overall and per COCO size (what separates
+  "where" from "what"); ``class_right_best_iou`` is the earlier measure, the best-overlapping
+  detection's class, which with per-class NMS is often a low-scoring duplicate's;
 - the mask branch alone: the mean mask IoU when it is given each object's true box and class,
   and the same for the m x m training target pasted back -- the ceiling of the mask resolution
   (what separates the mask branch from the detector before it), overall, per COCO size and per
@@ -103,12 +105,35 @@ def _by_class(rows: torch.Tensor, column: int, class_names: list[str]) -> dict:
             for k in sorted(set(labels.tolist()))}
 
 
+def class_of_found(gt_boxes: torch.Tensor, detections: dict) -> torch.Tensor:
+    """What each ground-truth object is named: (G, 2) long rows of (the label of the
+    highest-scoring detection that overlaps it at IoU >= 0.5, the label of the best-overlapping
+    detection if that IoU >= 0.5); 0 where no detection overlaps it that much (not found).
+
+    The highest-scoring one's label is what COCO's AP rewards. Per-class NMS keeps a box for
+    every class that scores, so one object can have several near-identical detections, and the
+    best-overlapping one may be a low-scoring duplicate of another class.
+    gt_boxes: (G, 4) xyxy; detections: ``boxes`` (D, 4) in the same frame, ``scores``, ``labels``.
+    """
+    named = torch.zeros(len(gt_boxes), 2, dtype=torch.long)
+    if len(gt_boxes) == 0 or len(detections["boxes"]) == 0:
+        return named
+    iou = box_iou(gt_boxes, detections["boxes"])  # (G, D)
+    hit = iou >= 0.5
+    found = hit.any(1)
+    top = torch.where(hit, detections["scores"][None, :], torch.tensor(-math.inf)).argmax(1)
+    best = iou.argmax(1)
+    named[found, 0] = detections["labels"][top[found]].long()
+    named[found, 1] = detections["labels"][best[found]].long()
+    return named
+
+
 @torch.no_grad()
 def diagnose(model: MaskRCNN, dataset, n: int) -> dict:
     """The module docstring's diagnostics on the first ``n`` images of ``dataset`` (with masks)."""
     model.eval()
-    found = total = right = matched = 0
-    mask_rows = []
+    found = total = 0
+    mask_rows, name_rows = [], []
     device = next(model.parameters()).device
     for index in range(min(n, len(dataset))):
         image, target = dataset[index]
@@ -121,17 +146,25 @@ def diagnose(model: MaskRCNN, dataset, n: int) -> dict:
         best = box_iou(gt_boxes.to(device) * scales[0], proposals[0]).max(1).values
         found += int((best >= 0.5).sum())
         total += len(gt_boxes)
-        detections = model([image.to(device)])[0]
-        if len(detections["boxes"]):
-            iou = box_iou(gt_boxes.to(device), detections["boxes"])  # (G, D)
-            best_iou, best_det = iou.max(1)
-            hit = best_iou >= 0.5
-            matched += int(hit.sum())
-            right += int((detections["labels"][best_det[hit]] == gt_labels.to(device)[hit]).sum())
+        detections = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+        area = target["masks"].flatten(1).sum(1).float()
+        name_rows.append(torch.cat([area[:, None], gt_labels[:, None].float(),
+                                    class_of_found(gt_boxes, detections).float()], dim=1))  # (G, 4)
         if model.mask_head is not None:
             mask_rows.append(mask_given_box(model, image, target))
+    names = torch.cat(name_rows) if name_rows else torch.zeros(0, 4)
+    detected = names[names[:, 2] > 0]  # (area, true label, top label, best-IoU label), found objects
+    right = torch.stack([detected[:, 0], (detected[:, 2] == detected[:, 1]).float(),
+                         (detected[:, 3] == detected[:, 1]).float()], dim=1)  # (area, top right, best right)
+    by_size = _by_size(right, 1) if len(detected) else {"all": 0.0}
+    confusion = {}  # true class -> {named as: count}, the highest-scoring detection's class
+    for truth, named in detected[:, 1:3].long().tolist():
+        row = confusion.setdefault(dataset.class_names[truth], {})
+        row[dataset.class_names[named]] = row.get(dataset.class_names[named], 0) + 1
     result = {"images": min(n, len(dataset)), "objects": total, "rpn_recall@0.5": found / max(total, 1),
-              "class_right": right / max(matched, 1), "detected@0.5": matched}
+              "detected@0.5": len(detected), "class_right": by_size["all"], "class_right_by_size": by_size,
+              "class_right_best_iou": round(float(right[:, 2].mean()), 3) if len(detected) else 0.0,
+              "class_confusion": confusion}
     if mask_rows:
         rows = torch.cat(mask_rows)
         result["mask_iou_given_box"] = _by_size(rows, 1)

@@ -169,6 +169,12 @@ def test_miniature_probe_evaluates_on_the_way_what_a_shorter_run_gives(tiny_shap
     diag = long["diagnose"]
     assert diag["images"] == 3 and diag["objects"] > 0
     assert 0 <= diag["rpn_recall@0.5"] <= 1 and 0 <= diag["class_right"] <= 1
+    assert 0 <= diag["class_right_best_iou"] <= 1 and 0 <= diag["detected@0.5"] <= diag["objects"]
+    assert diag["class_right_by_size"]["all"] == diag["class_right"]
+    confusion = diag["class_confusion"]  # every found object once, under its true class
+    assert sum(sum(row.values()) for row in confusion.values()) == diag["detected@0.5"]
+    right = sum(row.get(truth, 0) for truth, row in confusion.items())
+    assert diag["class_right"] == pytest.approx(right / max(diag["detected@0.5"], 1), abs=5e-4)
     assert 0 <= diag["mask_iou_given_box"]["all"] <= 1  # a 2-iteration model: any IoU is possible
     assert 0.5 < diag["mask_iou_ceiling"]["all"] <= 1  # 14 x 14 targets of the tiny set's 16-45 px shapes
     by_class = diag["mask_iou_ceiling_by_class"]
@@ -225,3 +231,21 @@ def test_mask_given_box_measures_the_mask_branch_against_brute_force_counts(pres
     assert probe._by_size(rows, 1) == {"all": 0.7, "small": 0.5, "medium": 0.7, "large": 0.9}
     assert probe._by_class(rows, 1, ["__background__", "a", "b", "c"]) == {"a": 0.7, "b": 0.7}
     assert probe._by_class(rows, 2, ["__background__", "a", "b", "c"]) == {"a": 0.9, "b": 1.0}
+
+
+def test_class_of_found_names_an_object_by_its_highest_scoring_overlapping_detection():
+    # Object 0 has three detections on it: the best-overlapping (IoU 1) is named 5 at score 0.2;
+    # the highest-scoring at IoU >= 0.5 (IoU 0.8, score 0.9) is named 3; a score-0.99 box at
+    # IoU 0.4 does not find it and does not count. Object 1 is found by nothing; object 2's only
+    # detection is named 4.
+    probe = load("miniature_probe")
+    gt_boxes = torch.tensor([[0.0, 0.0, 20.0, 20.0], [50.0, 50.0, 60.0, 60.0], [100.0, 0.0, 120.0, 20.0]])
+    detections = {"boxes": torch.tensor([[0.0, 0.0, 20.0, 20.0],     # IoU 1 with object 0
+                                         [0.0, 0.0, 20.0, 16.0],     # IoU 320/400 = 0.8
+                                         [0.0, 0.0, 20.0, 8.0],      # IoU 160/400 = 0.4: a miss
+                                         [100.0, 0.0, 120.0, 20.0]]),  # IoU 1 with object 2
+                  "scores": torch.tensor([0.2, 0.9, 0.99, 0.7]),
+                  "labels": torch.tensor([5, 3, 3, 4])}
+    assert probe.class_of_found(gt_boxes, detections).tolist() == [[3, 5], [0, 0], [4, 4]]
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+    assert probe.class_of_found(gt_boxes, empty).tolist() == [[0, 0]] * 3

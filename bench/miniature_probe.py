@@ -18,8 +18,9 @@ evaluation. ``--diagnose N`` adds, on the first N val images, with the last chec
 
 - the RPN's recall at IoU 0.5, and the share of found objects (a detection at IoU >= 0.5) whose
   highest-scoring such detection has the right class, overall and per COCO size (what separates
-  "where" from "what"); ``class_right_best_iou`` is the earlier measure, the best-overlapping
-  detection's class, which with per-class NMS is often a low-scoring duplicate's;
+  "where" from "what"), and which class each is taken for (``class_confusion``);
+  ``class_right_best_iou`` is the earlier measure, the best-overlapping detection's class, which
+  with per-class NMS may be a low-scoring duplicate's;
 - the mask branch alone: the mean mask IoU when it is given each object's true box and class,
   and the same for the m x m training target pasted back -- the ceiling of the mask resolution
   (what separates the mask branch from the detector before it), overall, per COCO size and per

@@ -7,8 +7,9 @@ miniature Table 2 (``ablations.py``) has no ImageNet, and a from-scratch detecto
 *what* an object is very slowly: He, Girshick & Dollár, "Rethinking ImageNet Pre-training"
 (2018), match pre-trained accuracy from scratch only with GroupNorm and ~3x longer schedules.
 Measured here (``docs/training.md``): a from-scratch R-mini-C4 after 6000 images proposes well
-(RPN recall 85 % at IoU 0.5) but names only 30 % of the objects it finds correctly -- the
-synthetic classes differ only by outline.
+(RPN recall 85 % at IoU 0.5) but names only 22 % of the objects it finds correctly (by the
+class of its highest-scoring detection on each; chance is 12.5 %) -- the synthetic classes
+differ only by outline.
 
 So the miniature does what the paper does, on data of its own world: this module trains the
 ResNet body *as a classifier* (global average pool of C5, then fc, as ImageNet models are) on

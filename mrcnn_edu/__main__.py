@@ -176,8 +176,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         experiment = replace(experiment, train=replace(experiment.train, resume=resume))
     try:
         run_training(experiment, spec)
-    finally:
-        cleanup_distributed()
+    except BaseException:
+        cleanup_distributed(wait=False)  # the other processes may never reach a barrier
+        raise
+    cleanup_distributed()
     return 0
 
 
@@ -202,8 +204,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             print(format_ap_table(metrics))
             if args.out:
                 Path(args.out).write_text(json.dumps(metrics, indent=1))
-    finally:
-        cleanup_distributed()
+    except BaseException:
+        cleanup_distributed(wait=False)  # the other processes may never reach a barrier
+        raise
+    cleanup_distributed()
     return 0
 
 

@@ -99,9 +99,18 @@ def init_distributed(device_type: str = "auto") -> DistInfo:
     return get_dist_info()
 
 
-def cleanup_distributed() -> None:
-    """Leave the process group (call once, at the very end of a torchrun script)."""
+def cleanup_distributed(wait: bool = True) -> None:
+    """Leave the process group (call once, at the very end of a torchrun script).
+
+    ``wait``: first meet the other processes at a barrier, so that none tears its connections
+    down while another is still using them (rank 0 saving the last checkpoint, say): gloo can
+    abort a process whose peer leaves early ("terminate called without an active exception",
+    seen once in this project's CI). Pass ``False`` on the way out of an error, where the
+    others may never reach the barrier.
+    """
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

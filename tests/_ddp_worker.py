@@ -139,5 +139,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     try:
         run(args.output_dir, args.iters, args.images_per_batch)
-    finally:
-        cleanup_distributed()
+    except BaseException:
+        cleanup_distributed(wait=False)
+        raise
+    cleanup_distributed()  # at a barrier first: rank 0 still writes files when rank 1 is done

@@ -165,7 +165,7 @@ def experiment_for_weights(weights: str, config: str | None, overrides: list[str
 # --- the commands ------------------------------------------------------------------------------
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mrcnn_edu.distributed import cleanup_distributed
+    from mrcnn_edu.distributed import leaving_process_group
     from mrcnn_edu.recipes import load_experiment
 
     overrides, resume = list(args.overrides), args.resume
@@ -174,17 +174,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     experiment, spec = load_experiment(args.config, overrides)
     if resume:
         experiment = replace(experiment, train=replace(experiment.train, resume=resume))
-    try:
+    with leaving_process_group():
         run_training(experiment, spec)
-    except BaseException:
-        cleanup_distributed(wait=False)  # the other processes may never reach a barrier
-        raise
-    cleanup_distributed()
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from mrcnn_edu.distributed import cleanup_distributed, init_distributed
+    from mrcnn_edu.distributed import init_distributed, leaving_process_group
     from mrcnn_edu.engine import _pick_device
     from mrcnn_edu.evaluation import format_ap_table
     from mrcnn_edu.predict import evaluate_model
@@ -192,7 +188,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     experiment, _ = experiment_for_weights(args.weights, args.config, args.overrides)
     _set_threads(experiment)
     info = init_distributed(experiment.train.device)
-    try:
+    with leaving_process_group():
         _, val_set = build_datasets(experiment, train=False)
         model = build_model(experiment, args.weights).to(_pick_device(experiment.train.device, info))
         tic = time.perf_counter()
@@ -204,10 +200,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             print(format_ap_table(metrics))
             if args.out:
                 Path(args.out).write_text(json.dumps(metrics, indent=1))
-    except BaseException:
-        cleanup_distributed(wait=False)  # the other processes may never reach a barrier
-        raise
-    cleanup_distributed()
     return 0
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "DistInfo",
     "init_distributed",
     "cleanup_distributed",
+    "leaving_process_group",
     "get_dist_info",
     "all_reduce_mean",
     "gather_predictions",
@@ -112,6 +113,20 @@ def cleanup_distributed(wait: bool = True) -> None:
         if wait:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def leaving_process_group() -> Iterator[None]:
+    """Run the body of a torchrun script, then leave the process group as
+    :func:`cleanup_distributed` says: at a barrier when the body finished, at once when it raised.
+    A no-op without a process group (a single process).
+    """
+    try:
+        yield
+    except BaseException:
+        cleanup_distributed(wait=False)  # the other processes may never reach a barrier
+        raise
+    cleanup_distributed()
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,8 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for mrcnn_edu
 
-from mrcnn_edu.distributed import (cleanup_distributed, gather_predictions,  # noqa: E402
-                                   get_dist_info, shard_indices)
+from mrcnn_edu.distributed import (gather_predictions, get_dist_info,  # noqa: E402
+                                   leaving_process_group, shard_indices)
 from mrcnn_edu.engine import TrainConfig, train  # noqa: E402
 
 NUM_CLASSES = 3
@@ -137,9 +137,5 @@ if __name__ == "__main__":
     parser.add_argument("--iters", type=int, default=4)
     parser.add_argument("--images-per-batch", type=int, default=8)
     args = parser.parse_args()
-    try:
+    with leaving_process_group():  # at a barrier: rank 0 still writes files when rank 1 is done
         run(args.output_dir, args.iters, args.images_per_batch)
-    except BaseException:
-        cleanup_distributed(wait=False)
-        raise
-    cleanup_distributed()  # at a barrier first: rank 0 still writes files when rank 1 is done

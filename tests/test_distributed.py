@@ -120,3 +120,26 @@ def test_two_processes_under_torchrun_end_with_the_weights_of_one_process(tmp_pa
     ddp_eval = json.loads((tmp_path / "ddp" / "eval.json").read_text())
     single_eval = json.loads((tmp_path / "single" / "eval.json").read_text())
     assert ddp_eval["num_images"] == 24 and ddp_eval["labels"] == single_eval["labels"]
+
+
+def test_leaving_the_process_group_waits_at_a_barrier_unless_an_error_is_on_its_way(monkeypatch):
+    from mrcnn_edu import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    with distributed.leaving_process_group():
+        calls.append("work")
+    assert calls == ["work", "barrier", "destroy"]
+    calls.clear()
+    with pytest.raises(KeyError):  # the others may never reach a barrier: leave at once
+        with distributed.leaving_process_group():
+            raise KeyError("boom")
+    assert calls == ["destroy"]
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    calls.clear()
+    with distributed.leaving_process_group():  # a single process: nothing to leave
+        pass
+    assert calls == []

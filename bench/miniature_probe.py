@@ -24,7 +24,9 @@ evaluation. ``--diagnose N`` adds, on the first N val images, with the last chec
 - the mask branch alone: the mean mask IoU when it is given each object's true box and class,
   and the same for the m x m training target pasted back -- the ceiling of the mask resolution
   (what separates the mask branch from the detector before it), overall, per COCO size and per
-  class.
+  class; for a softmax-loss run (Table 2b) also under each readout of its (K+1)-way output
+  (``mask_iou_given_box_by_softmax_readout``: p_k >= 0.5, argmax, and 1 - p_background, which
+  tells a head that misses the object from one whose classes split the object's pixels).
 
 Rerunning the same command resumes from the run's last checkpoint. ``--start-from CKPT``
 starts a new run folder from another probe's checkpoint: the same run continued on another
@@ -51,7 +53,7 @@ from mrcnn_edu.data.coco import COCODataset, collate_fn  # noqa: E402
 from mrcnn_edu.engine import train  # noqa: E402
 from mrcnn_edu.model import MaskRCNN  # noqa: E402
 from mrcnn_edu.predict import evaluate_model  # noqa: E402
-from mrcnn_edu.roi_heads.mask_head import mask_targets, paste_masks_in_image  # noqa: E402
+from mrcnn_edu.roi_heads.mask_head import SOFTMAX_READOUTS, mask_targets, paste_masks_in_image  # noqa: E402
 
 
 SIZES = {"small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, float("inf"))}  # COCO's areas
@@ -173,6 +175,21 @@ def diagnose(model: MaskRCNN, dataset, n: int) -> dict:
         # which shapes the branch fails on: thin parts (bar, crescent, limbs) need finer features
         result["mask_iou_given_box_by_class"] = _by_class(rows, 1, dataset.class_names)
         result["mask_iou_ceiling_by_class"] = _by_class(rows, 2, dataset.class_names)
+    if model.mask_head is not None and model.cfg.mask_head.loss == "softmax":
+        # the same masks under each readout of the (K+1)-way softmax: how much of the gap to the
+        # sigmoid is the head not finding the object, and how much classes splitting its pixels
+        result["mask_iou_given_box_by_softmax_readout"] = readouts = {}
+        chosen = model.cfg.mask_head
+        try:
+            for readout in SOFTMAX_READOUTS:
+                model.cfg.mask_head = dataclasses.replace(chosen, softmax_readout=readout)
+                rows = torch.cat([mask_given_box(model, image, target) for image, target in
+                                  (dataset[i] for i in range(min(n, len(dataset)))) if len(target["boxes"])]
+                                 or [torch.zeros(0, 4)])
+                readouts[readout] = {"all": round(float(rows[:, 1].mean()), 3) if len(rows) else 0.0,
+                                     **_by_class(rows, 1, dataset.class_names)}
+        finally:
+            model.cfg.mask_head = chosen
     return result
 
 
@@ -190,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--weights", default=None,
                         help="pre-trained body (pretrain.py's file or torchvision layout); default: from scratch")
     parser.add_argument("--input-size", type=int, default=None, help="as ablate --input-size")
+    parser.add_argument("--softmax-readout", default=None, choices=SOFTMAX_READOUTS,
+                        help="a softmax-loss run's test-time readout (MaskHeadConfig.softmax_readout)")
     parser.add_argument("--blocks", default=None, help="blocks per stage of the body, e.g. 2,2,3,2 "
                                                        "(default: the run's stand-in)")
     parser.add_argument("--quick", action="store_true", help="the quick 64 px miniature (tests)")
@@ -218,6 +237,10 @@ def main(argv: list[str] | None = None) -> dict:
     model_cfg = ablations.model_config(ablations.RUNS[args.run], dataset, args.quick, args.input_size)
     size = model_cfg.transform.min_size_test  # the input the model resizes to (default MINI_INPUT_SIZE)
     out = Path(args.out or f"runs/probe/{args.run}_{args.iters}_{args.batch}_{size}")
+    if args.softmax_readout:
+        if model_cfg.mask_head.loss != "softmax":
+            parser.error(f"--softmax-readout: run {args.run} has no softmax mask loss")
+        model_cfg.mask_head = dataclasses.replace(model_cfg.mask_head, softmax_readout=args.softmax_readout)
     if args.blocks:
         blocks = tuple(int(b) for b in args.blocks.split(","))
         model_cfg.backbone = dataclasses.replace(

@@ -169,7 +169,8 @@ class MaskRCNN(nn.Module):
         boxes = [d["boxes"] for d in detections]
         res5 = self.box_branch.res5_features(roi_features, boxes) if self.mask_pooler is None else None
         logits = self._mask_logits(roi_features, boxes, res5)
-        probs = mask_probs(logits, torch.cat([d["labels"] for d in detections]), cfg.loss, cfg.class_agnostic)
+        probs = mask_probs(logits, torch.cat([d["labels"] for d in detections]), cfg.loss, cfg.class_agnostic,
+                           cfg.softmax_readout)
         for d, p in zip(detections, probs.split([len(b) for b in boxes])):
             d["mask_probs"] = p
 

@@ -3,6 +3,7 @@
 Their numbers are only meaningful on a GPU; these tests guard the code paths (a GPU lent for
 minutes must not be spent on a Python error) and the counting the dispatch benchmark does.
 """
+import dataclasses
 import importlib.util
 import json
 import re
@@ -231,6 +232,48 @@ def test_mask_given_box_measures_the_mask_branch_against_brute_force_counts(pres
     assert probe._by_size(rows, 1) == {"all": 0.7, "small": 0.5, "medium": 0.7, "large": 0.9}
     assert probe._by_class(rows, 1, ["__background__", "a", "b", "c"]) == {"a": 0.7, "b": 0.7}
     assert probe._by_class(rows, 2, ["__background__", "a", "b", "c"]) == {"a": 0.9, "b": 1.0}
+
+
+def test_diagnose_reads_a_softmax_head_every_way_and_leaves_its_readout_as_it_was():
+    # A softmax mask head that gives every pixel of every RoI the probabilities
+    # softmax(0, 0, 2, 0) = (bg .096, class 1 .096, class 2 .711, class 3 .096): class 2 takes the
+    # foreground mass whatever the object. The class-1 disk then gets no pixel by p_1 >= 0.5 or by
+    # argmax (IoU 0), but its whole box by 1 - p_bg (IoU = disk / box pixels, counted); the class-2
+    # square, which fills its box, gets its box every way (IoU 1).
+    from mrcnn_edu.config import get_preset
+    from mrcnn_edu.model import MaskRCNN
+
+    probe = load("miniature_probe")
+    cfg = get_preset("mini_fpn", num_classes=3, image_size=64, width=8)
+    cfg.mask_head = dataclasses.replace(cfg.mask_head, loss="softmax")
+    model = MaskRCNN(cfg).eval()
+    torch.nn.init.zeros_(model.mask_head.predictor.weight)
+    with torch.no_grad():
+        model.mask_head.predictor.bias.copy_(torch.tensor([0.0, 0.0, 2.0, 0.0]))
+    yy, xx = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(64) + 0.5, indexing="ij")
+    disk = ((xx - 30) ** 2 + (yy - 30) ** 2 <= 10**2).to(torch.uint8)  # inside the box 20..40
+    square = torch.zeros(64, 64, dtype=torch.uint8)
+    square[8:16, 44:60] = 1
+    target = {"boxes": torch.tensor([[20.0, 20.0, 40.0, 40.0], [44.0, 8.0, 60.0, 16.0]]),
+              "labels": torch.tensor([1, 2]), "masks": torch.stack([disk, square])}
+
+    class OneImage:
+        class_names = ["__background__", "a", "b", "c"]
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(index)), target
+
+    result = probe.diagnose(model, OneImage(), 1)
+    share = round(float(disk.sum()) / 400, 3)
+    assert result["mask_iou_given_box_by_softmax_readout"] == {
+        "probability": {"all": 0.5, "a": 0.0, "b": 1.0},
+        "argmax": {"all": 0.5, "a": 0.0, "b": 1.0},
+        "foreground": {"all": round((float(disk.sum()) / 400 + 1) / 2, 3), "a": share, "b": 1.0}}
+    assert result["mask_iou_given_box_by_class"] == {"a": 0.0, "b": 1.0}  # the model's own readout
+    assert model.cfg.mask_head.softmax_readout == "probability"
 
 
 def test_class_of_found_names_an_object_by_its_highest_scoring_overlapping_detection():

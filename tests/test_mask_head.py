@@ -203,6 +203,29 @@ def test_mask_probs_take_the_predicted_class_channel():
     torch.testing.assert_close(agnostic, logits[:, 0].sigmoid())
 
 
+def test_softmax_readouts_differ_where_the_foreground_is_split_between_classes():
+    # one RoI, 2x1 pixels, channels (background, class 1, class 2); probabilities by hand:
+    # pixel 0: (0.20, 0.45, 0.35) -- class 1 wins the vote but holds under half the mass
+    # pixel 1: (0.60, 0.30, 0.10) -- background wins
+    probs = torch.tensor([[0.20, 0.45, 0.35], [0.60, 0.30, 0.10]], dtype=torch.float64)
+    logits = probs.log().T.reshape(1, 3, 2, 1)  # softmax(log p) = p
+    label = torch.tensor([1])
+    p1 = mask_probs(logits, label, loss="softmax")
+    torch.testing.assert_close(p1[0, :, 0], torch.tensor([0.45, 0.30], dtype=torch.float64))
+    vote = mask_probs(logits, label, loss="softmax", softmax_readout="argmax")
+    assert vote[0, :, 0].tolist() == [1.0, 0.0]  # pixel 0 is class 1's by argmax, not by p >= 0.5
+    assert mask_probs(logits, torch.tensor([2]), loss="softmax", softmax_readout="argmax")[0, :, 0].tolist() == [0.0, 0.0]
+    anything = mask_probs(logits, torch.tensor([2]), loss="softmax", softmax_readout="foreground")
+    torch.testing.assert_close(anything[0, :, 0], torch.tensor([0.80, 0.40], dtype=torch.float64))
+    # the sigmoid loss has no competing classes: the readout does not apply
+    sig = mask_probs(logits[:, 1:], label, softmax_readout="argmax")
+    torch.testing.assert_close(sig, logits[:, 1].sigmoid())
+    with pytest.raises(ValueError, match="softmax_readout"):
+        mask_probs(logits, label, loss="softmax", softmax_readout="max")
+    with pytest.raises(ValueError, match="softmax_readout"):
+        build_mask_head(8, 2, MaskHeadConfig(loss="softmax", softmax_readout="vote"))
+
+
 # ---------------------------------------------------------------- mask targets (§3.1)
 def _bilinear(image, y, x):
     """torchvision/Detectron2 RoIAlign's bilinear read of one point, in plain Python."""

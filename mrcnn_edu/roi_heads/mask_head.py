@@ -40,6 +40,9 @@ from torch import nn
 from mrcnn_edu.ops import roi_align
 
 
+SOFTMAX_READOUTS = ("probability", "argmax", "foreground")  # MaskHeadConfig.softmax_readout
+
+
 @dataclass
 class MaskHeadConfig:
     head: str = "fcn"  # "fcn" (Figure 4 right) | "mlp" (Table 2e) | "res5_deconv" (Figure 4 left)
@@ -50,6 +53,11 @@ class MaskHeadConfig:
     conv_dims: tuple[int, ...] = (256,) * 4  # "×4" convs of 256 channels (Figure 4 right)
     deconv_dim: int = 256  # channels of the 2×2 stride-2 deconv (Figure 4)
     mlp_dims: tuple[int, ...] = (1024, 1024)  # Table 2e: (1024, 1024) or (1024, 1024, 1024)
+    # how the softmax loss's (K+1)-way output becomes class k's mask at test time (the paper does
+    # not say): "probability" = p_k, binarised at 0.5 like the sigmoid's; "argmax" = the pixels
+    # where k wins the (K+1)-way vote, FCN's own rule; "foreground" = 1 - p_background, any class
+    # (a diagnostic: the object's pixels, whichever class the head gives them). Ignored by sigmoid.
+    softmax_readout: str = "probability"
 
 
 def mask_output_channels(num_classes: int, loss: str = "sigmoid", class_agnostic: bool = False) -> int:
@@ -148,6 +156,8 @@ class MLPMaskHead(nn.Module):
 
 def build_mask_head(in_channels: int, num_classes: int, cfg: MaskHeadConfig) -> nn.Module:
     """The head `cfg.head` names: FCNMaskHead, MLPMaskHead or Res5MaskHead."""
+    if cfg.softmax_readout not in SOFTMAX_READOUTS:  # used only at test time: refuse it before training
+        raise ValueError(f"cfg.softmax_readout must be one of {SOFTMAX_READOUTS}, got {cfg.softmax_readout!r}")
     if cfg.head == "fcn":
         return FCNMaskHead(in_channels, num_classes, cfg)
     if cfg.head == "mlp":
@@ -265,14 +275,29 @@ def mask_loss(
 
 
 def mask_probs(
-    mask_logits: torch.Tensor, labels: torch.Tensor, loss: str = "sigmoid", class_agnostic: bool = False
+    mask_logits: torch.Tensor, labels: torch.Tensor, loss: str = "sigmoid", class_agnostic: bool = False,
+    softmax_readout: str = "probability",
 ) -> torch.Tensor:
-    """The predicted class's soft mask: (N, C_out, m, m) logits, (N,) labels -> (N, m, m) in [0, 1]."""
+    """The predicted class's soft mask: (N, C_out, m, m) logits, (N,) labels -> (N, m, m) in [0, 1].
+
+    sigmoid: σ of class k's channel. softmax (Table 2b): ``softmax_readout="probability"`` gives
+    p_k, which the paste binarises at 0.5; ``"argmax"`` gives 1 where channel k has the largest
+    of the K+1 probabilities, else 0 (a pixel whose foreground mass is split between k and a
+    class it resembles can be k's by argmax with p_k < 0.5); ``"foreground"`` gives 1 - p_0, the
+    mass of every class together, which ignores ``labels``: what the head would segment if it
+    did not have to name each pixel.
+    """
     _check_logits_labels(mask_logits, labels, loss, class_agnostic)
+    if softmax_readout not in SOFTMAX_READOUTS:
+        raise ValueError(f"softmax_readout must be one of {SOFTMAX_READOUTS}, got {softmax_readout!r}")
     channel = _mask_channel(labels, loss, class_agnostic)
     rows = torch.arange(len(labels), device=labels.device)
     if loss == "sigmoid":
         return mask_logits[rows, channel].sigmoid()  # (N, m, m)
+    if softmax_readout == "argmax":
+        return (mask_logits.argmax(dim=1) == channel[:, None, None]).to(mask_logits.dtype)  # (N, m, m)
+    if softmax_readout == "foreground":
+        return 1 - mask_logits.softmax(dim=1)[:, 0]  # (N, m, m)
     return mask_logits.softmax(dim=1)[rows, channel]  # (N, m, m)
 
 

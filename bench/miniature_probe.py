@@ -60,9 +60,12 @@ SIZES = {"small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, float("
 
 
 @torch.no_grad()
-def mask_given_box(model: MaskRCNN, image: torch.Tensor, target: dict) -> torch.Tensor:
-    """The mask branch alone, for each ground-truth object of one image: (G, 4) rows of
-    (mask area in pixels, IoU of the predicted mask, IoU of the m x m training target, label).
+def mask_given_box(model: MaskRCNN, image: torch.Tensor, target: dict,
+                   softmax_readouts: tuple[str, ...] = ()) -> torch.Tensor:
+    """The mask branch alone, for each ground-truth object of one image: (G, 4 + R) rows of
+    (mask area in pixels, IoU of the predicted mask, IoU of the m x m training target, label),
+    then the predicted mask's IoU under each of ``softmax_readouts`` (R of them, for a softmax
+    head: ``MaskHeadConfig.softmax_readout``), from the same features.
 
     The branch is handed the object's true box and class, as if the box branch were perfect, so
     the IoU measures the mask branch and nothing before it. The training target (the ground
@@ -77,8 +80,23 @@ def mask_given_box(model: MaskRCNN, image: torch.Tensor, target: dict) -> torch.
     roi_features = [feature_maps[k] for k in model.backbone.feature_names][: model.num_roi_levels]
     detections = [{"boxes": boxes * scales[0], "labels": target["labels"].to(device),
                    "scores": boxes.new_ones(len(boxes))}]
-    model.predict_masks(roi_features, detections)
-    predicted = model.postprocess(detections, scales, [(height, width)], sizes)[0]["masks"][:, 0] >= 0.5
+
+    def predicted() -> torch.Tensor:  # (G, H, W) bool, read as model.cfg.mask_head says
+        model.predict_masks(roi_features, detections)
+        return model.postprocess(detections, scales, [(height, width)], sizes)[0]["masks"][:, 0] >= 0.5
+
+    own = predicted()
+    by_readout = []
+    chosen = model.cfg.mask_head
+    try:
+        for readout in softmax_readouts:
+            if readout == chosen.softmax_readout:
+                by_readout.append(own)
+                continue
+            model.cfg.mask_head = dataclasses.replace(chosen, softmax_readout=readout)
+            by_readout.append(predicted())
+    finally:
+        model.cfg.mask_head = chosen
     m = model.cfg.mask_head.resolution
     mode = model.cfg.transform.paste_mode
     best = paste_masks_in_image(mask_targets(gt, torch.arange(len(gt), device=device), boxes, m), boxes,
@@ -88,7 +106,8 @@ def mask_given_box(model: MaskRCNN, image: torch.Tensor, target: dict) -> torch.
         return (masks & gt).flatten(1).sum(1) / (masks | gt).flatten(1).sum(1).clamp(min=1)
 
     labels = target["labels"].to(device).float()
-    return torch.stack([gt.flatten(1).sum(1).float(), iou(predicted), iou(best), labels], dim=1).cpu()
+    return torch.stack([gt.flatten(1).sum(1).float(), iou(own), iou(best), labels,
+                        *map(iou, by_readout)], dim=1).cpu()
 
 
 def _by_size(rows: torch.Tensor, column: int) -> dict:
@@ -137,6 +156,10 @@ def diagnose(model: MaskRCNN, dataset, n: int) -> dict:
     model.eval()
     found = total = 0
     mask_rows, name_rows = [], []
+    # a softmax head read every way: how much of its gap to the sigmoid is not finding the
+    # object, and how much is its classes splitting the object's pixels
+    softmax = model.mask_head is not None and model.cfg.mask_head.loss == "softmax"
+    readouts = SOFTMAX_READOUTS if softmax else ()
     device = next(model.parameters()).device
     for index in range(min(n, len(dataset))):
         image, target = dataset[index]
@@ -154,7 +177,7 @@ def diagnose(model: MaskRCNN, dataset, n: int) -> dict:
         name_rows.append(torch.cat([area[:, None], gt_labels[:, None].float(),
                                     class_of_found(gt_boxes, detections).float()], dim=1))  # (G, 4)
         if model.mask_head is not None:
-            mask_rows.append(mask_given_box(model, image, target))
+            mask_rows.append(mask_given_box(model, image, target, readouts))
     names = torch.cat(name_rows) if name_rows else torch.zeros(0, 4)
     detected = names[names[:, 2] > 0]  # (area, true label, top label, best-IoU label), found objects
     right = torch.stack([detected[:, 0], (detected[:, 2] == detected[:, 1]).float(),
@@ -175,21 +198,10 @@ def diagnose(model: MaskRCNN, dataset, n: int) -> dict:
         # which shapes the branch fails on: thin parts (bar, crescent, limbs) need finer features
         result["mask_iou_given_box_by_class"] = _by_class(rows, 1, dataset.class_names)
         result["mask_iou_ceiling_by_class"] = _by_class(rows, 2, dataset.class_names)
-    if model.mask_head is not None and model.cfg.mask_head.loss == "softmax":
-        # the same masks under each readout of the (K+1)-way softmax: how much of the gap to the
-        # sigmoid is the head not finding the object, and how much classes splitting its pixels
-        result["mask_iou_given_box_by_softmax_readout"] = readouts = {}
-        chosen = model.cfg.mask_head
-        try:
-            for readout in SOFTMAX_READOUTS:
-                model.cfg.mask_head = dataclasses.replace(chosen, softmax_readout=readout)
-                rows = torch.cat([mask_given_box(model, image, target) for image, target in
-                                  (dataset[i] for i in range(min(n, len(dataset)))) if len(target["boxes"])]
-                                 or [torch.zeros(0, 4)])
-                readouts[readout] = {"all": round(float(rows[:, 1].mean()), 3) if len(rows) else 0.0,
-                                     **_by_class(rows, 1, dataset.class_names)}
-        finally:
-            model.cfg.mask_head = chosen
+        if readouts:
+            result["mask_iou_given_box_by_softmax_readout"] = {
+                readout: {"all": _by_size(rows, 4 + j)["all"], **_by_class(rows, 4 + j, dataset.class_names)}
+                for j, readout in enumerate(readouts)}
     return result
 
 

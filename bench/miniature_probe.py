@@ -26,7 +26,9 @@ evaluation. ``--diagnose N`` adds, on the first N val images, with the last chec
   (what separates the mask branch from the detector before it), overall, per COCO size and per
   class; for a softmax-loss run (Table 2b) also under each readout of its (K+1)-way output
   (``mask_iou_given_box_by_softmax_readout``: p_k >= 0.5, argmax, and 1 - p_background, which
-  tells a head that misses the object from one whose classes split the object's pixels).
+  tells a head that misses the object from one whose classes split the object's pixels);
+  and per class whether the branch draws the object or the class's average mask, its *template*
+  (``mask_template_by_class``, :func:`class_templates`: what tells an MLP head from an FCN).
 
 Rerunning the same command resumes from the run's last checkpoint. ``--start-from CKPT``
 starts a new run folder from another probe's checkpoint: the same run continued on another
@@ -61,7 +63,7 @@ SIZES = {"small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, float("
 
 @torch.no_grad()
 def mask_given_box(model: MaskRCNN, image: torch.Tensor, target: dict,
-                   softmax_readouts: tuple[str, ...] = ()) -> torch.Tensor:
+                   softmax_readouts: tuple[str, ...] = (), cells: list | None = None) -> torch.Tensor:
     """The mask branch alone, for each ground-truth object of one image: (G, 4 + R) rows of
     (mask area in pixels, IoU of the predicted mask, IoU of the m x m training target, label),
     then the predicted mask's IoU under each of ``softmax_readouts`` (R of them, for a softmax
@@ -71,6 +73,9 @@ def mask_given_box(model: MaskRCNN, image: torch.Tensor, target: dict,
     the IoU measures the mask branch and nothing before it. The training target (the ground
     truth RoIAligned to m x m, ``mask_targets``) pasted back with the same ``paste_masks_in_image``
     is the best an m x m mask can do: its IoU is the ceiling of the mask resolution.
+
+    ``cells``, if given, gets the pair ((G, m, m) predicted mask >= 0.5, (G, m, m) target >= 0.5)
+    appended, in the RoI's own m x m frame, for :func:`class_templates`.
     """
     device = next(model.parameters()).device
     height, width = image.shape[-2:]
@@ -86,6 +91,7 @@ def mask_given_box(model: MaskRCNN, image: torch.Tensor, target: dict,
         return model.postprocess(detections, scales, [(height, width)], sizes)[0]["masks"][:, 0] >= 0.5
 
     own = predicted()
+    own_cells = detections[0]["mask_probs"] >= 0.5  # (G, m, m), before pasting
     by_readout = []
     chosen = model.cfg.mask_head
     try:
@@ -99,8 +105,10 @@ def mask_given_box(model: MaskRCNN, image: torch.Tensor, target: dict,
         model.cfg.mask_head = chosen
     m = model.cfg.mask_head.resolution
     mode = model.cfg.transform.paste_mode
-    best = paste_masks_in_image(mask_targets(gt, torch.arange(len(gt), device=device), boxes, m), boxes,
-                                (height, width), mode=mode)[:, 0] >= 0.5
+    target_cells = mask_targets(gt, torch.arange(len(gt), device=device), boxes, m)  # (G, m, m) in [0, 1]
+    best = paste_masks_in_image(target_cells, boxes, (height, width), mode=mode)[:, 0] >= 0.5
+    if cells is not None:
+        cells.append((own_cells.reshape(-1, m, m).cpu(), (target_cells >= 0.5).reshape(-1, m, m).cpu()))
 
     def iou(masks: torch.Tensor) -> torch.Tensor:
         return (masks & gt).flatten(1).sum(1) / (masks | gt).flatten(1).sum(1).clamp(min=1)
@@ -125,6 +133,38 @@ def _by_class(rows: torch.Tensor, column: int, class_names: list[str]) -> dict:
     labels = rows[:, 3].long()
     return {class_names[k]: round(float(rows[labels == k, column].mean()), 3)
             for k in sorted(set(labels.tolist()))}
+
+
+def class_templates(cells: list[tuple[torch.Tensor, torch.Tensor]], labels: torch.Tensor,
+                    class_names: list[str]) -> dict:
+    """Does the mask branch draw the object, or its class's average mask?
+
+    ``cells``: ``mask_given_box``'s (predicted, target) pairs of (G_i, m, m) bool grids;
+    ``labels``: (sum G_i,) their classes 1..K. A class's *template* is its mean m x m target,
+    thresholded at 0.5: the one mask that fits all its objects best on average, and what a head
+    that cannot read where the object's pixels are learns first. Per class present: ``own``, the
+    predictions' mean m x m IoU with their object's target; ``template``, with the template;
+    ``template_vs_own``, the template's with each target (what drawing the template scores);
+    ``empty``, the share of predictions with no cell >= 0.5. A head that reads the object has
+    ``own`` above ``template``; one that draws the template has ``template`` near 1 and ``own``
+    near ``template_vs_own``.
+    """
+    predicted = torch.cat([p for p, _ in cells])  # (N, m, m) bool
+    target = torch.cat([t for _, t in cells])
+
+    def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a & b).flatten(1).sum(1) / (a | b).flatten(1).sum(1).clamp(min=1)
+
+    result = {}
+    for k in sorted(set(labels.tolist())):
+        pick = labels == k
+        template = (target[pick].float().mean(0) >= 0.5).expand_as(target[pick])
+        stats = {"objects": int(pick.sum()), "own": iou(predicted[pick], target[pick]).mean(),
+                 "template": iou(predicted[pick], template).mean(),
+                 "template_vs_own": iou(template, target[pick]).mean(),
+                 "empty": (predicted[pick].flatten(1).sum(1) == 0).float().mean()}
+        result[class_names[k]] = {n: v if n == "objects" else round(float(v), 3) for n, v in stats.items()}
+    return result
 
 
 def class_of_found(gt_boxes: torch.Tensor, detections: dict) -> torch.Tensor:
@@ -155,7 +195,7 @@ def diagnose(model: MaskRCNN, dataset, n: int) -> dict:
     """The module docstring's diagnostics on the first ``n`` images of ``dataset`` (with masks)."""
     model.eval()
     found = total = 0
-    mask_rows, name_rows = [], []
+    mask_rows, name_rows, cells = [], [], []
     # a softmax head read every way: how much of its gap to the sigmoid is not finding the
     # object, and how much is its classes splitting the object's pixels
     softmax = model.mask_head is not None and model.cfg.mask_head.loss == "softmax"
@@ -177,7 +217,7 @@ def diagnose(model: MaskRCNN, dataset, n: int) -> dict:
         name_rows.append(torch.cat([area[:, None], gt_labels[:, None].float(),
                                     class_of_found(gt_boxes, detections).float()], dim=1))  # (G, 4)
         if model.mask_head is not None:
-            mask_rows.append(mask_given_box(model, image, target, readouts))
+            mask_rows.append(mask_given_box(model, image, target, readouts, cells))
     names = torch.cat(name_rows) if name_rows else torch.zeros(0, 4)
     detected = names[names[:, 2] > 0]  # (area, true label, top label, best-IoU label), found objects
     right = torch.stack([detected[:, 0], (detected[:, 2] == detected[:, 1]).float(),
@@ -198,6 +238,8 @@ def diagnose(model: MaskRCNN, dataset, n: int) -> dict:
         # which shapes the branch fails on: thin parts (bar, crescent, limbs) need finer features
         result["mask_iou_given_box_by_class"] = _by_class(rows, 1, dataset.class_names)
         result["mask_iou_ceiling_by_class"] = _by_class(rows, 2, dataset.class_names)
+        # an fc head (Table 2e) draws its class's average mask before it can read the object's
+        result["mask_template_by_class"] = class_templates(cells, rows[:, 3].long(), dataset.class_names)
         if readouts:
             result["mask_iou_given_box_by_softmax_readout"] = {
                 readout: {"all": _by_size(rows, 4 + j)["all"], **_by_class(rows, 4 + j, dataset.class_names)}
@@ -228,6 +270,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--val-images", type=int, default=None, help="evaluate on the first N (default: all)")
     parser.add_argument("--diagnose", type=int, default=0,
                         help="RPN recall, class right and the mask branch alone on N val images")
+    parser.add_argument("--diagnose-split", default="val", choices=("val", "train"),
+                        help="the images --diagnose reads: val (default) or train, to tell "
+                             "underfitting from overfitting")
     parser.add_argument("--no-eval", action="store_true",
                         help="skip COCOeval: train (or find the run finished) and --diagnose only")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
@@ -289,8 +334,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"PROBE {args.run} iteration {it}: box AP {metrics['bbox']['AP']:.1f} "
               f"mask AP {metrics['segm']['AP']:.1f}  {json.dumps(metrics)}", flush=True)
     if args.diagnose:
-        with_masks = COCODataset(val_set.image_dir, val_set.ann_file, train=False)  # val_set has none
+        split = val_set if args.diagnose_split == "val" else train_set
+        # val_set loads no masks; train_set flips: read either as the model sees a test image
+        with_masks = COCODataset(split.image_dir, split.ann_file, train=False)
         result["diagnose"] = diagnose(model, with_masks, args.diagnose)  # at the last --eval-at (or the end)
+        result["diagnose"]["split"] = args.diagnose_split
         print(f"PROBE {args.run} diagnose: {json.dumps(result['diagnose'])}", flush=True)
     print("RESULT " + json.dumps(result), flush=True)
     return result

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from pycocotools.coco import COCO
 
+from mrcnn_edu.data.coco import COCODataset
 from mrcnn_edu.data.shapes import SHAPE_NAMES
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -181,8 +183,19 @@ def test_miniature_probe_evaluates_on_the_way_what_a_shorter_run_gives(tiny_shap
     by_class = diag["mask_iou_ceiling_by_class"]
     assert set(by_class) <= set(SHAPE_NAMES) and by_class and all(0 < v <= 1 for v in by_class.values())
     assert set(diag["mask_iou_given_box_by_class"]) == set(by_class)
+    templates = diag["mask_template_by_class"]
+    assert set(templates) == set(by_class) and all(
+        0 <= row[k] <= 1 for row in templates.values() for k in ("own", "template", "template_vs_own", "empty"))
     again = probe.main(common + ["--iters", "2", "--no-eval", "--diagnose", "3", "--out", str(tmp_path / "long")])
     assert again["eval"] == {} and again["diagnose"] == diag  # the finished run's last model, not retrained
+    assert diag["split"] == "val"
+    # the same model read on training images: the objects counted are the train file's
+    on_train = probe.main(common + ["--iters", "2", "--no-eval", "--diagnose", "3", "--diagnose-split", "train",
+                                    "--out", str(tmp_path / "long")])["diagnose"]
+    train_coco = COCO(str(tiny_shapes["train"]))
+    first = COCODataset(str(tiny_shapes["root"] / "train"), str(tiny_shapes["train"]), train=False).ids[:3]
+    assert on_train["split"] == "train" and on_train["images"] == 3
+    assert on_train["objects"] == len(train_coco.getAnnIds(imgIds=first, iscrowd=False))
     # a branch: the long run's first step continued with the lr divided by 10 from there on
     branch = probe.main(common + ["--iters", "2", "--decay-at", "1", "--no-eval", "--out", str(tmp_path / "branch"),
                                   "--start-from", str(tmp_path / "long/model_0000001.pth")])
@@ -192,7 +205,7 @@ def test_miniature_probe_evaluates_on_the_way_what_a_shorter_run_gives(tiny_shap
     assert decayed["optimizer"]["param_groups"][0]["lr"] == pytest.approx(two_lr / 10)
     assert not all(torch.equal(decayed["model"][k], two[k]) for k in two)  # a smaller step than long's
     printed = capsys.readouterr().out
-    assert "PROBE r50_c4 iteration 2: box AP" in printed and printed.count("RESULT ") == 4
+    assert "PROBE r50_c4 iteration 2: box AP" in printed and printed.count("RESULT ") == 5
     with pytest.raises(SystemExit):
         probe.main(common + ["--iters", "2", "--eval-at", "3"])
     assert "--eval-at: iterations must lie in 1..2" in capsys.readouterr().err
@@ -219,8 +232,13 @@ def test_mask_given_box_measures_the_mask_branch_against_brute_force_counts(pres
     square[8:16, 44:60] = 1  # rows 8..15, columns 44..59: fills the box (44, 8, 60, 16)
     target = {"boxes": torch.tensor([[20.0, 20.0, 40.0, 40.0], [44.0, 8.0, 60.0, 16.0]]),
               "labels": torch.tensor([1, 2]), "masks": torch.stack([disk, square])}
-    rows = probe.mask_given_box(model, torch.rand(3, 64, 64), target)
+    cells = []
+    rows = probe.mask_given_box(model, torch.rand(3, 64, 64), target, cells=cells)
     assert rows.shape == (2, 4) and rows[:, 3].tolist() == [1.0, 2.0]  # the labels ride along
+    m = model.cfg.mask_head.resolution
+    (predicted, target_cells), = cells  # the m x m grids: "all of the box", and the square fills its box
+    assert predicted.shape == target_cells.shape == (2, m, m) and bool(predicted.all())
+    assert bool(target_cells[1].all()) and 0 < target_cells[0].sum() < m * m
     assert rows[:, 0].tolist() == [float(disk.sum()), 128.0]
     assert rows[0, 1].item() == pytest.approx(float(disk.sum()) / 400)
     assert rows[1, 1].item() == pytest.approx(1.0) and rows[1, 2].item() == pytest.approx(1.0)
@@ -232,6 +250,21 @@ def test_mask_given_box_measures_the_mask_branch_against_brute_force_counts(pres
     assert probe._by_size(rows, 1) == {"all": 0.7, "small": 0.5, "medium": 0.7, "large": 0.9}
     assert probe._by_class(rows, 1, ["__background__", "a", "b", "c"]) == {"a": 0.7, "b": 0.7}
     assert probe._by_class(rows, 2, ["__background__", "a", "b", "c"]) == {"a": 0.9, "b": 1.0}
+
+
+def test_class_templates_tells_a_head_that_draws_the_class_average_from_one_that_reads_the_object():
+    # 2 x 2 grids. Class a: targets "top row" and "left column"; their mean (1, .5 / .5, 0) >= 0.5
+    # is the template "all but the bottom right", and both predictions draw it: template IoU 1,
+    # own IoU 2/3 each, as the template's own with each target. Class b: one target (its own
+    # template), predicted empty.
+    probe = load("miniature_probe")
+    top, left = torch.tensor([[1, 1], [0, 0]]), torch.tensor([[1, 0], [1, 0]])
+    corner, template, empty = torch.tensor([[0, 0], [0, 1]]), torch.tensor([[1, 1], [1, 0]]), torch.zeros(2, 2)
+    cells = [(torch.stack([template, empty]).bool(), torch.stack([top, corner]).bool()),  # image 1: a, b
+             (template[None].bool(), left[None].bool())]  # image 2: a
+    result = probe.class_templates(cells, torch.tensor([1, 2, 1]), ["__background__", "a", "b"])
+    assert result == {"a": {"objects": 2, "own": 0.667, "template": 1.0, "template_vs_own": 0.667, "empty": 0.0},
+                      "b": {"objects": 1, "own": 0.0, "template": 0.0, "template_vs_own": 1.0, "empty": 1.0}}
 
 
 def test_diagnose_reads_a_softmax_head_every_way_and_leaves_its_readout_as_it_was():

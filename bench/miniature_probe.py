@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", default=None, help="dataset folder (default: ablate's)")
     parser.add_argument("--val-images", type=int, default=None, help="evaluate on the first N (default: all)")
     parser.add_argument("--diagnose", type=int, default=0,
-                        help="RPN recall, class right and the mask branch alone on N val images")
+                        help="RPN recall, class right and the mask branch alone on N images "
+                             "(val, or train with --diagnose-split)")
     parser.add_argument("--diagnose-split", default="val", choices=("val", "train"),
                         help="the images --diagnose reads: val (default) or train, to tell "
                              "underfitting from overfitting")

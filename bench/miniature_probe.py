@@ -61,6 +61,11 @@ from mrcnn_edu.roi_heads.mask_head import SOFTMAX_READOUTS, mask_targets, paste_
 SIZES = {"small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, float("inf"))}  # COCO's areas
 
 
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU of (N, ...) bool masks, a[i] with b[i] -> (N,); 0 where both are empty."""
+    return (a & b).flatten(1).sum(1) / (a | b).flatten(1).sum(1).clamp(min=1)
+
+
 @torch.no_grad()
 def mask_given_box(model: MaskRCNN, image: torch.Tensor, target: dict,
                    softmax_readouts: tuple[str, ...] = (), cells: list | None = None) -> torch.Tensor:
@@ -105,17 +110,14 @@ def mask_given_box(model: MaskRCNN, image: torch.Tensor, target: dict,
         model.cfg.mask_head = chosen
     m = model.cfg.mask_head.resolution
     mode = model.cfg.transform.paste_mode
-    target_cells = mask_targets(gt, torch.arange(len(gt), device=device), boxes, m)  # (G, m, m) in [0, 1]
+    target_cells = mask_targets(gt, torch.arange(len(gt), device=device), boxes, m)  # (G, m, m) in {0, 1}
     best = paste_masks_in_image(target_cells, boxes, (height, width), mode=mode)[:, 0] >= 0.5
     if cells is not None:
-        cells.append((own_cells.reshape(-1, m, m).cpu(), (target_cells >= 0.5).reshape(-1, m, m).cpu()))
-
-    def iou(masks: torch.Tensor) -> torch.Tensor:
-        return (masks & gt).flatten(1).sum(1) / (masks | gt).flatten(1).sum(1).clamp(min=1)
+        cells.append((own_cells.cpu(), target_cells.bool().cpu()))
 
     labels = target["labels"].to(device).float()
-    return torch.stack([gt.flatten(1).sum(1).float(), iou(own), iou(best), labels,
-                        *map(iou, by_readout)], dim=1).cpu()
+    return torch.stack([gt.flatten(1).sum(1).float(), mask_iou(own, gt), mask_iou(best, gt), labels,
+                        *(mask_iou(masks, gt) for masks in by_readout)], dim=1).cpu()
 
 
 def _by_size(rows: torch.Tensor, column: int) -> dict:
@@ -151,17 +153,13 @@ def class_templates(cells: list[tuple[torch.Tensor, torch.Tensor]], labels: torc
     """
     predicted = torch.cat([p for p, _ in cells])  # (N, m, m) bool
     target = torch.cat([t for _, t in cells])
-
-    def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return (a & b).flatten(1).sum(1) / (a | b).flatten(1).sum(1).clamp(min=1)
-
     result = {}
     for k in sorted(set(labels.tolist())):
         pick = labels == k
         template = (target[pick].float().mean(0) >= 0.5).expand_as(target[pick])
-        stats = {"objects": int(pick.sum()), "own": iou(predicted[pick], target[pick]).mean(),
-                 "template": iou(predicted[pick], template).mean(),
-                 "template_vs_own": iou(template, target[pick]).mean(),
+        stats = {"objects": int(pick.sum()), "own": mask_iou(predicted[pick], target[pick]).mean(),
+                 "template": mask_iou(predicted[pick], template).mean(),
+                 "template_vs_own": mask_iou(template, target[pick]).mean(),
                  "empty": (predicted[pick].flatten(1).sum(1) == 0).float().mean()}
         result[class_names[k]] = {n: v if n == "objects" else round(float(v), 3) for n, v in stats.items()}
     return result

@@ -325,3 +325,46 @@ def test_class_of_found_names_an_object_by_its_highest_scoring_overlapping_detec
     assert probe.class_of_found(gt_boxes, detections).tolist() == [[3, 5], [0, 0], [4, 4]]
     empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
     assert probe.class_of_found(gt_boxes, empty).tolist() == [[0, 0]] * 3
+
+
+def test_roi_quantisation_measures_roipools_rounding_by_hand(tmp_path, capsys):
+    quant = load("roi_quantisation")
+    annotations = {
+        "images": [{"id": 1, "width": 100, "height": 50}],
+        "annotations": [
+            # at 2x: [0, 0, 32, 32]; stride 16 -> cells 0..2 inclusive = [0, 48]: IoU 32²/48²
+            {"id": 1, "image_id": 1, "bbox": [0, 0, 16, 16], "area": 200.0, "iscrowd": 0},
+            # at 2x: x [16.4, 30] / 16 = [1.025, 1.875], rounded to cells 1..2 = [16, 48];
+            # y [0, 80] / 16 = [0, 5]: cells 0..5 = [0, 96]
+            {"id": 2, "image_id": 1, "bbox": [8.2, 0, 6.8, 40], "area": 2000.0, "iscrowd": 0},
+            {"id": 3, "image_id": 1, "bbox": [0, 0, 50, 50], "area": 2500.0, "iscrowd": 1},
+        ]}
+    boxes, areas = quant.boxes_at_input_size(annotations, input_size=100, max_size=None)
+    assert torch.allclose(boxes, torch.tensor([[0, 0, 32, 32], [16.4, 0, 30, 80]], dtype=torch.float64))
+    assert areas.tolist() == [200.0, 2000.0]  # the crowd is skipped; areas stay the original's
+    q = quant.quantised_boxes(boxes, 16)
+    assert q.tolist() == [[0, 0, 48, 48], [16, 0, 48, 96]]
+    iou_2 = (13.6 * 80) / (32 * 96)  # the true box lies inside its RoI
+    records = {(r["stride"], r["group"]): r for r in quant.measure(boxes, areas, [16])}
+    assert records[16, "small"]["boxes"] == 1 and records[16, "medium"]["boxes"] == 1
+    assert records[16, "large"]["boxes"] == 0
+    assert records[16, "small"]["iou_mean"] == pytest.approx(32**2 / 48**2)
+    assert records[16, "medium"]["iou_mean"] == pytest.approx(iou_2)
+    assert records[16, "all"]["iou_mean"] == pytest.approx((32**2 / 48**2 + iou_2) / 2)
+    assert records[16, "small"]["edge_shift_px"] == pytest.approx((0 + 0 + 16 + 16) / 4)
+    # the longer side's cap: 100 x 50 at shorter side 100 would be 200 wide; capped at 150 -> 1.5x
+    capped, _ = quant.boxes_at_input_size(annotations, input_size=100, max_size=150)
+    assert torch.allclose(capped[0], torch.tensor([0, 0, 24, 24], dtype=torch.float64))
+    # a coarser stride moves the same boxes further
+    coarse = {(r["stride"], r["group"]): r for r in quant.measure(boxes, areas, [16, 32])}
+    assert coarse[32, "all"]["iou_mean"] < coarse[16, "all"]["iou_mean"]
+    # the command line, and an annotation naming an image the file does not have
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps(annotations))
+    printed = quant.main(["--annotations", str(path), "--input-size", "100", "--strides", "16"])
+    expected = quant.measure(boxes, areas, [16])
+    assert json.dumps(printed) == json.dumps(expected)  # NaN-safe: no large box
+    assert "2 boxes" in capsys.readouterr().out
+    annotations["annotations"][0]["image_id"] = 7
+    with pytest.raises(ValueError, match=r"val\.json: annotation 1 names image_id 7"):
+        quant.boxes_at_input_size(annotations, 100, None, str(path))

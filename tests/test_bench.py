@@ -368,3 +368,15 @@ def test_roi_quantisation_measures_roipools_rounding_by_hand(tmp_path, capsys):
     annotations["annotations"][0]["image_id"] = 7
     with pytest.raises(ValueError, match=r"val\.json: annotation 1 names image_id 7"):
         quant.boxes_at_input_size(annotations, 100, None, str(path))
+
+
+def test_cpu_malloc_trains_twice_with_identical_losses(tiny_shapes, capsys):
+    # the two trainings differ only in where glibc puts the bytes: the losses must be the same
+    cpu_malloc = load("cpu_malloc")
+    result = cpu_malloc.main(["--run", "r50_c5_roialign", "--quick", "--data", str(tiny_shapes["root"]),
+                              "--iters", "2"])
+    assert result["same_losses"] is True and result["records"] >= 1  # not two empty logs
+    usage = result["usage"]
+    assert set(usage) == {"glibc-default", "keep"}
+    assert all(u["user_s"] > 0 and u["minor_faults"] > 0 for u in usage.values())
+    assert "logged losses identical: True" in capsys.readouterr().out

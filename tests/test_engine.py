@@ -244,3 +244,34 @@ def test_bf16_autocast_runs_the_convolutions_in_bfloat16_on_cpu(tmp_path):
         train(model, TinyShapes(), tiny_config(tmp_path / amp, max_iter=1, amp=amp), collate)
         assert model.feature_dtype == dtype
         assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_keep_freed_memory_stops_the_page_faults_of_large_tensors_reallocated():
+    # in a fresh process (the setting is process-wide): 64 MB tensors made and freed again and
+    # again fault in their pages every time under glibc's defaults, and only once when kept
+    import subprocess
+
+    script = """
+import resource, torch
+from mrcnn_edu.engine import keep_freed_memory
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        x = torch.ones(16 * 2**20)  # 64 MB: above glibc's largest mmap threshold (32 MB)
+        del x
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+default = faults()
+applied = keep_freed_memory()
+faults()  # the first round after it grows the heap once
+print(applied, default, faults())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    applied, default, kept = done.stdout.split()
+    if applied != "True":
+        pytest.skip("this C library has no glibc mallopt")
+    pages = 10 * 64 * 2**20 // 4096  # every page of every tensor, at 4 KB pages
+    assert int(default) >= pages // 2, (default, pages)  # faulted in again each time
+    assert int(kept) < pages // 20, (kept, pages)  # reused: no new pages

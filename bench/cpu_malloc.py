@@ -70,8 +70,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="cpu_malloc_") as tmp:
         for mode in ("glibc-default", "keep"):
             out = Path(tmp) / mode
-            command = [sys.executable, __file__, "--child", mode, "--out", str(out)]
-            command += [a for a in (argv if argv is not None else sys.argv[1:])]
+            command = [sys.executable, __file__, "--child", mode, "--out", str(out),
+                       *(argv if argv is not None else sys.argv[1:])]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(f"the {mode} child failed:\n{done.stderr[-3000:]}")

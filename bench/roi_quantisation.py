@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mrcnn_edu import ablations  # noqa: E402
-from mrcnn_edu.boxes import box_iou  # noqa: E402
+from mrcnn_edu.boxes import matched_box_iou  # noqa: E402
 from mrcnn_edu.ops.roi_pool import quantise_rois  # noqa: E402
 
 # COCOeval's area ranges (pycocotools: small < 32², medium < 96², large the rest)
@@ -78,7 +78,7 @@ def measure(boxes: torch.Tensor, areas: torch.Tensor, strides: Sequence[int]) ->
     records = []
     for stride in strides:
         q = quantised_boxes(boxes, stride)
-        iou = box_iou(boxes, q).diagonal() if len(boxes) else boxes.new_zeros(0)
+        iou = matched_box_iou(boxes, q)  # (A,): each box with its own RoI
         shift = (q - boxes).abs().mean(1)
         for name, lo, hi in SIZE_GROUPS:
             m = (areas >= lo) & (areas < hi)

@@ -31,6 +31,7 @@ __all__ = [
     "check_boxes",
     "box_area",
     "box_iou",
+    "matched_box_iou",
     "BoxCoder",
     "clip_boxes",
     "remove_small_boxes",
@@ -88,11 +89,18 @@ def box_area(boxes: Tensor) -> Tensor:
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
-def _pairwise_intersection(a: Tensor, b: Tensor) -> Tensor:
-    top_left = torch.max(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
-    bottom_right = torch.min(a[:, None, 2:], b[None, :, 2:])  # (N, M, 2)
-    wh = (bottom_right - top_left).clamp(min=0)  # (N, M, 2)
-    return wh[..., 0] * wh[..., 1]  # (N, M)
+def _intersection(a: Tensor, b: Tensor) -> Tensor:
+    """Area of ``a ∩ b`` for broadcastable ``(..., 4)`` xyxy boxes -> ``(...)``."""
+    top_left = torch.max(a[..., :2], b[..., :2])
+    bottom_right = torch.min(a[..., 2:], b[..., 2:])
+    wh = (bottom_right - top_left).clamp(min=0)
+    return wh[..., 0] * wh[..., 1]
+
+
+def _iou(inter: Tensor, area_a: Tensor, area_b: Tensor) -> Tensor:
+    union = area_a + area_b - inter
+    # where the union is empty the intersection is too; define 0/0 as 0
+    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(inter.dtype).tiny), torch.zeros_like(inter))
 
 
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -102,10 +110,17 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
     """
     check_boxes(a, "a")
     check_boxes(b, "b")
-    inter = _pairwise_intersection(a, b)
-    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
-    # where the union is empty the intersection is too; define 0/0 as 0
-    return torch.where(union > 0, inter / union.clamp(min=torch.finfo(inter.dtype).tiny), torch.zeros_like(inter))
+    return _iou(_intersection(a[:, None, :], b[None, :, :]), box_area(a)[:, None], box_area(b)[None, :])
+
+
+def matched_box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of ``a[i]`` with ``b[i]`` only. ``a, b: (N, 4)`` -> ``(N,)``: ``box_iou``'s diagonal,
+    without its ``N x N`` matrix (e.g. each box with its own quantised RoI)."""
+    check_boxes(a, "a")
+    check_boxes(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"matched_box_iou needs as many boxes in b as in a, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return _iou(_intersection(a, b), box_area(a), box_area(b))
 
 
 class BoxCoder:

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from mrcnn_edu.boxes import BoxCoder, batched_nms, box_area, box_iou, clip_boxes, nms, remove_small_boxes
+from mrcnn_edu.boxes import BoxCoder, batched_nms, box_area, box_iou, clip_boxes, matched_box_iou, nms, remove_small_boxes
 
 try:
     import torchvision
@@ -65,6 +65,17 @@ def test_box_iou_matches_brute_force_on_hundreds_of_cases():
         got = box_iou(torch.tensor(a, dtype=torch.float64).reshape(-1, 4), torch.tensor(b, dtype=torch.float64).reshape(-1, 4))
         want = torch.tensor([[iou_ref(x, y) for y in b] for x in a], dtype=torch.float64).reshape(len(a), len(b))
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_matched_box_iou_is_box_ious_diagonal():
+    rng = random.Random(3)
+    for _ in range(100):
+        n = rng.randrange(0, 8)
+        a = torch.tensor(random_boxes(rng, n, grid=rng.random() < 0.5), dtype=torch.float64).reshape(-1, 4)
+        b = torch.tensor(random_boxes(rng, n, grid=rng.random() < 0.5), dtype=torch.float64).reshape(-1, 4)
+        torch.testing.assert_close(matched_box_iou(a, b), box_iou(a, b).diagonal(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="as many boxes in b as in a"):
+        matched_box_iou(torch.zeros(2, 4), torch.zeros(3, 4))
 
 
 def test_box_iou_hand_computed():

@@ -30,7 +30,8 @@ evaluation. ``--diagnose N`` adds, on the first N val images, with the last chec
   and per class whether the branch draws the object or the class's average mask, its *template*
   (``mask_template_by_class``, :func:`class_templates`: what tells an MLP head from an FCN).
 
-Rerunning the same command resumes from the run's last checkpoint. ``--start-from CKPT``
+Rerunning the same command resumes from the run's last checkpoint (``--checkpoint-every N`` writes
+them more often than ``--eval-at``'s). ``--start-from CKPT``
 starts a new run folder from another probe's checkpoint: the same run continued on another
 schedule, e.g. with the lr decayed from there on (``--decay-at``).
 """
@@ -280,11 +281,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--start-from", default=None,
                         help="a checkpoint to start from while --out has none yet, e.g. another probe's "
                              "model_0001500.pth, to branch a schedule (--decay-at) off it")
+    parser.add_argument("--checkpoint-every", type=int, default=None,
+                        help="also checkpoint every N iterations, so that a probe killed mid-way resumes "
+                             "from there (default: only at --eval-at, whose gcd N must divide)")
     parser.add_argument("--out", default=None, help="run folder (default runs/probe/RUN_ITERS_BATCH_SIZE)")
     args = parser.parse_args(argv)
     eval_at = sorted(set(args.eval_at or [args.iters]))
     if eval_at[0] < 1 or eval_at[-1] > args.iters:
         parser.error(f"--eval-at: iterations must lie in 1..{args.iters}, got {eval_at}")
+    checkpoint_period = math.gcd(*eval_at)  # a checkpoint at every --eval-at
+    if args.checkpoint_every is not None:
+        if args.checkpoint_every < 1 or checkpoint_period % args.checkpoint_every:
+            parser.error(f"--checkpoint-every {args.checkpoint_every} must divide the gcd of --eval-at "
+                         f"({checkpoint_period}), or no checkpoint would exist to evaluate")
+        checkpoint_period = args.checkpoint_every
     if args.start_from and not Path(args.start_from).is_file():
         parser.error(f"--start-from: no checkpoint file {args.start_from}")
 
@@ -309,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
         device=args.device, amp="none", num_workers=0, images_per_batch=args.batch,
         reference_batch=args.batch, base_lr=args.lr, warmup_iters=min(args.warmup, args.iters),
         steps=tuple(args.decay_at) or (10**9,), log_period=min(50, args.iters),
-        checkpoint_period=math.gcd(*eval_at), progress=False)  # a checkpoint at every --eval-at
+        checkpoint_period=checkpoint_period, progress=False)
     if args.start_from and last_checkpoint(out) is None:  # once out has its own, resume from those
         train_cfg = dataclasses.replace(train_cfg, resume=args.start_from)
 

@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -131,6 +132,30 @@ def test_host_reads_per_image_stay_few_whatever_the_number_of_detections(as_on_a
     infer_per_image = (reads[3][1] - reads[1][1]) / 2
     assert train_per_image <= 15, reads  # measured 12: RoI sampling and mask targets
     assert infer_per_image <= 5, reads  # measured 3, with 100 detections per image
+
+
+def test_miniature_probe_checkpoint_every_lets_a_killed_probe_resume_to_the_same_model(tiny_shapes, tmp_path,
+                                                                                       capsys):
+    # a probe killed between its --eval-at checkpoints restarts from the last --checkpoint-every one
+    probe = load("miniature_probe")
+    common = ["--run", "r50_c4", "--quick", "--data", str(tiny_shapes["root"]), "--warmup", "1",
+              "--iters", "2", "--no-eval", "--checkpoint-every", "1"]
+    whole = probe.main(common + ["--out", str(tmp_path / "whole")])
+    assert whole["eval"] == {}
+    assert (tmp_path / "whole/model_0000001.pth").is_file() and (tmp_path / "whole/model_0000002.pth").is_file()
+    # "killed" after iteration 1: keep only its checkpoint, then rerun the same command
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copy(tmp_path / "whole/model_0000001.pth", killed)
+    (killed / "last_checkpoint").write_text("model_0000001.pth")
+    capsys.readouterr()
+    probe.main(common + ["--out", str(killed)])
+    assert "training iterations 1..2 " in capsys.readouterr().out  # resumed, not retrained from 0
+    first = torch.load(tmp_path / "whole/model_0000002.pth", map_location="cpu", weights_only=False)["model"]
+    again = torch.load(killed / "model_0000002.pth", map_location="cpu", weights_only=False)["model"]
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    with pytest.raises(SystemExit):  # 3 does not divide --eval-at 2: no checkpoint to evaluate
+        probe.main(common[:-1] + ["3", "--out", str(tmp_path / "bad")])
 
 
 def test_miniature_probe_evaluates_on_the_way_what_a_shorter_run_gives(tiny_shapes, tmp_path, capsys,

@@ -1,5 +1,6 @@
 """The synthetic COCO-format set: deterministic, loads in pycocotools, pixel-exact masks."""
 
+import builtins
 import contextlib
 import io
 import os
@@ -53,6 +54,40 @@ def test_parallel_workers_write_the_same_bytes(tmp_path):
     shapes.generate(str(tmp_path / "one"), seed=1, preset="tiny", n_train=6, n_val=2)
     shapes.generate(str(tmp_path / "two"), seed=1, preset="tiny", n_train=6, n_val=2, workers=2)
     assert _files(str(tmp_path / "one")) == _files(str(tmp_path / "two"))
+
+
+def test_a_generation_killed_mid_write_leaves_no_half_file_and_reruns_to_the_same_set(tmp_path, monkeypatch):
+    """The third val image's write is cut after half its bytes, as a kill would cut it."""
+    clean, killed = str(tmp_path / "clean"), str(tmp_path / "killed")
+    shapes.generate(clean, seed=5, preset="tiny")
+    writes = []
+
+    class HalfThenKilled(io.FileIO):
+        def write(self, data):
+            super().write(data[: len(data) // 2])
+            raise KeyboardInterrupt
+
+    real_open = builtins.open
+
+    def cut_open(path, mode="r", *args, **kwargs):
+        if "w" in mode and os.path.basename(os.path.dirname(str(path))) == "val":
+            writes.append(path)
+            if len(writes) == 3:
+                return HalfThenKilled(path, "w")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", cut_open)
+    with pytest.raises(KeyboardInterrupt):
+        shapes.generate(killed, seed=5, preset="tiny")
+    monkeypatch.undo()
+    left = _files(killed)
+    expected = _files(clean)
+    # what is there is whole; the set is not marked finished; no temporary file is left
+    assert sorted(left) == ["annotations/instances_train.json"] + [f"train/{i:06d}.png" for i in range(12)] \
+        + ["val/000000.png", "val/000001.png"]
+    assert all(left[name] == expected[name] for name in left)
+    shapes.generate(killed, seed=5, preset="tiny")
+    assert _files(killed) == expected
 
 
 def test_masks_from_polygons_and_rle_equal_the_rendered_objects(mixed_set):

@@ -36,6 +36,12 @@ Determinism: image ``j`` of split ``s`` draws from ``numpy.random.default_rng([s
 PNGs are written by PIL with fixed parameters and the json with sorted keys and rounded floats,
 so the same arguments give byte-identical files.
 
+Crash- and race-safety: every file is written under a temporary name and renamed into place, and
+``instances_val.json`` is written last, so its presence means the whole set is there. A killed
+generation leaves no half-written PNG or json (the next run starts again), and two processes
+that generate the same set at once (two trainings started side by side) write the same bytes and
+never read half a file of the other's.
+
 Usage: ``python -m mrcnn_edu.data.shapes --out data/generated/shapes --train 4000 --val 500
 --size 192 --seed 0 [--preset default|tiny]``.
 """
@@ -43,6 +49,7 @@ Usage: ``python -m mrcnn_edu.data.shapes --out data/generated/shapes --train 400
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import multiprocessing
 import os
@@ -362,7 +369,8 @@ def generate(out_dir: str, n_train: int | None = None, n_val: int | None = None,
     """Write ``out_dir/{train,val}/*.png`` and ``out_dir/annotations/instances_{split}.json``.
 
     Arguments left as None come from the preset (or ``config``); ``workers`` > 1 renders in
-    parallel processes with identical output. Returns split -> json path.
+    parallel processes with identical output. Returns split -> json path. Each file appears
+    whole or not at all, ``instances_val.json`` last: callers test it to skip a finished set.
     """
     if config is None:
         if preset not in PRESETS:
@@ -392,9 +400,25 @@ def generate(out_dir: str, n_train: int | None = None, n_val: int | None = None,
         data = {"info": {"description": f"mrcnn_edu synthetic shapes, seed {seed}, split {split}"},
                 "licenses": [], "categories": categories(), "images": images, "annotations": anns}
         paths[split] = os.path.join(out_dir, "annotations", f"instances_{split}.json")
-        with open(paths[split], "w") as f:
-            json.dump(data, f, sort_keys=True, separators=(",", ":"))
+        _write_atomically(paths[split], json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
     return paths
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """Write ``data`` to a temporary sibling (named per process), then rename it onto ``path``.
+
+    A reader sees the old file or the new one, never part of one. No ``fsync``: thousands of
+    small files would each wait for the disk, and a set lost to a power cut is regenerated.
+    """
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _write_image(job) -> tuple[dict, list[dict]]:
@@ -402,8 +426,9 @@ def _write_image(job) -> tuple[dict, list[dict]]:
     scene = render_scene(cfg, scene_rng(seed, split, index))
     file_name = f"{index:06d}.png"
     # fixed PNG parameters and no metadata: the same pixels give the same bytes
-    Image.fromarray(scene.image).save(os.path.join(out_dir, split, file_name),
-                                      format="PNG", compress_level=1)
+    png = io.BytesIO()
+    Image.fromarray(scene.image).save(png, format="PNG", compress_level=1)
+    _write_atomically(os.path.join(out_dir, split, file_name), png.getvalue())
     image = {"id": index + 1, "file_name": file_name,
              "height": cfg.image_size, "width": cfg.image_size}
     return image, scene_annotations(scene, index + 1, 0, cat_ids)

@@ -408,7 +408,8 @@ def _write_atomically(path: str, data: bytes) -> None:
     """Write ``data`` to a temporary sibling (named per process), then rename it onto ``path``.
 
     A reader sees the old file or the new one, never part of one. No ``fsync``: thousands of
-    small files would each wait for the disk, and a set lost to a power cut is regenerated.
+    small files would each wait for the disk. So a kill is safe; after a power cut, delete the
+    folder to have the set written again.
     """
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:

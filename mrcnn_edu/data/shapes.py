@@ -409,7 +409,8 @@ def _write_atomically(path: str, data: bytes) -> None:
 
     A reader sees the old file or the new one, never part of one. No ``fsync``: thousands of
     small files would each wait for the disk. So a kill is safe; after a power cut, delete the
-    folder to have the set written again.
+    folder to have the set written again. (``checkpoint._atomic_write`` is the durable twin;
+    not called here because that module imports torch, which the render workers never load.)
     """
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:

@@ -13,7 +13,8 @@
 #
 # Phases: kernel (CuPy RoIAlign tests, #3), roi_bench (bench/roi_align.py, #3), parity
 # (full-size torchvision parity on the GPU, #6), train_bench (bench/train_infer.py, #7),
-# table (Table 2 miniature, #8; the r50_fpn row is also #7's "miniature model on a GPU").
+# table (Table 2 miniature, #8; the r50_fpn row is also #7's "miniature model on a GPU"),
+# table_probe (not run by default: the table's costs, measured in a few minutes, for #8).
 #
 # The device image lacks pycocotools; carry its wheel. On the CPU machine, once:
 #   echo /.whl/ >> .git/info/exclude
@@ -84,6 +85,31 @@ for p in $PHASES; do
             --deadline "$deadline"
         cp results/table2_miniature.json results/table2_miniature.md "$OUT/" 2>/dev/null
         tail -n 40 runs/table2_miniature/logs/*.log >"$OUT/table2_logs.txt" 2>/dev/null ;;
+    table_probe)
+        # When too little device time is left for the table (a 15-minute lease, the other phases
+        # first): what the table's schedule needs to be tuned. Generation of the set, pre-training
+        # of one body (R-mini-50, with its log's rate), then 8 short trainings at once (r50_c4 and
+        # r50_fpn, 4 seeds each, PROBE_ITERS iterations) with their seconds per iteration and,
+        # where they finish, COCOeval's time. Its table goes to $OUT/probe, never to results/.
+        mkdir -p runs/table2_probe
+        deadline=$(($(left) - 30))
+        phase table_probe $((deadline + 25)) $PY -m mrcnn_edu ablate --table 2 --rows r50_c4,r50_fpn \
+            --seeds 4 --jobs 8 --max-iter "${PROBE_ITERS:-200}" --out "$OUT/probe" \
+            --workdir runs/table2_probe --deadline "$deadline"
+        {
+            tail -n 25 runs/table2_probe/logs/*.log
+            for f in runs/table2_probe/train/*/metrics.jsonl; do
+                echo "== $f"
+                cut -c1-400 "$f"
+            done
+            $PY - <<'PYEOF'
+import glob, json
+for path in sorted(glob.glob("runs/table2_probe/results/*.json")):
+    r = json.load(open(path))
+    print(r["run"], "seed", r["seed"], "iterations", r["iterations"], "train_s", round(r["train_time_s"], 1),
+          "wall_s", round(r["wall_time_s"], 1), "box AP", r["metrics"]["bbox"]["AP"], "mask AP", r["metrics"]["segm"]["AP"])
+PYEOF
+        } >"$OUT/table2_probe.txt" 2>&1 ;;
     *) echo "unknown phase $p" | tee -a "$LOG" ;;
     esac
 done

@@ -69,14 +69,14 @@ for p in $PHASES; do
     case $p in
     kernel)
         phase kernel 150 $PY -m pytest -q -rs -p no:cacheprovider tests/test_roi_align_cuda.py \
-            tests/test_roi_align_kernel_source.py ;;
+            tests/test_roi_align_kernel_source.py tests/test_roi_ops.py ;;
     roi_bench)
         phase roi_bench_fp32 60 $PY bench/roi_align.py --iters 30
         phase roi_bench_fp16 60 $PY bench/roi_align.py --iters 30 --dtype float16 ;;
     parity)
-        phase parity 150 $PY -m pytest -q -rs -p no:cacheprovider tests/test_weights.py -k gpu ;;
+        phase parity 150 $PY -m pytest -q -rs -s -p no:cacheprovider tests/test_weights.py -k gpu ;;
     train_bench)
-        phase train_bench 150 $PY bench/train_infer.py --iters 10 ;;
+        phase train_bench 150 $PY bench/train_infer.py --iters 10 --profile 5 ;;
     table)
         # resume from the committed results; stop starting trainings 30 s before the budget ends
         mkdir -p runs/table2_miniature
@@ -93,8 +93,11 @@ for p in $PHASES; do
         # where they finish, COCOeval's time. Its table goes to $OUT/probe, never to results/.
         mkdir -p runs/table2_probe
         deadline=$(($(left) - 30))
-        phase table_probe $((deadline + 25)) $PY -m mrcnn_edu ablate --table 2 --rows r50_c4,r50_fpn \
-            --seeds 4 --jobs 8 --max-iter "${PROBE_ITERS:-200}" --out "$OUT/probe" \
+        # PROBE_ROWS, PROBE_SEEDS, PROBE_JOBS, PROBE_ITERS change it; PROBE_NO_PRETRAIN=1 skips
+        # the pre-training (e.g. one training alone: is a training slow by itself, or by sharing?)
+        phase table_probe $((deadline + 25)) $PY -m mrcnn_edu ablate --table 2 \
+            --rows "${PROBE_ROWS:-r50_c4,r50_fpn}" --seeds "${PROBE_SEEDS:-4}" --jobs "${PROBE_JOBS:-8}" \
+            --max-iter "${PROBE_ITERS:-200}" ${PROBE_NO_PRETRAIN:+--no-pretrain} --out "$OUT/probe" \
             --workdir runs/table2_probe --deadline "$deadline"
         {
             tail -n 25 runs/table2_probe/logs/*.log

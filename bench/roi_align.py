@@ -99,19 +99,21 @@ def main(argv=None) -> None:
         rois = make_rois(n_rois, image_hw, feature_shape[0], g).to(device)
         results = {}
         for name, fn in methods:
-            features = x
+            features, boxes = x, rois
             if fn == "channels_last":  # same kernel, input already in the layout it reads
                 features, fn = x.contiguous(memory_format=torch.channels_last), methods[0][1]
+            if name == "torchvision":  # it takes RoIs only in the features' dtype (ours: fp32)
+                boxes = rois.to(dtype)
             leaf = features.detach().requires_grad_(True)
-            grad = torch.randn_like(fn(leaf, rois, size))
+            grad = torch.randn_like(fn(leaf, boxes, size))
 
-            def forward(fn=fn, features=features):
+            def forward(fn=fn, features=features, boxes=boxes):
                 with torch.no_grad():
-                    fn(features, rois, size)
+                    fn(features, boxes, size)
 
-            def forward_backward(fn=fn, leaf=leaf, grad=grad):
+            def forward_backward(fn=fn, leaf=leaf, grad=grad, boxes=boxes):
                 leaf.grad = None
-                fn(leaf, rois, size).backward(grad)
+                fn(leaf, boxes, size).backward(grad)
 
             results[name] = (time_ms(forward, args.iters, args.warmup, device),
                              time_ms(forward_backward, args.iters, args.warmup, device))

@@ -21,6 +21,7 @@ synchronise the GPU around each call. ``--quick`` is a CPU smoke test of the sam
 
     python bench/train_infer.py             # on a CUDA GPU
     python bench/train_infer.py --quick     # anywhere, seconds
+    python bench/train_infer.py --profile 5 # and where each model's training step spends its time
 """
 from __future__ import annotations
 
@@ -96,7 +97,40 @@ def timed(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
     return times
 
 
-def bench(model, images, targets, device, warmup, iters, amp: str) -> dict:
+def profile_steps(step, device: torch.device, steps: int, name: str, top: int = 12) -> None:
+    """Where one training step's time goes, per step over ``steps`` profiled ones: the GPU's busy
+    time against the wall time (a step the GPU waits on is bound by the CPU: launches, Python,
+    synchronisations), the ops with the most GPU and CPU time, and the host-device syncs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    tic = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    wall = 1000 * (time.perf_counter() - tic) / steps
+    events = prof.key_averages()
+
+    def device_us(e):  # renamed from self_cuda_time_total in newer PyTorch
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+    busy = sum(device_us(e) for e in events) / 1000 / steps
+    print(f"--- profile of {name}'s training step ({steps} steps): wall {wall:.1f} ms/step under the "
+          f"profiler, GPU busy {busy:.1f} ms/step ({100 * busy / wall:.0f} %)")
+    syncs = {e.key: e.count / steps for e in events
+             if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync",
+                          "aten::item", "aten::nonzero", "aten::_local_scalar_dense")}
+    print("host-device round trips per step: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(syncs.items())))
+    for title, key in (("GPU", device_us), ("CPU", lambda e: e.self_cpu_time_total)):
+        print(f"top {top} by self {title} time: ms/step, calls/step")
+        for e in sorted(events, key=key, reverse=True)[:top]:
+            print(f"  {key(e) / 1000 / steps:8.2f} {e.count / steps:7.1f}  {e.key[:90]}")
+
+
+def bench(model, images, targets, device, warmup, iters, amp: str, profile: int = 0,
+          name: str = "") -> dict:
     model.to(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
@@ -121,6 +155,8 @@ def bench(model, images, targets, device, warmup, iters, amp: str) -> dict:
 
     infer_ms = timed(infer, device, warmup, iters)
     train_ms = timed(train_step, device, warmup, iters)
+    if profile:
+        profile_steps(train_step, device, profile, name)
     model.cpu()
     return {"infer_ms": statistics.median(infer_ms), "train_ms": statistics.median(train_ms),
             "detections": infer.detections}
@@ -134,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="then profile STEPS training steps of each model (torch.profiler)")
     parser.add_argument("--all-classes", action="store_true",
                         help="score threshold 0: every class of every proposal through NMS")
     args = parser.parse_args(argv)
@@ -162,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, model in (("ours", ours), ("torchvision", theirs)):
         torch.manual_seed(0)  # the same RPN / RoI sampling draws for both
         results[name] = bench(model, images_dev, targets_dev, device, args.warmup, args.iters,
-                              args.amp)
+                              args.amp, args.profile, name)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"R-50-FPN Mask R-CNN on {name}, {args.size} x {width} images, amp={args.amp}, "
           f"{'all classes, score threshold 0' if args.all_classes else '4 likely classes'}, "

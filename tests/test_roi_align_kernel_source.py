@@ -63,10 +63,11 @@ def _nvrtc_compile(nvrtc, source: str, options: list[str]) -> tuple[bool, str, s
     return (status == nvrtc.nvrtcResult.NVRTC_SUCCESS, *text)
 
 
+@pytest.mark.parametrize("bits", [32, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_nvrtc_compiles_the_kernels_for_every_storage_type(dtype):
+def test_nvrtc_compiles_the_kernels_for_every_storage_type(dtype, bits):
     nvrtc = _nvrtc()
-    options = cupy_path.compile_options(dtype)
+    options = cupy_path.compile_options(dtype, bits)
     if dtype in (torch.float16, torch.bfloat16) and not any(o.startswith("-I") for o in options):
         pytest.skip("no CUDA headers (cuda_fp16.h / cuda_bf16.h) on this machine")
     # what CuPy's RawModule adds on an H100 (compute capability 9.0)
@@ -77,6 +78,16 @@ def test_nvrtc_compiles_the_kernels_for_every_storage_type(dtype):
         assert f".entry {name}(" in ptx  # extern "C": unmangled names for get_function
     # --fmad=false is what makes the kernel round like the PyTorch path: no fused mul-adds
     assert "fma.rn.f32" not in ptx and "fma.rn.f64" not in ptx
+    # the 32-bit build has no 64-bit integer division (a long software routine on a GPU)
+    assert (("div.s64" in ptx or "div.u64" in ptx or "rem.s64" in ptx or "rem.u64" in ptx)
+            == (bits == 64))
+
+
+def test_index_bits_keeps_every_index_in_range():
+    assert cupy_path.index_bits(1024 * 256 * 7 * 7, 2 * 256 * 200 * 336) == 32  # the bench's
+    assert cupy_path.index_bits(2**30, 10) == 64  # i + stride could pass 2^31
+    assert cupy_path.index_bits(2**30 - 1, 2**31 - 1) == 32
+    assert cupy_path.index_bits(10, 2**31) == 64  # offsets into the features
 
 
 def test_nvrtc_reports_errors_with_the_line():
@@ -121,15 +132,17 @@ def cpu_kernels(tmp_path_factory):
         pytest.skip("needs a C++ compiler")
     built = {}
     for dtype, ctype in ((torch.float32, "float"), (torch.float64, "double")):
-        library = tmp_path_factory.mktemp("kernels") / f"roi_align_{ctype}.so"
-        # -ffp-contract=off mirrors --fmad=false: every product and sum rounds on its own
-        subprocess.run([compiler, "-O2", "-std=c++14", "-ffp-contract=off", "-shared", "-fPIC",
-                        "-x", "c++", "-include", str(SHIM), f"-DSCALAR_T={ctype}",
-                        f"-DACC_T={ctype}", str(cupy_path.KERNEL_SOURCE), "-o", str(library)],
-                       check=True, capture_output=True, text=True)
-        lib = ctypes.CDLL(str(library))
-        built[dtype] = (EmulatedKernel(lib, "roi_align_forward"),
-                        EmulatedKernel(lib, "roi_align_backward"))
+        for bits, index in ((32, "int"), (64, "long long")):
+            library = tmp_path_factory.mktemp("kernels") / f"roi_align_{ctype}_{bits}.so"
+            # -ffp-contract=off mirrors --fmad=false: every product and sum rounds on its own
+            subprocess.run([compiler, "-O2", "-std=c++14", "-ffp-contract=off", "-shared",
+                            "-fPIC", "-x", "c++", "-include", str(SHIM), f"-DSCALAR_T={ctype}",
+                            f"-DACC_T={ctype}", f"-DINDEX_T={index}",
+                            str(cupy_path.KERNEL_SOURCE), "-o", str(library)],
+                           check=True, capture_output=True, text=True)
+            lib = ctypes.CDLL(str(library))
+            built[dtype, bits] = (EmulatedKernel(lib, "roi_align_forward"),
+                                  EmulatedKernel(lib, "roi_align_backward"))
     return built
 
 
@@ -151,7 +164,7 @@ def kernel_path(cpu_kernels, monkeypatch):
         kernel((blocks,), (threads,), (*[ctypes.c_void_p(t.data_ptr()) for t in tensors],
                                        *scalars))
 
-    monkeypatch.setattr(cupy_path, "_kernels", lambda dtype, index: cpu_kernels[dtype])
+    monkeypatch.setattr(cupy_path, "_kernels", lambda dtype, device, bits: cpu_kernels[dtype, bits])
     monkeypatch.setattr(cupy_path, "_launch", launch)
 
     def run(x, rois, size, scale, sampling_ratio, aligned, mode, launch=(1, 1)):
@@ -205,6 +218,23 @@ def test_kernel_equals_pytorch_forward_and_backward(kernel_path, dtype, atol, la
     torch.testing.assert_close(out_k, out_t, rtol=0, atol=atol)
     torch.testing.assert_close(grad_k, grad_t, rtol=0, atol=atol)
     assert grad_k.abs().sum() > 0  # gradients actually reached the input
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_64_bit_index_build_equals_the_32_bit_one(kernel_path, monkeypatch, channels_last):
+    # the wrapper picks 32-bit indices for every map here; force the 64-bit build (what a map
+    # of over 2^31 elements gets) and check that it, and the scalars it is passed, agree
+    x, rois = make_case(torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for mode in ("avg", "max"):
+        args = ((7, 5), 0.25, -1, True, mode)
+        narrow = forward_backward(lambda t, r: kernel_path(t, r, *args), x, rois)
+        with monkeypatch.context() as patch:
+            patch.setattr(cupy_path, "index_bits", lambda outputs, elements: 64)
+            wide = forward_backward(lambda t, r: kernel_path(t, r, *args), x, rois)
+        for a, b in zip(wide, narrow):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

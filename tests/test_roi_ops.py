@@ -303,6 +303,40 @@ def test_bad_arguments_get_a_clear_error():
         roi_align(x, rois, 2, backend="cupy")  # CPU tensors
 
 
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_CUDA)])
+def test_divide_is_the_correctly_rounded_quotient_on_every_device(device):
+    # PyTorch's CUDA kernels divide by a Python number through its reciprocal: 21 / 7 is
+    # 3.0000002 there. The fp64 quotient rounded to fp32 is the correctly rounded fp32 one.
+    from mrcnn_edu.ops.roi_align import divide
+
+    numerators = torch.arange(1, 4001, dtype=torch.float64) * 0.75
+    for d in (3, 7, 14, 28):
+        got = divide(numerators.to(device, torch.float32), d).cpu()
+        assert torch.equal(got, (numerators / d).to(torch.float32)), d
+
+
+@_CUDA
+def test_pytorch_paths_on_cuda_sample_what_they_sample_on_the_cpu():
+    # RoIs whose sizes in cells are multiples of the bins (21 / 7 = 3, 14 / 7 = 2), where a
+    # quotient rounded up by one ulp moves RoIPool's bin edges (ceil) and RoIAlign's points
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 40, 52, generator=g)
+    starts = torch.randint(0, 20, (12, 2), generator=g).double() * 4  # cell starts, in pixels
+    cells = torch.tensor([[21, 14], [14, 21], [28, 7], [7, 28]]).repeat(3, 1).double()
+    boxes = torch.cat([starts, starts + (cells - 1) * 4], 1)  # RoIPool: cells start..end inclusive
+    rois = torch.cat([torch.arange(12).remainder(2)[:, None].double(), boxes], 1).float()
+    ops = [lambda t, r: roi_pool(t, r, 7, 0.25),
+           lambda t, r: roi_warp(t, r, 7, 0.25, 2, "max"),
+           lambda t, r: roi_align(t, r, 7, 0.25, 2, backend="torch"),
+           lambda t, r: roi_align(t, r, 7, 0.25, -1, mode="max", backend="torch")]
+    for op in ops:
+        on_cpu, on_gpu = op(x, rois), op(x.cuda(), rois.cuda()).cpu()
+        torch.testing.assert_close(on_gpu, on_cpu, rtol=0, atol=1e-6)
+
+
 def test_benchmark_script_runs_on_cpu(capsys, monkeypatch):
     script = Path(__file__).resolve().parents[1] / "bench" / "roi_align.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--quick", "--device", "cpu", "--iters", "1"])

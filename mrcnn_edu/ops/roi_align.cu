@@ -21,6 +21,13 @@
 //     memory traffic as the whole forward pass for large maps.
 // The features (and grad_input) are addressed through their four strides, so one kernel
 // serves both layouts; `channels_fastest` picks the output order.
+//
+// Index arithmetic. Turning a thread's flat index into (r, c, ph, pw) takes three divisions
+// and three remainders, and a GPU has no 64-bit integer divider: each 64-bit one is a software
+// routine of dozens of instructions, run by every thread. So it is compiled twice,
+// -DINDEX_T=int and -DINDEX_T="long long"; the wrapper picks
+// 32 bits whenever every index fits (under 2^30 outputs and 2^31 feature elements: the
+// grid-stride loop's i + stride must not overflow either).
 
 // Semantics are exactly those of ops/roi_align.py (and of torchvision's kernels):
 //   * RoI start/size in the "sampling frame" where the value of cell j sits at j: multiply
@@ -38,6 +45,10 @@
 
 typedef SCALAR_T scalar_t;
 typedef ACC_T acc_t;
+#ifndef INDEX_T
+#define INDEX_T long long
+#endif
+typedef INDEX_T index_t;  // flat indices, strides and offsets
 
 // ---- storage <-> accumulation conversions -------------------------------------------------
 __device__ __forceinline__ float to_acc(float v) { return v; }
@@ -118,19 +129,19 @@ __device__ __forceinline__ acc_t sample_coord(acc_t start, acc_t bin, int p, int
 
 // Output element i -> (r, c, ph, pw): i = ((r * oh + ph) * ow + pw) * C + c when channels are
 // fastest, i = ((r * C + c) * oh + ph) * ow + pw otherwise.
-__device__ __forceinline__ void unravel(long long i, int channels, int pooled_h, int pooled_w,
+__device__ __forceinline__ void unravel(index_t i, int channels, int pooled_h, int pooled_w,
                                         int channels_fastest,
-                                        long long& r, int& c, int& ph, int& pw) {
+                                        index_t& r, int& c, int& ph, int& pw) {
     if (channels_fastest) {
         c = (int)(i % channels);
-        long long t = i / channels;
+        index_t t = i / channels;
         pw = (int)(t % pooled_w);
         t /= pooled_w;
         ph = (int)(t % pooled_h);
         r = t / pooled_h;
     } else {
         pw = (int)(i % pooled_w);
-        long long t = i / pooled_w;
+        index_t t = i / pooled_w;
         ph = (int)(t % pooled_h);
         t /= pooled_h;
         c = (int)(t % channels);
@@ -141,7 +152,7 @@ __device__ __forceinline__ void unravel(long long i, int channels, int pooled_h,
 // The features of one layout: position (y, x) of one (image, channel) plane is at
 // plane[y * stride_h + x * stride_w].
 struct Strides {
-    long long n, c, h, w;
+    index_t n, c, h, w;
 };
 
 // ---- forward -------------------------------------------------------------------------------
@@ -150,16 +161,16 @@ extern "C" __global__ void roi_align_forward(
     const acc_t* __restrict__ rois,      // (R, 5) [batch_index, x1, y1, x2, y2]
     scalar_t* __restrict__ output,       // (R, oh, ow, C) or (R, C, oh, ow), see unravel
     int* __restrict__ argmax,            // same order as output; written only when use_max
-    const long long total,               // R * C * oh * ow
+    const index_t total,                 // R * C * oh * ow
     const int height, const int width, const int channels,
-    const long long stride_n, const long long stride_c, const long long stride_h,
-    const long long stride_w, const int channels_fastest,
+    const index_t stride_n, const index_t stride_c, const index_t stride_h,
+    const index_t stride_w, const int channels_fastest,
     const int pooled_h, const int pooled_w, const acc_t spatial_scale,
     const int sampling_ratio, const int aligned, const int use_max) {
     const Strides s = {stride_n, stride_c, stride_h, stride_w};
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (long long)blockDim.x * gridDim.x) {
-        long long r;
+    for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (index_t)blockDim.x * gridDim.x) {
+        index_t r;
         int c, ph, pw;
         unravel(i, channels, pooled_h, pooled_w, channels_fastest, r, c, ph, pw);
         const RoiGeometry g = roi_geometry(rois + r * 5, spatial_scale, pooled_h, pooled_w,
@@ -177,8 +188,8 @@ extern "C" __global__ void roi_align_forward(
                 const Taps tx = bilinear_taps(sample_coord(g.x0, g.bin_w, pw, ix, g.grid_w), width);
                 acc_t value = 0;  // a point outside the map counts, with value 0
                 if (ty.inside && tx.inside) {
-                    const long long col_lo = tx.lo * s.w;
-                    const long long col_hi = tx.hi * s.w;
+                    const index_t col_lo = tx.lo * s.w;
+                    const index_t col_hi = tx.hi * s.w;
                     value = (ty.w_lo * tx.w_lo) * to_acc(row_lo[col_lo])
                           + (ty.w_lo * tx.w_hi) * to_acc(row_lo[col_hi])
                           + (ty.w_hi * tx.w_lo) * to_acc(row_hi[col_lo])
@@ -230,16 +241,16 @@ extern "C" __global__ void roi_align_backward(
     const acc_t* __restrict__ rois,            // (R, 5)
     const int* __restrict__ argmax,            // read only when use_max
     acc_t* __restrict__ grad_input,            // (N, C, H, W), strides below, zero-initialised
-    const long long total,
+    const index_t total,
     const int height, const int width, const int channels,
-    const long long stride_n, const long long stride_c, const long long stride_h,
-    const long long stride_w, const int channels_fastest,
+    const index_t stride_n, const index_t stride_c, const index_t stride_h,
+    const index_t stride_w, const int channels_fastest,
     const int pooled_h, const int pooled_w, const acc_t spatial_scale,
     const int sampling_ratio, const int aligned, const int use_max) {
     const Strides s = {stride_n, stride_c, stride_h, stride_w};
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (long long)blockDim.x * gridDim.x) {
-        long long r;
+    for (index_t i = (index_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (index_t)blockDim.x * gridDim.x) {
+        index_t r;
         int c, ph, pw;
         unravel(i, channels, pooled_h, pooled_w, channels_fastest, r, c, ph, pw);
         const RoiGeometry g = roi_geometry(rois + r * 5, spatial_scale, pooled_h, pooled_w,

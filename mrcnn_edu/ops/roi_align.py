@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["roi_align", "roi_align_torch", "sampling_points", "boxes_to_rois", "check_roi_inputs",
-           "cupy_available"]
+           "cupy_available", "divide"]
 
 RoIs = Union[Tensor, Sequence[Tensor]]
 # Elements gathered per chunk (4 corners x points x channels): bounds the torch path's memory.
@@ -113,17 +113,31 @@ def check_roi_inputs(input: Tensor, rois: RoIs, output_size, spatial_scale: floa
     return rois, size
 
 
+def divide(numerator: Tensor, denominator: int) -> Tensor:
+    """``numerator / denominator``, rounded as IEEE division on every device.
+
+    PyTorch's CUDA kernels divide by a Python number as a multiplication by its reciprocal,
+    which is not the correctly rounded quotient: there ``21 / 7`` is ``3.0000002`` in fp32, and
+    RoIPool's ``ceil`` makes that bin one cell wider. In RoIAlign the sampling points move by an
+    ulp, which the bilinear weights carry into the output: up to 3.7e-5 in fp32 at 100-cell
+    coordinates, measured on an H200 (the CPU reproduces it: ``size * (1 / bins)``). Dividing
+    by a tensor on the same device divides exactly, as the CPU, torchvision's kernels and our
+    CuPy kernel do, so every path samples the same points.
+    """
+    return numerator / torch.full((), denominator, dtype=numerator.dtype, device=numerator.device)
+
+
 def _axis_samples(start: Tensor, size: Tensor, bins: int, grid: int) -> Tensor:
     """Sampling coordinates along one axis: ``(R,)`` RoI starts / sizes -> ``(R, bins, grid)``.
 
     Point ``i`` of bin ``p`` sits at ``start + p * bin + (i + 0.5) * bin / grid`` (torchvision's
     expression, kept in the same order so results agree to the last bit).
     """
-    bin_size = size / bins  # (R,)
+    bin_size = divide(size, bins)  # (R,)
     p = torch.arange(bins, device=start.device, dtype=start.dtype)
     i = torch.arange(grid, device=start.device, dtype=start.dtype)
     return (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]
-            + (i[None, None, :] + 0.5) * bin_size[:, None, None] / grid)  # (R, bins, grid)
+            + divide((i[None, None, :] + 0.5) * bin_size[:, None, None], grid))  # (R, bins, grid)
 
 
 def _roi_frame(rois: Tensor, spatial_scale: float, aligned: bool) -> tuple[Tensor, ...]:
@@ -142,8 +156,8 @@ def _grid_sizes(roi_h: Tensor, roi_w: Tensor, output_size: tuple[int, int],
     if sampling_ratio > 0:
         full = torch.full_like(roi_h, sampling_ratio, dtype=torch.long)
         return full, full
-    gh = torch.ceil(roi_h / output_size[0]).clamp(min=0).long()
-    gw = torch.ceil(roi_w / output_size[1]).clamp(min=0).long()
+    gh = torch.ceil(divide(roi_h, output_size[0])).clamp(min=0).long()
+    gw = torch.ceil(divide(roi_w, output_size[1])).clamp(min=0).long()
     return gh, gw
 
 
@@ -202,7 +216,7 @@ def _sample_group(features: Tensor, rois: Tensor, x1: Tensor, y1: Tensor, roi_w:
     samples = samples.reshape(R, oh, gh, ow, gw, C).permute(0, 1, 3, 2, 4, 5)
     samples = samples.reshape(R, oh, ow, gh * gw, C)  # points in (iy, ix) row-major order
     if mode == "avg":
-        return samples.sum(dim=3) / max(gh * gw, 1)  # (R, oh, ow, C)
+        return divide(samples.sum(dim=3), max(gh * gw, 1))  # (R, oh, ow, C)
     # amax, not max(dim): same value; on exact ties it splits the gradient evenly where the
     # CUDA kernel gives it to the first point (tied points are nearly always one clamped
     # location, so the sums agree); and max(dim) is pathologically slow on small CPU tensors

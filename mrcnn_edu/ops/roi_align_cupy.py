@@ -23,6 +23,7 @@ import functools
 import glob
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["roi_align_cupy", "RoIAlignCuPy", "KERNEL_SOURCE", "compile_options"]
+__all__ = ["roi_align_cupy", "RoIAlignCuPy", "KERNEL_SOURCE", "compile_options", "index_bits"]
 
 KERNEL_SOURCE = Path(__file__).with_name("roi_align.cu")
 _THREADS = 256
@@ -54,8 +55,9 @@ def _cuda_include_dirs() -> list[str]:
     return [d for d in candidates if os.path.isfile(os.path.join(d, "cuda_bf16.h"))][:1]
 
 
-def compile_options(dtype: torch.dtype) -> list[str]:
-    """NVRTC options for ``roi_align.cu`` with ``dtype`` storage (CuPy adds the architecture).
+def compile_options(dtype: torch.dtype, index_bits: int = 32) -> list[str]:
+    """NVRTC options for ``roi_align.cu`` with ``dtype`` storage and ``index_bits``-bit index
+    arithmetic (see :func:`index_bits`; CuPy adds the architecture).
 
     ``--fmad=false``: no fused multiply-adds, so each product and sum rounds as in the PyTorch
     path and max mode picks the same point; the kernel is memory-bound, FMAs would not help.
@@ -63,17 +65,29 @@ def compile_options(dtype: torch.dtype) -> list[str]:
     if dtype not in _DTYPES:
         raise ValueError(f"the CuPy RoIAlign supports {list(_DTYPES)}, got {dtype}")
     scalar, acc, macros = _DTYPES[dtype]
-    options = ["--std=c++14", "--fmad=false", f"-DSCALAR_T={scalar}", f"-DACC_T={acc}", *macros]
+    index = {32: "int", 64: "long long"}[index_bits]
+    options = ["--std=c++14", "--fmad=false", f"-DSCALAR_T={scalar}", f"-DACC_T={acc}",
+               f"-DINDEX_T={index}", *macros]
     return options + [f"-I{d}" for d in _cuda_include_dirs()]
 
 
+def index_bits(outputs: int, feature_elements: int) -> int:
+    """32 when the kernel's indices fit in an ``int``, else 64 (see ``roi_align.cu``).
+
+    ``outputs`` (R * C * oh * ow) bounds the flat thread index; under 2^30, the grid-stride
+    loop's ``i + stride`` (at most twice that) stays below 2^31 too. ``feature_elements``
+    bounds every offset into the features and their gradient.
+    """
+    return 32 if outputs < 2**30 and feature_elements < 2**31 else 64
+
+
 @functools.lru_cache(maxsize=None)
-def _kernels(dtype: torch.dtype, device_index: int):
-    """Compile ``roi_align.cu`` for one dtype on one device: (forward, backward) kernels."""
+def _kernels(dtype: torch.dtype, device_index: int, bits: int = 32):
+    """Compile ``roi_align.cu`` for one dtype, index width and device: (forward, backward)."""
     import cupy
 
     with cupy.cuda.Device(device_index):
-        options = tuple(compile_options(dtype))
+        options = tuple(compile_options(dtype, bits))
         module = cupy.RawModule(code=KERNEL_SOURCE.read_text(), options=options)
         return module.get_function("roi_align_forward"), module.get_function("roi_align_backward")
 
@@ -86,7 +100,11 @@ def _launch(kernel, total: int, tensors: list[Tensor], scalars: list, device: to
         return
     blocks = min((total + _THREADS - 1) // _THREADS, 2**31 - 1)
     stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream):
+    with warnings.catch_warnings():
+        # CuPy 14 deprecates ExternalStream for Stream.from_external, which older CuPy lacks
+        warnings.simplefilter("ignore", DeprecationWarning)
+        external = cupy.cuda.ExternalStream(stream.cuda_stream)
+    with cupy.cuda.Device(device.index), external:
         # zero-copy views; CuPy has no bfloat16 dtype, so bf16 travels as its int16 bit pattern
         arrays = [cupy.from_dlpack(t.detach().view(torch.int16) if t.dtype == torch.bfloat16
                                    else t.detach()) for t in tensors]
@@ -132,17 +150,20 @@ class RoIAlignCuPy(torch.autograd.Function):
         output = torch.empty((R, C, oh, ow), dtype=input.dtype, **kw)
         use_max = mode == "max"
         argmax = torch.empty((R, C, oh, ow) if use_max else (1, 1, 1, 1), dtype=torch.int32, **kw)
-        # kernel scalars as explicit numpy types: CuPy passes Python ints as 64-bit
-        shape = [np.int64(R * C * oh * ow), np.int32(H), np.int32(W), np.int32(C)]
+        # kernel scalars as explicit numpy types (CuPy passes Python ints as 64-bit); the
+        # total and the strides are the kernel's index_t
+        bits = index_bits(R * C * oh * ow, N * C * H * W)
+        np_index = np.int32 if bits == 32 else np.int64
+        shape = [np_index(R * C * oh * ow), np.int32(H), np.int32(W), np.int32(C)]
         rest = [np.int32(channels_fastest), np.int32(oh), np.int32(ow), np_acc(spatial_scale),
                 np.int32(sampling_ratio), np.int32(aligned), np.int32(use_max)]
-        strides = [np.int64(s) for s in features.stride()]  # (N, C, H, W) order
-        forward_kernel, _ = _kernels(input.dtype, input.device.index)
+        strides = [np_index(s) for s in features.stride()]  # (N, C, H, W) order
+        forward_kernel, _ = _kernels(input.dtype, input.device.index, bits)
         _launch(forward_kernel, R * C * oh * ow,
                 [_dense(features), boxes, _dense(output), _dense(argmax)],
                 shape + strides + rest, input.device)
         ctx.save_for_backward(boxes, argmax)
-        ctx.scalars = (shape, rest)
+        ctx.scalars = (shape, rest, np_index, bits)
         ctx.input_shape, ctx.input_dtype = (N, C, H, W), input.dtype
         ctx.channels_fastest = channels_fastest
         return output  # (R, C, oh, ow), in the memory order of the input's layout
@@ -151,15 +172,15 @@ class RoIAlignCuPy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
         boxes, argmax = ctx.saved_tensors
-        shape, rest = ctx.scalars
+        shape, rest, np_index, bits = ctx.scalars
         fastest = ctx.channels_fastest
         # the gradient in the forward output's memory order (the kernel indexes both alike)
         grad = grad_output.to(ctx.input_dtype).contiguous(memory_format=_memory_format(fastest))
         # accumulated in fp32 (fp64 for fp64), in the input's layout: fp32 atomics are native
         grad_input = torch.empty(ctx.input_shape, dtype=boxes.dtype, device=grad.device,
                                  memory_format=_memory_format(fastest)).zero_()
-        strides = [np.int64(s) for s in grad_input.stride()]
-        _, backward_kernel = _kernels(ctx.input_dtype, grad.device.index)
+        strides = [np_index(s) for s in grad_input.stride()]
+        _, backward_kernel = _kernels(ctx.input_dtype, grad.device.index, bits)
         _launch(backward_kernel, int(shape[0]), [_dense(grad), boxes, _dense(argmax),
                                                  _dense(grad_input)],
                 shape + strides + rest, grad.device)

@@ -33,7 +33,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
-from mrcnn_edu.ops.roi_align import RoIs, check_roi_inputs, roi_align_torch
+from mrcnn_edu.ops.roi_align import RoIs, check_roi_inputs, divide, roi_align_torch
 
 __all__ = ["roi_pool", "roi_warp", "quantise_rois"]
 
@@ -59,7 +59,7 @@ def quantise_rois(rois: Tensor, spatial_scale: float) -> tuple[Tensor, Tensor, T
 
 def _bin_edges(start: Tensor, size: Tensor, bins: int, limit: int) -> tuple[Tensor, Tensor]:
     """RoIPool's step 2 along one axis: ``(R, bins)`` first and one-past-last cell of each bin."""
-    bin_size = size[:, None] / bins  # (R, 1)
+    bin_size = divide(size[:, None], bins)  # (R, 1); exact, so that ceil(21 / 7) is 3 on a GPU too
     p = torch.arange(bins, device=start.device, dtype=start.dtype)[None]  # (1, bins)
     first = (torch.floor(p * bin_size) + start[:, None]).clamp(0, limit)
     last = (torch.ceil((p + 1) * bin_size) + start[:, None]).clamp(0, limit)

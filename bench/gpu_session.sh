@@ -69,7 +69,7 @@ for p in $PHASES; do
     case $p in
     kernel)
         phase kernel 150 $PY -m pytest -q -rs -p no:cacheprovider tests/test_roi_align_cuda.py \
-            tests/test_roi_align_kernel_source.py tests/test_roi_ops.py ;;
+            tests/test_roi_align_kernel_source.py tests/test_roi_ops.py tests/test_boxes.py ;;
     roi_bench)
         phase roi_bench_fp32 60 $PY bench/roi_align.py --iters 30
         phase roi_bench_fp16 60 $PY bench/roi_align.py --iters 30 --dtype float16 ;;

@@ -2,9 +2,16 @@
 
 Shapes (issue 3): a (2, 256, 200, 336) feature map at scale 1/4 (an 800 x 1344 image's P2),
 1024 RoIs -> 7 x 7 (box head) and 512 RoIs -> 14 x 14 (mask head); forward, and forward +
-backward. Times are medians over ``--iters`` runs after ``--warmup`` runs, measured with CUDA
-events on the GPU (``time.perf_counter`` on the CPU). Ratios are ours / torchvision's: below 1
-means faster than torchvision.
+backward. On the GPU a time is the mean of ``--iters`` calls queued back to back between two
+CUDA events (as in a training step, where the host queues kernels ahead of the GPU), median of
+5 such runs, after ``--warmup`` calls; on the CPU, the median of ``--iters`` single calls. Ratios
+are ours / torchvision's: below 1 means faster than torchvision.
+
+Ours is called as the model's pooler calls it, ``check_values=False`` (RoIs it built itself);
+the row "checked" validates the RoIs' values first, a host read that stalls the queue: what a
+user's call with the default pays. (The first GPU runs timed single checked calls after a sync,
+which also counts the host's time before each launch: our forward was then 0.4 ms behind
+torchvision's at both sizes, a constant that suggests host time rather than the kernel.)
 
     python bench/roi_align.py                     # GPU, fp32
     python bench/roi_align.py --dtype float16     # fp16 (torchvision's kernel supports it too)
@@ -34,19 +41,23 @@ def make_rois(n: int, image_hw: tuple[int, int], n_images: int, generator) -> to
     return torch.cat([index, boxes], 1)  # (R, 5)
 
 
-def time_ms(fn, iters: int, warmup: int, device: torch.device) -> float:
+def time_ms(fn, iters: int, warmup: int, device: torch.device, repeats: int = 5) -> float:
+    """Milliseconds per call of ``fn`` (see the module docstring for how)."""
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(iters):
-        if device.type == "cuda":
+    if device.type == "cuda":
+        for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
             start.record()
-            fn()
+            for _ in range(iters):
+                fn()
             end.record()
             torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
+            times.append(start.elapsed_time(end) / iters)
+    else:
+        for _ in range(iters):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
@@ -57,11 +68,13 @@ def candidates(device: torch.device, sampling_ratio: int, aligned: bool):
     """(name, fn(x, rois, size)) pairs available on this machine."""
     out = []
     if device.type == "cuda" and cupy_available():
-        out.append(("ours cupy", lambda x, r, s: roi_align(x, r, s, 0.25, sampling_ratio,
-                                                            aligned, backend="cupy")))
+        out.append(("ours cupy", lambda x, r, s: roi_align(x, r, s, 0.25, sampling_ratio, aligned,
+                                                            backend="cupy", check_values=False)))
         out.append(("ours cupy, channels_last input", "channels_last"))
+        out.append(("ours cupy, checked", lambda x, r, s: roi_align(x, r, s, 0.25, sampling_ratio,
+                                                                     aligned, backend="cupy")))
     out.append(("ours torch", lambda x, r, s: roi_align(x, r, s, 0.25, sampling_ratio, aligned,
-                                                        backend="torch")))
+                                                        backend="torch", check_values=False)))
     try:
         import torchvision
         out.append(("torchvision", lambda x, r, s: torchvision.ops.roi_align(

@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from mrcnn_edu.boxes import BoxCoder, batched_nms, box_area, box_iou, clip_boxes, matched_box_iou, nms, remove_small_boxes
+from mrcnn_edu.boxes import (BoxCoder, batched_nms, box_area, box_iou, clip_boxes, greedy_keep_in_rounds,
+                             matched_box_iou, nms, remove_small_boxes)
 
 try:
     import torchvision
@@ -93,6 +94,46 @@ def test_nms_matches_brute_force_greedy_on_hundreds_of_cases():
         thr = rng.choice([0.0, 0.3, 0.5, 0.7, 1.0])
         got = nms(torch.tensor(boxes).reshape(-1, 4), torch.tensor(scores), thr).tolist()
         assert got == nms_ref(boxes, scores, thr), f"case {case}"
+
+
+def test_greedy_keep_in_rounds_is_the_greedy_loop_on_hundreds_of_cases():
+    # the GPU's way to the same decisions (boxes.nms uses it for CUDA tensors), run on the CPU
+    rng = random.Random(1)
+    for case in range(400):
+        boxes, scores = random_case(rng)
+        if not boxes:
+            continue
+        thr = rng.choice([0.0, 0.3, 0.5, 0.7, 1.0])
+        b, s = torch.tensor(boxes).reshape(-1, 4), torch.tensor(scores)
+        order = torch.sort(s, descending=True, stable=True).indices
+        overlaps = box_iou(b[order], b[order]) > thr
+        for rounds_per_read in (1, 4):
+            keep = greedy_keep_in_rounds(overlaps, rounds_per_read)
+            assert order[keep].tolist() == nms_ref(boxes, scores, thr), f"case {case}"
+
+
+def test_greedy_keep_in_rounds_on_the_longest_chain():
+    # box i overlaps box i + 1 (IoU 0.82) but not i + 2 (0.67): greedy keeps every other box,
+    # and each decision waits for the one before it, so it takes all N rounds
+    n = 50
+    x = torch.arange(n, dtype=torch.float64) * 0.1
+    boxes = torch.stack([x, torch.zeros(n), x + 1, torch.ones(n, dtype=torch.float64)], 1)
+    overlaps = box_iou(boxes, boxes) > 0.7
+    for rounds_per_read in (1, 3, 4):
+        assert greedy_keep_in_rounds(overlaps, rounds_per_read).tolist() == [i % 2 == 0 for i in range(n)]
+    assert nms(boxes, -x, 0.7).tolist() == list(range(0, n, 2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_nms_on_cuda_equals_nms_on_the_cpu():
+    g = torch.Generator().manual_seed(4)
+    for _ in range(20):
+        n = int(torch.randint(1, 3000, (1,), generator=g))
+        xy = torch.rand(n, 2, generator=g) * 400
+        boxes = torch.cat([xy, xy + 5 + torch.rand(n, 2, generator=g) * 100], 1)
+        scores = torch.randint(0, 100, (n,), generator=g).float()  # ties too
+        for thr in (0.3, 0.7):
+            assert nms(boxes.cuda(), scores.cuda(), thr).cpu().tolist() == nms(boxes, scores, thr).tolist()
 
 
 def test_batched_nms_suppresses_only_within_a_category():

@@ -24,10 +24,11 @@
 //
 // Index arithmetic. Turning a thread's flat index into (r, c, ph, pw) takes three divisions
 // and three remainders, and a GPU has no 64-bit integer divider: each 64-bit one is a software
-// routine of dozens of instructions, run by every thread. So it is compiled twice,
-// -DINDEX_T=int and -DINDEX_T="long long"; the wrapper picks
-// 32 bits whenever every index fits (under 2^30 outputs and 2^31 feature elements: the
-// grid-stride loop's i + stride must not overflow either).
+// routine of dozens of instructions, run by every thread. So the source is compiled twice,
+// -DINDEX_T=int and -DINDEX_T="long long", and the wrapper picks 32 bits whenever every index
+// fits: under 2^30 outputs (the grid-stride loop's i + stride must not overflow either) and
+// 2^31 feature elements. On an H200 the forward for 512 RoIs -> 14x14 went from 1.54 to 1.04 ms
+// with it (docs/gpu.md; one run each).
 
 // Semantics are exactly those of ops/roi_align.py (and of torchvision's kernels):
 //   * RoI start/size in the "sampling frame" where the value of cell j sits at j: multiply

@@ -178,7 +178,7 @@ def rpn_loss(objectness: Tensor, deltas: Tensor, labels: Tensor, regression_targ
         neg_masks.append(neg_mask)
     pos_mask = torch.stack(pos_masks)  # (N, N_a)
     sampled = pos_mask | torch.stack(neg_masks)  # (N, N_a)
-    num_sampled = max(int(sampled.sum()), 1)
+    num_sampled = sampled.sum().clamp(min=1)  # a tensor: no host read (a GPU sync) per step
     loss_objectness = F.binary_cross_entropy_with_logits(
         objectness[sampled], labels[sampled].to(objectness.dtype), reduction="sum") / num_sampled
     loss_box_reg = F.smooth_l1_loss(

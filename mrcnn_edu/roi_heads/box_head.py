@@ -104,8 +104,9 @@ def sample_rois(proposals: list[Tensor], targets: list[dict[str, Tensor]], match
             image_proposals = torch.cat([image_proposals, gt_boxes])  # (R_i + G_i, 4)
         matched_idx = matcher(box_iou(gt_boxes, image_proposals))  # (R_i + G_i,)
         pos_mask, neg_mask = sampler.sample(matched_idx >= 0, matched_idx == BACKGROUND, generator)
-        chosen = torch.cat([torch.nonzero(pos_mask).flatten(), torch.nonzero(neg_mask).flatten()])  # (S_i,)
-        num_pos = int(pos_mask.sum())
+        positive = torch.nonzero(pos_mask).flatten()  # its length is on the host already
+        chosen = torch.cat([positive, torch.nonzero(neg_mask).flatten()])  # (S_i,)
+        num_pos = positive.shape[0]
         rois = image_proposals[chosen]
         matched = matched_idx[chosen]
         matched[num_pos:] = -1
@@ -320,7 +321,7 @@ class BoxBranch(nn.Module):
         class_logits, box_deltas = self.predictor(head_features)
         losses = box_loss(class_logits, box_deltas, torch.cat(labels), torch.cat(regression_targets),
                           beta=self.cfg.smooth_l1_beta)
-        num_pos = [int((image_labels > 0).sum()) for image_labels in labels]
+        num_pos = torch.stack([(image_labels > 0).sum() for image_labels in labels]).tolist()  # one read
         positives = PositiveRoIs(
             rois=[r[:p] for r, p in zip(rois, num_pos)],
             labels=[lab[:p] for lab, p in zip(labels, num_pos)],

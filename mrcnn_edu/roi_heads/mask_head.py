@@ -212,7 +212,7 @@ def mask_targets(
         raise ValueError(f"proposals must be (P, 4), got shape {tuple(proposals.shape)}")
     if matched_gt_idx.shape != proposals.shape[:1]:
         raise ValueError(f"matched_gt_idx must be (P,) = ({proposals.shape[0]},), got {tuple(matched_gt_idx.shape)}")
-    if matched_gt_idx.numel() > 0 and (matched_gt_idx.min() < 0 or matched_gt_idx.max() >= gt_masks.shape[0]):
+    if matched_gt_idx.numel() > 0 and bool(((matched_gt_idx < 0) | (matched_gt_idx >= gt_masks.shape[0])).any()):
         raise ValueError(f"matched_gt_idx must index the {gt_masks.shape[0]} gt masks, got {matched_gt_idx.tolist()}")
     if proposals.shape[0] == 0:
         return proposals.new_zeros((0, m, m))
@@ -235,7 +235,7 @@ def _check_logits_labels(mask_logits: torch.Tensor, labels: torch.Tensor, loss: 
     if num_masks < 1 or mask_logits.shape[1] != mask_output_channels(num_masks, loss, class_agnostic):
         raise ValueError(f"mask_logits has {mask_logits.shape[1]} channels, which loss={loss!r}, "
                          f"class_agnostic={class_agnostic} cannot read")
-    if labels.numel() > 0 and (labels.min() < 1 or (not class_agnostic and labels.max() > num_masks)):
+    if labels.numel() > 0 and bool(((labels < 1) | ((labels > num_masks) & (not class_agnostic))).any()):
         raise ValueError(f"labels must be foreground classes 1..{num_masks}, got {labels.unique().tolist()}")
 
 

@@ -11,8 +11,9 @@
 #   bash bench/gpu_session.sh                      # all phases, 540 s budget
 #   BUDGET=300 bash bench/gpu_session.sh kernel roi_bench   # some phases
 #
-# Phases: kernel (CuPy RoIAlign tests, #3), roi_bench (bench/roi_align.py, #3), parity
-# (full-size torchvision parity on the GPU, #6), train_bench (bench/train_infer.py, #7),
+# Phases: kernel (the CuPy RoIAlign tests and the other CUDA tests of the RoI ops and NMS, #3),
+# roi_bench (bench/roi_align.py, #3), parity (full-size torchvision parity on the GPU, #6),
+# train_bench (bench/train_infer.py with a profile of each model's training step, #7),
 # table (Table 2 miniature, #8; the r50_fpn row is also #7's "miniature model on a GPU"),
 # table_probe (not run by default: the table's costs, measured in a few minutes, for #8).
 #

@@ -55,8 +55,8 @@ def _cuda_include_dirs() -> list[str]:
     return [d for d in candidates if os.path.isfile(os.path.join(d, "cuda_bf16.h"))][:1]
 
 
-def compile_options(dtype: torch.dtype, index_bits: int = 32) -> list[str]:
-    """NVRTC options for ``roi_align.cu`` with ``dtype`` storage and ``index_bits``-bit index
+def compile_options(dtype: torch.dtype, bits: int = 32) -> list[str]:
+    """NVRTC options for ``roi_align.cu`` with ``dtype`` storage and ``bits``-bit index
     arithmetic (see :func:`index_bits`; CuPy adds the architecture).
 
     ``--fmad=false``: no fused multiply-adds, so each product and sum rounds as in the PyTorch
@@ -65,7 +65,7 @@ def compile_options(dtype: torch.dtype, index_bits: int = 32) -> list[str]:
     if dtype not in _DTYPES:
         raise ValueError(f"the CuPy RoIAlign supports {list(_DTYPES)}, got {dtype}")
     scalar, acc, macros = _DTYPES[dtype]
-    index = {32: "int", 64: "long long"}[index_bits]
+    index = {32: "int", 64: "long long"}[bits]
     options = ["--std=c++14", "--fmad=false", f"-DSCALAR_T={scalar}", f"-DACC_T={acc}",
                f"-DINDEX_T={index}", *macros]
     return options + [f"-I{d}" for d in _cuda_include_dirs()]

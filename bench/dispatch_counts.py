@@ -16,12 +16,15 @@ would be counted op by op, which says nothing about the GPU).
 
     python bench/dispatch_counts.py                 # both R-50-FPN models, 2 and 16 images
     python bench/dispatch_counts.py --mini          # our miniature Table 2 default rows too
+    python bench/dispatch_counts.py --sites r50_c4  # where one miniature's training ops come from
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -54,6 +57,40 @@ class DispatchCounter(TorchDispatchMode):
         if name in HOST_READS:
             self.reads[name] += 1
         return func(*args, **(kwargs or {}))
+
+
+class SiteCounter(DispatchCounter):
+    """Also counts each op against the innermost ``mrcnn_edu`` function that called it
+    (``"<autograd>"``: the backward pass, which runs no Python of ours)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites, self.site_reads = collections.Counter(), collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        site = "<autograd>"
+        for frame in reversed(traceback.extract_stack(limit=40)):
+            if "mrcnn_edu" + os.sep in frame.filename:
+                site = f"{frame.filename.split('mrcnn_edu' + os.sep)[-1]}:{frame.name}"
+                break
+        self.sites[site] += 1
+        if func.__name__.split(".")[0] in HOST_READS:
+            self.site_reads[site] += 1
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def print_sites(run: str, batch: int, size: int, top: int = 15) -> None:
+    """The call sites that dispatch the most ops in one training step of a miniature run."""
+    from mrcnn_edu import ablations
+
+    model = MaskRCNN(ablations.model_config(ablations.RUNS[run])).train()
+    images, targets = synthetic_batch(batch, size, torch.Generator().manual_seed(batch))
+    with SiteCounter() as counter:
+        sum(model(images, targets).values()).backward()
+    print(f"ours mini {run}, training step on {batch} images of {size} px: {counter.ops} ops, "
+          f"{sum(counter.reads.values())} host reads; the top {top} call sites (ops, host reads):")
+    for site, ops in counter.sites.most_common(top):
+        print(f"{ops:7d} {counter.site_reads[site]:5d}  {site}")
 
 
 def as_on_a_gpu():
@@ -116,9 +153,14 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=192)
     parser.add_argument("--batches", type=int, nargs="+", default=[2, 16])
     parser.add_argument("--mini", action="store_true", help="also our Table 2 miniature rows")
+    parser.add_argument("--sites", metavar="RUN", help="only: the call sites of one miniature "
+                        "run's training ops (a Table 2 run name, e.g. r50_c4), at the largest batch")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     as_on_a_gpu()
+    if args.sites:
+        print_sites(args.sites, max(args.batches), args.size)
+        return
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_infer import build_ours, build_torchvision

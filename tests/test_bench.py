@@ -60,6 +60,22 @@ def as_on_a_gpu(restore_gpu_stand_ins):
     return counter_module
 
 
+def test_dispatch_counts_sites_add_up_and_name_our_functions(capsys, restore_gpu_stand_ins):
+    counter_module = load("dispatch_counts")
+    with counter_module.SiteCounter() as counter:
+        from mrcnn_edu.boxes import box_area
+
+        box_area(torch.tensor([[0.0, 0.0, 2.0, 3.0]]))
+        torch.ones(2).sum()  # called from here, not from the package
+    assert counter.sites["boxes.py:box_area"] > 0
+    assert sum(counter.sites.values()) == counter.ops
+    counter_module.main(["--sites", "r50_c4", "--size", "64", "--batches", "2"])
+    out = capsys.readouterr().out
+    total = int(re.search(r"training step on 2 images of 64 px: (\d+) ops", out).group(1))
+    top = [int(m.group(1)) for m in re.finditer(r"^\s+(\d+)\s+\d+\s+\S+$", out, re.M)]
+    assert len(top) == 15 and top == sorted(top, reverse=True) and sum(top) <= total
+
+
 def test_dispatch_counts_script_compares_with_torchvision(capsys, restore_gpu_stand_ins):
     counter_module = load("dispatch_counts")
     counter_module.main(["--size", "64", "--batches", "1"])

@@ -267,7 +267,8 @@ def greedy_keep_in_rounds(overlaps: Tensor, rounds_per_read: int = 4) -> Tensor:
     matrix to the host. The host reads "changed?" once every ``rounds_per_read`` rounds.
     """
     n = overlaps.shape[0]
-    suppressors = torch.triu(overlaps, diagonal=1)  # only a higher-scored box can suppress
+    rank = torch.arange(n, device=overlaps.device)
+    suppressors = overlaps & (rank[:, None] < rank[None, :])  # only a higher-scored box suppresses
     keep = torch.ones(n, dtype=torch.bool, device=overlaps.device)
     for _ in range(0, n + 1, rounds_per_read):
         for _ in range(rounds_per_read):

@@ -295,7 +295,8 @@ def _run_keypointrcnn_parity(device, small: bool, shapes) -> None:
     for mine, their in zip(our_out, their_out):
         partner = _match(mine, their)
         their_keypoints = their["keypoints"][partner]  # (N, 17, 3) rows (x, y, 1)
-        # the score of each keypoint is its heatmap's maximum: equal scores, equal heatmaps
+        # scores before positions: a score is its heatmap's maximum, so a mismatch there points
+        # at the heatmaps themselves, where a moved argmax alone could be a near-tie
         torch.testing.assert_close(mine["keypoints"][..., 2], their["keypoints_scores"][partner], rtol=0, atol=1e-4)
         shift = (mine["keypoints"][..., :2] - their_keypoints[..., :2]).abs().amax(-1)  # (N, 17) px
         print(f"keypoints: {int((shift >= 0.5).sum())} of {shift.numel()} apart by 0.5 px or more, "

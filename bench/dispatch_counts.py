@@ -100,11 +100,14 @@ def as_on_a_gpu():
     - ``check_boxes`` reads coordinates on the host only for CPU tensors (on a GPU the model
       checks its targets once per batch); here every tensor is on the CPU, so the calls that
       leave ``values`` to its default are made to skip it, as they would on a GPU.
+    - NMS decides in rounds (``greedy_keep_in_rounds``, one host read per 4 rounds) as it does
+      on CUDA tensors, instead of the CPU's loop over the overlap matrix copied to numpy.
     """
     check_boxes = boxes_module.check_boxes
+    boxes_module.greedy_keep = boxes_module.greedy_keep_in_rounds
 
-    def check_boxes_as_on_a_gpu(boxes, name="boxes", allow_empty_size=True, values=None):
-        check_boxes(boxes, name, allow_empty_size, values=bool(values))
+    def check_boxes_as_on_a_gpu(boxes, name="boxes", allow_empty_size=True, values=None, batched=False):
+        check_boxes(boxes, name, allow_empty_size, values=bool(values), batched=batched)
 
     boxes_module.check_boxes = check_boxes_as_on_a_gpu
     sys.modules["mrcnn_edu.model"].check_boxes = check_boxes_as_on_a_gpu

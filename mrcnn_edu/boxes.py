@@ -26,6 +26,7 @@ import math
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 __all__ = [
     "check_boxes",
@@ -33,10 +34,13 @@ __all__ = [
     "box_area",
     "box_iou",
     "matched_box_iou",
+    "pad_boxes",
     "BoxCoder",
     "clip_boxes",
     "remove_small_boxes",
     "nms",
+    "greedy_keep",
+    "nms_in_images",
     "batched_nms",
 ]
 
@@ -45,11 +49,16 @@ __all__ = [
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 # above this many boxes batched_nms runs per category (memory N^2 -> sum N_c^2)
 _BATCHED_NMS_SHIFT_MAX = 4000
+# nms_in_images puts this many box pairs through box_iou at once (~1 GB of temporaries in fp32)
+NMS_PAIRS_PER_CHUNK = 2 ** 25
 
 
 def check_boxes(boxes: Tensor, name: str = "boxes", allow_empty_size: bool = True,
-                values: bool | None = None) -> None:
+                values: bool | None = None, batched: bool = False) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``boxes`` is a finite ``(N, 4)`` xyxy tensor.
+
+    ``batched``: also accept ``(B, N, 4)``, one row of boxes per image (zero-padded to a common
+    ``N``; padding boxes are empty, which is legal), checked as its ``B*N`` rows.
 
     ``allow_empty_size``: zero-width / zero-height boxes are legal (they occur after clipping);
     negative sizes (``x2 < x1``) never are.
@@ -61,7 +70,12 @@ def check_boxes(boxes: Tensor, name: str = "boxes", allow_empty_size: bool = Tru
     """
     if not isinstance(boxes, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(boxes).__name__}")
+    if batched and boxes.dim() == 3 and boxes.shape[-1] == 4:
+        name = f"{name} (rows of all {boxes.shape[0]} images, in order)"
+        boxes = boxes.reshape(-1, 4)
     if boxes.dim() != 2 or boxes.shape[-1] != 4:
+        if batched:
+            raise ValueError(f"{name} must have shape (N, 4) or (B, N, 4) in xyxy, got {tuple(boxes.shape)}")
         raise ValueError(f"{name} must have shape (N, 4) in xyxy, got {tuple(boxes.shape)}")
     if not boxes.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {boxes.dtype}")
@@ -85,9 +99,9 @@ def check_boxes(boxes: Tensor, name: str = "boxes", allow_empty_size: bool = Tru
 
 
 def box_area(boxes: Tensor) -> Tensor:
-    """Area of each box. ``boxes: (N, 4) xyxy`` -> ``(N,)``."""
-    check_boxes(boxes)
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    """Area of each box. ``boxes: (N, 4) xyxy`` -> ``(N,)``, or ``(B, N, 4)`` -> ``(B, N)``."""
+    check_boxes(boxes, batched=True)
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
 def _intersection(a: Tensor, b: Tensor) -> Tensor:
@@ -107,11 +121,20 @@ def _iou(inter: Tensor, area_a: Tensor, area_b: Tensor) -> Tensor:
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
     """Intersection over union of every pair. ``a: (N, 4)``, ``b: (M, 4)`` -> ``(N, M)``.
 
+    A batch of images at once: ``a: (B, N, 4)``, ``b: (B, M, 4)`` -> ``(B, N, M)``, image by
+    image, in a fixed number of ops whatever ``B`` (a training step matches 16 images; one call
+    per image would be 16 times the kernel launches on a GPU). Pad images with fewer boxes with
+    zeros: an empty box has IoU 0 with everything.
+
     Two zero-area boxes have IoU 0 (not nan): their union is empty, and nothing overlaps.
     """
-    check_boxes(a, "a")
-    check_boxes(b, "b")
-    return _iou(_intersection(a[:, None, :], b[None, :, :]), box_area(a)[:, None], box_area(b)[None, :])
+    check_boxes(a, "a", batched=True)
+    check_boxes(b, "b", batched=True)
+    if a.dim() != b.dim() or a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(f"box_iou needs a and b both (N, 4) / (M, 4), or both (B, N, 4) / (B, M, 4) "
+                         f"with the same B, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return _iou(_intersection(a[..., :, None, :], b[..., None, :, :]),
+                box_area(a)[..., :, None], box_area(b)[..., None, :])
 
 
 def matched_box_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -122,6 +145,12 @@ def matched_box_iou(a: Tensor, b: Tensor) -> Tensor:
     if a.shape != b.shape:
         raise ValueError(f"matched_box_iou needs as many boxes in b as in a, got {tuple(a.shape)} and {tuple(b.shape)}")
     return _iou(_intersection(a, b), box_area(a), box_area(b))
+
+
+def pad_boxes(boxes: list[Tensor]) -> Tensor:
+    """Per-image ``(G_i, 4)`` boxes -> ``(B, max G_i, 4)``, shorter images padded with empty
+    ``(0, 0, 0, 0)`` boxes, which overlap nothing (IoU 0) and so never match."""
+    return pad_sequence(list(boxes), batch_first=True)  # one buffer, one copy per image
 
 
 class BoxCoder:
@@ -140,28 +169,29 @@ class BoxCoder:
         self.scale_clamp = float(scale_clamp)
 
     def encode(self, boxes: Tensor, reference: Tensor) -> Tensor:
-        """Deltas that turn ``reference`` into ``boxes``. Both ``(N, 4)`` -> ``(N, 4)``.
+        """Deltas that turn ``reference`` into ``boxes``. Both ``(N, 4)`` -> ``(N, 4)``, or both
+        ``(B, N, 4)`` -> ``(B, N, 4)`` (a batch of images).
 
         Reference boxes must have positive width and height (anchors and proposals do).
         """
-        check_boxes(boxes, "boxes")
-        check_boxes(reference, "reference")
+        check_boxes(boxes, "boxes", batched=True)
+        check_boxes(reference, "reference", batched=True)
         if boxes.shape != reference.shape:
             raise ValueError(f"boxes {tuple(boxes.shape)} and reference {tuple(reference.shape)} must match")
         wx, wy, ww, wh = self.weights
-        ref_w = reference[:, 2] - reference[:, 0]
-        ref_h = reference[:, 3] - reference[:, 1]
-        ref_cx = reference[:, 0] + 0.5 * ref_w
-        ref_cy = reference[:, 1] + 0.5 * ref_h
-        w = boxes[:, 2] - boxes[:, 0]
-        h = boxes[:, 3] - boxes[:, 1]
-        cx = boxes[:, 0] + 0.5 * w
-        cy = boxes[:, 1] + 0.5 * h
+        ref_w = reference[..., 2] - reference[..., 0]
+        ref_h = reference[..., 3] - reference[..., 1]
+        ref_cx = reference[..., 0] + 0.5 * ref_w
+        ref_cy = reference[..., 1] + 0.5 * ref_h
+        w = boxes[..., 2] - boxes[..., 0]
+        h = boxes[..., 3] - boxes[..., 1]
+        cx = boxes[..., 0] + 0.5 * w
+        cy = boxes[..., 1] + 0.5 * h
         dx = wx * (cx - ref_cx) / ref_w
         dy = wy * (cy - ref_cy) / ref_h
         dw = ww * torch.log(w / ref_w)
         dh = wh * torch.log(h / ref_h)
-        return torch.stack([dx, dy, dw, dh], dim=1)
+        return torch.stack([dx, dy, dw, dh], dim=-1)
 
     def decode(self, deltas: Tensor, reference: Tensor) -> Tensor:
         """Apply ``deltas`` to ``reference`` boxes.
@@ -191,22 +221,34 @@ class BoxCoder:
         return boxes.reshape(deltas.shape)  # (N, 4*k)
 
 
-def clip_boxes(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+def clip_boxes(boxes: Tensor, image_size: tuple[int, int] | list[tuple[int, int]]) -> Tensor:
     """Clip ``boxes: (N, 4*k)`` to an image of ``image_size = (height, width)`` pixels.
+
+    A batch: ``boxes: (B, N, 4*k)`` and ``image_size`` a list of B ``(height, width)``, each
+    image's boxes to its own size, in a fixed number of ops.
 
     With pixel ``i`` covering ``[i, i+1)`` the image spans ``[0, width] x [0, height]``. A NaN
     coordinate (a diverged network's decode) becomes 0: clipped boxes are always in the image,
     so no RoI op downstream indexes memory with a NaN (the loss, NaN too, stops training).
     """
-    if boxes.dim() != 2 or boxes.shape[1] % 4 != 0:
-        raise ValueError(f"boxes must have shape (N, 4*k), got {tuple(boxes.shape)}")
-    height, width = image_size
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image_size must be positive (height, width), got {image_size}")
+    if boxes.dim() not in (2, 3) or boxes.shape[-1] % 4 != 0:
+        raise ValueError(f"boxes must have shape (N, 4*k) or (B, N, 4*k), got {tuple(boxes.shape)}")
+    sizes = list(image_size) if boxes.dim() == 3 else [image_size]
+    if len(sizes) != boxes.shape[0] and boxes.dim() == 3:
+        raise ValueError(f"image_size needs one (height, width) per image, got {len(sizes)} for {boxes.shape[0]}")
+    for size in sizes:
+        if len(size) != 2 or size[0] <= 0 or size[1] <= 0:
+            raise ValueError(f"image_size must be positive (height, width), got {size}")
     boxes = boxes.nan_to_num(nan=0.0)
-    x = boxes[:, 0::2].clamp(min=0, max=width)
-    y = boxes[:, 1::2].clamp(min=0, max=height)
-    return torch.stack([x, y], dim=2).reshape(boxes.shape)
+    if boxes.dim() == 2:
+        height, width = image_size
+        x = boxes[:, 0::2].clamp(min=0, max=width)
+        y = boxes[:, 1::2].clamp(min=0, max=height)
+        return torch.stack([x, y], dim=2).reshape(boxes.shape)
+    limits = boxes.new_tensor(sizes)[:, None, :]  # (B, 1, 2) as (height, width)
+    x = torch.minimum(boxes[..., 0::2].clamp(min=0), limits[..., 1:])
+    y = torch.minimum(boxes[..., 1::2].clamp(min=0), limits[..., :1])
+    return torch.stack([x, y], dim=-1).reshape(boxes.shape)
 
 
 def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
@@ -224,11 +266,8 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     stable sort), as ``torchvision.ops.nms`` does; the result is in visiting order.
 
     The O(N^2) part, every pairwise IoU, is one tensor operation on the boxes' device. What
-    is left is inherently sequential -- each decision depends on the earlier ones. On the CPU
-    it is a short loop over the boolean matrix: one row OR per *kept* box. On a GPU that loop
-    would first copy the matrix to the host (4 MB for the RPN's 2000 boxes) and stall the
-    queue of kernels; there the same answer is reached in rounds of whole-matrix operations
-    (:func:`greedy_keep_in_rounds`).
+    is left is inherently sequential -- each decision depends on the earlier ones
+    (:func:`greedy_keep`).
     """
     check_boxes(boxes)
     if scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
@@ -238,22 +277,64 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     order = torch.sort(scores, descending=True, stable=True).indices
     sorted_boxes = boxes[order]
     overlaps = box_iou(sorted_boxes, sorted_boxes) > iou_threshold  # (N, N)
-    if boxes.is_cuda:
-        return order[torch.nonzero(greedy_keep_in_rounds(overlaps)).flatten()]
-    overlaps = overlaps.numpy()
-    suppressed = np.zeros(len(overlaps), dtype=bool)
-    keep = []
-    for i in range(len(overlaps)):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        suppressed |= overlaps[i]  # everything box i overlaps too much is out
-    return order[torch.as_tensor(keep, dtype=torch.int64, device=boxes.device)]
+    return order[torch.nonzero(greedy_keep(overlaps)).flatten()]
+
+
+def greedy_keep(overlaps: Tensor) -> Tensor:
+    """Greedy NMS's decisions from ``overlaps: (N, N)`` bool (or ``(B, N, N)``, B independent
+    rows of boxes), boxes sorted by decreasing score -> ``keep: (N,)`` (``(B, N)``) bool.
+
+    On the CPU: a short loop over the boolean matrix, one row OR per *kept* box. On a GPU that
+    loop would first copy the matrix to the host (4 MB for the RPN's 2000 boxes) and stall the
+    queue of kernels; there the same answer is reached in rounds of whole-matrix operations
+    (:func:`greedy_keep_in_rounds`).
+    """
+    if overlaps.is_cuda:
+        return greedy_keep_in_rounds(overlaps)
+    rows = overlaps.reshape(-1, *overlaps.shape[-2:]).numpy()
+    keep = np.zeros(rows.shape[:2], dtype=bool)
+    for row, row_keep in zip(rows, keep):
+        suppressed = np.zeros(len(row), dtype=bool)
+        for i in range(len(row)):
+            if suppressed[i]:
+                continue
+            row_keep[i] = True
+            suppressed |= row[i]  # everything box i overlaps too much is out
+    return torch.from_numpy(keep).reshape(overlaps.shape[:-1])
+
+
+def nms_in_images(boxes: Tensor, scores: Tensor, iou_threshold: float, valid: Tensor | None = None) -> Tensor:
+    """:func:`nms` on each image of a batch at once: ``boxes: (B, N, 4)``, ``scores: (B, N)``
+    -> ``keep: (B, N)`` bool, in the boxes' own order (not a list of indices, whose length
+    differs per image and would have to be read on the host).
+
+    ``valid: (B, N)`` bool, optional: boxes to leave out; they suppress nothing and are not kept.
+    Images go through the ``(N, N)`` overlap matrices together, as many at a time as fit in
+    :data:`NMS_PAIRS_PER_CHUNK` pairs (one image at a time above that; RPN training has 2000
+    boxes per FPN level, up to 12000 on C4).
+    """
+    if boxes.dim() != 3 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:2]:
+        raise ValueError(f"need boxes (B, N, 4) and scores (B, N), got {tuple(boxes.shape)} and {tuple(scores.shape)}")
+    check_boxes(boxes, batched=True)
+    if valid is not None:  # an empty box has IoU 0 with every box: it suppresses nothing
+        boxes = torch.where(valid[..., None], boxes, 0.0)
+    num_images, num_boxes = scores.shape
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if num_boxes == 0:
+        return keep
+    chunk = max(1, NMS_PAIRS_PER_CHUNK // num_boxes ** 2)
+    for start in range(0, num_images, chunk):
+        order = torch.sort(scores[start:start + chunk], dim=1, descending=True, stable=True).indices  # (C, N)
+        sorted_boxes = torch.gather(boxes[start:start + chunk], 1, order[..., None].expand(-1, -1, 4))
+        overlaps = box_iou(sorted_boxes, sorted_boxes) > iou_threshold  # (C, N, N)
+        keep[start:start + chunk] = keep[start:start + chunk].scatter(1, order, greedy_keep(overlaps))
+    return keep if valid is None else keep & valid
 
 
 def greedy_keep_in_rounds(overlaps: Tensor, rounds_per_read: int = 4) -> Tensor:
     """Greedy NMS's decisions, ``(N,)`` bool, from ``overlaps: (N, N)`` bool of boxes sorted by
     decreasing score (``overlaps[i, j]``: IoU above the threshold), without a per-box loop.
+    ``(B, N, N)`` -> ``(B, N)``: B rows of boxes at once, until every row has settled.
 
     Greedy keeps box ``j`` exactly when no *kept* earlier box overlaps it:
     ``keep[j] = not any(overlaps[i, j] and keep[i] for i < j)``. Each ``keep[j]`` depends only
@@ -266,13 +347,13 @@ def greedy_keep_in_rounds(overlaps: Tensor, rounds_per_read: int = 4) -> Tensor:
     84 to 1918 boxes per level), where the CPU loop took 0.05 to 1.1 ms after a copy of the
     matrix to the host. The host reads "changed?" once every ``rounds_per_read`` rounds.
     """
-    n = overlaps.shape[0]
+    n = overlaps.shape[-1]
     rank = torch.arange(n, device=overlaps.device)
     suppressors = overlaps & (rank[:, None] < rank[None, :])  # only a higher-scored box suppresses
-    keep = torch.ones(n, dtype=torch.bool, device=overlaps.device)
+    keep = torch.ones(overlaps.shape[:-1], dtype=torch.bool, device=overlaps.device)
     for _ in range(0, n + 1, rounds_per_read):
         for _ in range(rounds_per_read):
-            keep, previous = ~(suppressors & keep[:, None]).any(dim=0), keep
+            keep, previous = ~(suppressors & keep[..., :, None]).any(dim=-2), keep
         if torch.equal(keep, previous):  # the one host read per rounds_per_read rounds
             return keep
     return keep  # n + 1 rounds always suffice (see above)

@@ -59,25 +59,28 @@ class Matcher:
         self.allow_low_quality_matches = bool(allow_low_quality_matches)
 
     def __call__(self, iou: Tensor) -> Tensor:
-        """``iou: (G, N)`` -> ``matched_idx: (N,)`` int64 in ``{0..G-1, BACKGROUND, IGNORED}``."""
-        if not isinstance(iou, Tensor) or iou.dim() != 2:
-            raise ValueError(f"iou must be a (G, N) tensor, got {getattr(iou, 'shape', type(iou))}")
-        num_gt, num_boxes = iou.shape
-        if num_gt == 0:  # an image without objects: everything is background
-            return torch.full((num_boxes,), BACKGROUND, dtype=torch.int64, device=iou.device)
-        if num_boxes == 0:
-            return torch.empty(0, dtype=torch.int64, device=iou.device)
+        """``iou: (G, N)`` -> ``matched_idx: (N,)`` int64 in ``{0..G-1, BACKGROUND, IGNORED}``.
 
-        best_iou, matched_idx = iou.max(dim=0)  # (N,), (N,)
-        matched_idx = matched_idx.clone()
-        matched_idx[best_iou < self.high_threshold] = IGNORED
-        matched_idx[best_iou < self.low_threshold] = BACKGROUND
+        A batch of images: ``iou: (B, G, N)`` -> ``(B, N)``, each image on its own. Images with
+        fewer than ``G`` ground-truth boxes are padded with empty boxes, whose IoU is 0
+        everywhere: such a row never wins a match (a best IoU of 0 is background) and never
+        claims a low-quality match.
+        """
+        if not isinstance(iou, Tensor) or iou.dim() not in (2, 3):
+            raise ValueError(f"iou must be a (G, N) or (B, G, N) tensor, got {getattr(iou, 'shape', type(iou))}")
+        num_gt = iou.shape[-2]
+        if num_gt == 0:  # no objects: everything is background
+            return torch.full(iou.shape[:-2] + iou.shape[-1:], BACKGROUND, dtype=torch.int64, device=iou.device)
+
+        best_iou, matched_idx = iou.max(dim=-2)  # (..., N), (..., N)
+        matched_idx = torch.where(best_iou < self.high_threshold, IGNORED, matched_idx)
+        matched_idx = torch.where(best_iou < self.low_threshold, BACKGROUND, matched_idx)
         if self.allow_low_quality_matches:
-            best_iou_per_gt = iou.max(dim=1).values  # (G,)
+            best_iou_per_gt = iou.max(dim=-1, keepdim=True).values  # (..., G, 1)
             # every anchor tied for a gt's best IoU, but only for gts that overlap something
-            is_best = (iou == best_iou_per_gt[:, None]) & (best_iou_per_gt[:, None] > 0)  # (G, N)
-            low_quality = is_best.any(dim=0)  # (N,)
-            matched_idx[low_quality] = iou.argmax(dim=0)[low_quality]
+            is_best = (iou == best_iou_per_gt) & (best_iou_per_gt > 0)  # (..., G, N)
+            low_quality = is_best.any(dim=-2)  # (..., N)
+            matched_idx = torch.where(low_quality, iou.argmax(dim=-2), matched_idx)
         return matched_idx
 
 
@@ -101,17 +104,22 @@ class BalancedSampler:
 
     def sample(self, positive: Tensor, negative: Tensor,
                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """One image: boolean candidate masks ``(N,)`` -> sampled ``(pos_mask, neg_mask)`` ``(N,)``."""
-        if positive.shape != negative.shape or positive.dim() != 1:
-            raise ValueError(f"positive {tuple(positive.shape)} and negative {tuple(negative.shape)} must be (N,) masks")
-        positive_idx = torch.nonzero(positive).flatten()
-        negative_idx = torch.nonzero(negative).flatten()
-        num_pos = min(positive_idx.numel(), int(self.batch_size_per_image * self.positive_fraction))
-        num_neg = min(negative_idx.numel(), self.batch_size_per_image - num_pos)
-        pos_mask = torch.zeros_like(positive, dtype=torch.bool)
-        neg_mask = torch.zeros_like(negative, dtype=torch.bool)
-        pos_mask[positive_idx[self._random_subset(positive_idx.numel(), num_pos, generator, positive.device)]] = True
-        neg_mask[negative_idx[self._random_subset(negative_idx.numel(), num_neg, generator, negative.device)]] = True
+        """One image: boolean candidate masks ``(N,)`` -> sampled ``(pos_mask, neg_mask)`` ``(N,)``.
+
+        A batch of images: ``(B, N)`` masks, a budget of ``batch_size_per_image`` for each row.
+        The counts stay on the device (no host read, so no GPU sync), and the ops are the same
+        whatever ``B``.
+        """
+        if positive.shape != negative.shape or positive.dim() not in (1, 2):
+            raise ValueError(f"positive {tuple(positive.shape)} and negative {tuple(negative.shape)} "
+                             f"must be (N,) or (B, N) masks")
+        positive, negative = positive.bool(), negative.bool()
+        max_pos = int(self.batch_size_per_image * self.positive_fraction)
+        num_pos = positive.sum(dim=-1).clamp(max=max_pos)  # (...,)
+        pos_mask = self._random_subset(positive, num_pos, max_pos, generator)
+        # negatives fill the rest of the budget; fewer positives -> more negatives
+        num_neg = torch.minimum(negative.sum(dim=-1), self.batch_size_per_image - num_pos)
+        neg_mask = self._random_subset(negative, num_neg, self.batch_size_per_image, generator)
         return pos_mask, neg_mask
 
     def __call__(self, matched_idxs: list[Tensor],
@@ -126,7 +134,19 @@ class BalancedSampler:
         return pos_masks, neg_masks
 
     @staticmethod
-    def _random_subset(n: int, k: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
-        """``k`` distinct indices out of ``range(n)``, drawn on the generator's device."""
-        draw_device = generator.device if generator is not None else device
-        return torch.randperm(n, generator=generator, device=draw_device)[:k].to(device)
+    def _random_subset(candidates: Tensor, count: Tensor, max_count: int,
+                       generator: torch.Generator | None) -> Tensor:
+        """A mask of ``count`` candidates per row, drawn uniformly without replacement.
+
+        ``candidates: (..., N)`` bool, ``count: (...,)`` at most the row's candidates and at most
+        ``max_count`` (a Python int, so that the shapes are known without reading ``count``).
+        Each candidate gets a uniform random key; the ``count`` smallest keys of a row are a
+        uniform random subset of its candidates (non-candidates get key 2, after every one).
+        """
+        draw_device = generator.device if generator is not None else candidates.device
+        keys = torch.rand(candidates.shape, generator=generator, device=draw_device).to(candidates.device)
+        keys = keys.masked_fill(~candidates, 2.0)
+        k = min(max_count, candidates.shape[-1])
+        order = keys.topk(k, dim=-1, largest=False, sorted=True).indices  # (..., k) candidates first
+        take = torch.arange(k, device=candidates.device) < count[..., None]  # (..., k)
+        return torch.zeros_like(candidates).scatter(-1, order, take)

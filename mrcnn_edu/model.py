@@ -41,7 +41,8 @@ from mrcnn_edu.config import MaskRCNNConfig
 from mrcnn_edu.data.transforms import batch_images, normalize, resize, resize_like_torchvision, size_ratios
 from mrcnn_edu.roi_heads.box_head import BoxBranch, BoxPredictor, PositiveRoIs, Res5Head, TwoFCHead
 from mrcnn_edu.roi_heads.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
-from mrcnn_edu.roi_heads.mask_head import build_mask_head, mask_loss, mask_probs, mask_targets, paste_masks_in_image
+from mrcnn_edu.roi_heads.mask_head import (batch_mask_targets, build_mask_head, mask_loss, mask_probs,
+                                          paste_masks_in_image)
 from mrcnn_edu.roi_heads.pooler import RoIPooler
 from mrcnn_edu.rpn import RPN, RPNHead
 
@@ -159,8 +160,8 @@ class MaskRCNN(nn.Module):
         """L_mask on the positive RoIs, against the ground-truth mask cropped to each RoI (§3)."""
         cfg = self.cfg.mask_head
         logits = self._mask_logits(roi_features, positives.rois, positives.res5_features)
-        gt = torch.cat([mask_targets(t["masks"], idx, rois, cfg.resolution)
-                        for t, idx, rois in zip(targets, positives.matched_gt_idx, positives.rois)])  # (P, m, m)
+        gt = batch_mask_targets([t["masks"] for t in targets], positives.matched_gt_idx, positives.rois,
+                                cfg.resolution)  # (P, m, m)
         return mask_loss(logits, torch.cat(positives.labels), gt, cfg.loss, cfg.class_agnostic)
 
     def predict_masks(self, roi_features: list[Tensor], detections: list[dict]) -> None:

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .anchors import AnchorGenerator
-from .boxes import BoxCoder, batched_nms, box_iou, clip_boxes, remove_small_boxes
-from .matching import BalancedSampler, Matcher
+from .boxes import BoxCoder, box_iou, clip_boxes, nms_in_images, pad_boxes
+from .matching import BACKGROUND, BalancedSampler, Matcher
 
 __all__ = [
     "RPNConfig", "fpn_rpn_config", "c4_rpn_config", "RPNHead", "rpn_targets", "rpn_loss",
@@ -131,27 +131,29 @@ def flatten_head_outputs(objectness: Tensor, deltas: Tensor) -> tuple[Tensor, Te
 
 
 def rpn_targets(anchors: Tensor, gt_boxes: Tensor, matcher: Matcher, box_coder: BoxCoder) -> tuple[Tensor, Tensor]:
-    """Labels and regression targets for one image's anchors.
+    """Labels and regression targets for one image's anchors, or a batch of images'.
 
     ``anchors: (N_a, 4)``, ``gt_boxes: (G, 4)`` -> ``labels: (N_a,)`` float in {1 positive,
     0 negative, -1 ignored}, ``regression_targets: (N_a, 4)`` (deltas to the matched box for
     positives, zeros elsewhere -- only positives enter the loss).
+
+    ``gt_boxes: (B, G, 4)`` (``boxes.pad_boxes``: images with fewer boxes padded with empty ones)
+    -> ``(B, N_a)``, ``(B, N_a, 4)``: every image at once, in as many ops as one.
     """
-    if gt_boxes.dim() != 2 or gt_boxes.shape[-1] != 4:
-        raise ValueError(f"gt_boxes must have shape (G, 4), got {tuple(gt_boxes.shape)}")
+    if gt_boxes.dim() not in (2, 3) or gt_boxes.shape[-1] != 4:
+        raise ValueError(f"gt_boxes must have shape (G, 4) or (B, G, 4), got {tuple(gt_boxes.shape)}")
     gt_boxes = gt_boxes.to(anchors)
-    matched_idx = matcher(box_iou(gt_boxes, anchors))  # (N_a,)
-    labels = torch.full((anchors.shape[0],), -1.0, dtype=anchors.dtype, device=anchors.device)
-    labels[matched_idx >= 0] = 1.0
-    labels[matched_idx == -1] = 0.0
-    regression_targets = torch.zeros_like(anchors)
-    if gt_boxes.shape[0] > 0:
-        # every anchor against its matched box (box 0 stands in for the unmatched), kept for the
-        # positives: more arithmetic than encoding the positives alone, but no host read of how
-        # many there are -- on a GPU that read would stall the queue once per image
-        positive = (matched_idx >= 0)[:, None]  # (N_a, 1)
-        deltas = box_coder.encode(gt_boxes[matched_idx.clamp(min=0)], anchors)  # (N_a, 4)
-        regression_targets = torch.where(positive, deltas, regression_targets)
+    reference = anchors.expand(gt_boxes.shape[:-2] + anchors.shape)  # (N_a, 4) or (B, N_a, 4)
+    matched_idx = matcher(box_iou(gt_boxes, reference))  # (N_a,) or (B, N_a)
+    positive = matched_idx >= 0
+    labels = torch.where(positive, 1.0, torch.where(matched_idx == BACKGROUND, 0.0, -1.0)).to(anchors.dtype)
+    if gt_boxes.shape[-2] == 0:
+        return labels, torch.zeros_like(reference)
+    # each anchor against its matched box, and every unmatched one against itself (zero deltas):
+    # more arithmetic than encoding the positives alone, but no host read of how many there
+    # are -- on a GPU that read would stall the queue
+    matched_boxes = torch.gather(gt_boxes, -2, matched_idx.clamp(min=0)[..., None].expand(reference.shape))
+    regression_targets = box_coder.encode(torch.where(positive[..., None], matched_boxes, reference), reference)
     return labels, regression_targets
 
 
@@ -171,13 +173,8 @@ def rpn_loss(objectness: Tensor, deltas: Tensor, labels: Tensor, regression_targ
             f"shapes disagree: objectness {tuple(objectness.shape)}, labels {tuple(labels.shape)}, "
             f"deltas {tuple(deltas.shape)}, regression_targets {tuple(regression_targets.shape)}"
         )
-    pos_masks, neg_masks = [], []
-    for image_labels in labels:  # the 256-anchor budget is per image
-        pos_mask, neg_mask = sampler.sample(image_labels == 1, image_labels == 0, generator)
-        pos_masks.append(pos_mask)
-        neg_masks.append(neg_mask)
-    pos_mask = torch.stack(pos_masks)  # (N, N_a)
-    sampled = pos_mask | torch.stack(neg_masks)  # (N, N_a)
+    pos_mask, neg_mask = sampler.sample(labels == 1, labels == 0, generator)  # (N, N_a): 256 per image
+    sampled = pos_mask | neg_mask  # (N, N_a)
     num_sampled = sampled.sum().clamp(min=1)  # a tensor: no host read (a GPU sync) per step
     loss_objectness = F.binary_cross_entropy_with_logits(
         objectness[sampled], labels[sampled].to(objectness.dtype), reduction="sum") / num_sampled
@@ -209,8 +206,8 @@ def select_proposals(objectness: list[Tensor], deltas: list[Tensor], anchors: li
     pre_nms_top_n, post_nms_top_n = cfg.pre_nms_top_n(training), cfg.post_nms_top_n(training)
 
     # top-k per level, for the whole batch at once
-    top_logits, top_boxes, top_levels = [], [], []
-    for level, (level_logits, level_deltas, level_anchors) in enumerate(zip(objectness, deltas, anchors)):
+    top_logits, top_boxes, level_sizes = [], [], []
+    for level_logits, level_deltas, level_anchors in zip(objectness, deltas, anchors):
         k = min(pre_nms_top_n, level_logits.shape[1])
         logits, top_idx = level_logits.topk(k, dim=1)  # (N, k)
         chosen_deltas = torch.gather(level_deltas, 1, top_idx[..., None].expand(-1, -1, 4))  # (N, k, 4)
@@ -218,21 +215,24 @@ def select_proposals(objectness: list[Tensor], deltas: list[Tensor], anchors: li
         boxes = box_coder.decode(chosen_deltas.reshape(-1, 4), chosen_anchors.reshape(-1, 4).to(chosen_deltas))
         top_logits.append(logits)
         top_boxes.append(boxes.view(num_images, k, 4))
-        top_levels.append(torch.full((k,), level, dtype=torch.int64, device=logits.device))
-    all_scores = torch.cat(top_logits, dim=1).sigmoid()  # (N, sum_l k_l)
-    all_boxes = torch.cat(top_boxes, dim=1)  # (N, sum_l k_l, 4)
-    all_levels = torch.cat(top_levels)  # (sum_l k_l,)
+        level_sizes.append(k)
+    all_scores = torch.cat(top_logits, dim=1).sigmoid()  # (N, K), K = sum_l k_l
+    all_boxes = clip_boxes(torch.cat(top_boxes, dim=1), image_sizes)  # (N, K, 4)
+    widths = all_boxes[..., 2] - all_boxes[..., 0]
+    heights = all_boxes[..., 3] - all_boxes[..., 1]
+    valid = (widths >= cfg.min_size) & (heights >= cfg.min_size) & (all_scores >= cfg.score_thresh)  # (N, K)
 
-    proposals, scores = [], []
-    for boxes, image_scores, image_size in zip(all_boxes, all_scores, image_sizes):
-        boxes = clip_boxes(boxes, image_size)
-        keep = remove_small_boxes(boxes, cfg.min_size)
-        keep = keep[image_scores[keep] >= cfg.score_thresh]
-        boxes, image_scores, levels = boxes[keep], image_scores[keep], all_levels[keep]
-        # NMS per level (FPN / torchvision): levels are scored independently
-        keep = batched_nms(boxes, image_scores, levels, cfg.nms_thresh)[:post_nms_top_n]
-        proposals.append(boxes[keep])
-        scores.append(image_scores[keep])
+    # NMS per level (FPN / torchvision: levels are scored independently), every image at once;
+    # the tiny and low-scoring boxes are left out as masks, not dropped (which is a host read)
+    keep = torch.cat([nms_in_images(b, s, cfg.nms_thresh, v) for b, s, v in zip(
+        all_boxes.split(level_sizes, dim=1), all_scores.split(level_sizes, dim=1), valid.split(level_sizes, dim=1))],
+        dim=1)  # (N, K)
+    # each image's post_nms_top_n best kept boxes, in decreasing score (equal scores: index order)
+    ranked = torch.where(keep, all_scores, -torch.inf).sort(dim=1, descending=True, stable=True).indices
+    ranked = ranked[:, :post_nms_top_n]  # (N, T)
+    num_kept = keep.sum(dim=1).clamp(max=post_nms_top_n).tolist()  # the one host read
+    proposals = [boxes[idx[:n]] for boxes, idx, n in zip(all_boxes, ranked, num_kept)]
+    scores = [image_scores[idx[:n]] for image_scores, idx, n in zip(all_scores, ranked, num_kept)]
     return proposals, scores
 
 
@@ -283,10 +283,10 @@ class RPN(nn.Module):
             if len(targets) != len(image_sizes):
                 raise ValueError(f"targets has {len(targets)} entries for {len(image_sizes)} images")
             all_anchors = torch.cat(anchors)  # (N_a, 4)
-            labels, regression_targets = zip(*[
-                rpn_targets(all_anchors, t["boxes"], self.matcher, self.box_coder) for t in targets])
+            gt_boxes = pad_boxes([t["boxes"].to(all_anchors) for t in targets])  # (N, max G_i, 4)
+            labels, regression_targets = rpn_targets(all_anchors, gt_boxes, self.matcher, self.box_coder)
             losses = rpn_loss(torch.cat(objectness, dim=1), torch.cat(deltas, dim=1),  # (N, N_a), (N, N_a, 4)
-                              torch.stack(labels), torch.stack(regression_targets), self.sampler,
+                              labels, regression_targets, self.sampler,  # (N, N_a), (N, N_a, 4)
                               beta=self.cfg.smooth_l1_beta, generator=generator)
         return proposals, losses
 

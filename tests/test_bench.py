@@ -146,8 +146,12 @@ def test_host_reads_per_image_stay_few_whatever_the_number_of_detections(as_on_a
                         as_on_a_gpu.count(model, images, None, False)[1])
     train_per_image = (reads[3][0] - reads[1][0]) / 2
     infer_per_image = (reads[3][1] - reads[1][1]) / 2
-    assert train_per_image <= 15, reads  # measured 12: RoI sampling and mask targets
-    assert infer_per_image <= 5, reads  # measured 3, with 100 detections per image
+    # NMS is counted as on a GPU (reads every 4 rounds). Training builds its targets and runs
+    # the RPN's NMS for all images at once: measured 1.5 (15 reads for 1 image, 18 for 3; it
+    # was 12 per image when each image was sampled alone). Inference runs the box head's NMS
+    # image by image: measured 6, with 100 detections per image.
+    assert train_per_image <= 3, reads
+    assert infer_per_image <= 7, reads
 
 
 def test_miniature_probe_checkpoint_every_lets_a_killed_probe_resume_to_the_same_model(tiny_shapes, tmp_path,

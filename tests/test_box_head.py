@@ -317,3 +317,57 @@ def test_box_branch_alone_overfits_one_image_on_fixed_features():
     top = {int(k): found["boxes"][found["labels"] == k][0] for k in (1, 2)}  # best detection per class
     for box, label in zip(gt["boxes"], gt["labels"]):
         assert float(box_iou(box[None], top[int(label)][None])) > 0.9
+
+
+def _image(generator, num_gt, num_proposals, num_classes=5):
+    xy = torch.rand(num_gt, 2, generator=generator) * 60
+    gt = torch.cat([xy, xy + 8 + torch.rand(num_gt, 2, generator=generator) * 30], dim=1)
+    labels = torch.randint(1, num_classes + 1, (num_gt,), generator=generator)
+    # proposals: jittered copies of the gt boxes (many positives) and random boxes (negatives)
+    near = gt.repeat(3, 1) + torch.randn(3 * num_gt, 4, generator=generator) * 3
+    near = torch.cat([near[:, :2], torch.maximum(near[:, 2:], near[:, :2] + 1)], dim=1)
+    xy = torch.rand(num_proposals, 2, generator=generator) * 90
+    far = torch.cat([xy, xy + 2 + torch.rand(num_proposals, 2, generator=generator) * 20], dim=1)
+    return torch.cat([near, far]), {"boxes": gt, "labels": labels}
+
+
+def test_sample_rois_on_a_batch_equal_each_image_alone_when_the_budget_takes_everything():
+    # a budget above every image's candidates leaves no randomness, so batched == one by one
+    generator = torch.Generator().manual_seed(0)
+    images = [_image(generator, g, p) for g, p in ((3, 40), (0, 25), (5, 10), (1, 0))]
+    images[3] = (torch.zeros(0, 4), images[3][1])  # no proposals: the gt box is the one candidate
+    proposals, targets = [p for p, _ in images], [t for _, t in images]
+    sampler = BalancedSampler(1000, 1.0)
+    batched = sample_rois(proposals, targets, ROI_MATCHER, sampler, ROI_CODER)
+    for i, (p, t) in enumerate(images):
+        alone = sample_rois([p], [t], ROI_MATCHER, sampler, ROI_CODER)
+        for got, want in zip(batched, alone):
+            assert torch.equal(got[i], want[0]), i
+    num_pos = [int((labels > 0).sum()) for labels in batched[1]]
+    assert num_pos[0] >= 3 and num_pos[1] == 0 and num_pos[2] >= 5 and num_pos[3] == 1
+
+
+def test_sample_rois_on_a_batch_by_brute_force():
+    # the random case: check every image's sample against its definition, box by box
+    generator = torch.Generator().manual_seed(1)
+    images = [_image(generator, g, p) for g, p in ((4, 300), (2, 50), (0, 80))]
+    rois, labels, targets, matched = sample_rois([p for p, _ in images], [t for _, t in images], ROI_MATCHER,
+                                                 BalancedSampler(64, 0.25), ROI_CODER,
+                                                 generator=torch.Generator().manual_seed(2))
+    for i, (proposals, target) in enumerate(images):
+        candidates = torch.cat([proposals, target["boxes"]])
+        num_pos = int((labels[i] > 0).sum())
+        available_pos = 0 if len(target["boxes"]) == 0 else int((box_iou(target["boxes"], candidates).max(0).values >= 0.5).sum())
+        assert num_pos == min(16, available_pos) and len(rois[i]) == min(64, len(candidates)), i
+        assert bool((labels[i][:num_pos] > 0).all()) and bool((labels[i][num_pos:] == 0).all())  # positives first
+        for j in range(len(rois[i])):
+            row = int((candidates == rois[i][j]).all(dim=1).nonzero()[0])  # a candidate, unchanged
+            ious = [float(box_iou(g[None], candidates[row][None])) for g in target["boxes"]]
+            if j < num_pos:
+                best = max(range(len(ious)), key=lambda g: ious[g])
+                assert int(matched[i][j]) == best and ious[best] >= 0.5
+                assert int(labels[i][j]) == int(target["labels"][best])
+                torch.testing.assert_close(targets[i][j], ROI_CODER.encode(target["boxes"][best][None], rois[i][j][None])[0])
+            else:
+                assert max(ious, default=0.0) < 0.5 and int(matched[i][j]) == -1
+                assert bool((targets[i][j] == 0).all())

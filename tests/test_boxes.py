@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from mrcnn_edu.boxes import (BoxCoder, batched_nms, box_area, box_iou, clip_boxes, greedy_keep_in_rounds,
-                             matched_box_iou, nms, remove_small_boxes)
+from mrcnn_edu.boxes import (BoxCoder, batched_nms, box_area, box_iou, clip_boxes, greedy_keep, greedy_keep_in_rounds,
+                             matched_box_iou, nms, nms_in_images, remove_small_boxes)
 
 try:
     import torchvision
@@ -122,6 +122,66 @@ def test_greedy_keep_in_rounds_on_the_longest_chain():
     for rounds_per_read in (1, 3, 4):
         assert greedy_keep_in_rounds(overlaps, rounds_per_read).tolist() == [i % 2 == 0 for i in range(n)]
     assert nms(boxes, -x, 0.7).tolist() == list(range(0, n, 2))
+
+
+def test_greedy_keep_on_a_batch_of_rows_in_rounds_and_by_loop_is_each_rows_greedy_loop():
+    rng = random.Random(3)
+    rows = [random_case(rng) for _ in range(60)]
+    rows = [(b + random_boxes(rng, 60 - len(b)), s + [rng.random() for _ in range(60 - len(s))]) for b, s in rows]
+    boxes = torch.tensor([b for b, _ in rows])  # (60 rows, 60 boxes, 4)
+    scores = torch.tensor([s for _, s in rows])
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    sorted_boxes = torch.gather(boxes, 1, order[..., None].expand(-1, -1, 4))
+    overlaps = box_iou(sorted_boxes, sorted_boxes) > 0.5  # (60, 60, 60)
+    by_loop, in_rounds = greedy_keep(overlaps), greedy_keep_in_rounds(overlaps, 4)
+    assert by_loop.shape == (60, 60) and torch.equal(by_loop, in_rounds)
+    for row, (b, s) in enumerate(rows):
+        assert order[row][by_loop[row]].tolist() == nms_ref(b, s, 0.5), row
+
+
+@pytest.mark.parametrize("pairs_per_chunk", [2 ** 25, 1])  # every image together; one at a time
+def test_nms_in_images_is_nms_image_by_image_leaving_out_the_invalid(monkeypatch, pairs_per_chunk):
+    import mrcnn_edu.boxes as boxes_module
+    monkeypatch.setattr(boxes_module, "NMS_PAIRS_PER_CHUNK", pairs_per_chunk)
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(5, 300, 2, generator=g) * 100
+    boxes = torch.cat([xy, xy + 2 + torch.rand(5, 300, 2, generator=g) * 40], dim=2)
+    scores = torch.randint(0, 50, (5, 300), generator=g).float()  # ties too
+    valid = torch.rand(5, 300, generator=g) > 0.3
+    keep = nms_in_images(boxes, scores, 0.5, valid)
+    assert keep.shape == (5, 300) and not bool((keep & ~valid).any())
+    for i in range(5):
+        members = torch.nonzero(valid[i]).flatten()
+        want = torch.zeros(300, dtype=torch.bool)
+        want[members[nms(boxes[i, members], scores[i, members], 0.5)]] = True
+        assert torch.equal(keep[i], want), i
+        assert 0 < int(keep[i].sum()) < int(valid[i].sum())  # NMS removed some, kept some
+    assert torch.equal(nms_in_images(boxes, scores, 0.5), torch.stack(
+        [torch.zeros(300, dtype=torch.bool).index_fill(0, nms(b, s, 0.5), True) for b, s in zip(boxes, scores)]))
+
+
+def test_clip_boxes_on_a_batch_clips_each_image_to_its_own_size():
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.rand(3, 20, 8, generator=g) * 120 - 10  # 2 boxes per row (class-specific)
+    boxes[1, 0, 0] = float("nan")
+    sizes = [(50, 80), (100, 30), (64, 64)]
+    got = clip_boxes(boxes, sizes)
+    for i, size in enumerate(sizes):
+        assert torch.equal(got[i], clip_boxes(boxes[i], size)), i
+    with pytest.raises(ValueError, match="one \\(height, width\\) per image"):
+        clip_boxes(boxes, sizes[:2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_nms_in_images_on_cuda_equals_the_cpu():
+    g = torch.Generator().manual_seed(5)
+    xy = torch.rand(8, 2000, 2, generator=g) * 400
+    boxes = torch.cat([xy, xy + 5 + torch.rand(8, 2000, 2, generator=g) * 100], 2)
+    scores = torch.randint(0, 100, (8, 2000), generator=g).float()
+    valid = torch.rand(8, 2000, generator=g) > 0.1
+    for thr in (0.3, 0.7):
+        assert torch.equal(nms_in_images(boxes.cuda(), scores.cuda(), thr, valid.cuda()).cpu(),
+                           nms_in_images(boxes, scores, thr, valid))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

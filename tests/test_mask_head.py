@@ -389,3 +389,24 @@ def test_pasting_accepts_masks_that_still_carry_a_graph():
     boxes = torch.tensor([[1.0, 2.0, 20.0, 30.0], [5.0, 5.0, 9.0, 9.0]])
     torch.testing.assert_close(paste_masks_in_image(probs, boxes, (32, 32)),
                                paste_masks_in_image(probs.detach(), boxes, (32, 32)))
+
+
+def test_batch_mask_targets_equal_one_call_per_image_for_equal_and_mixed_sizes():
+    from mrcnn_edu.roi_heads.mask_head import batch_mask_targets
+    generator = torch.Generator().manual_seed(0)
+    # sizes: a run of two equal images (one call), then a different size, then the first again
+    sizes, counts, rois_per_image = [(40, 50), (40, 50), (30, 60), (40, 50)], [3, 2, 1, 4], [5, 0, 3, 6]
+    masks, idx, rois = [], [], []
+    for (h, w), g, p in zip(sizes, counts, rois_per_image):
+        masks.append((torch.rand(g, h, w, generator=generator) > 0.5).to(torch.uint8))
+        idx.append(torch.randint(0, g, (p,), generator=generator))
+        xy = torch.rand(p, 2, generator=generator) * 20
+        rois.append(torch.cat([xy, xy + 5 + torch.rand(p, 2, generator=generator) * 20], dim=1))
+    got = batch_mask_targets(masks, idx, rois, 14)
+    want = torch.cat([mask_targets(mk, i, r, 14) for mk, i, r in zip(masks, idx, rois)])
+    assert got.shape == (14, 14, 14) and torch.equal(got, want)
+    assert 0 < float(got.mean()) < 1  # not all one value
+    bad = [i.clone() for i in idx]
+    bad[2][0] = 1  # image 2 has a single mask
+    with pytest.raises(ValueError, match=r"matched_gt_idx\[2\]"):
+        batch_mask_targets(masks, bad, rois, 14)

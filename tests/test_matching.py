@@ -131,3 +131,56 @@ def test_sampler_rejects_bad_arguments():
         BalancedSampler(0, 0.5)
     with pytest.raises(ValueError, match="positive_fraction"):
         BalancedSampler(10, 1.5)
+
+
+def _random_boxes(n, generator, size=100.0):
+    xy = torch.rand(n, 2, generator=generator) * size
+    wh = torch.rand(n, 2, generator=generator) * size / 2 + 1
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+@pytest.mark.parametrize("low_quality", [False, True])
+def test_matcher_on_a_padded_batch_matches_each_image_alone(low_quality):
+    # images with 3, 0 and 5 ground-truth boxes, padded to 5 with empty boxes
+    generator = torch.Generator().manual_seed(0)
+    gts = [_random_boxes(g, generator) for g in (3, 0, 5)]
+    anchors = [_random_boxes(200, generator) for _ in gts]
+    padded = torch.zeros(3, 5, 4)
+    for i, gt in enumerate(gts):
+        padded[i, :len(gt)] = gt
+    matcher = Matcher(0.5, 0.2, allow_low_quality_matches=low_quality)
+    batched = matcher(box_iou(padded, torch.stack(anchors)))
+    assert batched.shape == (3, 200)
+    for i, (gt, image_anchors) in enumerate(zip(gts, anchors)):
+        alone = matcher(box_iou(gt, image_anchors))
+        assert torch.equal(batched[i], alone), i
+        assert bool((alone >= 0).any()) or len(gt) == 0  # the case exercises real matches
+
+
+def test_sampler_draws_every_subset_size_uniformly():
+    # 6 positives among 20, 2 to take: each positive should be taken 1/3 of the time; over
+    # 3000 draws the count is Binomial(3000, 1/3): mean 1000, sd 25.8 -> allow 5 sd
+    matched = _matched(6, 14, 0)
+    sampler = BalancedSampler(4, 0.5)
+    generator = torch.Generator().manual_seed(0)
+    pos_counts = torch.zeros(20)
+    neg_counts = torch.zeros(20)
+    for _ in range(3000):
+        (pos,), (neg,) = sampler([matched], generator=generator)
+        pos_counts += pos
+        neg_counts += neg
+    assert bool((pos_counts[matched >= 0] - 1000).abs().max() < 5 * 25.8), pos_counts
+    # 14 negatives, 2 taken: Binomial(3000, 1/7): mean 428.6, sd 19.2
+    assert bool((neg_counts[matched == BACKGROUND] - 3000 / 7).abs().max() < 5 * 19.2), neg_counts
+    assert pos_counts[matched < 0].sum() == 0 and neg_counts[matched >= 0].sum() == 0
+
+
+def test_sampler_on_a_batch_keeps_each_rows_budget():
+    # three images: plenty of both, few positives, few of both -> as the one-image cases above
+    rows = [_matched(10, 100, 7), _matched(3, 100, 14), _matched(2, 5, 110)]
+    positive = torch.stack([m >= 0 for m in rows])
+    negative = torch.stack([m == BACKGROUND for m in rows])
+    pos, neg = BalancedSampler(16, 0.5).sample(positive, negative, torch.Generator().manual_seed(0))
+    assert pos.shape == neg.shape == (3, 117)
+    assert pos.sum(dim=1).tolist() == [8, 3, 2] and neg.sum(dim=1).tolist() == [8, 13, 5]
+    assert not bool((pos & ~positive).any()) and not bool((neg & ~negative).any())

@@ -122,8 +122,9 @@ def _brute_force_proposals(objectness, deltas, anchors, image_size, cfg, trainin
             box = coder.decode(d[i:i + 1], a[i:i + 1])[0]
             box[0::2] = box[0::2].clamp(0, image_size[1])
             box[1::2] = box[1::2].clamp(0, image_size[0])
-            if box[2] - box[0] >= cfg.min_size and box[3] - box[1] >= cfg.min_size:
-                candidates.append((float(torch.sigmoid(o[i])), level, box))
+            score = float(torch.sigmoid(o[i]))
+            if box[2] - box[0] >= cfg.min_size and box[3] - box[1] >= cfg.min_size and score >= cfg.score_thresh:
+                candidates.append((score, level, box))
     kept = []
     for level in range(len(objectness)):
         mine = sorted([c for c in candidates if c[1] == level], key=lambda c: -c[0])
@@ -153,6 +154,29 @@ def test_select_proposals_keeps_top_k_per_level_then_nms_against_brute_force():
     all_boxes, _ = select_proposals(objectness, deltas, anchors, [(48, 40)],
                                     RPNConfig(pre_nms_top_n_test=20, post_nms_top_n_test=1000), training=False)
     assert 25 < all_boxes[0].shape[0] < 40
+
+
+def test_select_proposals_drop_small_and_low_scoring_boxes_image_by_image_against_brute_force():
+    # two images of different sizes: clipping to the smaller one makes tiny boxes at its edge
+    generator = torch.Generator().manual_seed(1)
+    anchor_gen = AnchorGenerator([(16,), (32,)], [(0.5, 1.0, 2.0)] * 2, [8, 16])
+    anchors = anchor_gen([(6, 6), (3, 3)])
+    objectness = [torch.randn(2, a.shape[0], generator=generator) for a in anchors]
+    deltas = [0.3 * torch.randn(2, a.shape[0], 4, generator=generator) for a in anchors]
+    cfg = RPNConfig(pre_nms_top_n_test=40, post_nms_top_n_test=1000, min_size=6.0, score_thresh=0.4)
+    sizes = [(48, 40), (20, 14)]
+    boxes, scores = select_proposals(objectness, deltas, anchors, sizes, cfg, training=False)
+    dropped = 0
+    for i, size in enumerate(sizes):
+        want_boxes, want_scores = _brute_force_proposals([o[i] for o in objectness], [d[i] for d in deltas],
+                                                         anchors, size, cfg, training=False)
+        torch.testing.assert_close(boxes[i], want_boxes)
+        torch.testing.assert_close(scores[i], want_scores)
+        unfiltered = _brute_force_proposals([o[i] for o in objectness], [d[i] for d in deltas], anchors, size,
+                                            RPNConfig(pre_nms_top_n_test=40, post_nms_top_n_test=1000), False)
+        dropped += unfiltered[0].shape[0] - want_boxes.shape[0]
+    assert boxes[1].shape[0] < boxes[0].shape[0] and dropped > 10  # the filters did bite
+    assert bool((scores[0] >= 0.4).all()) and bool((scores[1] >= 0.4).all())
 
 
 def test_select_proposals_nms_removes_duplicates_of_the_best_anchor():
@@ -255,3 +279,22 @@ def test_rpn_alone_overfits_one_image_on_fixed_features():
     (proposals,), _ = rpn.eval()(features, [(64, 64)])
     best_iou = box_iou(gt, proposals[:2]).max(dim=1).values  # the two top proposals are the objects
     assert bool((best_iou > 0.9).all()), best_iou
+
+
+def test_rpn_targets_for_a_padded_batch_equal_each_image_alone():
+    from mrcnn_edu.boxes import pad_boxes
+    generator = torch.Generator().manual_seed(0)
+    anchors = AnchorGenerator([(8, 16)], [(0.5, 1.0, 2.0)], [4])([(8, 8)])[0]  # (384, 4): 8 x 8 cells, 6 each
+    gts = []
+    for num in (2, 0, 4):
+        xy = torch.rand(num, 2, generator=generator) * 20
+        gts.append(torch.cat([xy, xy + 6 + torch.rand(num, 2, generator=generator) * 20], dim=1))
+    padded = pad_boxes(gts)
+    assert padded.shape == (3, 4, 4) and bool((padded[1] == 0).all())
+    labels, targets = rpn_targets(anchors, padded, RPN_MATCHER, BoxCoder())
+    assert labels.shape == (3, len(anchors)) and targets.shape == (3, len(anchors), 4)
+    for i, gt in enumerate(gts):
+        want_labels, want_targets = rpn_targets(anchors, gt, RPN_MATCHER, BoxCoder())
+        assert torch.equal(labels[i], want_labels), i
+        torch.testing.assert_close(targets[i], want_targets, rtol=0, atol=0)
+    assert (labels == 1).sum() > 0 and (labels[1] == 0).all()

@@ -34,8 +34,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
-from ..boxes import BoxCoder, batched_nms, box_iou, clip_boxes, remove_small_boxes
+from ..boxes import BoxCoder, batched_nms, box_iou, clip_boxes, pad_boxes, remove_small_boxes
 from ..matching import BACKGROUND, BalancedSampler, Matcher
 
 __all__ = [
@@ -86,39 +87,56 @@ def sample_rois(proposals: list[Tensor], targets: list[dict[str, Tensor]], match
     ``proposals[i]: (R_i, 4)``, ``targets[i]``: ``"boxes" (G_i, 4)``, ``"labels" (G_i,)`` in 1..K.
     Returns per image ``rois (S_i, 4)``, ``labels (S_i,)`` int64 (0 background),
     ``regression_targets (S_i, 4)`` (zeros for background) and ``matched_gt_idx (S_i,)``
-    (-1 for background). The ``P_i`` positives come first, then the negatives.
+    (-1 for background). The ``P_i`` positives come first, then the negatives, each in the
+    order of the candidates (the proposals, then the ground-truth boxes).
+
+    All images are matched and sampled together, padded to the longest (a fixed number of ops
+    whatever the batch; one host read, of the ``S_i``, to split the result per image).
     """
     if len(proposals) != len(targets):
         raise ValueError(f"proposals has {len(proposals)} images, targets {len(targets)}")
-    rois_out, labels_out, reg_out, matched_out = [], [], [], []
     for image, (image_proposals, target) in enumerate(zip(proposals, targets)):
         if "boxes" not in target or "labels" not in target:
             raise ValueError(f"targets[{image}] needs 'boxes' and 'labels', got keys {sorted(target)}")
-        gt_boxes = target["boxes"].to(image_proposals)
-        gt_labels = target["labels"]
-        if gt_labels.shape != gt_boxes.shape[:1]:
-            raise ValueError(f"targets[{image}]: labels {tuple(gt_labels.shape)} "
-                             f"do not match boxes {tuple(gt_boxes.shape)}")
-        image_proposals = image_proposals.detach()
-        if add_gt_as_proposals:
-            image_proposals = torch.cat([image_proposals, gt_boxes])  # (R_i + G_i, 4)
-        matched_idx = matcher(box_iou(gt_boxes, image_proposals))  # (R_i + G_i,)
-        pos_mask, neg_mask = sampler.sample(matched_idx >= 0, matched_idx == BACKGROUND, generator)
-        positive = torch.nonzero(pos_mask).flatten()  # its length is on the host already
-        chosen = torch.cat([positive, torch.nonzero(neg_mask).flatten()])  # (S_i,)
-        num_pos = positive.shape[0]
-        rois = image_proposals[chosen]
-        matched = matched_idx[chosen]
-        matched[num_pos:] = -1
-        labels = torch.zeros(chosen.shape[0], dtype=torch.int64, device=rois.device)
-        labels[:num_pos] = gt_labels[matched[:num_pos]].to(torch.int64)
+        if target["labels"].shape != target["boxes"].shape[:1]:
+            raise ValueError(f"targets[{image}]: labels {tuple(target['labels'].shape)} "
+                             f"do not match boxes {tuple(target['boxes'].shape)}")
+    if not proposals:
+        return [], [], [], []
+    reference = proposals[0]
+    gt_boxes = pad_boxes([t["boxes"].to(reference) for t in targets])  # (B, G, 4)
+    gt_labels = pad_sequence([t["labels"].to(torch.int64) for t in targets], batch_first=True)  # (B, G)
+    candidates = [p.detach() for p in proposals]
+    if add_gt_as_proposals:
+        candidates = [torch.cat([p, t["boxes"].to(p)]) for p, t in zip(candidates, targets)]  # (R_i + G_i, 4)
+    num_candidates = [c.shape[0] for c in candidates]
+    candidates = pad_boxes(candidates)  # (B, M, 4), M = max(R_i + G_i)
+    # padding rows are neither positive nor negative (built on the host: no device read)
+    is_real = (torch.arange(candidates.shape[1])[None, :] < torch.tensor(num_candidates)[:, None]).to(reference.device)
+
+    matched_idx = matcher(box_iou(gt_boxes, candidates))  # (B, M)
+    pos_mask, neg_mask = sampler.sample((matched_idx >= 0) & is_real, (matched_idx == BACKGROUND) & is_real,
+                                        generator)  # (B, M) each, at most batch_size_per_image per row
+    # positives first, then negatives, then the rest; a stable sort keeps the candidates' order
+    rank = torch.where(pos_mask, 0, torch.where(neg_mask, 1, 2))
+    num_columns = min(sampler.batch_size_per_image, candidates.shape[1])
+    chosen = rank.argsort(dim=1, stable=True)[:, :num_columns]  # (B, S) with S >= every S_i
+    positive = torch.gather(pos_mask, 1, chosen)  # (B, S)
+    rois = torch.gather(candidates, 1, chosen[..., None].expand(-1, -1, 4))  # (B, S, 4)
+    matched = torch.where(positive, torch.gather(matched_idx, 1, chosen), -1)  # (B, S)
+    labels = torch.where(positive, torch.gather(gt_labels, 1, matched.clamp(min=0)), 0) \
+        if gt_labels.shape[1] > 0 else torch.zeros_like(matched)
+    if gt_boxes.shape[1] > 0:
+        # every row encoded, the negatives' and padding's then zeroed: no host read of which is which
+        matched_boxes = torch.gather(gt_boxes, 1, matched.clamp(min=0)[..., None].expand(-1, -1, 4))
+        regression_targets = torch.where(positive[..., None], box_coder.encode(matched_boxes, rois), 0.0)
+    else:
         regression_targets = torch.zeros_like(rois)
-        if num_pos > 0:
-            regression_targets[:num_pos] = box_coder.encode(gt_boxes[matched[:num_pos]], rois[:num_pos])
-        rois_out.append(rois)
-        labels_out.append(labels)
-        reg_out.append(regression_targets)
-        matched_out.append(matched)
+    num_sampled = (pos_mask | neg_mask).sum(dim=1).tolist()  # the one host read
+    rois_out = [r[:n] for r, n in zip(rois, num_sampled)]
+    labels_out = [lab[:n] for lab, n in zip(labels, num_sampled)]
+    reg_out = [t[:n] for t, n in zip(regression_targets, num_sampled)]
+    matched_out = [m[:n] for m, n in zip(matched, num_sampled)]
     return rois_out, labels_out, reg_out, matched_out
 
 

@@ -224,6 +224,43 @@ def mask_targets(
     return (soft[:, 0] >= 0.5).to(proposals.dtype)  # (P, m, m)
 
 
+def batch_mask_targets(gt_masks: list[torch.Tensor], matched_gt_idx: list[torch.Tensor],
+                       proposals: list[torch.Tensor], m: int) -> torch.Tensor:
+    """:func:`mask_targets` for a batch: per image ``gt_masks[i] (G_i, H_i, W_i)``,
+    ``matched_gt_idx[i] (P_i,)``, ``proposals[i] (P_i, 4)`` -> ``(sum P_i, m, m)`` in image order.
+
+    Images whose masks have the same size (every image of a batch, when the dataset's do) go
+    through one :func:`mask_targets` call: their masks stacked, each index shifted by the masks
+    of the images before it. Masks of different sizes are not padded to one size, since RoIAlign
+    treats a mask's last row and column differently from a padded one's (it clamps at the edge),
+    so each run of same-size images gets its own call.
+    """
+    if not (len(gt_masks) == len(matched_gt_idx) == len(proposals)):
+        raise ValueError(f"need one gt_masks, matched_gt_idx and proposals per image, got "
+                         f"{len(gt_masks)}, {len(matched_gt_idx)}, {len(proposals)}")
+    pieces, start = [], 0
+    for end in range(1, len(gt_masks) + 1):
+        if end < len(gt_masks) and gt_masks[end].shape[-2:] == gt_masks[start].shape[-2:]:
+            continue
+        run = range(start, end)
+        # each RoI's image's mask count and index shift, built on the host from known shapes
+        num_rois = torch.tensor([matched_gt_idx[i].shape[0] for i in run])
+        num_masks = torch.tensor([gt_masks[i].shape[0] for i in run])
+        shift = (num_masks.cumsum(0) - num_masks).repeat_interleave(num_rois).to(proposals[start].device)
+        bound = num_masks.repeat_interleave(num_rois).to(proposals[start].device)
+        idx = torch.cat([matched_gt_idx[i] for i in run])
+        if idx.numel() > 0 and bool(((idx < 0) | (idx >= bound)).any()):  # one read for the run
+            bad = next(i for i in run if bool(((matched_gt_idx[i] < 0) | (matched_gt_idx[i] >= gt_masks[i].shape[0])).any()))
+            raise ValueError(f"matched_gt_idx[{bad}] must index image {bad}'s {gt_masks[bad].shape[0]} gt masks, "
+                             f"got {matched_gt_idx[bad].tolist()}")
+        pieces.append(mask_targets(torch.cat([gt_masks[i] for i in run]), idx + shift,
+                                   torch.cat([proposals[i] for i in run]), m))
+        start = end
+    if not pieces:
+        return torch.zeros(0, m, m)
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
 def _check_logits_labels(mask_logits: torch.Tensor, labels: torch.Tensor, loss: str, class_agnostic: bool) -> None:
     if mask_logits.dim() != 4:
         raise ValueError(f"mask_logits must be (P, C_out, m, m), got shape {tuple(mask_logits.shape)}")

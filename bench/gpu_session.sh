@@ -14,6 +14,7 @@
 # Phases: kernel (the CuPy RoIAlign tests and the other CUDA tests of the RoI ops and NMS, #3),
 # roi_bench (bench/roi_align.py, #3), parity (full-size torchvision parity on the GPU, #6),
 # train_bench (bench/train_infer.py with a profile of each model's training step, #7),
+# mini_step (not run by default: bench/mini_step.py, one miniature training step alone, #8),
 # table (Table 2 miniature, #8; the r50_fpn row is also #7's "miniature model on a GPU"),
 # table_probe (not run by default: the table's costs, measured in a few minutes, for #8).
 #
@@ -78,6 +79,10 @@ for p in $PHASES; do
         phase parity 150 $PY -m pytest -q -rs -s -p no:cacheprovider tests/test_weights.py -k gpu ;;
     train_bench)
         phase train_bench 150 $PY bench/train_infer.py --iters 10 --profile 5 ;;
+    mini_step)
+        # one Table 2 miniature training step alone, r50_c4 and r50_fpn, with its profile: the
+        # number the table's GPU budget is made of (#8), in about a minute
+        phase mini_step 120 $PY bench/mini_step.py --profile 3 ;;
     table)
         # resume from the committed results; stop starting trainings 30 s before the budget ends
         mkdir -p runs/table2_miniature

@@ -206,18 +206,19 @@ def select_proposals(objectness: list[Tensor], deltas: list[Tensor], anchors: li
     pre_nms_top_n, post_nms_top_n = cfg.pre_nms_top_n(training), cfg.post_nms_top_n(training)
 
     # top-k per level, for the whole batch at once
-    top_logits, top_boxes, level_sizes = [], [], []
+    top_logits, top_deltas, top_anchors, level_sizes = [], [], [], []
     for level_logits, level_deltas, level_anchors in zip(objectness, deltas, anchors):
         k = min(pre_nms_top_n, level_logits.shape[1])
         logits, top_idx = level_logits.topk(k, dim=1)  # (N, k)
-        chosen_deltas = torch.gather(level_deltas, 1, top_idx[..., None].expand(-1, -1, 4))  # (N, k, 4)
-        chosen_anchors = level_anchors[top_idx]  # (N, k, 4)
-        boxes = box_coder.decode(chosen_deltas.reshape(-1, 4), chosen_anchors.reshape(-1, 4).to(chosen_deltas))
         top_logits.append(logits)
-        top_boxes.append(boxes.view(num_images, k, 4))
+        top_deltas.append(torch.gather(level_deltas, 1, top_idx[..., None].expand(-1, -1, 4)))  # (N, k, 4)
+        top_anchors.append(level_anchors[top_idx])  # (N, k, 4)
         level_sizes.append(k)
     all_scores = torch.cat(top_logits, dim=1).sigmoid()  # (N, K), K = sum_l k_l
-    all_boxes = clip_boxes(torch.cat(top_boxes, dim=1), image_sizes)  # (N, K, 4)
+    chosen_deltas = torch.cat(top_deltas, dim=1).reshape(-1, 4)  # (N*K, 4)
+    chosen_anchors = torch.cat(top_anchors, dim=1).reshape(-1, 4).to(chosen_deltas)  # (N*K, 4)
+    all_boxes = box_coder.decode(chosen_deltas, chosen_anchors)  # every level's boxes in one decode
+    all_boxes = clip_boxes(all_boxes.view(num_images, -1, 4), image_sizes)  # (N, K, 4)
     widths = all_boxes[..., 2] - all_boxes[..., 0]
     heights = all_boxes[..., 3] - all_boxes[..., 1]
     valid = (widths >= cfg.min_size) & (heights >= cfg.min_size) & (all_scores >= cfg.score_thresh)  # (N, K)

@@ -122,6 +122,16 @@ def test_train_infer_benchmark_runs_both_models_with_the_same_weights(capsys):
 
 
 
+def test_mini_step_times_each_run_it_is_given(capsys):
+    assert load("mini_step").main(["--quick", "--runs", "r50_c4,r50_fpn_mlp2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 images of 64 px, model input 64 px" in out
+    rows = [line.split()[0] for line in out.splitlines() if "ms/step" in line]
+    assert rows == ["r50_c4", "r50_fpn_mlp2"]
+    with pytest.raises(SystemExit):
+        load("mini_step").main(["--quick", "--runs", "r50_c3"])
+
+
 def test_host_reads_per_image_stay_few_whatever_the_number_of_detections(as_on_a_gpu):
     # On a GPU each host read is a synchronisation. Ours must not grow with the detections
     # (masks are pasted all at once; torchvision reads the host per detection, ~1300 times

@@ -250,7 +250,8 @@ def batch_mask_targets(gt_masks: list[torch.Tensor], matched_gt_idx: list[torch.
         bound = num_masks.repeat_interleave(num_rois).to(proposals[start].device)
         idx = torch.cat([matched_gt_idx[i] for i in run])
         if idx.numel() > 0 and bool(((idx < 0) | (idx >= bound)).any()):  # one read for the run
-            bad = next(i for i in run if bool(((matched_gt_idx[i] < 0) | (matched_gt_idx[i] >= gt_masks[i].shape[0])).any()))
+            bad = next(i for i in run
+                       if bool(((matched_gt_idx[i] < 0) | (matched_gt_idx[i] >= gt_masks[i].shape[0])).any()))
             raise ValueError(f"matched_gt_idx[{bad}] must index image {bad}'s {gt_masks[bad].shape[0]} gt masks, "
                              f"got {matched_gt_idx[bad].tolist()}")
         pieces.append(mask_targets(torch.cat([gt_masks[i] for i in run]), idx + shift,

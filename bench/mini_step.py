@@ -1,0 +1,99 @@
+"""Time one training step of a Table 2 miniature run alone: what the table's schedule costs.
+
+The table is 45 trainings of ``MINI_SCHEDULE["max_iter"]`` steps of 16 images each, so its GPU
+budget is set by this one number. A GPU lease is short, so this bench measures it in seconds,
+with no dataset and no pre-training. It builds each run's model as ``ablate`` does
+(``ablations.model_config``) and random shapes as ``bench/dispatch_counts.py`` makes them (192 px
+images, 3-6 boxes with their masks, the model upsampling to the table's 384 px). It then times
+forward, backward and an SGD step under the schedule's autocast, one process, the GPU
+synchronised around each step. ``--profile N`` adds where the step's time goes (torch.profiler:
+the GPU's busy share, the host-device round trips, the top kernels). A step whose GPU is busy
+for a small share of its wall time is bound by the host, and more trainings at once can share
+the GPU. A step that keeps the GPU busy will not get faster that way.
+
+    python bench/mini_step.py                        # r50_c4 and r50_fpn, on a CUDA GPU
+    python bench/mini_step.py --runs r50_c4 --profile 3
+    python bench/mini_step.py --quick                # anywhere, seconds (numbers mean nothing)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dispatch_counts import synthetic_batch  # noqa: E402
+from train_infer import profile_steps, timed  # noqa: E402
+
+from mrcnn_edu import ablations  # noqa: E402
+from mrcnn_edu.model import MaskRCNN  # noqa: E402
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def step_fn(run: str, images: list[torch.Tensor], targets: list[dict], device: torch.device, amp: str,
+            input_size: int | None):
+    """One training step of ``run``'s miniature model (built with seed 0) on the given batch."""
+    torch.manual_seed(0)
+    model = MaskRCNN(ablations.model_config(ablations.RUNS[run], input_size=input_size)).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)  # small: no divergence
+    dtype = AMP_DTYPES[amp]
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+            losses = model(images, targets)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="r50_c4,r50_fpn", help="comma-separated ablations.RUNS names")
+    parser.add_argument("--images", type=int, default=ablations.MINI_SCHEDULE["images_per_batch"])
+    parser.add_argument("--size", type=int, default=ablations.MINI_IMAGE_SIZE, help="the images' side")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help=f"the model's shorter side (default {ablations.MINI_INPUT_SIZE}, the table's)")
+    parser.add_argument("--amp", choices=list(AMP_DTYPES), default=ablations.MINI_SCHEDULE["amp"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="then profile STEPS steps of each run (torch.profiler)")
+    parser.add_argument("--quick", action="store_true", help="CPU smoke test: 2 images of 64 px, 1 step")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.device, args.images, args.size, args.input_size = "cpu", 2, 64, 64
+        args.warmup, args.iters, args.amp = 0, 1, "none"
+    device = torch.device(args.device)
+    runs = args.runs.split(",")
+    unknown = [r for r in runs if r not in ablations.RUNS]
+    if unknown:
+        parser.error(f"unknown run(s) {unknown}; choose from {sorted(ablations.RUNS)}")
+    images, targets = synthetic_batch(args.images, args.size, torch.Generator().manual_seed(0))
+    images = [image.to(device) for image in images]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    input_size = args.input_size or ablations.MINI_INPUT_SIZE
+    print(f"one miniature training step alone on {name}: {args.images} images of {args.size} px, "
+          f"model input {input_size} px, amp={args.amp}, median of {args.iters} after {args.warmup} warm-up")
+    for run in runs:
+        step = step_fn(run, images, targets, device, args.amp, args.input_size)
+        ms = statistics.median(timed(step, device, args.warmup, args.iters))
+        steps_needed = ablations.MINI_SCHEDULE["max_iter"]
+        print(f"{run:22s} {ms:8.1f} ms/step; one training of {steps_needed} steps alone: {ms * steps_needed / 1000:.0f} s")
+        if args.profile:
+            profile_steps(step, device, args.profile, run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -133,6 +133,9 @@ class MaskRCNN(nn.Module):
         scales [s])``: a point ``x`` of the original image is at ``s * x`` in the batch.
         """
         t = self.cfg.transform
+        # made once per batch: as tensors on the device, not copied there once per image
+        mean = torch.as_tensor(t.pixel_mean, dtype=images[0].dtype, device=images[0].device)
+        std = torch.as_tensor(t.pixel_std, dtype=images[0].dtype, device=images[0].device)
         out_images, out_targets, scales = [], [], []
         for i, image in enumerate(images):
             if self.training:
@@ -140,7 +143,7 @@ class MaskRCNN(nn.Module):
                 min_size = t.min_size_train[choice]
             else:
                 min_size = t.min_size_test
-            image = normalize(image, t.pixel_mean, t.pixel_std)
+            image = normalize(image, mean, std)
             resize_fn = resize_like_torchvision if t.resize_mode == "torchvision" else resize
             image, target, scale = resize_fn(image, targets[i] if targets is not None else None, min_size, t.max_size)
             out_images.append(image)

@@ -225,9 +225,12 @@ def select_proposals(objectness: list[Tensor], deltas: list[Tensor], anchors: li
 
     # NMS per level (FPN / torchvision: levels are scored independently), every image at once;
     # the tiny and low-scoring boxes are left out as masks, not dropped (which is a host read)
-    keep = torch.cat([nms_in_images(b, s, cfg.nms_thresh, v) for b, s, v in zip(
-        all_boxes.split(level_sizes, dim=1), all_scores.split(level_sizes, dim=1), valid.split(level_sizes, dim=1))],
-        dim=1)  # (N, K)
+    keep = []
+    for level_boxes, level_scores, level_valid in zip(all_boxes.split(level_sizes, dim=1),
+                                                      all_scores.split(level_sizes, dim=1),
+                                                      valid.split(level_sizes, dim=1)):
+        keep.append(nms_in_images(level_boxes, level_scores, cfg.nms_thresh, level_valid))  # (N, k_l)
+    keep = torch.cat(keep, dim=1)  # (N, K)
     # each image's post_nms_top_n best kept boxes, in decreasing score (equal scores: index order)
     ranked = torch.where(keep, all_scores, -torch.inf).sort(dim=1, descending=True, stable=True).indices
     ranked = ranked[:, :post_nms_top_n]  # (N, T)

@@ -124,14 +124,14 @@ def sample_rois(proposals: list[Tensor], targets: list[dict[str, Tensor]], match
     positive = torch.gather(pos_mask, 1, chosen)  # (B, S)
     rois = torch.gather(candidates, 1, chosen[..., None].expand(-1, -1, 4))  # (B, S, 4)
     matched = torch.where(positive, torch.gather(matched_idx, 1, chosen), -1)  # (B, S)
-    labels = torch.where(positive, torch.gather(gt_labels, 1, matched.clamp(min=0)), 0) \
-        if gt_labels.shape[1] > 0 else torch.zeros_like(matched)
-    if gt_boxes.shape[1] > 0:
+    labels = torch.zeros_like(matched)
+    regression_targets = torch.zeros_like(rois)
+    if gt_boxes.shape[1] > 0:  # some image has objects
+        gt_index = matched.clamp(min=0)  # the background rows read gt 0, then are masked out
+        labels = torch.where(positive, torch.gather(gt_labels, 1, gt_index), 0)
+        matched_boxes = torch.gather(gt_boxes, 1, gt_index[..., None].expand(-1, -1, 4))
         # every row encoded, the negatives' and padding's then zeroed: no host read of which is which
-        matched_boxes = torch.gather(gt_boxes, 1, matched.clamp(min=0)[..., None].expand(-1, -1, 4))
         regression_targets = torch.where(positive[..., None], box_coder.encode(matched_boxes, rois), 0.0)
-    else:
-        regression_targets = torch.zeros_like(rois)
     num_sampled = (pos_mask | neg_mask).sum(dim=1).tolist()  # the one host read
     rois_out = [r[:n] for r, n in zip(rois, num_sampled)]
     labels_out = [lab[:n] for lab, n in zip(labels, num_sampled)]

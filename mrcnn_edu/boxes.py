@@ -196,14 +196,19 @@ class BoxCoder:
     def decode(self, deltas: Tensor, reference: Tensor) -> Tensor:
         """Apply ``deltas`` to ``reference`` boxes.
 
-        ``deltas: (N, 4*k)`` (k = 1, or one set per class), ``reference: (N, 4)`` -> ``(N, 4*k)``.
+        ``deltas: (N, 4*k)`` (k = 1, or one set per class), ``reference: (N, 4)`` -> ``(N, 4*k)``,
+        in fp32 at least. Under mixed precision the heads' deltas are bf16 or fp16. Their 8- or
+        11-bit mantissas would round a 384 px coordinate to a multiple of 2 or 0.25 px, and with
+        it every RoI, match and regression target built from the boxes. Detectron2 decodes in
+        fp32 for the same reason.
         """
         if deltas.dim() != 2 or deltas.shape[1] % 4 != 0:
             raise ValueError(f"deltas must have shape (N, 4*k), got {tuple(deltas.shape)}")
         check_boxes(reference, "reference")
         if deltas.shape[0] != reference.shape[0]:
             raise ValueError(f"deltas has {deltas.shape[0]} rows but reference has {reference.shape[0]}")
-        reference = reference.to(deltas.dtype)
+        dtype = torch.promote_types(torch.promote_types(deltas.dtype, reference.dtype), torch.float32)
+        deltas, reference = deltas.to(dtype), reference.to(dtype)
         wx, wy, ww, wh = self.weights
         ref_w = (reference[:, 2] - reference[:, 0])[:, None]  # (N, 1)
         ref_h = (reference[:, 3] - reference[:, 1])[:, None]

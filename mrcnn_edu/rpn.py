@@ -178,8 +178,10 @@ def rpn_loss(objectness: Tensor, deltas: Tensor, labels: Tensor, regression_targ
     num_sampled = sampled.sum().clamp(min=1)  # a tensor: no host read (a GPU sync) per step
     loss_objectness = F.binary_cross_entropy_with_logits(
         objectness[sampled], labels[sampled].to(objectness.dtype), reduction="sum") / num_sampled
-    loss_box_reg = F.smooth_l1_loss(
-        deltas[pos_mask], regression_targets[pos_mask].to(deltas.dtype), beta=beta, reduction="sum") / num_sampled
+    # in the wider of the two dtypes: bf16 deltas (mixed precision) must not round the targets
+    dtype = torch.promote_types(deltas.dtype, regression_targets.dtype)
+    loss_box_reg = F.smooth_l1_loss(deltas[pos_mask].to(dtype), regression_targets[pos_mask].to(dtype),
+                                    beta=beta, reduction="sum") / num_sampled
     return {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_box_reg}
 
 
@@ -214,10 +216,11 @@ def select_proposals(objectness: list[Tensor], deltas: list[Tensor], anchors: li
         top_deltas.append(torch.gather(level_deltas, 1, top_idx[..., None].expand(-1, -1, 4)))  # (N, k, 4)
         top_anchors.append(level_anchors[top_idx])  # (N, k, 4)
         level_sizes.append(k)
-    all_scores = torch.cat(top_logits, dim=1).sigmoid()  # (N, K), K = sum_l k_l
     chosen_deltas = torch.cat(top_deltas, dim=1).reshape(-1, 4)  # (N*K, 4)
-    chosen_anchors = torch.cat(top_anchors, dim=1).reshape(-1, 4).to(chosen_deltas)  # (N*K, 4)
-    all_boxes = box_coder.decode(chosen_deltas, chosen_anchors)  # every level's boxes in one decode
+    chosen_anchors = torch.cat(top_anchors, dim=1).reshape(-1, 4)  # (N*K, 4)
+    # every level's boxes in one decode, in fp32 at least (so also under mixed precision)
+    all_boxes = box_coder.decode(chosen_deltas, chosen_anchors)
+    all_scores = torch.cat(top_logits, dim=1).to(all_boxes.dtype).sigmoid()  # (N, K), K = sum_l k_l
     all_boxes = clip_boxes(all_boxes.view(num_images, -1, 4), image_sizes)  # (N, K, 4)
     widths = all_boxes[..., 2] - all_boxes[..., 0]
     heights = all_boxes[..., 3] - all_boxes[..., 1]

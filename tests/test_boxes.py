@@ -275,6 +275,18 @@ def test_box_coder_round_trips_and_decodes_per_class():
     torch.testing.assert_close(decoded[:, 4:], ref)
 
 
+def test_box_coder_decodes_low_precision_deltas_in_fp32():
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(50, 2, generator=g) * 300
+    reference = torch.cat([xy, xy + 10 + torch.rand(50, 2, generator=g) * 80], 1)  # fp32, off the bf16 grid
+    deltas = (torch.randn(50, 8, generator=g) * 0.3).to(torch.bfloat16)
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    boxes = coder.decode(deltas, reference)
+    assert boxes.dtype == torch.float32
+    torch.testing.assert_close(boxes, coder.decode(deltas.float(), reference), rtol=0, atol=0)
+    assert coder.decode(deltas.double(), reference).dtype == torch.float64
+
+
 def test_box_coder_clamps_huge_scale_deltas():
     coder = BoxCoder()
     out = coder.decode(torch.tensor([[0.0, 0.0, 100.0, 100.0]]), torch.tensor([[0.0, 0.0, 16.0, 16.0]]))

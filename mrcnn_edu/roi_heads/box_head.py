@@ -163,7 +163,9 @@ def box_loss(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, regressio
     foreground = torch.nonzero(labels > 0).flatten()
     deltas = box_deltas.view(num_rois, -1, 4)  # (R, K+1, 4) or (R, 1, 4)
     column = labels[foreground] if deltas.shape[1] > 1 else torch.zeros_like(foreground)
-    loss_box_reg = F.smooth_l1_loss(deltas[foreground, column], regression_targets[foreground].to(deltas.dtype),
+    # in the wider of the two dtypes: bf16 deltas (mixed precision) must not round the targets
+    dtype = torch.promote_types(deltas.dtype, regression_targets.dtype)
+    loss_box_reg = F.smooth_l1_loss(deltas[foreground, column].to(dtype), regression_targets[foreground].to(dtype),
                                     beta=beta, reduction="sum") / num_rois
     return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
 
@@ -191,7 +193,7 @@ def postprocess_detections(class_logits: Tensor, box_deltas: Tensor, proposals: 
     boxes = box_coder.decode(box_deltas, reference)  # (R, 4*(K+1)) or (R, 4)
     if boxes.shape[1] == 4:  # class-agnostic: the same box for every class
         boxes = boxes.repeat(1, num_classes)  # (R, 4*(K+1))
-    probs = F.softmax(class_logits, dim=-1)  # (R, K+1)
+    probs = F.softmax(class_logits.to(boxes.dtype), dim=-1)  # (R, K+1), fp32 at least as the boxes
 
     detections = []
     for image_boxes, image_probs, image_size in zip(boxes.split(num_per_image), probs.split(num_per_image), image_sizes):

@@ -294,7 +294,7 @@ def greedy_keep(overlaps: Tensor) -> Tensor:
     queue of kernels; there the same answer is reached in rounds of whole-matrix operations
     (:func:`greedy_keep_in_rounds`).
     """
-    if overlaps.is_cuda:
+    if overlaps.device.type != "cpu":  # CUDA, or any other accelerator
         return greedy_keep_in_rounds(overlaps)
     rows = overlaps.reshape(-1, *overlaps.shape[-2:]).numpy()
     keep = np.zeros(rows.shape[:2], dtype=bool)

@@ -221,3 +221,37 @@ def test_training_under_bf16_autocast_keeps_boxes_in_fp32():
     for box in resized_gt:
         assert (positives == box).all(dim=1).any(), box  # exactly, not rounded
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_a_training_step_is_the_same_when_nms_decides_in_rounds_as_on_a_gpu(monkeypatch):
+    # CUDA tensors take greedy_keep_in_rounds; forcing it here checks, on any machine, that the
+    # batched RPN NMS of a whole training step gives the loop's proposals and so the same losses
+    import mrcnn_edu.boxes as boxes_module
+
+    torch.manual_seed(0)
+    model = MaskRCNN(mini_fpn(num_classes=3, image_size=64)).train()
+    g = torch.Generator().manual_seed(0)
+    images, targets = [], []
+    for _ in range(3):
+        xy = torch.rand(3, 2, generator=g) * 40
+        boxes = torch.cat([xy, xy + 8 + torch.rand(3, 2, generator=g) * 16], dim=1)
+        masks = torch.zeros(3, 64, 64, dtype=torch.uint8)
+        for k, (x1, y1, x2, y2) in enumerate(boxes.round().int().tolist()):
+            masks[k, y1:y2, x1:x2] = 1
+        images.append(torch.rand(3, 64, 64, generator=g))
+        targets.append({"boxes": boxes, "labels": torch.tensor([1, 2, 3]), "masks": masks})
+    suppressed = []
+
+    def in_rounds(overlaps):
+        keep = boxes_module.greedy_keep_in_rounds(overlaps)
+        suppressed.append(int((~keep).sum()))
+        return keep
+
+    runs = []
+    for decide in (boxes_module.greedy_keep, in_rounds):
+        monkeypatch.setattr(boxes_module, "greedy_keep", decide)
+        torch.manual_seed(1)  # the same RoI sampling draws
+        with torch.no_grad():
+            runs.append({k: float(v) for k, v in model(images, targets).items()})
+    assert sum(suppressed) > 0  # the rounds did decide something
+    assert runs[0] == runs[1] and runs[0]["loss_mask"] > 0

@@ -32,9 +32,8 @@ from dispatch_counts import synthetic_batch  # noqa: E402
 from train_infer import profile_steps, timed  # noqa: E402
 
 from mrcnn_edu import ablations  # noqa: E402
+from mrcnn_edu.engine import AMP_DTYPES  # noqa: E402
 from mrcnn_edu.model import MaskRCNN  # noqa: E402
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def step_fn(run: str, images: list[torch.Tensor], targets: list[dict], device: torch.device, amp: str,

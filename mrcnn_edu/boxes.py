@@ -320,7 +320,7 @@ def nms_in_images(boxes: Tensor, scores: Tensor, iou_threshold: float, valid: Te
     """
     if boxes.dim() != 3 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:2]:
         raise ValueError(f"need boxes (B, N, 4) and scores (B, N), got {tuple(boxes.shape)} and {tuple(scores.shape)}")
-    check_boxes(boxes, batched=True)
+    check_boxes(boxes, "boxes", batched=True)  # named here: box_iou below would call them "a"
     if valid is not None:  # an empty box has IoU 0 with every box: it suppresses nothing
         boxes = torch.where(valid[..., None], boxes, 0.0)
     num_images, num_boxes = scores.shape
@@ -332,7 +332,7 @@ def nms_in_images(boxes: Tensor, scores: Tensor, iou_threshold: float, valid: Te
         order = torch.sort(scores[start:start + chunk], dim=1, descending=True, stable=True).indices  # (C, N)
         sorted_boxes = torch.gather(boxes[start:start + chunk], 1, order[..., None].expand(-1, -1, 4))
         overlaps = box_iou(sorted_boxes, sorted_boxes) > iou_threshold  # (C, N, N)
-        keep[start:start + chunk] = keep[start:start + chunk].scatter(1, order, greedy_keep(overlaps))
+        keep[start:start + chunk].scatter_(1, order, greedy_keep(overlaps))  # back to the boxes' order
     return keep if valid is None else keep & valid
 
 

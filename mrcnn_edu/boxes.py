@@ -26,7 +26,6 @@ import math
 import numpy as np
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 
 __all__ = [
     "check_boxes",
@@ -35,6 +34,7 @@ __all__ = [
     "box_iou",
     "matched_box_iou",
     "pad_boxes",
+    "pad_rows",
     "BoxCoder",
     "clip_boxes",
     "remove_small_boxes",
@@ -147,10 +147,30 @@ def matched_box_iou(a: Tensor, b: Tensor) -> Tensor:
     return _iou(_intersection(a, b), box_area(a), box_area(b))
 
 
+def pad_rows(rows: list[Tensor], fill: float = 0) -> Tensor:
+    """Per-image ``(N_i, *rest)`` tensors -> ``(B, max N_i, *rest)``, short images filled with ``fill``.
+
+    One concatenation and one indexed copy, whatever the number of images (``pad_sequence``
+    launches a copy per image); the row indices are built on the host.
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("rows must be a non-empty list of tensors, one per image")
+    counts = [r.shape[0] for r in rows]
+    longest = max(counts)
+    out = rows[0].new_full((len(rows), longest, *rows[0].shape[1:]), fill)
+    if sum(counts) == 0:
+        return out
+    # row j of image i goes to row i * longest + j of the flattened output
+    flat = torch.tensor([i * longest + j for i, n in enumerate(counts) for j in range(n)])
+    out.view(len(rows) * longest, *out.shape[2:]).index_copy_(0, flat.to(out.device), torch.cat(rows))
+    return out
+
+
 def pad_boxes(boxes: list[Tensor]) -> Tensor:
     """Per-image ``(G_i, 4)`` boxes -> ``(B, max G_i, 4)``, shorter images padded with empty
     ``(0, 0, 0, 0)`` boxes, which overlap nothing (IoU 0) and so never match."""
-    return pad_sequence(list(boxes), batch_first=True)  # one buffer, one copy per image
+    return pad_rows(boxes)
 
 
 class BoxCoder:

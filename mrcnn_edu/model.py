@@ -38,7 +38,7 @@ from mrcnn_edu.anchors import AnchorGenerator, TorchvisionStrideAnchorGenerator
 from mrcnn_edu.backbone import build_backbone, make_res5_head
 from mrcnn_edu.boxes import check_boxes
 from mrcnn_edu.config import MaskRCNNConfig
-from mrcnn_edu.data.transforms import batch_images, normalize, resize, resize_like_torchvision, size_ratios
+from mrcnn_edu.data.transforms import batch_images, normalize, resize_images, resize_images_like_torchvision, size_ratios
 from mrcnn_edu.roi_heads.box_head import BoxBranch, BoxPredictor, PositiveRoIs, Res5Head, TwoFCHead
 from mrcnn_edu.roi_heads.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
 from mrcnn_edu.roi_heads.mask_head import (batch_mask_targets, build_mask_head, mask_loss, mask_probs,
@@ -131,24 +131,32 @@ class MaskRCNN(nn.Module):
 
         Returns ``(batch (B, 3, Hp, Wp), image_sizes [(h, w)] after resizing, targets resized,
         scales [s])``: a point ``x`` of the original image is at ``s * x`` in the batch.
+        Images of the same size that drew the same scale are normalised and resized together,
+        in one call each: the result is the same as image by image, with far fewer kernel launches.
         """
         t = self.cfg.transform
+        if self.training:  # §5: scale jitter, one draw per image (on the host's generator: no device read)
+            min_sizes = [t.min_size_train[c] for c in torch.randint(len(t.min_size_train), (len(images),)).tolist()]
+        else:
+            min_sizes = [t.min_size_test] * len(images)
+        groups: dict[tuple, list[int]] = {}  # (h, w, dtype, min_size) -> the images' indices
+        for i, (image, min_size) in enumerate(zip(images, min_sizes)):
+            if image.dim() != 3:
+                raise ValueError(f"image {i} must be (3, H, W), got shape {tuple(image.shape)}")
+            groups.setdefault((*image.shape[-2:], image.dtype, min_size), []).append(i)
         # made once per batch: as tensors on the device, not copied there once per image
         mean = torch.as_tensor(t.pixel_mean, dtype=images[0].dtype, device=images[0].device)
         std = torch.as_tensor(t.pixel_std, dtype=images[0].dtype, device=images[0].device)
-        out_images, out_targets, scales = [], [], []
-        for i, image in enumerate(images):
-            if self.training:
-                choice = int(torch.randint(len(t.min_size_train), ()))  # §5: scale jitter
-                min_size = t.min_size_train[choice]
-            else:
-                min_size = t.min_size_test
-            image = normalize(image, mean, std)
-            resize_fn = resize_like_torchvision if t.resize_mode == "torchvision" else resize
-            image, target, scale = resize_fn(image, targets[i] if targets is not None else None, min_size, t.max_size)
-            out_images.append(image)
-            out_targets.append(target)
-            scales.append(scale)
+        resize_fn = resize_images_like_torchvision if t.resize_mode == "torchvision" else resize_images
+        out_images, out_targets, scales = [None] * len(images), [None] * len(images), [0.0] * len(images)
+        for (*_, min_size), members in groups.items():
+            stack = torch.stack([images[i] for i in members]) if len(members) > 1 else images[members[0]][None]
+            stack, resized, scale = resize_fn(normalize(stack, mean, std), None if targets is None else
+                                              [targets[i] for i in members], min_size, t.max_size)
+            for j, i in enumerate(members):
+                out_images[i], scales[i] = stack[j], scale
+                if resized is not None:
+                    out_targets[i] = resized[j]
         batch, image_sizes = batch_images(out_images, t.size_divisible)
         return batch, image_sizes, (out_targets if targets is not None else None), scales
 

@@ -238,8 +238,11 @@ def select_proposals(objectness: list[Tensor], deltas: list[Tensor], anchors: li
     ranked = torch.where(keep, all_scores, -torch.inf).sort(dim=1, descending=True, stable=True).indices
     ranked = ranked[:, :post_nms_top_n]  # (N, T)
     num_kept = keep.sum(dim=1).clamp(max=post_nms_top_n).tolist()  # the one host read
-    proposals = [boxes[idx[:n]] for boxes, idx, n in zip(all_boxes, ranked, num_kept)]
-    scores = [image_scores[idx[:n]] for image_scores, idx, n in zip(all_scores, ranked, num_kept)]
+    # gathered for every image at once; each image's first num_kept are its proposals (views)
+    ranked_boxes = torch.gather(all_boxes, 1, ranked[..., None].expand(-1, -1, 4))  # (N, T, 4)
+    ranked_scores = torch.gather(all_scores, 1, ranked)  # (N, T)
+    proposals = [boxes[:n] for boxes, n in zip(ranked_boxes, num_kept)]
+    scores = [image_scores[:n] for image_scores, n in zip(ranked_scores, num_kept)]
     return proposals, scores
 
 

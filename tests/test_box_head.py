@@ -11,7 +11,7 @@ from mrcnn_edu.boxes import BoxCoder, box_iou, nms
 from mrcnn_edu.matching import BalancedSampler, Matcher
 from mrcnn_edu.roi_heads.box_head import (BoxBranch, BoxHeadConfig, BoxPredictor, PositiveRoIs, Res5Head,
                                           TwoFCHead, box_loss, c4_box_head_config, postprocess_detections,
-                                          sample_rois)
+                                          sample_rois, sample_rois_padded, split_rows)
 
 ROI_MATCHER = Matcher(0.5, 0.5, allow_low_quality_matches=False)
 ROI_CODER = BoxCoder((10.0, 10.0, 5.0, 5.0))
@@ -345,6 +345,11 @@ def test_sample_rois_on_a_batch_equal_each_image_alone_when_the_budget_takes_eve
             assert torch.equal(got[i], want[0]), i
     num_pos = [int((labels > 0).sum()) for labels in batched[1]]
     assert num_pos[0] >= 3 and num_pos[1] == 0 and num_pos[2] >= 5 and num_pos[3] == 1
+    # the padded form the box branch reads: the same rows, and both counts for one host read
+    padded, counts = sample_rois_padded(proposals, targets, ROI_MATCHER, sampler, ROI_CODER)
+    assert counts.tolist() == [[len(r) for r in batched[0]], num_pos]
+    for got, want in zip(split_rows(padded, counts[0].tolist()), batched):
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_sample_rois_on_a_batch_by_brute_force():

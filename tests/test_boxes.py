@@ -320,3 +320,22 @@ def test_mismatched_scores_raise():
 def test_clip_turns_a_diverged_networks_nan_into_a_box_inside_the_image():
     boxes = torch.tensor([[float("nan"), 2.0, float("inf"), float("-inf")]])
     assert clip_boxes(boxes, (10, 20)).tolist() == [[0.0, 2.0, 20.0, 0.0]]
+
+
+@pytest.mark.parametrize("counts", [(3, 0, 5, 1), (0, 0), (2,), (0, 4)])
+def test_pad_rows_equals_pad_sequence(counts):
+    """pad_rows (one indexed copy) against torch's pad_sequence (a copy per image)."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    from mrcnn_edu.boxes import pad_boxes, pad_rows
+
+    generator = torch.Generator().manual_seed(sum(counts))
+    boxes = [torch.rand(n, 4, generator=generator) * 50 for n in counts]
+    labels = [torch.randint(1, 9, (n,), generator=generator) for n in counts]
+    masks = [torch.randint(0, 2, (n, 5, 7), generator=generator, dtype=torch.uint8) for n in counts]
+    assert torch.equal(pad_boxes(boxes), pad_sequence(boxes, batch_first=True))
+    assert torch.equal(pad_rows(labels, fill=-1), pad_sequence(labels, batch_first=True, padding_value=-1))
+    assert torch.equal(pad_rows(masks), pad_sequence(masks, batch_first=True))
+    assert pad_rows(labels).dtype == torch.int64 and pad_rows(masks).shape == (len(counts), max(counts), 5, 7)
+    with pytest.raises(ValueError, match="non-empty"):
+        pad_rows([])

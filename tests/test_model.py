@@ -200,20 +200,21 @@ def test_training_under_bf16_autocast_keeps_boxes_in_fp32():
     target["masks"][0, 21:90, 10:100] = 1
     target["masks"][1, 6:60, 50:120] = 1
     seen = {}
-    real_sample_rois = box_head.sample_rois
+    real_sample_rois = box_head.sample_rois_padded
 
     def spy(proposals, targets, *args, **kwargs):
         seen["proposals"], seen["gt"] = proposals, targets[0]["boxes"]  # after the model's resize
         seen["out"] = real_sample_rois(proposals, targets, *args, **kwargs)
         return seen["out"]
 
-    box_head.sample_rois = spy
+    box_head.sample_rois_padded = spy
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             losses = model([torch.rand(3, 128, 128)], [target])
     finally:
-        box_head.sample_rois = real_sample_rois
-    rois, labels, regression_targets, _ = (x[0] for x in seen["out"])
+        box_head.sample_rois_padded = real_sample_rois
+    padded, counts = seen["out"]
+    rois, labels, regression_targets, _ = (x[0] for x in box_head.split_rows(padded, counts[0].tolist()))
     assert seen["proposals"][0].dtype == rois.dtype == regression_targets.dtype == torch.float32
     resized_gt = seen["gt"]
     assert resized_gt.bfloat16().float().ne(resized_gt).any()  # the case is one bf16 cannot hold

@@ -139,3 +139,71 @@ def test_random_transforms_compose_and_respect_their_choices():
     assert heights == {20, 30}
     out, t = RandomHorizontalFlip(0.0)(image, target)
     assert out is image and t is target
+
+
+def _images_and_targets():
+    """Six images in two sizes, one without objects: groups of equal size in preprocess."""
+    out = []
+    for i, (h, w) in enumerate([(40, 60), (50, 50), (40, 60), (40, 60), (50, 50), (40, 60)]):
+        image, target = _example(h, w)
+        image = image + i  # tell the images apart
+        if i == 3:  # no objects
+            target = {"boxes": torch.zeros((0, 4)), "masks": torch.zeros((0, h, w), dtype=torch.uint8),
+                      "keypoints": torch.zeros((0, 17, 3)), "labels": torch.zeros(0, dtype=torch.int64),
+                      "area": torch.zeros(0)}
+        out.append((image, target))
+    return [im for im, _ in out], [t for _, t in out]
+
+
+@pytest.mark.parametrize("resize_mode", ["exact", "torchvision"])
+@pytest.mark.parametrize("training", [True, False])
+def test_preprocess_on_the_batch_equals_image_by_image(resize_mode, training):
+    """MaskRCNN.preprocess resizes same-sized images together; each comes out as alone."""
+    from mrcnn_edu.config import mini_c4
+    from mrcnn_edu.data.transforms import resize_like_torchvision
+    from mrcnn_edu.model import MaskRCNN
+
+    cfg = mini_c4(num_classes=3, image_size=64)
+    cfg.transform.min_size_train = (48, 64, 80)  # several scales: groups split by the draw too
+    cfg.transform.resize_mode = resize_mode
+    model = MaskRCNN(cfg).train(training)
+    images, targets = _images_and_targets()
+
+    torch.manual_seed(3)
+    batch, sizes, out_targets, scales = model.preprocess(images, targets)
+
+    torch.manual_seed(3)  # the same draws, one image at a time: the pre-batching code
+    t = cfg.transform
+    resize_fn = resize_like_torchvision if resize_mode == "torchvision" else resize
+    expected_images, expected_targets, expected_scales = [], [], []
+    for image, target in zip(images, targets):
+        min_size = t.min_size_train[int(torch.randint(len(t.min_size_train), ()))] if training else t.min_size_test
+        image, target, scale = resize_fn(normalize(image, t.pixel_mean, t.pixel_std), target, min_size, t.max_size)
+        expected_images.append(image)
+        expected_targets.append(target)
+        expected_scales.append(scale)
+    expected_batch, expected_sizes = batch_images(expected_images, t.size_divisible)
+
+    assert len(set(expected_scales)) > 1 or not training
+    assert sizes == expected_sizes and scales == expected_scales
+    assert torch.equal(batch, expected_batch)
+    for got, want in zip(out_targets, expected_targets):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+
+
+def test_resize_images_raises_on_a_target_missing_a_key_the_others_have():
+    from mrcnn_edu.data.transforms import resize_images
+
+    (image, target), (_, other) = _example(), _example()
+    del other["masks"]
+    with pytest.raises(ValueError, match=r"targets \[1\] have no 'masks'"):
+        resize_images(torch.stack([image, image]), [target, other], 80, 1000)
+
+
+def test_batch_images_stacks_without_padding_when_sizes_divide():
+    images = [torch.rand(3, 64, 96) for _ in range(3)]
+    batch, sizes = batch_images(images, 32)
+    assert batch.shape == (3, 3, 64, 96) and sizes == [(64, 96)] * 3
+    assert all(torch.equal(b, im) for b, im in zip(batch, images))

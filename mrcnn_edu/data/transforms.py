@@ -31,6 +31,66 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # for [0, 1] RGB images (torchvision's ba
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
+    """The factor ``s`` that scales the shorter side to ``min_size``, the longer to at most ``max_size``."""
+    return min(min_size / min(height, width), max_size / max(height, width))
+
+
+def resize_images(images: torch.Tensor, targets: list[dict] | None, min_size: int, max_size: int
+                  ) -> tuple[torch.Tensor, list[dict] | None, float]:
+    """:func:`resize` for a stack of same-sized images, with one interpolation for all of them.
+
+    images: (G, 3, H, W); targets: one dict per image or None. Returns (G, 3, floor(H*s),
+    floor(W*s)), the targets scaled, s. Each image comes out exactly as :func:`resize` makes it
+    alone: interpolation treats every (image, channel) plane on its own.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must be (G, 3, H, W), got shape {tuple(images.shape)}")
+    # a hair above s so floor(H * s) cannot fall one pixel short through rounding error
+    scale = resize_scale(*images.shape[-2:], min_size, max_size) * (1 + 1e-7)
+    images = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False,
+                           recompute_scale_factor=False)
+    if targets is None:
+        return images, None, scale
+    new_h, new_w = images.shape[-2:]
+    out = [dict(target) for target in targets]
+    if any("boxes" in t for t in targets):
+        boxes = _cat(targets, "boxes") * scale
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, new_w)  # the last < 1 px may fall off
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, new_h)
+        _split_into(out, "boxes", boxes)
+    if any("masks" in t for t in targets):
+        masks = _cat(targets, "masks")  # the masks of every image, (N_1 + ... + N_G, H, W)
+        if masks.shape[0] == 0:
+            masks = masks.new_zeros((0, new_h, new_w))
+        else:
+            masks = F.interpolate(masks[None], scale_factor=scale, mode="nearest-exact",
+                                  recompute_scale_factor=False)[0]  # (N, H', W')
+        _split_into(out, "masks", masks)
+    if any("keypoints" in t for t in targets):
+        keypoints = _cat(targets, "keypoints").clone()
+        keypoints[..., :2] *= scale  # v = 0 points stay (0, 0)
+        _split_into(out, "keypoints", keypoints)
+    if any("area" in t for t in targets):
+        _split_into(out, "area", _cat(targets, "area") * scale**2)
+    return images, out, scale
+
+
+def _cat(targets: list[dict], key: str) -> torch.Tensor:
+    """One tensor of every target's ``key``, rows in image order (all targets must have it)."""
+    missing = [i for i, t in enumerate(targets) if key not in t]
+    if missing:
+        raise ValueError(f"targets {missing} have no {key!r} while others do")
+    return targets[0][key] if len(targets) == 1 else torch.cat([t[key] for t in targets])
+
+
+def _split_into(out: list[dict], key: str, values: torch.Tensor) -> None:
+    """Hand each target its own rows of ``values`` (views, no copies)."""
+    counts = [len(t[key]) for t in out]
+    for target, part in zip(out, values.split(counts)):
+        target[key] = part
+
+
 def resize(image: torch.Tensor, target: dict | None, min_size: int, max_size: int
            ) -> tuple[torch.Tensor, dict | None, float]:
     """Scale the shorter side to ``min_size`` unless the longer would exceed ``max_size``.
@@ -39,35 +99,8 @@ def resize(image: torch.Tensor, target: dict | None, min_size: int, max_size: in
     """
     if image.dim() != 3:
         raise ValueError(f"image must be (3, H, W), got shape {tuple(image.shape)}")
-    h, w = image.shape[-2:]
-    scale = min(min_size / min(h, w), max_size / max(h, w))
-    # a hair above s so floor(H * s) cannot fall one pixel short through rounding error
-    scale = scale * (1 + 1e-7)
-    image = F.interpolate(image[None], scale_factor=scale, mode="bilinear", align_corners=False,
-                          recompute_scale_factor=False)[0]
-    if target is None:
-        return image, None, scale
-    new_h, new_w = image.shape[-2:]
-    target = dict(target)
-    if "boxes" in target:
-        boxes = target["boxes"] * scale
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, new_w)  # the last < 1 px may fall off
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, new_h)
-        target["boxes"] = boxes
-    if "masks" in target:
-        masks = target["masks"]
-        if masks.shape[0] == 0:
-            target["masks"] = masks.new_zeros((0, new_h, new_w))
-        else:
-            target["masks"] = F.interpolate(masks[None], scale_factor=scale, mode="nearest-exact",
-                                            recompute_scale_factor=False)[0]  # (N, H', W')
-    if "keypoints" in target:
-        kps = target["keypoints"].clone()
-        kps[..., :2] *= scale  # v = 0 points stay (0, 0)
-        target["keypoints"] = kps
-    if "area" in target:
-        target["area"] = target["area"] * scale**2
-    return image, target, scale
+    images, targets, scale = resize_images(image[None], None if target is None else [target], min_size, max_size)
+    return images[0], None if targets is None else targets[0], scale
 
 
 def size_ratios(new_size: tuple[int, int], old_size: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +108,37 @@ def size_ratios(new_size: tuple[int, int], old_size: tuple[int, int], device) ->
     return tuple(torch.tensor(float(new), dtype=torch.float32, device=device)
                  / torch.tensor(float(old), dtype=torch.float32, device=device)
                  for new, old in zip(new_size, old_size))
+
+
+def resize_images_like_torchvision(images: torch.Tensor, targets: list[dict] | None, min_size: int, max_size: int
+                                   ) -> tuple[torch.Tensor, list[dict] | None, float]:
+    """:func:`resize_like_torchvision` for a stack of same-sized images (G, 3, H, W), one interpolation."""
+    if images.dim() != 4:
+        raise ValueError(f"images must be (G, 3, H, W), got shape {tuple(images.shape)}")
+    height, width = images.shape[-2:]
+    scale = resize_scale(height, width, min_size, max_size)
+    new_size = (int(height * scale), int(width * scale))
+    images = F.interpolate(images, size=new_size, mode="bilinear", align_corners=False)
+    if targets is None:
+        return images, None, scale
+    ratio_y, ratio_x = size_ratios(new_size, (height, width), images.device)
+    out = []
+    for target in targets:  # only the parity path resizes this way: kept per image, as torchvision does
+        target = dict(target)
+        if "boxes" in target:
+            target["boxes"] = target["boxes"] * torch.stack([ratio_x, ratio_y, ratio_x, ratio_y])
+        if "masks" in target:
+            masks = target["masks"]
+            target["masks"] = F.interpolate(masks[:, None].float(), size=new_size)[:, 0].to(masks.dtype)  # (N, H', W')
+        if "keypoints" in target:
+            keypoints = target["keypoints"].clone()
+            keypoints[..., 0] *= ratio_x
+            keypoints[..., 1] *= ratio_y
+            target["keypoints"] = keypoints
+        if "area" in target:
+            target["area"] = target["area"] * (ratio_x * ratio_y)
+        out.append(target)
+    return images, out, scale
 
 
 def resize_like_torchvision(image: torch.Tensor, target: dict | None, min_size: int, max_size: int):
@@ -88,27 +152,9 @@ def resize_like_torchvision(image: torch.Tensor, target: dict | None, min_size: 
     """
     if image.dim() != 3:
         raise ValueError(f"image must be (3, H, W), got shape {tuple(image.shape)}")
-    height, width = image.shape[-2:]
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    new_size = (int(height * scale), int(width * scale))
-    image = F.interpolate(image[None], size=new_size, mode="bilinear", align_corners=False)[0]
-    if target is None:
-        return image, None, scale
-    target = dict(target)
-    ratio_y, ratio_x = size_ratios(new_size, (height, width), image.device)
-    if "boxes" in target:
-        target["boxes"] = target["boxes"] * torch.stack([ratio_x, ratio_y, ratio_x, ratio_y])
-    if "masks" in target:
-        masks = target["masks"]
-        target["masks"] = F.interpolate(masks[:, None].float(), size=new_size)[:, 0].to(masks.dtype)  # (N, H', W')
-    if "keypoints" in target:
-        keypoints = target["keypoints"].clone()
-        keypoints[..., 0] *= ratio_x
-        keypoints[..., 1] *= ratio_y
-        target["keypoints"] = keypoints
-    if "area" in target:
-        target["area"] = target["area"] * (ratio_x * ratio_y)
-    return image, target, scale
+    images, targets, scale = resize_images_like_torchvision(
+        image[None], None if target is None else [target], min_size, max_size)
+    return images[0], None if targets is None else targets[0], scale
 
 
 def _flip_permutation(flip_map, num_keypoints: int) -> list[int]:
@@ -165,6 +211,8 @@ def batch_images(images: list[torch.Tensor], size_divisible: int = 32
     sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
     pad_h = math.ceil(max(h for h, _ in sizes) / size_divisible) * size_divisible
     pad_w = math.ceil(max(w for _, w in sizes) / size_divisible) * size_divisible
+    if all(size == (pad_h, pad_w) for size in sizes):  # nothing to pad: one copy, not one per image
+        return torch.stack(images), sizes
     batch = images[0].new_zeros((len(images), images[0].shape[0], pad_h, pad_w))
     for im, out in zip(images, batch):
         out[:, : im.shape[-2], : im.shape[-1]].copy_(im)

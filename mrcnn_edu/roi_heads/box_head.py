@@ -34,9 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pad_sequence
 
-from ..boxes import BoxCoder, batched_nms, box_iou, clip_boxes, pad_boxes, remove_small_boxes
+from ..boxes import BoxCoder, batched_nms, box_iou, clip_boxes, pad_boxes, pad_rows, remove_small_boxes
 from ..matching import BACKGROUND, BalancedSampler, Matcher
 
 __all__ = [
@@ -93,19 +92,36 @@ def sample_rois(proposals: list[Tensor], targets: list[dict[str, Tensor]], match
     All images are matched and sampled together, padded to the longest (a fixed number of ops
     whatever the batch; one host read, of the ``S_i``, to split the result per image).
     """
+    if not proposals and not targets:
+        return [], [], [], []
+    padded, counts = sample_rois_padded(proposals, targets, matcher, sampler, box_coder,
+                                        add_gt_as_proposals, generator)
+    return split_rows(padded, counts[0].tolist())  # the one host read
+
+
+def sample_rois_padded(proposals: list[Tensor], targets: list[dict[str, Tensor]], matcher: Matcher,
+                       sampler: BalancedSampler, box_coder: BoxCoder, add_gt_as_proposals: bool = True,
+                       generator: torch.Generator | None = None
+                       ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """:func:`sample_rois` before the split per image, with no host read.
+
+    Returns ``(rois (B, S, 4), labels (B, S), regression_targets (B, S, 4), matched_gt_idx
+    (B, S))``, image ``i``'s ``S_i`` sampled RoIs in its first ``S_i`` columns, and ``counts
+    (2, B)``: ``S_i`` and the positives ``P_i``, for the caller to read in one go.
+    """
     if len(proposals) != len(targets):
         raise ValueError(f"proposals has {len(proposals)} images, targets {len(targets)}")
-    for image, (image_proposals, target) in enumerate(zip(proposals, targets)):
+    if not proposals:
+        raise ValueError("proposals must hold at least one image")
+    for image, target in enumerate(targets):
         if "boxes" not in target or "labels" not in target:
             raise ValueError(f"targets[{image}] needs 'boxes' and 'labels', got keys {sorted(target)}")
         if target["labels"].shape != target["boxes"].shape[:1]:
             raise ValueError(f"targets[{image}]: labels {tuple(target['labels'].shape)} "
                              f"do not match boxes {tuple(target['boxes'].shape)}")
-    if not proposals:
-        return [], [], [], []
     reference = proposals[0]
     gt_boxes = pad_boxes([t["boxes"].to(reference) for t in targets])  # (B, G, 4)
-    gt_labels = pad_sequence([t["labels"].to(torch.int64) for t in targets], batch_first=True)  # (B, G)
+    gt_labels = pad_rows([t["labels"].to(torch.int64) for t in targets])  # (B, G)
     candidates = [p.detach() for p in proposals]
     if add_gt_as_proposals:
         candidates = [torch.cat([p, t["boxes"].to(p)]) for p, t in zip(candidates, targets)]  # (R_i + G_i, 4)
@@ -132,12 +148,13 @@ def sample_rois(proposals: list[Tensor], targets: list[dict[str, Tensor]], match
         matched_boxes = torch.gather(gt_boxes, 1, gt_index[..., None].expand(-1, -1, 4))
         # every row encoded, the negatives' and padding's then zeroed: no host read of which is which
         regression_targets = torch.where(positive[..., None], box_coder.encode(matched_boxes, rois), 0.0)
-    num_sampled = (pos_mask | neg_mask).sum(dim=1).tolist()  # the one host read
-    rois_out = [r[:n] for r, n in zip(rois, num_sampled)]
-    labels_out = [lab[:n] for lab, n in zip(labels, num_sampled)]
-    reg_out = [t[:n] for t, n in zip(regression_targets, num_sampled)]
-    matched_out = [m[:n] for m, n in zip(matched, num_sampled)]
-    return rois_out, labels_out, reg_out, matched_out
+    counts = torch.stack([(pos_mask | neg_mask).sum(dim=1), pos_mask.sum(dim=1)])  # (2, B)
+    return (rois, labels, regression_targets, matched), counts
+
+
+def split_rows(padded: tuple[Tensor, ...], counts: list[int]) -> tuple[list[Tensor], ...]:
+    """Each ``(B, S, ...)`` tensor -> a list of ``B`` views, image ``i``'s first ``counts[i]`` rows."""
+    return tuple([rows[:n] for rows, n in zip(tensor, counts)] for tensor in padded)
 
 
 def box_loss(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, regression_targets: Tensor,
@@ -327,8 +344,10 @@ class BoxBranch(nn.Module):
             return postprocess_detections(class_logits, box_deltas, proposals, image_sizes, self.cfg)
         if targets is None:
             raise ValueError("targets are required in training mode (list of dicts with 'boxes' and 'labels')")
-        rois, labels, regression_targets, matched_gt_idx = sample_rois(
-            proposals, targets, self.matcher, self.sampler, self.box_coder, generator=generator)
+        padded, counts = sample_rois_padded(proposals, targets, self.matcher, self.sampler, self.box_coder,
+                                            generator=generator)
+        num_sampled, num_pos = counts.tolist()  # the step's one host read of the box branch
+        rois, labels, regression_targets, matched_gt_idx = split_rows(padded, num_sampled)
         roi_features = self.pooler(features, rois)  # (sum S_i, C, r, r)
         positive_res5 = None
         if isinstance(self.head, Res5Head):
@@ -341,11 +360,7 @@ class BoxBranch(nn.Module):
         class_logits, box_deltas = self.predictor(head_features)
         losses = box_loss(class_logits, box_deltas, torch.cat(labels), torch.cat(regression_targets),
                           beta=self.cfg.smooth_l1_beta)
-        num_pos = torch.stack([(image_labels > 0).sum() for image_labels in labels]).tolist()  # one read
-        positives = PositiveRoIs(
-            rois=[r[:p] for r, p in zip(rois, num_pos)],
-            labels=[lab[:p] for lab, p in zip(labels, num_pos)],
-            matched_gt_idx=[m[:p] for m, p in zip(matched_gt_idx, num_pos)],
-            res5_features=positive_res5,
-        )
+        pos_rois, pos_labels, pos_matched = split_rows((rois, labels, matched_gt_idx), num_pos)  # positives first
+        positives = PositiveRoIs(rois=pos_rois, labels=pos_labels, matched_gt_idx=pos_matched,
+                                 res5_features=positive_res5)
         return losses, positives

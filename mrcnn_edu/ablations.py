@@ -27,13 +27,16 @@ trainings share it (default :data:`DEFAULT_JOBS`); 45 / 8 ~ 6 waves in 20 minute
 ~3 minutes of wall time per training, evaluation on 500 images included. The iteration count
 in :data:`MINI_SCHEDULE` is the knob to tune on the GPU (``--max-iter`` overrides it).
 
-Processes: the parent (:func:`run_table`) generates the data once, pre-trains the bodies
-the rows need (one process each, in turn, cached in ``WORKDIR/pretrain/``), then launches
+Processes: the parent (:func:`run_table`) generates the data once, then launches
 ``python -m mrcnn_edu.ablations run-one --run NAME --seed S ...`` for every (run, seed)
-without a result, at most ``jobs`` at a time, all seeing the same ``CUDA_VISIBLE_DEVICES``.
-Each child trains (resuming from its own checkpoint if it was killed), evaluates and writes
-``WORKDIR/results/NAME__seedS.json`` atomically; a finished (run, seed) is never re-run, so
-running the same command again completes a half-finished table.
+without a result, at most ``jobs`` at a time, all seeing the same ``CUDA_VISIBLE_DEVICES``,
+R-50's runs first (:func:`pending`). Before the first training of each body it pre-trains that
+body (one process, cached in ``WORKDIR/pretrain/``). Each child trains (resuming from its own
+checkpoint if it was killed), evaluates and writes ``WORKDIR/results/NAME__seedS.json``
+atomically; a finished (run, seed) is never re-run, so running the same command again completes
+a half-finished table. Each record carries the digest of the body it started from
+(:func:`weights_digest`): a table finished over several sessions, each on a fresh machine that
+pre-trained its bodies anew, shows whether its rows started from the same weights.
 """
 from __future__ import annotations
 
@@ -319,7 +322,30 @@ def load_body(model, path: str | Path, run: str = "the model") -> dict:
     if not loaded.loaded or loaded.missing:
         raise ValueError(f"{path} does not fit the body of {run}: missing "
                          f"{loaded.missing[:5]}, loaded {len(loaded.loaded)} tensors")
-    return {"weights": str(path), "tensors": len(loaded.loaded), "top1": info.get("top1")}
+    return {"weights": str(path), "tensors": len(loaded.loaded), "top1": info.get("top1"),
+            "digest": weights_digest(state)}
+
+
+def weights_digest(state: dict) -> str:
+    """A fingerprint of a state dict: SHA-256 of every tensor's name, dtype, shape and bytes (16 hex digits).
+
+    Two trainings with the same digest started from bit-identical weights. The table records it
+    per training, so rows trained in different sessions, each of which pre-trained its bodies
+    anew, show whether they started from the same body.
+    """
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key]
+        if not torch.is_tensor(tensor):
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
@@ -400,7 +426,11 @@ def _child_command(run: str, seed: int, args: argparse.Namespace) -> list[str]:
 
 def pending(runs: list[str], seeds: int, done: dict, planned, pretrained: bool | None = None,
             input_size: int | None = None) -> list[tuple[str, int]]:
-    """The (run, seed) pairs without a record, seed-major (a first full table arrives early).
+    """The (run, seed) pairs without a record: by body (R-50's runs, then R-101's, then
+    ResNeXt's), and within a body seed-major.
+
+    A session short of time then pre-trains only the bodies it reaches (the R-50 stand-in serves
+    12 of the 15 runs), and every sub-table but 2a gets its first seed early.
 
     A record made with another schedule than ``planned`` (a TrainConfig), from scratch when
     ``pretrained`` (or the reverse), or on other than ``input_size`` px inputs, is an error,
@@ -415,7 +445,8 @@ def pending(runs: list[str], seeds: int, done: dict, planned, pretrained: bool |
                 check_same_schedule(done[(name, seed)], planned, pretrained, input_size)
             else:
                 todo.append((name, seed))
-    return todo
+    bodies = list(dict.fromkeys(body_name(RUNS[name]) for name in RUNS))  # ResNet-50 first
+    return sorted(todo, key=lambda key: bodies.index(body_name(RUNS[key[0]])))  # stable: seed-major within
 
 
 def pretrain_bodies(runs: list[str], args: argparse.Namespace) -> Path:
@@ -483,20 +514,35 @@ def check_pretrained_body(path: str | Path, quick: bool = False, input_size: int
 
 
 def pretrain_one(name: str, out: str | Path, quick: bool = False, input_size: int | None = None) -> dict:
-    """Pre-train the body called ``name`` (:func:`body_name`) with :func:`pretrain_config`."""
+    """Pre-train the body called ``name`` (:func:`body_name`) with :func:`pretrain_config`.
+
+    cuDNN runs with deterministic algorithms here (and without timing them to choose): a session
+    that pre-trains a body again, on the same GPU and software, should get the same weights, so
+    that a table finished over several sessions starts every row from one body.
+    :func:`weights_digest`, recorded with every result, shows whether it did.
+    """
+    import torch
+
     from mrcnn_edu.pretrain import pretrain
 
     specs = [spec for spec in RUNS.values() if body_name(spec) == name]
     if not specs:
         raise ValueError(f"--body: unknown {name!r}; choose one of "
                          f"{sorted({body_name(s) for s in RUNS.values()})}")
-    return pretrain(mini_body(specs[0], quick), pretrain_config(quick, input_size), out)[1]
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        return pretrain(mini_body(specs[0], quick), pretrain_config(quick, input_size), out)[1]
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
 
 
 def may_start(elapsed: float, deadline: float | None, durations: list[float]) -> bool:
     """Whether a training started now is expected to end before ``deadline`` (seconds since the
-    table started; ``None``: no deadline). The expectation is the slowest training finished so
-    far in this session; before the first one finishes, anything may start."""
+    table started; ``None``: no deadline). The expectation is the slowest of ``durations``: the
+    trainings finished on this device, in earlier sessions and this one; with none, anything may
+    start."""
     if deadline is None:
         return True
     return elapsed + (max(durations) if durations else 0.0) < deadline
@@ -512,16 +558,18 @@ def run_table(args: argparse.Namespace) -> dict:
     planned = train_config(args.dataset, args.quick, 0, "", args.max_iter)
     pretrained = bool(args.pretrain or args.imagenet)
     size = model_config(RUNS[runs[0]], args.dataset, args.quick, args.input_size).transform.min_size_test
-    todo = pending(runs, args.seeds, report.load_records(args.workdir, summary_path), planned,
-                   pretrained, size)
+    done = report.load_records(args.workdir, summary_path)
+    todo = pending(runs, args.seeds, done, planned, pretrained, size)
     print(f"Table 2 ({mode}): {len(runs)} runs x {args.seeds} seeds, {len(todo)} to train, "
           f"{args.jobs} at a time; results in {args.workdir}/results", flush=True)
     tic, started, active, failed = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S"), {}, []
-    durations, stopped, launched = [], [], 0
+    # how long a training takes here: at first, the slowest of earlier sessions on this device
+    # (so that a short session does not start trainings it cannot finish), then this session's
+    device = report.device_name()
+    durations = [r["wall_time_s"] for r in done.values() if r.get("device") == device and "wall_time_s" in r]
+    stopped, launched = [], 0
     if todo:
         prepare_data(args.dataset, args.quick, args.data)
-        if args.pretrain:
-            args.imagenet = str(pretrain_bodies([name for name, _ in todo], args))
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
     logs = Path(args.workdir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -529,7 +577,14 @@ def run_table(args: argparse.Namespace) -> dict:
     while todo or active:
         now = time.perf_counter() - tic
         while todo and len(active) < args.jobs and may_start(now, deadline, durations):
-            name, seed = todo.pop(0)
+            name, seed = todo[0]
+            if args.pretrain:  # each body when its first training is due, not all up front
+                fresh = not (Path(args.workdir) / "pretrain" / f"{body_name(RUNS[name])}.pth").is_file()
+                args.imagenet = str(pretrain_bodies([name], args))  # a cached body is checked, not re-made
+                if fresh:  # pre-training took time: ask the deadline again
+                    now = time.perf_counter() - tic
+                    continue
+            todo.pop(0)
             log = open(logs / f"{name}__seed{seed}.log", "w")
             active[(name, seed)] = (subprocess.Popen(_child_command(name, seed, args), env=env,
                                                      stdout=log, stderr=subprocess.STDOUT), log, now)

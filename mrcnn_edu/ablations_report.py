@@ -25,7 +25,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from mrcnn_edu.ablations import GAINS, ROWS, RUNS, SUBTABLES, Row, stand_in
+from mrcnn_edu.ablations import GAINS, ROWS, RUNS, SUBTABLES, Row, body_name, stand_in
 
 __all__ = ["write_json_atomic", "result_path", "git_commit", "device_name", "mean_std", "format_mean_std", "contrast",
            "format_gain", "percent_metrics", "load_records", "check_same_schedule", "CLAIMS", "judge_claims", "summarise",
@@ -264,7 +264,22 @@ def summarise(rows: list[Row], runs: list[str], records: dict, seeds: int, mode:
             gains.append({"table": table, "label": label, "paper": paper,
                           "ours": {k: {"delta": d, "se": s} for k, (d, s) in cells.items()}})
     claims = [c for c in judge_claims(values) if set(c["runs"]) <= set(runs)]
-    return {"runs": run_entries, "rows": row_entries, "gains": gains, "claims": claims}
+    return {"runs": run_entries, "rows": row_entries, "gains": gains, "claims": claims,
+            "bodies": body_digests(records, runs, seeds)}
+
+
+def body_digests(records: dict, runs: list[str], seeds: int) -> dict[str, dict[str, list[str]]]:
+    """``{body: {digest: ["run seed s", ...]}}``: which trainings started from which pre-trained
+    weights (``ablations.weights_digest``). One digest per body: every row started from the same
+    body; more: sessions that pre-trained it anew got other weights. Records without a digest
+    (from scratch, or older files) are left out."""
+    bodies: dict[str, dict[str, list[str]]] = {}
+    for run in runs:
+        for seed in range(seeds):
+            digest = records.get((run, seed), {}).get("init", {}).get("digest")
+            if digest:
+                bodies.setdefault(body_name(RUNS[run]), {}).setdefault(digest, []).append(f"{run} seed {seed}")
+    return bodies
 
 
 def _cell(entry: dict | None) -> str:
@@ -308,6 +323,18 @@ def markdown_table(summary: dict) -> str:
         lines += [f"| {c['claim']} | {c['paper_delta']:+.1f} | {format_gain(c['delta'], c['se'])} | {c['verdict']} |"
                   for c in summary["claims"]]
         lines += ["", f"Verdict rule: agrees if Δ has the paper's sign and Δ > 2 s.e.; 'close' if |Δ| < {CLOSE_AP} AP.", ""]
+    bodies = summary.get("bodies", {})
+    if bodies:
+        lines += ["## Pre-trained bodies", ""]
+        for body, digests in bodies.items():
+            trainings = sum(len(v) for v in digests.values())
+            if len(digests) == 1:
+                lines.append(f"- {body}: all {trainings} trainings started from the same weights "
+                             f"(digest {next(iter(digests))}).")
+            else:
+                lines.append(f"- **{body}: {len(digests)} different pre-trained bodies** (a session re-made it with "
+                             "other weights): " + "; ".join(f"{d}: {', '.join(v)}" for d, v in digests.items()) + ".")
+        lines.append("")
     sessions = summary.get("sessions", [])
     if sessions:
         lines += ["## Runs", ""] + [

@@ -128,6 +128,38 @@ def test_markdown_table_puts_the_papers_figures_beside_mean_and_std(tmp_path):
     assert summary["rows"][0]["ours"]["AP"]["values"] == pytest.approx([25.0, 24.0, 26.0])
     stored = json.loads((tmp_path / "t.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert stored["runs"]["r50_c4"]["seeds"]["0"]["metrics"]["segm"]["APs"] is None  # nan -> null
+    assert summary["bodies"] == {} and "Pre-trained bodies" not in text  # fakes carry no digest
+
+
+def test_the_report_says_when_rows_started_from_different_bodies(tmp_path):
+    records = {}
+    for seed, digest in enumerate(["aaaa", "aaaa", "bbbb"]):  # seed 2: a session that re-made the body
+        for run in ("r50_c4", "r50_c4_softmax"):
+            records[(run, seed)] = _fake_record(run, seed, 30.0, 50.0, 31.0)
+            records[(run, seed)]["init"] = {"weights": "w/ResNet-50.pth", "digest": digest}
+    rows, runs = select_runs("r50_c4_softmax,r50_c4")
+    summary = report.write_report(rows, runs, 3, "miniature", "shapes", records, tmp_path / "t.json")
+    assert summary["bodies"] == {"ResNet-50": {"aaaa": ["r50_c4_softmax seed 0", "r50_c4_softmax seed 1",
+                                                        "r50_c4 seed 0", "r50_c4 seed 1"],
+                                               "bbbb": ["r50_c4_softmax seed 2", "r50_c4 seed 2"]}}
+    assert "**ResNet-50: 2 different pre-trained bodies**" in (tmp_path / "t.md").read_text()
+    for run in ("r50_c4", "r50_c4_softmax"):
+        records[(run, 2)]["init"]["digest"] = "aaaa"
+    report.write_report(rows, runs, 3, "miniature", "shapes", records, tmp_path / "t.json")
+    assert "- ResNet-50: all 6 trainings started from the same weights (digest aaaa)." in (tmp_path / "t.md").read_text()
+
+
+def test_weights_digest_tells_bit_identical_weights_apart_from_others():
+    state = {"conv.weight": torch.randn(4, 3, 3, 3), "bn.num_batches_tracked": torch.tensor(7),
+             "fc.bias": torch.randn(8).bfloat16()}
+    same = {key: value.clone() for key, value in reversed(list(state.items()))}  # order does not matter
+    assert ablations.weights_digest(state) == ablations.weights_digest(same)
+    assert len(ablations.weights_digest(state)) == 16
+    nudged = dict(same, **{"conv.weight": same["conv.weight"].clone()})
+    nudged["conv.weight"].view(-1)[5] = torch.nextafter(nudged["conv.weight"].view(-1)[5], torch.tensor(math.inf))
+    assert ablations.weights_digest(nudged) != ablations.weights_digest(state)  # one ulp
+    renamed = {("head." + k if k == "fc.bias" else k): v for k, v in state.items()}
+    assert ablations.weights_digest(renamed) != ablations.weights_digest(state)
 
 
 def test_resumption_skips_finished_entries_and_refuses_another_schedule():
@@ -135,6 +167,10 @@ def test_resumption_skips_finished_entries_and_refuses_another_schedule():
     done = {("r50_c4", 0): _fake_record("r50_c4", 0, 1, 2, 3), ("r50_c4_roipool", 1): _fake_record("r50_c4_roipool", 1, 1, 2, 3)}
     todo = pending(["r50_c4", "r50_c4_roipool"], 2, done, planned)
     assert todo == [("r50_c4_roipool", 0), ("r50_c4", 1)]  # seed-major, finished ones left out
+    # by body first, R-50's runs before R-101's and ResNeXt's, seed-major within each body
+    assert pending(["r101_c4", "r50_c4", "x101_fpn", "r50_fpn"], 2, {}, planned) == [
+        ("r50_c4", 0), ("r50_fpn", 0), ("r50_c4", 1), ("r50_fpn", 1),
+        ("r101_c4", 0), ("r101_c4", 1), ("x101_fpn", 0), ("x101_fpn", 1)]
     other = _fake_record("r50_c4", 0, 1, 2, 3)
     other["train_config"]["max_iter"] = 999
     with pytest.raises(ValueError, match="max_iter=999"):
@@ -163,6 +199,9 @@ def test_quick_mode_trains_one_row_end_to_end_then_a_rerun_trains_nothing(tiny_s
     weights = tmp_path / "work" / "pretrain" / "ResNet-50.pth"
     assert record["init"]["weights"] == str(weights) and 0.0 <= record["init"]["top1"] <= 1.0
     assert record["init"]["tensors"] > 0 and "pre-trained on single shapes" in summary["sessions"][0]["init"]
+    body = torch.load(weights, map_location="cpu", weights_only=True)["model"]
+    assert record["init"]["digest"] == ablations.weights_digest(body)
+    assert summary["bodies"] == {"ResNet-50": {record["init"]["digest"]: ["r50_c4_roipool seed 0"]}}
     pretrained_at = weights.stat().st_mtime_ns
     assert set(record["metrics"]) == {"bbox", "segm"}
     assert all(0.0 <= record["metrics"]["segm"][k] <= 1.0 for k in ("AP", "AP50", "AP75"))
@@ -210,6 +249,23 @@ def test_deadline_stops_running_trainings_and_leaves_the_rest_for_the_next_sessi
     assert summary["sessions"][-1]["trained"] == 0 and summary["runs"]["r50_c4_roipool"]["seeds"] == {}
     assert not list((tmp_path / "work" / "results").glob("*.json"))  # nothing half-written
     assert "2 left at the deadline" in (tmp_path / "out" / "table2_quick.md").read_text()
+
+
+def test_a_session_starts_no_training_that_earlier_sessions_say_it_cannot_finish(tiny_shapes, tmp_path, capsys):
+    # session 1 trains one row and records its wall time on this device; session 2 has half
+    # that time left: it starts nothing (and pre-trains no body for it) rather than kill it
+    base = ["--table", "2", "--seeds", "1", "--quick", "--jobs", "1", "--out", str(tmp_path / "out"),
+            "--workdir", str(tmp_path / "work"), "--data", str(tiny_shapes["root"])]
+    assert ablations.main(base + ["--rows", "r50_c4_roipool"]) == 0
+    record = json.loads((tmp_path / "work" / "results" / "r50_c4_roipool__seed0.json").read_text())
+    capsys.readouterr()
+    assert ablations.main(base + ["--rows", "r50_c4_roipool,r101_c4",
+                                  "--deadline", str(record["wall_time_s"] / 2)]) == 0
+    out = capsys.readouterr().out
+    assert "1 to train" in out and "1 training(s) left for the next session" in out
+    assert "stopped at the deadline" not in out and "pre-training" not in out
+    assert not (tmp_path / "work" / "pretrain" / "ResNet-101.pth").exists()
+    assert json.loads((tmp_path / "out" / "table2_quick.json").read_text())["sessions"][-1]["left"] == [["r101_c4", 0]]
 
 
 def test_pretrain_is_the_miniatures_and_refused_with_coco_or_imagenet_weights():

@@ -91,7 +91,7 @@ def test_a_short_pretraining_learns_and_writes_weights_that_load_into_c4_and_fpn
         model = MaskRCNN(ablations.model_config(spec, "shapes", quick=True))
         init = ablations.load_body(model, tmp_path / "ResNet-50.pth", run)
         assert init == {"weights": str(tmp_path / "ResNet-50.pth"), "tensors": len(report.loaded),
-                        "top1": info["top1"]}
+                        "top1": info["top1"], "digest": ablations.weights_digest(state)}
         torch.testing.assert_close(c5_weight, (model.box_branch.head.res5[0] if res5 is not None
                                                else model.backbone.body.layer4[0]).conv2.weight)
     with pytest.raises(ValueError, match=r"other\.pth does not fit the body of r50_c4: missing"):
@@ -169,3 +169,13 @@ def test_with_a_larger_input_size_the_bodies_are_pre_trained_on_as_much_larger_i
     ablations.check_pretrained_body(body, input_size=192)  # made as planned: accepted
     with pytest.raises(ValueError, match=r"ResNet-50.pth was pre-trained with image_size=64 \(planned 128\)"):
         ablations.check_pretrained_body(body)  # the default table plans 128 px
+
+
+def test_evaluation_counts_the_same_images_with_and_without_loader_workers():
+    # the held-out images are seeded per index: workers draw exactly what one process draws
+    torch.manual_seed(0)
+    model = ResNet(dataclasses.replace(mini_resnet(width=8), num_classes=len(shapes.SHAPE_NAMES), freeze_at=0))
+    alone = PretrainConfig(image_size=32, eval_images=300, num_workers=0, device="cpu")
+    correct_alone = evaluate_classifier(model, alone)
+    assert evaluate_classifier(model, dataclasses.replace(alone, num_workers=2)) == correct_alone
+    assert 0 < correct_alone * 300 < 300  # an untrained body: some right, some wrong, so the count tells

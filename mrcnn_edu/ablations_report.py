@@ -329,8 +329,9 @@ def markdown_table(summary: dict) -> str:
         for body, digests in bodies.items():
             trainings = sum(len(v) for v in digests.values())
             if len(digests) == 1:
-                lines.append(f"- {body}: all {trainings} trainings started from the same weights "
-                             f"(digest {next(iter(digests))}).")
+                digest = next(iter(digests))
+                lines.append(f"- {body}: one training, from the weights with digest {digest}." if trainings == 1 else
+                             f"- {body}: all {trainings} trainings started from the same weights (digest {digest}).")
             else:
                 lines.append(f"- **{body}: {len(digests)} different pre-trained bodies** (a session re-made it with "
                              "other weights): " + "; ".join(f"{d}: {', '.join(v)}" for d, v in digests.items()) + ".")

@@ -90,7 +90,15 @@ for p in $PHASES; do
         phase table $((deadline + 25)) $PY -m mrcnn_edu ablate --table 2 --seeds 3 --jobs 8 \
             --deadline "$deadline"
         cp results/table2_miniature.json results/table2_miniature.md "$OUT/" 2>/dev/null
-        tail -n 40 runs/table2_miniature/logs/*.log >"$OUT/table2_logs.txt" 2>/dev/null ;;
+        {
+            tail -n 40 runs/table2_miniature/logs/*.log
+            # the seconds per iteration of every training, also of those stopped at the deadline:
+            # what the next lease's schedule is planned from
+            for f in runs/table2_miniature/train/*/metrics.jsonl; do
+                echo "== $f"
+                cut -c1-400 "$f"
+            done
+        } >"$OUT/table2_logs.txt" 2>/dev/null ;;
     table_probe)
         # When too little device time is left for the table (a 15-minute lease, the other phases
         # first): what the table's schedule needs to be tuned. Generation of the set, pre-training

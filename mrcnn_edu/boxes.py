@@ -163,7 +163,8 @@ def pad_rows(rows: list[Tensor], fill: float = 0) -> Tensor:
         return out
     # row j of image i goes to row i * longest + j of the flattened output
     flat = torch.tensor([i * longest + j for i, n in enumerate(counts) for j in range(n)])
-    out.view(len(rows) * longest, *out.shape[2:]).index_copy_(0, flat.to(out.device), torch.cat(rows))
+    # index_put_ rather than index_copy_: deterministic on CUDA, also under use_deterministic_algorithms
+    out.view(len(rows) * longest, *out.shape[2:])[flat.to(out.device)] = torch.cat(rows)
     return out
 
 

@@ -339,3 +339,17 @@ def test_pad_rows_equals_pad_sequence(counts):
     assert pad_rows(labels).dtype == torch.int64 and pad_rows(masks).shape == (len(counts), max(counts), 5, 7)
     with pytest.raises(ValueError, match="non-empty"):
         pad_rows([])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pad_rows_on_cuda_equals_the_cpu_also_in_deterministic_mode():
+    from mrcnn_edu.boxes import pad_rows
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.rand(n, 4, generator=generator) for n in (5, 0, 300, 17)]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(pad_rows([r.cuda() for r in rows]).cpu(), pad_rows(rows))
+    finally:
+        torch.use_deterministic_algorithms(previous)

@@ -37,6 +37,7 @@ __all__ = [
     "pad_rows",
     "BoxCoder",
     "clip_boxes",
+    "large_boxes_mask",
     "remove_small_boxes",
     "nms",
     "greedy_keep",
@@ -161,8 +162,10 @@ def pad_rows(rows: list[Tensor], fill: float = 0) -> Tensor:
     out = rows[0].new_full((len(rows), longest, *rows[0].shape[1:]), fill)
     if sum(counts) == 0:
         return out
-    # row j of image i goes to row i * longest + j of the flattened output
-    flat = torch.tensor([i * longest + j for i, n in enumerate(counts) for j in range(n)])
+    # row j of image i goes to row i * longest + j of the flattened output: the True cells of a
+    # (B, longest) mask, found with numpy on the host (thousands of proposals per image: no
+    # Python loop, and no torch op that reads like a device sync)
+    flat = torch.from_numpy(np.flatnonzero(np.arange(longest)[None, :] < np.asarray(counts)[:, None]))
     # index_put_ rather than index_copy_: deterministic on CUDA, also under use_deterministic_algorithms
     out.view(len(rows) * longest, *out.shape[2:])[flat.to(out.device)] = torch.cat(rows)
     return out
@@ -277,11 +280,18 @@ def clip_boxes(boxes: Tensor, image_size: tuple[int, int] | list[tuple[int, int]
     return torch.stack([x, y], dim=-1).reshape(boxes.shape)
 
 
+def large_boxes_mask(boxes: Tensor, min_size: float) -> Tensor:
+    """Which boxes have width and height both at least ``min_size`` pixels: ``(N, 4)`` ->
+    ``(N,)`` bool, or ``(B, N, 4)`` -> ``(B, N)``. A mask, so no host read (unlike indices).
+    Shapes are checked, not values: its callers' boxes are decoded and clipped, never NaN."""
+    check_boxes(boxes, batched=True, values=False)
+    return (boxes[..., 2] - boxes[..., 0] >= min_size) & (boxes[..., 3] - boxes[..., 1] >= min_size)
+
+
 def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     """Indices of the boxes whose width and height are both at least ``min_size`` pixels."""
     check_boxes(boxes)
-    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    return torch.nonzero((widths >= min_size) & (heights >= min_size)).flatten()
+    return torch.nonzero(large_boxes_mask(boxes, min_size)).flatten()
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:

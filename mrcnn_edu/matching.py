@@ -68,8 +68,8 @@ class Matcher:
         """
         if not isinstance(iou, Tensor) or iou.dim() not in (2, 3):
             raise ValueError(f"iou must be a (G, N) or (B, G, N) tensor, got {getattr(iou, 'shape', type(iou))}")
-        num_gt = iou.shape[-2]
-        if num_gt == 0:  # no objects: everything is background
+        num_gt, num_boxes = iou.shape[-2:]
+        if num_gt == 0 or num_boxes == 0:  # no objects: everything is background (or nothing to match)
             return torch.full(iou.shape[:-2] + iou.shape[-1:], BACKGROUND, dtype=torch.int64, device=iou.device)
 
         best_iou, matched_idx = iou.max(dim=-2)  # (..., N), (..., N)

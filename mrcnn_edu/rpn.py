@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .anchors import AnchorGenerator
-from .boxes import BoxCoder, box_iou, clip_boxes, nms_in_images, pad_boxes
+from .boxes import BoxCoder, box_iou, clip_boxes, large_boxes_mask, nms_in_images, pad_boxes
 from .matching import BACKGROUND, BalancedSampler, Matcher
 
 __all__ = [
@@ -222,9 +222,7 @@ def select_proposals(objectness: list[Tensor], deltas: list[Tensor], anchors: li
     all_boxes = box_coder.decode(chosen_deltas, chosen_anchors)
     all_scores = torch.cat(top_logits, dim=1).to(all_boxes.dtype).sigmoid()  # (N, K), K = sum_l k_l
     all_boxes = clip_boxes(all_boxes.view(num_images, -1, 4), image_sizes)  # (N, K, 4)
-    widths = all_boxes[..., 2] - all_boxes[..., 0]
-    heights = all_boxes[..., 3] - all_boxes[..., 1]
-    valid = (widths >= cfg.min_size) & (heights >= cfg.min_size) & (all_scores >= cfg.score_thresh)  # (N, K)
+    valid = large_boxes_mask(all_boxes, cfg.min_size) & (all_scores >= cfg.score_thresh)  # (N, K)
 
     # NMS per level (FPN / torchvision: levels are scored independently), every image at once;
     # the tiny and low-scoring boxes are left out as masks, not dropped (which is a host read)

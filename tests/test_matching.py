@@ -61,6 +61,9 @@ def test_image_without_objects_is_all_background():
     matched = Matcher(0.7, 0.3, allow_low_quality_matches=True)(torch.zeros(0, 5))
     assert matched.tolist() == [BACKGROUND] * 5
     assert Matcher(0.5, 0.5)(torch.zeros(3, 0)).shape == (0,)
+    # no boxes to match, also with low-quality matches and for a batch
+    assert Matcher(0.7, 0.3, allow_low_quality_matches=True)(torch.zeros(3, 0)).shape == (0,)
+    assert Matcher(0.7, 0.3, allow_low_quality_matches=True)(torch.zeros(2, 3, 0)).shape == (2, 0)
 
 
 def test_matcher_rejects_bad_thresholds_and_shapes():

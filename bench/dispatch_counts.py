@@ -44,15 +44,23 @@ HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "un
               "unique_consecutive", "equal", "is_nonzero", "bincount"}
 
 
+def is_view(func) -> bool:
+    """Whether an ATen op returns a view of its input (``detach``, ``select``, ``slice``,
+    ``expand``...): on a GPU it launches no kernel, only host work."""
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+
+
 class DispatchCounter(TorchDispatchMode):
-    """Counts every ATen op dispatched inside the ``with`` block, and those that read values."""
+    """Counts every ATen op dispatched inside the ``with`` block, the views among them, and
+    those that read values."""
 
     def __init__(self):
         super().__init__()
-        self.ops, self.reads = 0, collections.Counter()
+        self.ops, self.views, self.reads = 0, 0, collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
+        self.views += is_view(func)
         name = func.__name__.split(".")[0]
         if name in HOST_READS:
             self.reads[name] += 1
@@ -87,7 +95,8 @@ def print_sites(run: str, batch: int, size: int, top: int = 15) -> None:
     images, targets = synthetic_batch(batch, size, torch.Generator().manual_seed(batch))
     with SiteCounter() as counter:
         sum(model(images, targets).values()).backward()
-    print(f"ours mini {run}, training step on {batch} images of {size} px: {counter.ops} ops, "
+    print(f"ours mini {run}, training step on {batch} images of {size} px: {counter.ops} ops "
+          f"({counter.views} of them views, which launch no kernel on a GPU), "
           f"{sum(counter.reads.values())} host reads; the top {top} call sites (ops, host reads):")
     for site, ops in counter.sites.most_common(top):
         print(f"{ops:7d} {counter.site_reads[site]:5d}  {site}")

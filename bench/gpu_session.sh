@@ -14,9 +14,16 @@
 # Phases: kernel (the CuPy RoIAlign tests and the other CUDA tests of the RoI ops and NMS, #3),
 # roi_bench (bench/roi_align.py, #3), parity (full-size torchvision parity on the GPU, #6),
 # train_bench (bench/train_infer.py with a profile of each model's training step, #7),
-# mini_step (not run by default: bench/mini_step.py, one miniature training step alone, #8),
-# table (Table 2 miniature, #8; the r50_fpn row is also #7's "miniature model on a GPU"),
-# table_probe (not run by default: the table's costs, measured in a few minutes, for #8).
+# mini_step (not run by default: bench/mini_step.py, one miniature training step alone at 16,
+# 32 and 64 images per batch, #8), table (Table 2 miniature, #8; the r50_fpn row is also #7's
+# "miniature model on a GPU"), table_probe (not run by default: the table's costs, measured in a
+# few minutes, for #8).
+#
+# TABLE_BATCH=N runs the table in batches of N images (`ablate --images-per-batch`: the same
+# images, N/16 times the lr, 16/N times the steps); every session of one table must use the same
+# N (a record of another batch size is refused). The default, TABLE_BATCH=auto, keeps the N of
+# the committed results, or else takes the one mini_step priced cheapest in this session
+# (bench/pick_batch.py), or else 16. PROBE_BATCH=N does the same for table_probe.
 #
 # The device image lacks pycocotools; carry its wheel. On the CPU machine, once:
 #   echo /.whl/ >> .git/info/exclude
@@ -27,6 +34,7 @@
 set -u
 OUT=${OUT:-runs/gpu_session}
 BUDGET=${BUDGET:-540}
+TABLE_BATCH=${TABLE_BATCH:-auto}
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
 START=$(date +%s)
@@ -80,15 +88,22 @@ for p in $PHASES; do
     train_bench)
         phase train_bench 150 $PY bench/train_infer.py --iters 10 --profile 5 ;;
     mini_step)
-        # one Table 2 miniature training step alone, r50_c4 and r50_fpn, with its profile: the
-        # number the table's GPU budget is made of (#8), in about a minute
-        phase mini_step 120 $PY bench/mini_step.py --profile 3 ;;
+        # one Table 2 miniature training step alone, r50_c4 and r50_fpn, at 16, 32 and 64 images
+        # per batch, with its profile: the numbers the table's GPU budget is made of, and which
+        # TABLE_BATCH makes the schedule shortest (#8), in one to two minutes
+        phase mini_step 180 $PY bench/mini_step.py --images 16,32,64 --profile 3 --json "$OUT/mini_step.json" ;;
     table)
         # resume from the committed results; stop starting trainings 30 s before the budget ends
         mkdir -p runs/table2_miniature
+        batch=$TABLE_BATCH
+        if [ "$batch" = auto ]; then  # the committed table's size, else mini_step's cheapest, else 16
+            batch=$($PY bench/pick_batch.py --mini-step "$OUT/mini_step.json" \
+                --results results/table2_miniature.json) || batch=""
+            echo "=== TABLE_BATCH=auto: ${batch:-16, the schedule default}" | tee -a "$LOG"
+        fi
         deadline=$(($(left) - 30))
         phase table $((deadline + 25)) $PY -m mrcnn_edu ablate --table 2 --seeds 3 --jobs 8 \
-            --deadline "$deadline"
+            ${batch:+--images-per-batch "$batch"} --deadline "$deadline"
         cp results/table2_miniature.json results/table2_miniature.md "$OUT/" 2>/dev/null
         {
             tail -n 40 runs/table2_miniature/logs/*.log
@@ -107,11 +122,12 @@ for p in $PHASES; do
         # where they finish, COCOeval's time. Its table goes to $OUT/probe, never to results/.
         mkdir -p runs/table2_probe
         deadline=$(($(left) - 30))
-        # PROBE_ROWS, PROBE_SEEDS, PROBE_JOBS, PROBE_ITERS change it; PROBE_NO_PRETRAIN=1 skips
+        # PROBE_ROWS, PROBE_SEEDS, PROBE_JOBS, PROBE_ITERS (in 16-image iterations), PROBE_BATCH change it; PROBE_NO_PRETRAIN=1 skips
         # the pre-training (e.g. one training alone: is a training slow by itself, or by sharing?)
         phase table_probe $((deadline + 25)) $PY -m mrcnn_edu ablate --table 2 \
             --rows "${PROBE_ROWS:-r50_c4,r50_fpn}" --seeds "${PROBE_SEEDS:-4}" --jobs "${PROBE_JOBS:-8}" \
             --max-iter "${PROBE_ITERS:-200}" ${PROBE_NO_PRETRAIN:+--no-pretrain} --out "$OUT/probe" \
+            ${PROBE_BATCH:+--images-per-batch "$PROBE_BATCH"} \
             --workdir runs/table2_probe --deadline "$deadline"
         {
             tail -n 25 runs/table2_probe/logs/*.log

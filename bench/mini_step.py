@@ -11,7 +11,13 @@ the GPU's busy share, the host-device round trips, the top kernels). A step whos
 for a small share of its wall time is bound by the host, and more trainings at once can share
 the GPU. A step that keeps the GPU busy will not get faster that way.
 
+With several ``--images`` sizes it also prints what the whole schedule would cost in batches of
+each size (``ablate --images-per-batch``: the same 48,000 images, 48,000 / N steps) and that
+against 16 images per batch in the same run. Where a step's cost is launches and host work, a
+batch of 64 costs little more than one of 16 and the schedule gets up to 4x shorter.
+
     python bench/mini_step.py                        # r50_c4 and r50_fpn, on a CUDA GPU
+    python bench/mini_step.py --images 16,32,64      # the same, at 3 batch sizes
     python bench/mini_step.py --runs r50_c4 --profile 3
     python bench/mini_step.py --quick                # anywhere, seconds (numbers mean nothing)
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -57,7 +64,8 @@ def step_fn(run: str, images: list[torch.Tensor], targets: list[dict], device: t
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="r50_c4,r50_fpn", help="comma-separated ablations.RUNS names")
-    parser.add_argument("--images", type=int, default=ablations.MINI_SCHEDULE["images_per_batch"])
+    parser.add_argument("--images", default=str(ablations.MINI_SCHEDULE["images_per_batch"]),
+                        help="images per batch; comma-separated for several (e.g. 16,32,64)")
     parser.add_argument("--size", type=int, default=ablations.MINI_IMAGE_SIZE, help="the images' side")
     parser.add_argument("--input-size", type=int, default=None,
                         help=f"the model's shorter side (default {ablations.MINI_INPUT_SIZE}, the table's)")
@@ -68,29 +76,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="then profile STEPS steps of each run (torch.profiler)")
     parser.add_argument("--quick", action="store_true", help="CPU smoke test: 2 images of 64 px, 1 step")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="also write {run: {images: {ms_per_step, schedule_s}}} there "
+                             "(gpu_session.sh's TABLE_BATCH=auto reads it)")
     args = parser.parse_args(argv)
+    try:
+        sizes = [int(n) for n in args.images.split(",")]
+    except ValueError:
+        parser.error(f"--images: comma-separated whole numbers, got {args.images!r}")
+    if min(sizes) < 1:
+        parser.error(f"--images must be >= 1, got {args.images!r}")
     if args.quick:
-        args.device, args.images, args.size, args.input_size = "cpu", 2, 64, 64
+        args.device, args.size, args.input_size = "cpu", 64, 64
+        sizes = [2, 4][:len(sizes)]
         args.warmup, args.iters, args.amp = 0, 1, "none"
     device = torch.device(args.device)
     runs = args.runs.split(",")
     unknown = [r for r in runs if r not in ablations.RUNS]
     if unknown:
         parser.error(f"unknown run(s) {unknown}; choose from {sorted(ablations.RUNS)}")
-    images, targets = synthetic_batch(args.images, args.size, torch.Generator().manual_seed(0))
-    images = [image.to(device) for image in images]
-    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    all_images, all_targets = synthetic_batch(max(sizes), args.size, torch.Generator().manual_seed(0))
+    all_images = [image.to(device) for image in all_images]
+    all_targets = [{k: v.to(device) for k, v in t.items()} for t in all_targets]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     input_size = args.input_size or ablations.MINI_INPUT_SIZE
-    print(f"one miniature training step alone on {name}: {args.images} images of {args.size} px, "
+    schedule = ablations.MINI_SCHEDULE
+    total = schedule["max_iter"] * schedule["images_per_batch"]  # the images one training sees
+    print(f"one miniature training step alone on {name}: {','.join(map(str, sizes))} images of {args.size} px, "
           f"model input {input_size} px, amp={args.amp}, median of {args.iters} after {args.warmup} warm-up")
+    results: dict[str, dict[int, dict]] = {}
     for run in runs:
-        step = step_fn(run, images, targets, device, args.amp, args.input_size)
-        ms = statistics.median(timed(step, device, args.warmup, args.iters))
-        steps_needed = ablations.MINI_SCHEDULE["max_iter"]
-        print(f"{run:22s} {ms:8.1f} ms/step; one training of {steps_needed} steps alone: {ms * steps_needed / 1000:.0f} s")
-        if args.profile:
-            profile_steps(step, device, args.profile, run)
+        first = None
+        for n in sizes:  # the first n of one set: a larger batch holds the smaller one
+            step = step_fn(run, all_images[:n], all_targets[:n], device, args.amp, args.input_size)
+            ms = statistics.median(timed(step, device, args.warmup, args.iters))
+            steps_needed = round(total / n)
+            seconds = ms * steps_needed / 1000
+            first = first or (n, seconds)
+            against = f"; {seconds / first[1]:.2f}x the time with {first[0]}" if n != first[0] else ""
+            results.setdefault(run, {})[n] = {"ms_per_step": round(ms, 2), "schedule_s": round(seconds, 1)}
+            print(f"{run:22s} {n:3d} images {ms:8.1f} ms/step {1000 * n / ms:7.0f} images/s; "
+                  f"one training ({steps_needed} steps of {n}) alone: {seconds:.0f} s{against}", flush=True)
+            if args.profile:
+                profile_steps(step, device, args.profile, f"{run}, {n} images")
+            del step
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "images": sizes, "runs": results}, indent=1))
     return 0
 
 

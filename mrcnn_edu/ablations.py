@@ -24,8 +24,10 @@ ImageNet weights brought by the user); ``--quick`` runs the miniature code path 
 The budget (the issue's target: every row x 3 seeds in under 20 minutes on one H100):
 15 runs x 3 seeds = 45 trainings. Tiny models leave an H100 mostly idle, so ``--jobs``
 trainings share it (default :data:`DEFAULT_JOBS`); 45 / 8 ~ 6 waves in 20 minutes leaves
-~3 minutes of wall time per training, evaluation on 500 images included. The iteration count
-in :data:`MINI_SCHEDULE` is the knob to tune on the GPU (``--max-iter`` overrides it).
+~3 minutes of wall time per training, evaluation on 500 images included. The knobs to tune on
+the GPU are the iteration count in :data:`MINI_SCHEDULE` (``--max-iter`` overrides it) and how
+many images a step takes (``--images-per-batch``: the same images in fewer, larger steps, by the
+linear scaling rule; a step of tiny models costs launches and host work more than arithmetic).
 
 Processes: the parent (:func:`run_table`) generates the data once, then launches
 ``python -m mrcnn_edu.ablations run-one --run NAME --seed S ...`` for every (run, seed)
@@ -248,8 +250,17 @@ def model_config(spec: RunSpec, dataset: str = "shapes", quick: bool = False,
     return _apply_heads(cfg, spec, (mlp_dim,) * len(spec.mlp_dims))
 
 
-def train_config(dataset: str, quick: bool, seed: int, output_dir: str, max_iter: int | None = None):
-    """The schedule: §3.1's for COCO, :data:`MINI_SCHEDULE` / :data:`QUICK_SCHEDULE` otherwise."""
+def train_config(dataset: str, quick: bool, seed: int, output_dir: str, max_iter: int | None = None,
+                 images_per_batch: int | None = None):
+    """The schedule: §3.1's for COCO, :data:`MINI_SCHEDULE` / :data:`QUICK_SCHEDULE` otherwise.
+
+    ``max_iter`` counts iterations of the schedule's own batch (16 images; the lr steps keep
+    their fractions). ``images_per_batch`` trains on the same images in larger (or smaller)
+    batches: the engine's linear scaling rule (``engine.scale_for_batch``, Goyal et al. 2017)
+    multiplies the lr by k = images_per_batch / 16 and divides the iterations, lr steps and
+    warm-up by k. A short GPU lease wants fewer, larger steps where a step's cost is launches
+    and host work rather than arithmetic (bench/mini_step.py measures which).
+    """
     from mrcnn_edu.engine import TrainConfig
 
     if dataset == "coco":  # §3.1 defaults: 16 images, lr 0.02, 160k iterations, ÷10 at 120k
@@ -261,6 +272,11 @@ def train_config(dataset: str, quick: bool, seed: int, output_dir: str, max_iter
         steps = values.get("steps", TrainConfig.steps)
         values.update(max_iter=max_iter, steps=tuple(max(1, round(s * max_iter / old)) for s in steps),
                       warmup_iters=min(values.get("warmup_iters", TrainConfig.warmup_iters), max_iter))
+    if images_per_batch is not None:
+        if images_per_batch < 1:
+            raise ValueError(f"--images-per-batch must be >= 1, got {images_per_batch}")
+        values.setdefault("reference_batch", values.get("images_per_batch", TrainConfig.images_per_batch))
+        values["images_per_batch"] = images_per_batch  # reference_batch stays: the engine rescales
     return TrainConfig(seed=seed, output_dir=output_dir, resume=True, progress=False, **values)
 
 
@@ -351,7 +367,7 @@ def weights_digest(state: dict) -> str:
 def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
             workdir: str | Path = "runs/table2_miniature", data_dir: str | None = None,
             max_iter: int | None = None, imagenet: str | None = None,
-            input_size: int | None = None) -> dict:
+            input_size: int | None = None, images_per_batch: int | None = None) -> dict:
     """Train and evaluate ``run`` with ``seed``; write and return its result record."""
     import torch
 
@@ -367,7 +383,7 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
     tic = time.perf_counter()
     model_cfg = model_config(RUNS[run], dataset, quick, input_size)
     train_cfg = train_config(dataset, quick, seed, str(Path(workdir) / "train" / f"{run}__seed{seed}"),
-                             max_iter)
+                             max_iter, images_per_batch)
     train_set, val_set = _datasets(dataset, data_dir or DATA_DIRS["quick" if quick else dataset])
     torch.manual_seed(seed)  # initial weights: one stream per seed
     model = MaskRCNN(model_cfg)
@@ -421,6 +437,7 @@ def _child_command(run: str, seed: int, args: argparse.Namespace) -> list[str]:
                           "--dataset", args.dataset, "--workdir", args.workdir, "--data", args.data]
     command += ["--quick"] * args.quick + (["--max-iter", str(args.max_iter)] if args.max_iter else [])
     command += ["--input-size", str(args.input_size)] if args.input_size else []
+    command += ["--images-per-batch", str(args.images_per_batch)] if args.images_per_batch else []
     return command + (["--imagenet", args.imagenet] if args.imagenet else [])
 
 
@@ -538,6 +555,19 @@ def pretrain_one(name: str, out: str | Path, quick: bool = False, input_size: in
         cudnn.deterministic, cudnn.benchmark = saved
 
 
+def earlier_durations(done: dict, device: str, planned) -> list[float]:
+    """Wall times (s) of the finished trainings in ``done`` that ran on ``device`` with the
+    batch size and length ``planned`` (a TrainConfig) trains with: what a training is expected
+    to take here. Trainings of another batch size or length say nothing about it."""
+    from mrcnn_edu.engine import scale_for_batch
+
+    ran = scale_for_batch(planned)
+    return [r["wall_time_s"] for r in done.values()
+            if r.get("device") == device and "wall_time_s" in r
+            and all(r.get("train_config", {}).get(key) == getattr(ran, key)
+                    for key in ("max_iter", "images_per_batch"))]
+
+
 def may_start(elapsed: float, deadline: float | None, durations: list[float]) -> bool:
     """Whether a training started now is expected to end before ``deadline`` (seconds since the
     table started; ``None``: no deadline). The expectation is the slowest of ``durations``: the
@@ -551,22 +581,23 @@ def may_start(elapsed: float, deadline: float | None, durations: list[float]) ->
 def run_table(args: argparse.Namespace) -> dict:
     """Train every (run, seed) of ``args.rows`` without a result, ``args.jobs`` at a time; report."""
     from mrcnn_edu import ablations_report as report
+    from mrcnn_edu.engine import describe_scaling
 
     rows, runs = select_runs(args.rows)
     mode = mode_name(args.dataset, args.quick)
     summary_path = Path(args.out) / f"table2_{mode}.json"
-    planned = train_config(args.dataset, args.quick, 0, "", args.max_iter)
+    planned = train_config(args.dataset, args.quick, 0, "", args.max_iter, args.images_per_batch)
     pretrained = bool(args.pretrain or args.imagenet)
     size = model_config(RUNS[runs[0]], args.dataset, args.quick, args.input_size).transform.min_size_test
     done = report.load_records(args.workdir, summary_path)
     todo = pending(runs, args.seeds, done, planned, pretrained, size)
     print(f"Table 2 ({mode}): {len(runs)} runs x {args.seeds} seeds, {len(todo)} to train, "
-          f"{args.jobs} at a time; results in {args.workdir}/results", flush=True)
+          f"{args.jobs} at a time; results in {args.workdir}/results\nschedule: {describe_scaling(planned)}",
+          flush=True)
     tic, started, active, failed = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S"), {}, []
     # how long a training takes here: at first, the slowest of earlier sessions on this device
     # (so that a short session does not start trainings it cannot finish), then this session's
-    device = report.device_name()
-    durations = [r["wall_time_s"] for r in done.values() if r.get("device") == device and "wall_time_s" in r]
+    durations = earlier_durations(done, report.device_name(), planned)
     stopped, launched = [], 0
     if todo:
         prepare_data(args.dataset, args.quick, args.data)
@@ -643,7 +674,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="table2_<mode>.json/.md go here (default results/; quick: runs/table2_quick)")
     parser.add_argument("--workdir", default=None, help="per-run results, logs, checkpoints (default runs/table2_<mode>)")
     parser.add_argument("--data", default=None, help="dataset folder (default data/generated/shapes, ..._tiny, data/coco)")
-    parser.add_argument("--max-iter", type=int, default=None, help="override the schedule's length (steps scale with it)")
+    parser.add_argument("--max-iter", type=int, default=None,
+                        help="override the schedule's length, in iterations of its own batch (16 images; the "
+                             "lr steps scale with it)")
+    parser.add_argument("--images-per-batch", type=int, default=None,
+                        help="the same images in batches of this size: lr x k, iterations / k, "
+                             "k = N / 16 (linear scaling rule; default: the schedule's 16)")
     parser.add_argument("--input-size", type=int, default=None,
                         help="miniature: the shorter side the 192 px images are resized to in the "
                              f"model (default {MINI_INPUT_SIZE}; 192: as drawn); the bodies are "
@@ -691,9 +727,10 @@ def _run_one_main(argv: list[str]) -> int:
     parser.add_argument("--max-iter", type=int, default=None)
     parser.add_argument("--imagenet", default=None)
     parser.add_argument("--input-size", type=int, default=None)
+    parser.add_argument("--images-per-batch", type=int, default=None)
     args = parser.parse_args(argv)
     run_one(args.run, args.seed, args.dataset, args.quick, args.workdir, args.data, args.max_iter,
-            args.imagenet, args.input_size)
+            args.imagenet, args.input_size, args.images_per_batch)
     return 0
 
 

@@ -149,6 +149,9 @@ def load_records(workdir: str | Path, summary_path: str | Path | None = None) ->
     return records
 
 
+SCHEDULE_KEYS = ("max_iter", "images_per_batch", "base_lr", "steps", "warmup_iters")  # as the records hold it
+
+
 def check_same_schedule(record: dict, planned, pretrained: bool | None = None,
                         input_size: int | None = None) -> None:
     """ValueError if a finished run used another schedule than ``planned`` (a TrainConfig),
@@ -295,6 +298,11 @@ def markdown_table(summary: dict) -> str:
     if summary.get("input_size") and summary.get("dataset") == "shapes":
         lines += [f"Inputs: the synthetic images resized to {summary['input_size'][0]} px (shorter side) "
                   "in the model (`--input-size`).", ""]
+    for plan in summary.get("schedules", []):
+        lines += [f"Schedule: {plan['max_iter']} iterations of {plan['images_per_batch']} images "
+                  f"({plan['max_iter'] * plan['images_per_batch']:,} images), lr {plan['base_lr']:g}, "
+                  f"÷10 at {', '.join(map(str, plan['steps']))}, warm-up {plan['warmup_iters']} "
+                  f"(`--images-per-batch`, `--max-iter`); {plan['trainings']} training(s).", ""]
     if mode == "quick":
         lines += ["**Quick mode: a few CPU iterations on 64 px images. These numbers mean nothing;**",
                   "**they only show that the code path runs.**", ""]
@@ -355,8 +363,15 @@ def write_report(rows: list[Row], runs: list[str], seeds: int, mode: str, datase
     summary_path = Path(summary_path)
     previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     sizes = {r.get("model_config", {}).get("transform", {}).get("min_size_test") for r in records.values()}
+    schedules: dict[tuple, int] = {}  # one, unless --rows picked trainings made with another
+    for r in records.values():
+        ran = r.get("train_config", {})
+        if all(k in ran for k in SCHEDULE_KEYS):
+            key = tuple(tuple(ran[k]) if isinstance(ran[k], list) else ran[k] for k in SCHEDULE_KEYS)
+            schedules[key] = schedules.get(key, 0) + 1
     summary = {"table": "2", "mode": mode, "dataset": dataset, "seeds": seeds,
                "input_size": sorted(sizes - {None}),  # one size: a table refuses to mix them
+               "schedules": [dict(zip(SCHEDULE_KEYS, key), trainings=n) for key, n in sorted(schedules.items())],
                "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "sessions": previous.get("sessions", []) + ([session] if session else []),
                **summarise(rows, runs, records, seeds, mode)}

@@ -356,7 +356,7 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, collate_fn: Call
     """
     info = init_distributed(cfg.device)
     device = _pick_device(cfg.device, info)
-    cfg = scale_for_batch(cfg)
+    requested, cfg = cfg, scale_for_batch(cfg)  # the log says what was asked and what it became
     _check_config(cfg, device, info.world_size)
     seed_everything(cfg.seed + info.rank)
     output_dir, metrics_path = Path(cfg.output_dir), Path(cfg.output_dir) / "metrics.jsonl"
@@ -380,7 +380,7 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, collate_fn: Call
     if info.is_main:
         metrics_path.write_text("".join(json.dumps(r) + "\n"
                                         for r in _read_metrics(metrics_path, start_iter)))
-        progress.write(f"{describe_scaling(cfg)}\ntraining iterations {start_iter}..{cfg.max_iter}"
+        progress.write(f"{describe_scaling(requested)}\ntraining iterations {start_iter}..{cfg.max_iter}"
                        f" on {device} x{info.world_size}, amp={cfg.amp}, output {output_dir}")
 
     losses, results, tic = {}, {}, time.perf_counter()

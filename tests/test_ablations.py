@@ -49,6 +49,46 @@ def test_max_iter_override_keeps_the_lr_steps_at_the_same_fractions():
     assert cfg.max_iter == 1500 and cfg.steps == tuple(round(s / 2) for s in full.steps)
 
 
+def test_images_per_batch_trains_on_the_same_images_by_the_linear_scaling_rule():
+    from mrcnn_edu.engine import scale_for_batch
+
+    # the miniature's 3000 x 16 images in batches of 64: lr x4, iterations, steps and warm-up / 4
+    ran = scale_for_batch(train_config("shapes", False, 0, "x", images_per_batch=64))
+    assert (ran.images_per_batch, ran.base_lr, ran.max_iter, ran.steps, ran.warmup_iters) == (
+        64, 0.08, 750, (562, 688), 50)  # 2250 / 4 = 562.5 rounds to even
+    assert ran.max_iter * ran.images_per_batch == 3000 * 16
+    # with --max-iter (counted in 16-image iterations) first: 1500 x 16 = 375 x 64
+    short = scale_for_batch(train_config("shapes", False, 0, "x", max_iter=1500, images_per_batch=64))
+    assert (short.max_iter, short.steps, short.warmup_iters) == (375, (281, 344), 50)
+    # COCO on one GPU with 2 images: §3.1's 160k x 16 become 1.28M x 2 at lr 0.0025
+    coco = scale_for_batch(train_config("coco", False, 0, "x", images_per_batch=2))
+    assert (coco.base_lr, coco.max_iter, coco.steps) == (0.0025, 1_280_000, (960_000,))
+    assert scale_for_batch(train_config("shapes", False, 0, "x", images_per_batch=16)) == train_config(
+        "shapes", False, 0, "x")  # the schedule's own batch changes nothing
+    with pytest.raises(ValueError, match="--images-per-batch must be >= 1, got 0"):
+        train_config("shapes", False, 0, "x", images_per_batch=0)
+
+
+def test_a_table_keeps_one_batch_size_and_times_trainings_by_their_own_schedule():
+    planned16 = train_config("shapes", True, 0, "x")  # quick: 3 iterations of 2 images
+    planned4 = train_config("shapes", True, 0, "x", images_per_batch=4)  # 2 iterations of 4, lr x2
+    record = _fake_record("r50_c4", 0, 1, 2, 3)  # finished with the quick schedule's 2 images
+    with pytest.raises(ValueError, match="r50_c4 seed 0 finished with max_iter=3 but this command plans max_iter=2"):
+        pending(["r50_c4"], 1, {("r50_c4", 0): record}, planned4)
+    # expected durations come only from trainings of the same schedule on the same device
+    other = dict(_fake_record("r50_c4", 1, 1, 2, 3), wall_time_s=50.0)
+    other["train_config"] = dict(other["train_config"], max_iter=2, images_per_batch=4)
+    elsewhere = dict(_fake_record("r50_c4", 2, 1, 2, 3), wall_time_s=7.0, device="NVIDIA H200")
+    done = {("r50_c4", 0): record, ("r50_c4", 1): other, ("r50_c4", 2): elsewhere}
+    assert ablations.earlier_durations(done, "cpu", planned16) == [1.0]
+    assert ablations.earlier_durations(done, "cpu", planned4) == [50.0]
+    assert ablations.earlier_durations(done, "NVIDIA H200", planned16) == [7.0]
+    # and the children are told the batch size
+    args = ablations.build_parser().parse_args(["--images-per-batch", "64", "--workdir", "w", "--data", "d"])
+    command = ablations._child_command("r50_c4", 1, args)
+    assert command[command.index("--images-per-batch") + 1] == "64"
+
+
 def test_gain_rows_match_the_papers_printed_gains():
     """The encoded rows reproduce the gains the paper prints in Table 2b and 2d."""
     paper = {row.run: row.paper for row in ROWS}
@@ -208,6 +248,11 @@ def test_quick_mode_trains_one_row_end_to_end_then_a_rerun_trains_nothing(tiny_s
     row = next(r for r in summary["rows"] if r["label"] == "RoIPool (max)")
     assert row["ours"]["AP"]["n"] == 1 and row["paper"]["AP"] == 26.9
     assert "Quick mode" in summary_path.with_suffix(".md").read_text()
+    # the schedule as it ran, from QUICK_SCHEDULE: 3 iterations of 2 images, lr 0.01, ÷10 at 2
+    assert summary["schedules"] == [{"max_iter": 3, "images_per_batch": 2, "base_lr": 0.01, "steps": [2],
+                                     "warmup_iters": 1, "trainings": 1}]
+    assert ("Schedule: 3 iterations of 2 images (6 images), lr 0.01, ÷10 at 2, warm-up 1"
+            in summary_path.with_suffix(".md").read_text())
     assert summary["input_size"] == [64]  # quick: the tiny set's own size
     per_run = tmp_path / "work" / "results" / "r50_c4_roipool__seed0.json"
     before = per_run.stat().st_mtime_ns

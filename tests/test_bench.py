@@ -132,6 +132,39 @@ def test_mini_step_times_each_run_it_is_given(capsys):
         load("mini_step").main(["--quick", "--runs", "r50_c3"])
 
 
+def test_mini_step_prices_the_whole_schedule_at_each_batch_size(capsys, tmp_path):
+    # quick turns "16,64" into 2 and 4 images: the schedule's 3000 x 16 images are 24000 steps
+    # of 2 or 12000 of 4, and the second size is compared with the first in the same run
+    path = tmp_path / "mini_step.json"
+    assert load("mini_step").main(["--quick", "--runs", "r50_c4", "--images", "16,64", "--json", str(path)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "ms/step" in line]
+    assert len(rows) == 2 and "24000 steps of 2" in rows[0] and "12000 steps of 4" in rows[1]
+    timings = json.loads(path.read_text())["runs"]["r50_c4"]
+    for n, steps in (("2", 24000), ("4", 12000)):
+        assert timings[n]["schedule_s"] == pytest.approx(timings[n]["ms_per_step"] * steps / 1000, rel=1e-3, abs=0.1)
+    assert "x the time with 2" in rows[1] and "the time with" not in rows[0]
+    with pytest.raises(SystemExit):
+        load("mini_step").main(["--quick", "--images", "16,x"])
+
+
+def test_pick_batch_keeps_the_committed_size_else_takes_the_cheapest_schedule(tmp_path):
+    pick = load("pick_batch").pick_batch
+    timed = tmp_path / "mini_step.json"  # as mini_step.py --json writes it (made-up seconds)
+    timed.write_text(json.dumps({"runs": {
+        "r50_c4": {"16": {"schedule_s": 600.0}, "32": {"schedule_s": 330.0}, "64": {"schedule_s": 250.0}},
+        "r50_fpn": {"16": {"schedule_s": 700.0}, "32": {"schedule_s": 380.0}, "64": {"schedule_s": 500.0}}}}))
+    assert pick(timed, None) == 32  # 710 s in all against 750 s at 64 and 1300 s at 16
+    assert pick(None, None) is None and pick(tmp_path / "missing.json", tmp_path / "missing.json") is None
+    results = tmp_path / "table2_miniature.json"
+    results.write_text(json.dumps({"schedules": []}))  # nothing trained yet: the timings decide
+    assert pick(timed, results) == 32
+    results.write_text(json.dumps({"schedules": [{"images_per_batch": 16, "max_iter": 3000}]}))
+    assert pick(timed, results) == 16  # a table started at 16 goes on at 16
+    results.write_text(json.dumps({"schedules": [{"images_per_batch": 16}, {"images_per_batch": 64}]}))
+    with pytest.raises(ValueError, match="mixes batch sizes"):
+        pick(timed, results)
+
+
 def test_host_reads_per_image_stay_few_whatever_the_number_of_detections(as_on_a_gpu):
     # On a GPU each host read is a synchronisation. Ours must not grow with the detections
     # (masks are pasted all at once; torchvision reads the host per detection, ~1300 times

@@ -22,8 +22,8 @@
 # TABLE_BATCH=N runs the table in batches of N images (`ablate --images-per-batch`: the same
 # images, N/16 times the lr, 16/N times the steps); every session of one table must use the same
 # N (a record of another batch size is refused). The default, TABLE_BATCH=auto, keeps the N of
-# the committed results, or else takes the one mini_step priced cheapest in this session
-# (bench/pick_batch.py), or else 16. PROBE_BATCH=N does the same for table_probe.
+# the committed results, or else the smallest one mini_step priced within 1.2x of the cheapest
+# in this session (bench/pick_batch.py), or else 16. PROBE_BATCH=N does the same for table_probe.
 #
 # The device image lacks pycocotools; carry its wheel. On the CPU machine, once:
 #   echo /.whl/ >> .git/info/exclude
@@ -96,7 +96,7 @@ for p in $PHASES; do
         # resume from the committed results; stop starting trainings 30 s before the budget ends
         mkdir -p runs/table2_miniature
         batch=$TABLE_BATCH
-        if [ "$batch" = auto ]; then  # the committed table's size, else mini_step's cheapest, else 16
+        if [ "$batch" = auto ]; then  # the committed table's size, else from mini_step's timings, else 16
             batch=$($PY bench/pick_batch.py --mini-step "$OUT/mini_step.json" \
                 --results results/table2_miniature.json) || batch=""
             echo "=== TABLE_BATCH=auto: ${batch:-16, the schedule default}" | tee -a "$LOG"

@@ -154,6 +154,11 @@ def test_pick_batch_keeps_the_committed_size_else_takes_the_cheapest_schedule(tm
         "r50_c4": {"16": {"schedule_s": 600.0}, "32": {"schedule_s": 330.0}, "64": {"schedule_s": 250.0}},
         "r50_fpn": {"16": {"schedule_s": 700.0}, "32": {"schedule_s": 380.0}, "64": {"schedule_s": 500.0}}}}))
     assert pick(timed, None) == 32  # 710 s in all against 750 s at 64 and 1300 s at 16
+    # the smallest batch within 1.2x of the cheapest: 64 saves too little over 32 to cost AP
+    timed_64 = tmp_path / "mini_step_64.json"
+    timed_64.write_text(json.dumps({"runs": {"r50_c4": {"16": {"schedule_s": 900.0}, "32": {"schedule_s": 590.0},
+                                                        "64": {"schedule_s": 500.0}}}}))
+    assert pick(timed_64, None) == 32 and pick(timed_64, None, tolerance=1.1) == 64
     assert pick(None, None) is None and pick(tmp_path / "missing.json", tmp_path / "missing.json") is None
     results = tmp_path / "table2_miniature.json"
     results.write_text(json.dumps({"schedules": []}))  # nothing trained yet: the timings decide

@@ -31,11 +31,18 @@
 #       --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .whl pycocotools==2.0.10
 # then run this script with carry [".whl"].
+#
+# The Table 2 bodies pre-trained on the GPU come back as $OUT/table2_bodies.tar (a few MB; weights
+# are never committed). Keep them for the next lease, on the CPU machine:
+#   echo /.carry/ >> .git/info/exclude; mkdir -p .carry; cp FILES_AT/table2_bodies.tar .carry/
+# and run the next lease with carry [".whl", ".carry"]: its table starts from the same bodies
+# (the results' "Pre-trained bodies" section shows one digest each) without pre-training them.
 set -u
 OUT=${OUT:-runs/gpu_session}
 BUDGET=${BUDGET:-540}
 TABLE_BATCH=${TABLE_BATCH:-auto}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: some phases write there from other folders
 LOG="$OUT/session.log"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MPLBACKEND=Agg
@@ -94,7 +101,21 @@ for p in $PHASES; do
         phase mini_step 180 $PY bench/mini_step.py --images 16,32,64 --profile 3 --json "$OUT/mini_step.json" ;;
     table)
         # resume from the committed results; stop starting trainings 30 s before the budget ends
-        mkdir -p runs/table2_miniature
+        mkdir -p runs/table2_miniature/pretrain
+        # The bodies an earlier lease pre-trained (.carry/table2_bodies.tar, see the header): every
+        # row then starts from the same weights, and this lease spends no time pre-training. A
+        # body pre-trained otherwise than the table now plans is dropped and made again.
+        if [ -f .carry/table2_bodies.tar ]; then
+            tar -xf .carry/table2_bodies.tar -C runs/table2_miniature/pretrain
+            for f in runs/table2_miniature/pretrain/*.pth; do
+                if $PY -c "import sys; from mrcnn_edu.ablations import check_pretrained_body; check_pretrained_body(sys.argv[1])" \
+                    "$f" >>"$LOG" 2>&1; then
+                    echo "=== carried body: $f" | tee -a "$LOG"
+                else
+                    rm -f "$f" && echo "=== carried body dropped (another pre-training): $f" | tee -a "$LOG"
+                fi
+            done
+        fi
         batch=$TABLE_BATCH
         if [ "$batch" = auto ]; then  # the committed table's size, else from mini_step's timings, else 16
             batch=$($PY bench/pick_batch.py --mini-step "$OUT/mini_step.json" \
@@ -105,6 +126,7 @@ for p in $PHASES; do
         phase table $((deadline + 25)) $PY -m mrcnn_edu ablate --table 2 --seeds 3 --jobs 8 \
             ${batch:+--images-per-batch "$batch"} --deadline "$deadline"
         cp results/table2_miniature.json results/table2_miniature.md "$OUT/" 2>/dev/null
+        (cd runs/table2_miniature/pretrain && ls *.pth >/dev/null 2>&1 && tar -cf "$OUT/table2_bodies.tar" *.pth)
         {
             tail -n 40 runs/table2_miniature/logs/*.log
             # the seconds per iteration of every training, also of those stopped at the deadline:

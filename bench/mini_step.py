@@ -115,13 +115,13 @@ def main(argv: list[str] | None = None) -> int:
             first = first or (n, seconds)
             against = f"; {seconds / first[1]:.2f}x the time with {first[0]}" if n != first[0] else ""
             results.setdefault(run, {})[n] = {"ms_per_step": round(ms, 2), "schedule_s": round(seconds, 1)}
+            if args.json:  # after each timing: a later size that runs out of memory loses no other
+                Path(args.json).write_text(json.dumps({"device": name, "images": sizes, "runs": results}, indent=1))
             print(f"{run:22s} {n:3d} images {ms:8.1f} ms/step {1000 * n / ms:7.0f} images/s; "
                   f"one training ({steps_needed} steps of {n}) alone: {seconds:.0f} s{against}", flush=True)
             if args.profile:
                 profile_steps(step, device, args.profile, f"{run}, {n} images")
             del step
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": name, "images": sizes, "runs": results}, indent=1))
     return 0
 
 

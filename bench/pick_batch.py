@@ -29,8 +29,11 @@ def pick_batch(mini_step: str | Path | None, results: str | Path | None, toleran
     """The images per batch for the table: the committed one, else the smallest timed within
     ``tolerance`` of the cheapest schedule, else None."""
     if results and Path(results).is_file():
-        schedules = json.loads(Path(results).read_text()).get("schedules", [])
-        sizes = {plan["images_per_batch"] for plan in schedules}
+        summary = json.loads(Path(results).read_text())
+        sizes = {plan["images_per_batch"] for plan in summary.get("schedules", [])}
+        # a results file written before the report listed its schedules: the records say it
+        sizes |= {record["train_config"]["images_per_batch"] for run in summary.get("runs", {}).values()
+                  for record in run.get("seeds", {}).values() if "images_per_batch" in record.get("train_config", {})}
         if len(sizes) > 1:
             raise ValueError(f"{results} mixes batch sizes {sorted(sizes)}; a table keeps one")
         if sizes:

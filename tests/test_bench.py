@@ -165,6 +165,9 @@ def test_pick_batch_keeps_the_committed_size_else_takes_the_cheapest_schedule(tm
     assert pick(timed, results) == 32
     results.write_text(json.dumps({"schedules": [{"images_per_batch": 16, "max_iter": 3000}]}))
     assert pick(timed, results) == 16  # a table started at 16 goes on at 16
+    older = {"runs": {"r50_c4": {"seeds": {"0": {"train_config": {"images_per_batch": 64, "max_iter": 750}}}}}}
+    results.write_text(json.dumps(older))  # written before the report listed its schedules
+    assert pick(timed, results) == 64
     results.write_text(json.dumps({"schedules": [{"images_per_batch": 16}, {"images_per_batch": 64}]}))
     with pytest.raises(ValueError, match="mixes batch sizes"):
         pick(timed, results)

@@ -4,7 +4,8 @@
 scaling rule). A table keeps one N for all its trainings, over every lease, so the choice is
 made once:
 
-1. If the committed results already hold trainings, their N (the table refuses to mix sizes).
+1. If the committed results already hold trainings, their N, read from the trainings' records
+   (the table refuses to mix sizes).
 2. Otherwise the smallest N whose whole schedule ``bench/mini_step.py --json`` priced within
    ``--tolerance`` (1.2) of the cheapest, summed over the runs it timed (one training alone;
    eight at once share the GPU alike). Smallest, because fewer, larger steps cost AP: on the
@@ -29,11 +30,9 @@ def pick_batch(mini_step: str | Path | None, results: str | Path | None, toleran
     """The images per batch for the table: the committed one, else the smallest timed within
     ``tolerance`` of the cheapest schedule, else None."""
     if results and Path(results).is_file():
-        summary = json.loads(Path(results).read_text())
-        sizes = {plan["images_per_batch"] for plan in summary.get("schedules", [])}
-        # a results file written before the report listed its schedules: the records say it
-        sizes |= {record["train_config"]["images_per_batch"] for run in summary.get("runs", {}).values()
-                  for record in run.get("seeds", {}).values() if "images_per_batch" in record.get("train_config", {})}
+        runs = json.loads(Path(results).read_text()).get("runs", {})
+        sizes = {record["train_config"]["images_per_batch"] for run in runs.values()
+                 for record in run.get("seeds", {}).values()}
         if len(sizes) > 1:
             raise ValueError(f"{results} mixes batch sizes {sorted(sizes)}; a table keeps one")
         if sizes:

@@ -275,7 +275,6 @@ def train_config(dataset: str, quick: bool, seed: int, output_dir: str, max_iter
     if images_per_batch is not None:
         if images_per_batch < 1:
             raise ValueError(f"--images-per-batch must be >= 1, got {images_per_batch}")
-        values.setdefault("reference_batch", values.get("images_per_batch", TrainConfig.images_per_batch))
         values["images_per_batch"] = images_per_batch  # reference_batch stays: the engine rescales
     return TrainConfig(seed=seed, output_dir=output_dir, resume=True, progress=False, **values)
 

@@ -17,6 +17,7 @@ records and shown in percent, as the paper prints them; ``APbb*`` are box AP.
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -363,12 +364,10 @@ def write_report(rows: list[Row], runs: list[str], seeds: int, mode: str, datase
     summary_path = Path(summary_path)
     previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     sizes = {r.get("model_config", {}).get("transform", {}).get("min_size_test") for r in records.values()}
-    schedules: dict[tuple, int] = {}  # one, unless --rows picked trainings made with another
-    for r in records.values():
-        ran = r.get("train_config", {})
-        if all(k in ran for k in SCHEDULE_KEYS):
-            key = tuple(tuple(ran[k]) if isinstance(ran[k], list) else ran[k] for k in SCHEDULE_KEYS)
-            schedules[key] = schedules.get(key, 0) + 1
+    # one schedule, unless --rows picked trainings made with another; steps are lists in JSON
+    schedules = collections.Counter(
+        tuple(tuple(ran[k]) if isinstance(ran[k], list) else ran[k] for k in SCHEDULE_KEYS)
+        for ran in (r.get("train_config", {}) for r in records.values()) if all(k in ran for k in SCHEDULE_KEYS))
     summary = {"table": "2", "mode": mode, "dataset": dataset, "seeds": seeds,
                "input_size": sorted(sizes - {None}),  # one size: a table refuses to mix them
                "schedules": [dict(zip(SCHEDULE_KEYS, key), trainings=n) for key, n in sorted(schedules.items())],

@@ -161,14 +161,15 @@ def test_pick_batch_keeps_the_committed_size_else_takes_the_cheapest_schedule(tm
     assert pick(timed_64, None) == 32 and pick(timed_64, None, tolerance=1.1) == 64
     assert pick(None, None) is None and pick(tmp_path / "missing.json", tmp_path / "missing.json") is None
     results = tmp_path / "table2_miniature.json"
-    results.write_text(json.dumps({"schedules": []}))  # nothing trained yet: the timings decide
+    def trained(*sizes):  # a results JSON with one record per batch size, as ablate writes it
+        seeds = {str(i): {"train_config": {"images_per_batch": n}} for i, n in enumerate(sizes)}
+        return json.dumps({"runs": {"r50_c4": {"seeds": seeds}, "r50_fpn": {"seeds": {}}}})
+
+    results.write_text(trained())  # nothing trained yet: the timings decide
     assert pick(timed, results) == 32
-    results.write_text(json.dumps({"schedules": [{"images_per_batch": 16, "max_iter": 3000}]}))
+    results.write_text(trained(16, 16))
     assert pick(timed, results) == 16  # a table started at 16 goes on at 16
-    older = {"runs": {"r50_c4": {"seeds": {"0": {"train_config": {"images_per_batch": 64, "max_iter": 750}}}}}}
-    results.write_text(json.dumps(older))  # written before the report listed its schedules
-    assert pick(timed, results) == 64
-    results.write_text(json.dumps({"schedules": [{"images_per_batch": 16}, {"images_per_batch": 64}]}))
+    results.write_text(trained(16, 64))
     with pytest.raises(ValueError, match="mixes batch sizes"):
         pick(timed, results)
 

@@ -268,6 +268,24 @@ def test_roipool_matches_torchvision():
                                    torch.autograd.grad(want, x, g)[0], rtol=1e-6, atol=1e-6)
 
 
+def test_roipool_gives_a_tied_max_gradient_to_the_first_cell_as_torchvision():
+    # Quantised features tie often (e.g. after a ReLU, whole bins of zeros). Each bin's
+    # gradient goes to one cell, its first maximum in row-major order: here, a constant map
+    # sends every bin's gradient to its top-left cell, as torchvision's kernel does.
+    x = torch.ones(1, 2, 8, 8, requires_grad=True)
+    rois = torch.tensor([[0, 0.0, 0.0, 31.0, 31.0], [0, 4.0, 8.0, 20.0, 27.0]])
+    (grad,) = torch.autograd.grad(roi_pool(x, rois, (2, 2), 0.25).sum(), x)
+    want = torch.zeros(8, 8)
+    for y0, x0 in [(0, 0), (0, 4), (4, 0), (4, 4)]:  # roi 0: cells 0..7, bins of 4 x 4
+        want[y0, x0] += 1
+    for y0, x0 in [(2, 1), (2, 3), (5, 1), (5, 3)]:  # roi 1: x cells 1..5 (bins from 1, 3), y 2..7 (2, 5)
+        want[y0, x0] += 1
+    assert torch.equal(grad, want.expand(1, 2, 8, 8))
+    tv = pytest.importorskip("torchvision")
+    (tv_grad,) = torch.autograd.grad(tv.ops.roi_pool(x, rois, (2, 2), 0.25).sum(), x)
+    assert torch.equal(grad, tv_grad)
+
+
 # ---- bad input ------------------------------------------------------------------------------
 
 

@@ -96,15 +96,26 @@ def roi_pool(input: Tensor, rois: RoIs, output_size: Union[int, Sequence[int]],
         x_ok = xs < x_last[chunk][:, :, None]
         rows = rois[chunk, 0].long()[:, None, None] * H + ys.clamp(max=H - 1)  # (Rc, oh, kh)
         index = (rows[:, :, None, :, None] * W
-                 + xs.clamp(max=W - 1)[:, None, :, None, :])  # (Rc, oh, ow, kh, kw)
-        valid = y_ok[:, :, None, :, None] & x_ok[:, None, :, None, :]  # (Rc, oh, ow, kh, kw)
-        values = features[index.reshape(-1)].reshape(*index.shape[:3], kh * kw, C)
-        values = values.masked_fill(~valid.reshape(*index.shape[:3], kh * kw, 1), float("-inf"))
-        # amax splits the gradient evenly between exactly tied cells (torchvision's kernel
-        # gives it to the first); max(dim) would match that but is very slow on small CPU tensors
-        best = values.amax(dim=3)  # (Rc, oh, ow, C)
-        empty = ~valid.flatten(3).any(dim=3)  # (Rc, oh, ow): bin clipped away entirely
-        pieces.append(best.masked_fill(empty[..., None], 0.0))
+                 + xs.clamp(max=W - 1)[:, None, :, None, :]).flatten(3)  # (Rc, oh, ow, kh*kw)
+        valid = (y_ok[:, :, None, :, None] & x_ok[:, None, :, None, :]).flatten(3)  # (Rc, oh, ow, kh*kw)
+        # Which cell holds each bin's max is found without autograd; the output is then one
+        # gather from the map, whose backward keeps only that cell's index. Max-pooling the
+        # gathered windows with autograd would keep every window (kh*kw times the output) for
+        # the backward pass.
+        with torch.no_grad():
+            windows = features.detach()[index.reshape(-1)].reshape(*index.shape, C)
+            windows = windows.masked_fill(~valid[..., None], float("-inf"))  # (Rc, oh, ow, kh*kw, C)
+            best = windows.amax(dim=3)  # (Rc, oh, ow, C)
+            # the first cell (row-major in the bin) holding the max, as torchvision's kernel
+            # picks it, so that tied cells give the gradient to the same one (argmax along a
+            # middle dimension is very slow on the CPU; kh*kw is small)
+            cell = index[:, :, :, :1].expand(best.shape)  # in range whatever the values (NaN)
+            for k in reversed(range(kh * kw)):
+                cell = torch.where(windows[:, :, :, k] == best, index[:, :, :, k, None], cell)
+            del windows
+        out = features.gather(0, cell.reshape(-1, C)).reshape(cell.shape)  # (Rc, oh, ow, C)
+        empty = ~valid.any(dim=3)  # (Rc, oh, ow): bin clipped away entirely
+        pieces.append(out.masked_fill(empty[..., None], 0.0))
     if pieces:
         out = torch.cat(pieces)  # (R, oh, ow, C)
     else:  # empty RoI set: keep the output attached to the graph

@@ -23,7 +23,11 @@
 # images, N/16 times the lr, 16/N times the steps); every session of one table must use the same
 # N (a record of another batch size is refused). The default, TABLE_BATCH=auto, keeps the N of
 # the committed results, or else the smallest one mini_step priced within 1.2x of the cheapest
-# in this session (bench/pick_batch.py), or else 16. PROBE_BATCH=N does the same for table_probe.
+# in this session (bench/pick_batch.py), or else 16; of mini_step's sizes it only takes one whose
+# TABLE_JOBS (8) trainings fit in the GPU's memory together, by the peaks mini_step measured.
+# PROBE_BATCH=N does the same for table_probe. TABLE_CHANNELS_LAST=yes|no|auto: NHWC convolutions
+# (`ablate --channels-last`); auto keeps the committed table's layout, else takes NHWC where
+# mini_step timed it 5 % faster at the chosen batch, else NCHW.
 #
 # The device image lacks pycocotools; carry its wheel. On the CPU machine, once:
 #   echo /.whl/ >> .git/info/exclude
@@ -41,6 +45,8 @@ set -u
 OUT=${OUT:-runs/gpu_session}
 BUDGET=${BUDGET:-540}
 TABLE_BATCH=${TABLE_BATCH:-auto}
+TABLE_JOBS=${TABLE_JOBS:-8}
+TABLE_CHANNELS_LAST=${TABLE_CHANNELS_LAST:-auto}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # absolute: some phases write there from other folders
 LOG="$OUT/session.log"
@@ -98,7 +104,8 @@ for p in $PHASES; do
         # one Table 2 miniature training step alone, r50_c4 and r50_fpn, at 16, 32 and 64 images
         # per batch, with its profile: the numbers the table's GPU budget is made of, and which
         # TABLE_BATCH makes the schedule shortest (#8), in one to two minutes
-        phase mini_step 180 $PY bench/mini_step.py --images 16,32,64 --profile 3 --json "$OUT/mini_step.json" ;;
+        phase mini_step 180 $PY bench/mini_step.py --images 16,32,64 --profile 3 --channels-last \
+            --json "$OUT/mini_step.json" ;;
     table)
         # resume from the committed results; stop starting trainings 30 s before the budget ends
         mkdir -p runs/table2_miniature/pretrain
@@ -119,12 +126,19 @@ for p in $PHASES; do
         batch=$TABLE_BATCH
         if [ "$batch" = auto ]; then  # the committed table's size, else from mini_step's timings, else 16
             batch=$($PY bench/pick_batch.py --mini-step "$OUT/mini_step.json" \
-                --results results/table2_miniature.json) || batch=""
+                --results results/table2_miniature.json --jobs "$TABLE_JOBS" 2>>"$LOG") || batch=""
             echo "=== TABLE_BATCH=auto: ${batch:-16, the schedule default}" | tee -a "$LOG"
         fi
+        nhwc=$TABLE_CHANNELS_LAST
+        if [ "$nhwc" = auto ]; then  # the committed table's layout, else mini_step's faster one
+            nhwc=$($PY bench/pick_batch.py --mini-step "$OUT/mini_step.json" \
+                --results results/table2_miniature.json --channels-last-at "${batch:-16}" 2>>"$LOG") || nhwc=no
+            echo "=== TABLE_CHANNELS_LAST=auto: $nhwc" | tee -a "$LOG"
+        fi
+        [ "$nhwc" = yes ] && nhwc_flag=--channels-last || nhwc_flag=""
         deadline=$(($(left) - 30))
-        phase table $((deadline + 25)) $PY -m mrcnn_edu ablate --table 2 --seeds 3 --jobs 8 \
-            ${batch:+--images-per-batch "$batch"} --deadline "$deadline"
+        phase table $((deadline + 25)) $PY -m mrcnn_edu ablate --table 2 --seeds 3 --jobs "$TABLE_JOBS" \
+            ${batch:+--images-per-batch "$batch"} $nhwc_flag --deadline "$deadline"
         cp results/table2_miniature.json results/table2_miniature.md "$OUT/" 2>/dev/null
         (cd runs/table2_miniature/pretrain && ls *.pth >/dev/null 2>&1 && tar -cf "$OUT/table2_bodies.tar" *.pth)
         {

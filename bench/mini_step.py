@@ -14,11 +14,16 @@ the GPU. A step that keeps the GPU busy will not get faster that way.
 With several ``--images`` sizes it also prints what the whole schedule would cost in batches of
 each size (``ablate --images-per-batch``: the same 48,000 images, 48,000 / N steps) and that
 against 16 images per batch in the same run. Where a step's cost is launches and host work, a
-batch of 64 costs little more than one of 16 and the schedule gets up to 4x shorter.
+batch of 64 costs little more than one of 16 and the schedule gets up to 4x shorter. On a GPU it
+also prints each size's peak memory (``max_memory_allocated``): the table runs eight trainings
+at once, and ``bench/pick_batch.py`` takes no size whose eight do not fit. ``--channels-last``
+times each step again with NHWC convolutions (``ablate --channels-last``), the layout cuDNN's
+bf16 convolutions run natively.
 
     python bench/mini_step.py                        # r50_c4 and r50_fpn, on a CUDA GPU
     python bench/mini_step.py --images 16,32,64      # the same, at 3 batch sizes
     python bench/mini_step.py --runs r50_c4 --profile 3
+    python bench/mini_step.py --images 64 --channels-last   # NCHW against NHWC
     python bench/mini_step.py --quick                # anywhere, seconds (numbers mean nothing)
 """
 from __future__ import annotations
@@ -44,10 +49,12 @@ from mrcnn_edu.model import MaskRCNN  # noqa: E402
 
 
 def step_fn(run: str, images: list[torch.Tensor], targets: list[dict], device: torch.device, amp: str,
-            input_size: int | None):
+            input_size: int | None, channels_last: bool = False):
     """One training step of ``run``'s miniature model (built with seed 0) on the given batch."""
     torch.manual_seed(0)
     model = MaskRCNN(ablations.model_config(ablations.RUNS[run], input_size=input_size)).to(device).train()
+    if channels_last:  # as engine.train does with TrainConfig.channels_last
+        model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)  # small: no divergence
     dtype = AMP_DTYPES[amp]
 
@@ -58,6 +65,7 @@ def step_fn(run: str, images: list[torch.Tensor], targets: list[dict], device: t
         sum(losses.values()).backward()
         optimizer.step()
 
+    step.model, step.optimizer = model, optimizer  # for bench/step_memory.py's accounting
     return step
 
 
@@ -75,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="then profile STEPS steps of each run (torch.profiler)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="also time each step with NHWC convolutions (ablate --channels-last) "
+                             "and print the ratio")
     parser.add_argument("--quick", action="store_true", help="CPU smoke test: 2 images of 64 px, 1 step")
     parser.add_argument("--json", default=None, metavar="PATH",
-                        help="also write {run: {images: {ms_per_step, schedule_s}}} there "
+                        help="also write {run: {images: {ms_per_step, schedule_s, peak_mib}}} there "
                              "(gpu_session.sh's TABLE_BATCH=auto reads it)")
     args = parser.parse_args(argv)
     try:
@@ -99,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     all_images = [image.to(device) for image in all_images]
     all_targets = [{k: v.to(device) for k, v in t.items()} for t in all_targets]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    device_mib = (round(torch.cuda.get_device_properties(device).total_memory / 2**20)
+                  if device.type == "cuda" else None)
     input_size = args.input_size or ablations.MINI_INPUT_SIZE
     schedule = ablations.MINI_SCHEDULE
     total = schedule["max_iter"] * schedule["images_per_batch"]  # the images one training sees
@@ -108,20 +121,37 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         first = None
         for n in sizes:  # the first n of one set: a larger batch holds the smaller one
+            if device.type == "cuda":  # this size's own peak, not an earlier one's
+                torch.cuda.reset_peak_memory_stats(device)
             step = step_fn(run, all_images[:n], all_targets[:n], device, args.amp, args.input_size)
             ms = statistics.median(timed(step, device, args.warmup, args.iters))
+            # the tensors one training of this size holds at most (pick_batch: do --jobs of them fit?)
+            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
             steps_needed = round(total / n)
             seconds = ms * steps_needed / 1000
             first = first or (n, seconds)
             against = f"; {seconds / first[1]:.2f}x the time with {first[0]}" if n != first[0] else ""
-            results.setdefault(run, {})[n] = {"ms_per_step": round(ms, 2), "schedule_s": round(seconds, 1)}
+            results.setdefault(run, {})[n] = {"ms_per_step": round(ms, 2), "schedule_s": round(seconds, 1),
+                                              "peak_mib": None if peak is None else round(peak, 1)}
             if args.json:  # after each timing: a later size that runs out of memory loses no other
-                Path(args.json).write_text(json.dumps({"device": name, "images": sizes, "runs": results}, indent=1))
+                Path(args.json).write_text(json.dumps({"device": name, "device_mib": device_mib, "images": sizes,
+                                                       "runs": results}, indent=1))
+            memory = f"; peak {peak / 1024:.1f} GiB" if peak is not None else ""
             print(f"{run:22s} {n:3d} images {ms:8.1f} ms/step {1000 * n / ms:7.0f} images/s; "
-                  f"one training ({steps_needed} steps of {n}) alone: {seconds:.0f} s{against}", flush=True)
+                  f"one training ({steps_needed} steps of {n}) alone: {seconds:.0f} s{against}{memory}", flush=True)
             if args.profile:
                 profile_steps(step, device, args.profile, f"{run}, {n} images")
             del step
+            if args.channels_last:  # the same step with NHWC convolutions, right after
+                step = step_fn(run, all_images[:n], all_targets[:n], device, args.amp, args.input_size, True)
+                nhwc = statistics.median(timed(step, device, args.warmup, args.iters))
+                del step
+                results[run][n]["channels_last_ms_per_step"] = round(nhwc, 2)
+                if args.json:
+                    Path(args.json).write_text(json.dumps({"device": name, "device_mib": device_mib,
+                                                           "images": sizes, "runs": results}, indent=1))
+                print(f"{run:22s} {n:3d} images, channels last: {nhwc:8.1f} ms, {nhwc / ms:.2f}x the time "
+                      f"of NCHW", flush=True)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Which images-per-batch the Table 2 miniature should run with on this GPU (TABLE_BATCH=auto).
+"""Which images-per-batch (and layout) the Table 2 miniature should run with on this GPU (TABLE_BATCH=auto).
 
 ``ablate --images-per-batch N`` trains on the same 48,000 images in 48,000 / N steps (linear
 scaling rule). A table keeps one N for all its trainings, over every lease, so the choice is
@@ -11,12 +11,22 @@ made once:
    eight at once share the GPU alike). Smallest, because fewer, larger steps cost AP: on the
    CPU, the same 8,000 images in steps of 16 instead of 4 gave C4 1.5 mask AP less
    (docs/training.md, "Fewer, larger steps"). A larger batch has to buy real time.
+   A size is a candidate only if ``--jobs`` trainings of it fit in the GPU's memory together:
+   ``jobs x heaviest peak x HEAVIER <= FILL x the device's memory``, with the peaks mini_step
+   measured (``max_memory_allocated``) for the runs it timed. ``HEAVIER``: the table's heaviest
+   run needs a little more than those (``bench/step_memory.py``: the C4 rows that max-pool
+   their bins keep more for the backward pass). ``FILL``: each process also holds a CUDA context
+   and the caching allocator's slack.
 3. With neither, nothing: ``ablate`` keeps the schedule's own 16.
+
+``--channels-last-at N`` answers the layout question the same way (yes / no): the committed
+trainings' layout, else NHWC where ``mini_step --channels-last`` timed it at least 5 % faster
+at N images, else NCHW.
 
 Prints the number, or nothing.
 
     python bench/pick_batch.py --mini-step runs/gpu_session/mini_step.json \
-        --results results/table2_miniature.json
+        --results results/table2_miniature.json --jobs 8
 """
 from __future__ import annotations
 
@@ -26,9 +36,26 @@ import sys
 from pathlib import Path
 
 
-def pick_batch(mini_step: str | Path | None, results: str | Path | None, tolerance: float = 1.2) -> int | None:
+# the heaviest table run's peak over r50_c4's: 1.03 per image on the CPU (bench/step_memory.py,
+# fp32: r50_c4_roialign_max and r50_c4_roiwarp_max); the rest is margin for bf16's other mix
+HEAVIER = 1.15
+FILL = 0.85  # the share of the GPU's memory the trainings' tensors may take together
+
+
+def fits(by_run: list[dict], n: int, device_mib: float | None, jobs: int) -> bool:
+    """Whether ``jobs`` trainings of ``n`` images fit on the device, by mini_step's peaks
+    (unknown peaks, e.g. a CPU's timings, fit)."""
+    peaks = [t[n]["peak_mib"] for t in by_run if t[n].get("peak_mib") is not None]
+    if not device_mib or not peaks:
+        return True
+    return jobs * max(peaks) * HEAVIER <= FILL * device_mib
+
+
+def pick_batch(mini_step: str | Path | None, results: str | Path | None, tolerance: float = 1.2,
+               jobs: int = 8) -> int | None:
     """The images per batch for the table: the committed one, else the smallest timed within
-    ``tolerance`` of the cheapest schedule, else None."""
+    ``tolerance`` of the cheapest schedule among those whose ``jobs`` trainings fit in memory,
+    else None."""
     if results and Path(results).is_file():
         runs = json.loads(Path(results).read_text()).get("runs", {})
         sizes = {record["train_config"]["images_per_batch"] for run in runs.values()
@@ -38,14 +65,42 @@ def pick_batch(mini_step: str | Path | None, results: str | Path | None, toleran
         if sizes:
             return sizes.pop()
     if mini_step and Path(mini_step).is_file():
-        runs = json.loads(Path(mini_step).read_text())["runs"]
-        if runs:
-            timed = [{int(n): t["schedule_s"] for n, t in by_size.items()} for by_size in runs.values()]
-            common = set.intersection(*(set(t) for t in timed))
-            if common:
-                cost = {n: sum(t[n] for t in timed) for n in common}
-                return min(n for n in common if cost[n] <= tolerance * min(cost.values()))
+        timings = json.loads(Path(mini_step).read_text())
+        if timings["runs"]:
+            by_run = [{int(n): t for n, t in by_size.items()} for by_size in timings["runs"].values()]
+            common = set.intersection(*(set(t) for t in by_run))
+            usable = {n for n in common if fits(by_run, n, timings.get("device_mib"), jobs)}
+            if common and not usable:
+                smallest = min(common)
+                print(f"pick_batch: {jobs} trainings do not fit in {timings['device_mib']} MiB at any timed size; "
+                      f"taking the smallest, {smallest}: lower --jobs", file=sys.stderr)
+                return smallest
+            if usable:
+                cost = {n: sum(t[n]["schedule_s"] for t in by_run) for n in usable}
+                return min(n for n in usable if cost[n] <= tolerance * min(cost.values()))
     return None
+
+
+def pick_channels_last(mini_step: str | Path | None, results: str | Path | None, batch: int | None,
+                       gain: float = 0.95) -> bool:
+    """Whether the table trains with NHWC convolutions (``ablate --channels-last``): as the
+    committed trainings did, else where ``mini_step --channels-last`` timed the summed step at
+    ``batch`` images under ``gain`` times NCHW's, else not. Both layouts compute the same
+    numbers up to summation order; a table keeps one so that its timings compare."""
+    if results and Path(results).is_file():
+        runs = json.loads(Path(results).read_text()).get("runs", {})
+        layouts = {record["train_config"].get("channels_last", False) for run in runs.values()
+                   for record in run.get("seeds", {}).values()}
+        if len(layouts) == 1:
+            return layouts.pop()
+        if layouts:
+            raise ValueError(f"{results} mixes NCHW and channels-last trainings; a table keeps one")
+    if batch and mini_step and Path(mini_step).is_file():
+        timed = [by_size.get(str(batch), {}) for by_size in json.loads(Path(mini_step).read_text())["runs"].values()]
+        if timed and all("channels_last_ms_per_step" in t for t in timed):
+            return (sum(t["channels_last_ms_per_step"] for t in timed)
+                    < gain * sum(t["ms_per_step"] for t in timed))
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,8 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=None, help="the table's results JSON (ablate --out)")
     parser.add_argument("--tolerance", type=float, default=1.2,
                         help="take the smallest batch whose schedule costs at most this times the cheapest")
+    parser.add_argument("--jobs", type=int, default=8, help="trainings at once (ablate --jobs)")
+    parser.add_argument("--channels-last-at", type=int, default=None, metavar="N",
+                        help="instead: print yes if the table should train channels-last at N images, else no")
     args = parser.parse_args(argv)
-    batch = pick_batch(args.mini_step, args.results, args.tolerance)
+    if args.channels_last_at is not None:
+        print("yes" if pick_channels_last(args.mini_step, args.results, args.channels_last_at) else "no")
+        return 0
+    batch = pick_batch(args.mini_step, args.results, args.tolerance, args.jobs)
     if batch is not None:
         print(batch)
     return 0

@@ -143,8 +143,52 @@ def test_mini_step_prices_the_whole_schedule_at_each_batch_size(capsys, tmp_path
     for n, steps in (("2", 24000), ("4", 12000)):
         assert timings[n]["schedule_s"] == pytest.approx(timings[n]["ms_per_step"] * steps / 1000, rel=1e-3, abs=0.1)
     assert "x the time with 2" in rows[1] and "the time with" not in rows[0]
+    assert timings["2"]["peak_mib"] is None  # GPU memory only; a CPU has no allocator statistics
+    assert "channels_last_ms_per_step" not in timings["2"]
+    assert json.loads(path.read_text())["device_mib"] is None
     with pytest.raises(SystemExit):
         load("mini_step").main(["--quick", "--images", "16,x"])
+
+
+def test_live_tensors_counts_storage_bytes_as_the_allocator_holds_them():
+    LiveTensors = load("step_memory").LiveTensors
+    with LiveTensors() as live:
+        x = torch.ones(250_000, requires_grad=True)  # 1 MB of float32
+        y = x.exp().sum()  # exp's output is saved for the backward pass: alive without a name
+        view = x.detach().view(500, 500)  # a view: no new storage
+        assert live.bytes == 2_000_000 + 4
+        y.backward()  # x.grad (1 MB) is made while exp's output is still held, and y's grad (1.0)
+        assert live.peak == 3_000_000 + 4 + 4
+        del y  # the graph and its saved output go with it
+        assert live.bytes == 2_000_000  # x and x.grad
+        del view
+        assert live.bytes == 2_000_000  # the view held no storage of its own
+    assert live.peak == 3_000_008
+
+
+def test_step_memory_measures_each_size_in_its_own_process(capsys, tmp_path):
+    path = tmp_path / "step_memory.json"
+    assert load("step_memory").main(["--runs", "r50_c4", "--images", "3,1", "--size", "64", "--input-size", "64",
+                                     "--json", str(path)]) == 0
+    measured = json.loads(path.read_text())
+    assert measured["images"] == [1, 3] and measured["amp"] == "none"  # fp32 on the CPU
+    peaks = {int(n): mib for n, mib in measured["runs"]["r50_c4"]["peak_mib"].items()}
+    assert set(peaks) == {1, 3} and peaks[3] > peaks[1] > 0  # more images, more activations
+    assert measured["runs"]["r50_c4"]["mib_per_image"] == pytest.approx((peaks[3] - peaks[1]) / 2, abs=0.06)
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("r50_c4"))
+    assert row.split()[1:3] == [f"{peaks[1]:.0f}", f"{peaks[3]:.0f}"] and row.endswith("GiB")
+    with pytest.raises(SystemExit):
+        load("step_memory").main(["--runs", "r50_c3"])
+
+
+def test_mini_step_times_channels_last_beside_nchw(capsys, tmp_path):
+    path = tmp_path / "mini_step.json"
+    assert load("mini_step").main(["--quick", "--runs", "r50_c4", "--channels-last", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    timing = json.loads(path.read_text())["runs"]["r50_c4"]["2"]
+    line = re.search(r"r50_c4 +2 images, channels last: +([\d.]+) ms, ([\d.]+)x the time of NCHW", out)
+    assert float(line[1]) == pytest.approx(timing["channels_last_ms_per_step"], abs=0.06)
+    assert float(line[2]) == pytest.approx(timing["channels_last_ms_per_step"] / timing["ms_per_step"], abs=0.011)
 
 
 def test_pick_batch_keeps_the_committed_size_else_takes_the_cheapest_schedule(tmp_path):
@@ -172,6 +216,58 @@ def test_pick_batch_keeps_the_committed_size_else_takes_the_cheapest_schedule(tm
     results.write_text(trained(16, 64))
     with pytest.raises(ValueError, match="mixes batch sizes"):
         pick(timed, results)
+
+
+def test_pick_batch_takes_no_size_whose_trainings_do_not_fit_together(tmp_path, capsys):
+    pick_batch = load("pick_batch")
+    timed = tmp_path / "mini_step.json"
+
+    def write(device_mib, peaks):  # as mini_step.py --json writes it on a GPU (made-up numbers)
+        seconds = {16: 900.0, 32: 500.0, 64: 300.0}
+        timed.write_text(json.dumps({"device_mib": device_mib, "runs": {
+            "r50_c4": {str(n): {"schedule_s": seconds[n], "peak_mib": peaks[n]} for n in seconds},
+            "r50_fpn": {str(n): {"schedule_s": seconds[n], "peak_mib": peaks[n] and peaks[n] / 2}
+                        for n in seconds}}}))
+
+    write(140_000, {16: 2000.0, 32: 4000.0, 64: 8000.0})
+    assert pick_batch.pick_batch(timed, None, jobs=8) == 64  # 8 x 8000 x 1.15 = 73,600 MiB fit
+    # 8 x 16,000 x 1.15 = 147,200 MiB > 0.85 x 140,000: 64 is out, and 32 (the cheapest left) is in
+    write(140_000, {16: 4000.0, 32: 8000.0, 64: 16000.0})
+    assert pick_batch.pick_batch(timed, None, jobs=8) == 32
+    assert pick_batch.pick_batch(timed, None, jobs=4) == 64  # four of them fit
+    assert pick_batch.fits([{64: {"peak_mib": 16000.0}}], 64, 140_000, 6)  # 110,400 <= 119,000
+    assert not pick_batch.fits([{64: {"peak_mib": 16000.0}}], 64, 140_000, 7)  # 128,800
+    write(10_000, {16: 4000.0, 32: 8000.0, 64: 16000.0})  # nothing fits: the smallest, said aloud
+    assert pick_batch.pick_batch(timed, None, jobs=8) == 16
+    assert "do not fit in 10000 MiB at any timed size" in capsys.readouterr().err
+    write(None, {16: None, 32: None, 64: None})  # CPU timings carry no peaks: time alone decides
+    assert pick_batch.pick_batch(timed, None, jobs=8) == 64
+
+
+def test_pick_channels_last_keeps_the_committed_layout_else_takes_the_faster(tmp_path):
+    pick = load("pick_batch").pick_channels_last
+    timed = tmp_path / "mini_step.json"  # as mini_step.py --channels-last --json writes it (made up)
+    timed.write_text(json.dumps({"runs": {
+        "r50_c4": {"16": {"ms_per_step": 100.0, "channels_last_ms_per_step": 80.0},
+                   "64": {"ms_per_step": 300.0, "channels_last_ms_per_step": 290.0}},
+        "r50_fpn": {"16": {"ms_per_step": 100.0, "channels_last_ms_per_step": 105.0},
+                    "64": {"ms_per_step": 300.0}}}}))
+    assert pick(timed, None, 16)  # 185 ms against 200: more than 5 % faster
+    assert not pick(timed, None, 64)  # r50_fpn was not timed in NHWC at 64: no evidence
+    assert not pick(timed, None, 32) and not pick(None, None, 16)
+    results = tmp_path / "table2_miniature.json"
+    def trained(*layouts):  # records as ablate writes them; None: a record from before the option
+        seeds = {str(i): {"train_config": {} if cl is None else {"channels_last": cl}} for i, cl in enumerate(layouts)}
+        return json.dumps({"runs": {"r50_c4": {"seeds": seeds}}})
+
+    results.write_text(trained(None, False))
+    assert not pick(timed, results, 16)  # the committed NCHW table stays NCHW
+    results.write_text(trained(True))
+    assert pick(timed, results, 64)
+    results.write_text(trained(True, None))
+    with pytest.raises(ValueError, match="mixes NCHW and channels-last"):
+        pick(timed, results, 16)
+    assert load("pick_batch").main(["--mini-step", str(timed), "--channels-last-at", "16"]) == 0
 
 
 def test_host_reads_per_image_stay_few_whatever_the_number_of_detections(as_on_a_gpu):

@@ -251,7 +251,7 @@ def model_config(spec: RunSpec, dataset: str = "shapes", quick: bool = False,
 
 
 def train_config(dataset: str, quick: bool, seed: int, output_dir: str, max_iter: int | None = None,
-                 images_per_batch: int | None = None):
+                 images_per_batch: int | None = None, channels_last: bool = False):
     """The schedule: §3.1's for COCO, :data:`MINI_SCHEDULE` / :data:`QUICK_SCHEDULE` otherwise.
 
     ``max_iter`` counts iterations of the schedule's own batch (16 images; the lr steps keep
@@ -259,7 +259,8 @@ def train_config(dataset: str, quick: bool, seed: int, output_dir: str, max_iter
     batches: the engine's linear scaling rule (``engine.scale_for_batch``, Goyal et al. 2017)
     multiplies the lr by k = images_per_batch / 16 and divides the iterations, lr steps and
     warm-up by k. A short GPU lease wants fewer, larger steps where a step's cost is launches
-    and host work rather than arithmetic (bench/mini_step.py measures which).
+    and host work rather than arithmetic (bench/mini_step.py measures which). ``channels_last``:
+    ``TrainConfig.channels_last`` (NHWC convolutions; bench/mini_step.py --channels-last times it).
     """
     from mrcnn_edu.engine import TrainConfig
 
@@ -276,6 +277,8 @@ def train_config(dataset: str, quick: bool, seed: int, output_dir: str, max_iter
         if images_per_batch < 1:
             raise ValueError(f"--images-per-batch must be >= 1, got {images_per_batch}")
         values["images_per_batch"] = images_per_batch  # reference_batch stays: the engine rescales
+    if channels_last:
+        values["channels_last"] = True
     return TrainConfig(seed=seed, output_dir=output_dir, resume=True, progress=False, **values)
 
 
@@ -366,7 +369,8 @@ def weights_digest(state: dict) -> str:
 def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
             workdir: str | Path = "runs/table2_miniature", data_dir: str | None = None,
             max_iter: int | None = None, imagenet: str | None = None,
-            input_size: int | None = None, images_per_batch: int | None = None) -> dict:
+            input_size: int | None = None, images_per_batch: int | None = None,
+            channels_last: bool = False) -> dict:
     """Train and evaluate ``run`` with ``seed``; write and return its result record."""
     import torch
 
@@ -382,7 +386,7 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
     tic = time.perf_counter()
     model_cfg = model_config(RUNS[run], dataset, quick, input_size)
     train_cfg = train_config(dataset, quick, seed, str(Path(workdir) / "train" / f"{run}__seed{seed}"),
-                             max_iter, images_per_batch)
+                             max_iter, images_per_batch, channels_last)
     train_set, val_set = _datasets(dataset, data_dir or DATA_DIRS["quick" if quick else dataset])
     torch.manual_seed(seed)  # initial weights: one stream per seed
     model = MaskRCNN(model_cfg)
@@ -437,6 +441,7 @@ def _child_command(run: str, seed: int, args: argparse.Namespace) -> list[str]:
     command += ["--quick"] * args.quick + (["--max-iter", str(args.max_iter)] if args.max_iter else [])
     command += ["--input-size", str(args.input_size)] if args.input_size else []
     command += ["--images-per-batch", str(args.images_per_batch)] if args.images_per_batch else []
+    command += ["--channels-last"] * args.channels_last
     return command + (["--imagenet", args.imagenet] if args.imagenet else [])
 
 
@@ -585,7 +590,8 @@ def run_table(args: argparse.Namespace) -> dict:
     rows, runs = select_runs(args.rows)
     mode = mode_name(args.dataset, args.quick)
     summary_path = Path(args.out) / f"table2_{mode}.json"
-    planned = train_config(args.dataset, args.quick, 0, "", args.max_iter, args.images_per_batch)
+    planned = train_config(args.dataset, args.quick, 0, "", args.max_iter, args.images_per_batch,
+                           args.channels_last)
     pretrained = bool(args.pretrain or args.imagenet)
     size = model_config(RUNS[runs[0]], args.dataset, args.quick, args.input_size).transform.min_size_test
     done = report.load_records(args.workdir, summary_path)
@@ -679,6 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images-per-batch", type=int, default=None,
                         help="the same images in batches of this size: lr x k, iterations / k, "
                              "k = N / 16 (linear scaling rule; default: the schedule's 16)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="NHWC convolutions (TrainConfig.channels_last): on a GPU under bf16, "
+                             "cuDNN's native layout; bench/mini_step.py --channels-last times both")
     parser.add_argument("--input-size", type=int, default=None,
                         help="miniature: the shorter side the 192 px images are resized to in the "
                              f"model (default {MINI_INPUT_SIZE}; 192: as drawn); the bodies are "
@@ -727,9 +736,10 @@ def _run_one_main(argv: list[str]) -> int:
     parser.add_argument("--imagenet", default=None)
     parser.add_argument("--input-size", type=int, default=None)
     parser.add_argument("--images-per-batch", type=int, default=None)
+    parser.add_argument("--channels-last", action="store_true")
     args = parser.parse_args(argv)
     run_one(args.run, args.seed, args.dataset, args.quick, args.workdir, args.data, args.max_iter,
-            args.imagenet, args.input_size, args.images_per_batch)
+            args.imagenet, args.input_size, args.images_per_batch, args.channels_last)
     return 0
 
 

@@ -80,6 +80,9 @@ class TrainConfig:
     scale_schedule: bool = True  # linear scaling rule when images_per_batch != reference
     clip_grad: float | None = None  # max gradient norm; the paper clips nothing
     amp: str = "none"  # "none" | "bf16" | "fp16" (fp16 with GradScaler, CUDA only)
+    # NHWC weights and activations: what cuDNN's low-precision convolutions run natively (NCHW
+    # ones are transposed around each call); the numbers are the same up to summation order
+    channels_last: bool = False
     device: str = "auto"  # "auto" (CUDA if available) | "cuda" | "cpu"
     seed: int = 0  # data order, augmentation, dropout: all derive from it
     num_workers: int = 2  # DataLoader processes per training process
@@ -365,6 +368,8 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, collate_fn: Call
     if device.type == "cpu":
         keep_freed_memory()  # a third of a CPU step went to page faults without it
     model.to(device).train()
+    if cfg.channels_last:  # 4-d weights NHWC; convolutions then hand NHWC activations on
+        model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start_iter, last_good = _resume(cfg, model, optimizer, scaler, info)

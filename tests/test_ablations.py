@@ -86,7 +86,11 @@ def test_a_table_keeps_one_batch_size_and_times_trainings_by_their_own_schedule(
     # and the children are told the batch size
     args = ablations.build_parser().parse_args(["--images-per-batch", "64", "--workdir", "w", "--data", "d"])
     command = ablations._child_command("r50_c4", 1, args)
-    assert command[command.index("--images-per-batch") + 1] == "64"
+    assert command[command.index("--images-per-batch") + 1] == "64" and "--channels-last" not in command
+    args = ablations.build_parser().parse_args(["--channels-last", "--workdir", "w", "--data", "d"])
+    assert "--channels-last" in ablations._child_command("r50_c4", 1, args)
+    assert ablations.train_config("shapes", False, 0, "", channels_last=True).channels_last
+    assert not ablations.train_config("shapes", False, 0, "").channels_last
 
 
 def test_gain_rows_match_the_papers_printed_gains():

@@ -246,6 +246,19 @@ def test_bf16_autocast_runs_the_convolutions_in_bfloat16_on_cpu(tmp_path):
         assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_channels_last_trains_nhwc_convolutions_to_the_same_weights(tmp_path):
+    weights = {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = make_model()
+        train(model, TinyShapes(), tiny_config(tmp_path / str(channels_last), max_iter=3,
+                                               channels_last=channels_last), collate)
+        assert model.conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        weights[channels_last] = {k: v.contiguous() for k, v in model.state_dict().items()}
+    for name, value in weights[False].items():  # only the summation order differs
+        torch.testing.assert_close(weights[True][name], value, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_keep_freed_memory_stops_the_page_faults_of_large_tensors_reallocated():
     # in a fresh process (the setting is process-wide): 64 MB tensors made and freed again and

@@ -304,6 +304,9 @@ def markdown_table(summary: dict) -> str:
                   f"({plan['max_iter'] * plan['images_per_batch']:,} images), lr {plan['base_lr']:g}, "
                   f"÷10 at {', '.join(map(str, plan['steps']))}, warm-up {plan['warmup_iters']} "
                   f"(`--images-per-batch`, `--max-iter`); {plan['trainings']} training(s).", ""]
+    if summary.get("channels_last"):
+        lines += [f"Convolutions in NHWC (`--channels-last`) in {summary['channels_last']} training(s): "
+                  "the same arithmetic in another summation order.", ""]
     if mode == "quick":
         lines += ["**Quick mode: a few CPU iterations on 64 px images. These numbers mean nothing;**",
                   "**they only show that the code path runs.**", ""]
@@ -371,6 +374,8 @@ def write_report(rows: list[Row], runs: list[str], seeds: int, mode: str, datase
     summary = {"table": "2", "mode": mode, "dataset": dataset, "seeds": seeds,
                "input_size": sorted(sizes - {None}),  # one size: a table refuses to mix them
                "schedules": [dict(zip(SCHEDULE_KEYS, key), trainings=n) for key, n in sorted(schedules.items())],
+               # trainings with NHWC convolutions (--channels-last): the same numbers, other timings
+               "channels_last": sum(bool(r.get("train_config", {}).get("channels_last")) for r in records.values()),
                "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "sessions": previous.get("sessions", []) + ([session] if session else []),
                **summarise(rows, runs, records, seeds, mode)}

@@ -173,6 +173,12 @@ def test_markdown_table_puts_the_papers_figures_beside_mean_and_std(tmp_path):
     stored = json.loads((tmp_path / "t.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert stored["runs"]["r50_c4"]["seeds"]["0"]["metrics"]["segm"]["APs"] is None  # nan -> null
     assert summary["bodies"] == {} and "Pre-trained bodies" not in text  # fakes carry no digest
+    assert summary["channels_last"] == 0 and "NHWC" not in text
+    for seed in (0, 1):  # two of the trainings ran with --channels-last
+        records[("r50_c4", seed)]["train_config"]["channels_last"] = True
+    summary = report.write_report(rows, runs, 3, "miniature", "shapes", records, tmp_path / "t.json")
+    assert summary["channels_last"] == 2
+    assert "Convolutions in NHWC (`--channels-last`) in 2 training(s)" in (tmp_path / "t.md").read_text()
 
 
 def test_the_report_says_when_rows_started_from_different_bodies(tmp_path):

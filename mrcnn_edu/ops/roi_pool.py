@@ -103,7 +103,7 @@ def roi_pool(input: Tensor, rois: RoIs, output_size: Union[int, Sequence[int]],
         # gathered windows with autograd would keep every window (kh*kw times the output) for
         # the backward pass.
         with torch.no_grad():
-            windows = features.detach()[index.reshape(-1)].reshape(*index.shape, C)
+            windows = features[index.reshape(-1)].reshape(*index.shape, C)
             windows = windows.masked_fill(~valid[..., None], float("-inf"))  # (Rc, oh, ow, kh*kw, C)
             best = windows.amax(dim=3)  # (Rc, oh, ow, C)
             # the first cell (row-major in the bin) holding the max, as torchvision's kernel

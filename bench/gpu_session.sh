@@ -22,8 +22,9 @@
 # TABLE_BATCH=N runs the table in batches of N images (`ablate --images-per-batch`: the same
 # images, N/16 times the lr, 16/N times the steps); every session of one table must use the same
 # N (a record of another batch size is refused). The default, TABLE_BATCH=auto, keeps the N of
-# the committed results, or else the smallest one mini_step priced within 1.2x of the cheapest
-# in this session (bench/pick_batch.py), or else 16; of mini_step's sizes it only takes one whose
+# the committed results, or else the smallest one up to 32 that mini_step priced within 1.2x of
+# the cheapest in this session (bench/pick_batch.py), or else 16 (64 only when asked: on the CPU,
+# 4x fewer steps of 64 left C4 with a quarter of the AP); of mini_step's sizes it only takes one whose
 # TABLE_JOBS (8) trainings fit in the GPU's memory together, by the peaks mini_step measured.
 # PROBE_BATCH=N does the same for table_probe. TABLE_CHANNELS_LAST=yes|no|auto: NHWC convolutions
 # (`ablate --channels-last`); auto keeps the committed table's layout, else takes NHWC where

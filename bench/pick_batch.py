@@ -6,11 +6,15 @@ made once:
 
 1. If the committed results already hold trainings, their N, read from the trainings' records
    (the table refuses to mix sizes).
-2. Otherwise the smallest N whose whole schedule ``bench/mini_step.py --json`` priced within
+2. Otherwise, of the sizes up to ``--max-batch`` (32), the smallest N whose whole schedule
+   ``bench/mini_step.py --json`` priced within
    ``--tolerance`` (1.2) of the cheapest, summed over the runs it timed (one training alone;
    eight at once share the GPU alike). Smallest, because fewer, larger steps cost AP: on the
    CPU, the same 8,000 images in steps of 16 instead of 4 gave C4 1.5 mask AP less
-   (docs/training.md, "Fewer, larger steps"). A larger batch has to buy real time.
+   (docs/training.md, "Fewer, larger steps"). A larger batch has to buy real time. Not above
+   32 unless asked (``TABLE_BATCH=64``): the same 8,000 images in 125 steps of 64 instead of 500
+   of 16 gave C4 3.9 mask AP instead of 14.8. Too few updates: its loss ended where the
+   16-image run's was after ~150 steps. The linear scaling rule does not hold that far here.
    A size is a candidate only if ``--jobs`` trainings of it fit in the GPU's memory together:
    ``jobs x heaviest peak x HEAVIER <= FILL x the device's memory``, with the peaks mini_step
    measured (``max_memory_allocated``) for the runs it timed. ``HEAVIER``: the table's heaviest
@@ -40,6 +44,7 @@ from pathlib import Path
 # fp32: r50_c4_roialign_max and r50_c4_roiwarp_max); the rest is margin for bf16's other mix
 HEAVIER = 1.15
 FILL = 0.85  # the share of the GPU's memory the trainings' tensors may take together
+MAX_BATCH = 32  # 4x fewer steps at 64 collapsed the AP on the CPU (docstring); 32 halves them
 
 
 def fits(by_run: list[dict], n: int, device_mib: float | None, jobs: int) -> bool:
@@ -52,10 +57,10 @@ def fits(by_run: list[dict], n: int, device_mib: float | None, jobs: int) -> boo
 
 
 def pick_batch(mini_step: str | Path | None, results: str | Path | None, tolerance: float = 1.2,
-               jobs: int = 8) -> int | None:
+               jobs: int = 8, max_batch: int = MAX_BATCH) -> int | None:
     """The images per batch for the table: the committed one, else the smallest timed within
-    ``tolerance`` of the cheapest schedule among those whose ``jobs`` trainings fit in memory,
-    else None."""
+    ``tolerance`` of the cheapest schedule among those up to ``max_batch`` whose ``jobs``
+    trainings fit in memory, else None."""
     if results and Path(results).is_file():
         runs = json.loads(Path(results).read_text()).get("runs", {})
         sizes = {record["train_config"]["images_per_batch"] for run in runs.values()
@@ -68,7 +73,7 @@ def pick_batch(mini_step: str | Path | None, results: str | Path | None, toleran
         timings = json.loads(Path(mini_step).read_text())
         if timings["runs"]:
             by_run = [{int(n): t for n, t in by_size.items()} for by_size in timings["runs"].values()]
-            common = set.intersection(*(set(t) for t in by_run))
+            common = {n for n in set.intersection(*(set(t) for t in by_run)) if n <= max_batch}
             usable = {n for n in common if fits(by_run, n, timings.get("device_mib"), jobs)}
             if common and not usable:
                 smallest = min(common)
@@ -110,13 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=1.2,
                         help="take the smallest batch whose schedule costs at most this times the cheapest")
     parser.add_argument("--jobs", type=int, default=8, help="trainings at once (ablate --jobs)")
+    parser.add_argument("--max-batch", type=int, default=MAX_BATCH,
+                        help="take no larger size (fewer, larger steps cost AP; see above)")
     parser.add_argument("--channels-last-at", type=int, default=None, metavar="N",
                         help="instead: print yes if the table should train channels-last at N images, else no")
     args = parser.parse_args(argv)
     if args.channels_last_at is not None:
         print("yes" if pick_channels_last(args.mini_step, args.results, args.channels_last_at) else "no")
         return 0
-    batch = pick_batch(args.mini_step, args.results, args.tolerance, args.jobs)
+    batch = pick_batch(args.mini_step, args.results, args.tolerance, args.jobs, args.max_batch)
     if batch is not None:
         print(batch)
     return 0

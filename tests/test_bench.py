@@ -202,7 +202,9 @@ def test_pick_batch_keeps_the_committed_size_else_takes_the_cheapest_schedule(tm
     timed_64 = tmp_path / "mini_step_64.json"
     timed_64.write_text(json.dumps({"runs": {"r50_c4": {"16": {"schedule_s": 900.0}, "32": {"schedule_s": 590.0},
                                                         "64": {"schedule_s": 500.0}}}}))
-    assert pick(timed_64, None) == 32 and pick(timed_64, None, tolerance=1.1) == 64
+    assert pick(timed_64, None) == 32 and pick(timed_64, None, tolerance=1.1, max_batch=64) == 64
+    # not above 32 unless asked: 125 steps of 64 trained C4 to a quarter of 500 steps of 16's AP
+    assert pick(timed_64, None, tolerance=1.1) == 32
     assert pick(None, None) is None and pick(tmp_path / "missing.json", tmp_path / "missing.json") is None
     results = tmp_path / "table2_miniature.json"
     def trained(*sizes):  # a results JSON with one record per batch size, as ablate writes it
@@ -230,18 +232,19 @@ def test_pick_batch_takes_no_size_whose_trainings_do_not_fit_together(tmp_path, 
                         for n in seconds}}}))
 
     write(140_000, {16: 2000.0, 32: 4000.0, 64: 8000.0})
-    assert pick_batch.pick_batch(timed, None, jobs=8) == 64  # 8 x 8000 x 1.15 = 73,600 MiB fit
+    assert pick_batch.pick_batch(timed, None, jobs=8, max_batch=64) == 64  # 8 x 8000 x 1.15 = 73,600 MiB fit
     # 8 x 16,000 x 1.15 = 147,200 MiB > 0.85 x 140,000: 64 is out, and 32 (the cheapest left) is in
     write(140_000, {16: 4000.0, 32: 8000.0, 64: 16000.0})
-    assert pick_batch.pick_batch(timed, None, jobs=8) == 32
-    assert pick_batch.pick_batch(timed, None, jobs=4) == 64  # four of them fit
+    assert pick_batch.pick_batch(timed, None, jobs=8, max_batch=64) == 32
+    assert pick_batch.pick_batch(timed, None, jobs=4, max_batch=64) == 64  # four of them fit
     assert pick_batch.fits([{64: {"peak_mib": 16000.0}}], 64, 140_000, 6)  # 110,400 <= 119,000
     assert not pick_batch.fits([{64: {"peak_mib": 16000.0}}], 64, 140_000, 7)  # 128,800
     write(10_000, {16: 4000.0, 32: 8000.0, 64: 16000.0})  # nothing fits: the smallest, said aloud
-    assert pick_batch.pick_batch(timed, None, jobs=8) == 16
+    assert pick_batch.pick_batch(timed, None, jobs=8, max_batch=64) == 16
     assert "do not fit in 10000 MiB at any timed size" in capsys.readouterr().err
     write(None, {16: None, 32: None, 64: None})  # CPU timings carry no peaks: time alone decides
-    assert pick_batch.pick_batch(timed, None, jobs=8) == 64
+    assert pick_batch.pick_batch(timed, None, jobs=8, max_batch=64) == 64
+    assert pick_batch.pick_batch(timed, None, jobs=8) == 32  # the default cap
 
 
 def test_pick_channels_last_keeps_the_committed_layout_else_takes_the_faster(tmp_path):

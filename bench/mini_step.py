@@ -118,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one miniature training step alone on {name}: {','.join(map(str, sizes))} images of {args.size} px, "
           f"model input {input_size} px, amp={args.amp}, median of {args.iters} after {args.warmup} warm-up")
     results: dict[str, dict[int, dict]] = {}
+
+    def save() -> None:  # after each timing: a later size that runs out of memory loses no other
+        if args.json:
+            Path(args.json).write_text(json.dumps({"device": name, "device_mib": device_mib, "images": sizes,
+                                                   "runs": results}, indent=1))
+
     for run in runs:
         first = None
         for n in sizes:  # the first n of one set: a larger batch holds the smaller one
@@ -133,9 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             against = f"; {seconds / first[1]:.2f}x the time with {first[0]}" if n != first[0] else ""
             results.setdefault(run, {})[n] = {"ms_per_step": round(ms, 2), "schedule_s": round(seconds, 1),
                                               "peak_mib": None if peak is None else round(peak, 1)}
-            if args.json:  # after each timing: a later size that runs out of memory loses no other
-                Path(args.json).write_text(json.dumps({"device": name, "device_mib": device_mib, "images": sizes,
-                                                       "runs": results}, indent=1))
+            save()
             memory = f"; peak {peak / 1024:.1f} GiB" if peak is not None else ""
             print(f"{run:22s} {n:3d} images {ms:8.1f} ms/step {1000 * n / ms:7.0f} images/s; "
                   f"one training ({steps_needed} steps of {n}) alone: {seconds:.0f} s{against}{memory}", flush=True)
@@ -147,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 nhwc = statistics.median(timed(step, device, args.warmup, args.iters))
                 del step
                 results[run][n]["channels_last_ms_per_step"] = round(nhwc, 2)
-                if args.json:
-                    Path(args.json).write_text(json.dumps({"device": name, "device_mib": device_mib,
-                                                           "images": sizes, "runs": results}, indent=1))
+                save()
                 print(f"{run:22s} {n:3d} images, channels last: {nhwc:8.1f} ms, {nhwc / ms:.2f}x the time "
                       f"of NCHW", flush=True)
     return 0

@@ -47,6 +47,19 @@ FILL = 0.85  # the share of the GPU's memory the trainings' tensors may take tog
 MAX_BATCH = 32  # 4x fewer steps at 64 collapsed the AP on the CPU (docstring); 32 halves them
 
 
+def trained_with(results: str | Path | None, key: str, default=None):
+    """The ``train_config[key]`` every training in the results JSON ran with (``default`` for a
+    record from before the key existed), or None if it holds no training. A table keeps one."""
+    if not results or not Path(results).is_file():
+        return None
+    runs = json.loads(Path(results).read_text()).get("runs", {})
+    values = {record["train_config"].get(key, default) for run in runs.values()
+              for record in run.get("seeds", {}).values()}
+    if len(values) > 1:
+        raise ValueError(f"{results} mixes {key} {sorted(values)}; a table keeps one")
+    return values.pop() if values else None
+
+
 def fits(by_run: list[dict], n: int, device_mib: float | None, jobs: int) -> bool:
     """Whether ``jobs`` trainings of ``n`` images fit on the device, by mini_step's peaks
     (unknown peaks, e.g. a CPU's timings, fit)."""
@@ -61,14 +74,9 @@ def pick_batch(mini_step: str | Path | None, results: str | Path | None, toleran
     """The images per batch for the table: the committed one, else the smallest timed within
     ``tolerance`` of the cheapest schedule among those up to ``max_batch`` whose ``jobs``
     trainings fit in memory, else None."""
-    if results and Path(results).is_file():
-        runs = json.loads(Path(results).read_text()).get("runs", {})
-        sizes = {record["train_config"]["images_per_batch"] for run in runs.values()
-                 for record in run.get("seeds", {}).values()}
-        if len(sizes) > 1:
-            raise ValueError(f"{results} mixes batch sizes {sorted(sizes)}; a table keeps one")
-        if sizes:
-            return sizes.pop()
+    committed = trained_with(results, "images_per_batch")
+    if committed is not None:
+        return committed
     if mini_step and Path(mini_step).is_file():
         timings = json.loads(Path(mini_step).read_text())
         if timings["runs"]:
@@ -92,14 +100,9 @@ def pick_channels_last(mini_step: str | Path | None, results: str | Path | None,
     committed trainings did, else where ``mini_step --channels-last`` timed the summed step at
     ``batch`` images under ``gain`` times NCHW's, else not. Both layouts compute the same
     numbers up to summation order; a table keeps one so that its timings compare."""
-    if results and Path(results).is_file():
-        runs = json.loads(Path(results).read_text()).get("runs", {})
-        layouts = {record["train_config"].get("channels_last", False) for run in runs.values()
-                   for record in run.get("seeds", {}).values()}
-        if len(layouts) == 1:
-            return layouts.pop()
-        if layouts:
-            raise ValueError(f"{results} mixes NCHW and channels-last trainings; a table keeps one")
+    committed = trained_with(results, "channels_last", default=False)
+    if committed is not None:
+        return committed
     if batch and mini_step and Path(mini_step).is_file():
         timed = [by_size.get(str(batch), {}) for by_size in json.loads(Path(mini_step).read_text())["runs"].values()]
         if timed and all("channels_last_ms_per_step" in t for t in timed):

@@ -277,9 +277,8 @@ def train_config(dataset: str, quick: bool, seed: int, output_dir: str, max_iter
         if images_per_batch < 1:
             raise ValueError(f"--images-per-batch must be >= 1, got {images_per_batch}")
         values["images_per_batch"] = images_per_batch  # reference_batch stays: the engine rescales
-    if channels_last:
-        values["channels_last"] = True
-    return TrainConfig(seed=seed, output_dir=output_dir, resume=True, progress=False, **values)
+    return TrainConfig(seed=seed, output_dir=output_dir, resume=True, progress=False,
+                       channels_last=channels_last, **values)
 
 
 def select_runs(rows: str | None = None) -> tuple[list[Row], list[str]]:

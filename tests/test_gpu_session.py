@@ -1,0 +1,168 @@
+"""bench/gpu_session.sh, the one command a lent GPU runs, driven here on the CPU.
+
+A lease is minutes long and a fresh machine each time: a shell mistake in the table phase (a
+wrong batch size or layout passed to ``ablate``, a deadline past the budget, bodies not kept for
+the next lease) costs the lease. These tests run the script's ``mini_step`` and ``table`` phases
+for real, with ``$PYTHON`` a stand-in that answers for ``bench/mini_step.py`` and ``ablate``
+(whose numbers only a GPU gives) and passes everything else -- ``bench/pick_batch.py``,
+``check_pretrained_body`` -- to this Python. What the script decided is read from the
+command line it gave ``ablate``.
+"""
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from mrcnn_edu.ablations import pretrain_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# answers for the two GPU-only commands; everything else runs in this Python with the package
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+if [ "$1" = bench/mini_step.py ]; then
+    while [ $# -gt 0 ]; do [ "$1" = --json ] && cp "$FAKE_MINI_STEP" "$2"; shift; done
+    exit 0
+fi
+if [ "$1 $2 $3" = "-m mrcnn_edu ablate" ]; then
+    mkdir -p runs/table2_miniature/pretrain runs/table2_miniature/logs runs/table2_miniature/train/r50_c4_seed0 results
+    ls runs/table2_miniature/pretrain/*.pth >/dev/null 2>&1 || echo body > runs/table2_miniature/pretrain/R-mini-50.pth
+    echo '{"iteration": 20, "seconds_per_iter": 0.7}' > runs/table2_miniature/train/r50_c4_seed0/metrics.jsonl
+    echo "trained" > runs/table2_miniature/logs/r50_c4_seed0.log
+    echo '{"runs": {}}' > results/table2_miniature.json
+    echo '| table |' > results/table2_miniature.md
+    exit 0
+fi
+PYTHONPATH="$PYTHONPATH:$REPO" exec "$REAL_PYTHON" "$@"
+"""
+
+
+def mini_step_json(c4_32_ms: float, nhwc_factor: float, peak_mib: float = 4000.0) -> dict:
+    """What ``bench/mini_step.py --images 16,32,64 --channels-last --json`` writes on an H200
+    (made-up timings: 16 images 200 ms per step, 32 images ``c4_32_ms``, 64 images 600 ms)."""
+    def size(n, ms, peak):
+        return {"ms_per_step": ms, "schedule_s": round(ms * 48000 / n / 1000, 1), "peak_mib": peak,
+                "channels_last_ms_per_step": ms * nhwc_factor}
+
+    by_size = {"16": size(16, 200.0, peak_mib / 2), "32": size(32, c4_32_ms, peak_mib),
+               "64": size(64, 600.0, peak_mib * 2)}
+    return {"device": "NVIDIA H200", "device_mib": 143_000, "images": [16, 32, 64],
+            "runs": {"r50_c4": by_size, "r50_fpn": by_size}}
+
+
+def committed(images_per_batch: int, channels_last: bool) -> dict:
+    """A results JSON holding one finished training, as ``ablate`` writes it."""
+    record = {"train_config": {"images_per_batch": images_per_batch, "channels_last": channels_last}}
+    return {"runs": {"r50_c4": {"seeds": {"0": record}}}}
+
+
+def body(path: Path, **changes) -> None:
+    """A pre-trained body's file with the ``info`` ``check_pretrained_body`` reads."""
+    config = dict(dataclasses.asdict(pretrain_config()), **changes)
+    torch.save({"model": {}, "info": {"config": config}}, path)
+
+
+@pytest.fixture
+def lease(tmp_path):
+    """A copy of the scripts in a working tree of its own, and a function that runs phases."""
+    if shutil.which("timeout") is None or shutil.which("tar") is None:
+        pytest.skip("needs coreutils' timeout and tar, as the device machine has")
+    tree = tmp_path / "tree"
+    (tree / "bench").mkdir(parents=True)
+    (tree / "results").mkdir()
+    for name in ("gpu_session.sh", "pick_batch.py"):
+        shutil.copy(ROOT / "bench" / name, tree / "bench" / name)
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+
+    def run(*phases: str, timings: dict, budget: int = 200, **env: str):
+        (tmp_path / "mini_step.json").write_text(json.dumps(timings))
+        calls = tmp_path / "calls.txt"
+        calls.unlink(missing_ok=True)
+        out = tmp_path / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        environ = dict(os.environ, PYTHON=str(fake), REAL_PYTHON=sys.executable, REPO=str(ROOT),
+                       CALLS=str(calls), FAKE_MINI_STEP=str(tmp_path / "mini_step.json"), OUT=str(out),
+                       BUDGET=str(budget), **env)
+        environ.pop("PYTHONPATH", None)
+        done = subprocess.run(["bash", "bench/gpu_session.sh", *phases], cwd=tree, env=environ,
+                              capture_output=True, text=True, timeout=120)
+        log = (out / "session.log").read_text()
+        assert done.returncode == 0, done.stderr + log
+        ablate = [shlex.split(line) for line in calls.read_text().splitlines() if "mrcnn_edu ablate" in line]
+        return ablate, out, log
+
+    run.tree = tree
+    return run
+
+
+def option(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+def test_a_first_lease_trains_the_table_at_the_batch_and_layout_mini_step_timed_cheapest(lease):
+    # 32 images per step cost 260 ms against 200 at 16: the schedule 0.65x, so 32; NHWC 10 % faster
+    [argv], out, log = lease("mini_step", "table", timings=mini_step_json(260.0, 0.9), budget=200)
+    assert argv[argv.index("ablate"):argv.index("ablate") + 5] == ["ablate", "--table", "2", "--seeds", "3"]
+    assert option(argv, "--jobs") == "8" and option(argv, "--images-per-batch") == "32"
+    assert "--channels-last" in argv
+    # trainings stop starting 30 s before the budget: never later, and not a minute early
+    assert 140 <= int(option(argv, "--deadline")) <= 170
+    assert "=== TABLE_BATCH=auto: 32" in log and "=== TABLE_CHANNELS_LAST=auto: yes" in log
+    # what the next lease needs comes back: the results, the bodies, the rates of every training
+    assert json.loads((out / "table2_miniature.json").read_text()) == {"runs": {}}
+    with tarfile.open(out / "table2_bodies.tar") as tar:
+        assert tar.getnames() == ["R-mini-50.pth"]
+    assert '"seconds_per_iter": 0.7' in (out / "table2_logs.txt").read_text()
+
+
+def test_without_a_clear_saving_the_table_keeps_16_images_nchw_and_the_jobs_asked(lease):
+    # 32 images at 390 ms: 0.975x the schedule at 16, no real saving; NHWC only 2 % faster
+    [argv], _, log = lease("mini_step", "table", timings=mini_step_json(390.0, 0.98), TABLE_JOBS="6")
+    assert option(argv, "--images-per-batch") == "16" and "--channels-last" not in argv
+    assert option(argv, "--jobs") == "6"
+    # eight trainings of 32 that do not fit (8 x 20 GB x 1.15 > 0.85 x 140 GB) are not taken
+    [argv], _, _ = lease("mini_step", "table", timings=mini_step_json(260.0, 0.9, peak_mib=20_000.0))
+    assert option(argv, "--images-per-batch") == "16"
+
+
+def test_a_later_lease_resumes_with_the_committed_batch_layout_and_carried_bodies(lease):
+    tree = lease.tree
+    (tree / "results" / "table2_miniature.json").write_text(json.dumps(committed(16, False)))
+    carried = tree / ".carry"
+    carried.mkdir()
+    good, other = tree / "R-mini-50.pth", tree / "R-mini-101.pth"
+    body(good)
+    body(other, image_size=64)  # pre-trained for another input size: not this table's body
+    with tarfile.open(carried / "table2_bodies.tar", "w") as tar:
+        tar.add(good, arcname=good.name)
+        tar.add(other, arcname=other.name)
+    # mini_step would now favour 32 and NHWC; the committed trainings decide
+    [argv], out, log = lease("table", timings=mini_step_json(260.0, 0.9))
+    assert option(argv, "--images-per-batch") == "16" and "--channels-last" not in argv
+    pretrain = tree / "runs" / "table2_miniature" / "pretrain"
+    assert "=== carried body: runs/table2_miniature/pretrain/R-mini-50.pth" in log
+    assert "=== carried body dropped (another pre-training): runs/table2_miniature/pretrain/R-mini-101.pth" in log
+    assert sorted(p.name for p in pretrain.glob("*.pth")) == ["R-mini-50.pth"]
+    # the kept body goes back out, for the lease after this one
+    with tarfile.open(out / "table2_bodies.tar") as tar:
+        assert tar.getnames() == ["R-mini-50.pth"]
+
+
+def test_table_batch_set_by_hand_wins_and_a_spent_budget_starts_nothing(lease):
+    [argv], _, _ = lease("mini_step", "table", timings=mini_step_json(260.0, 0.9), TABLE_BATCH="64",
+                         TABLE_CHANNELS_LAST="no")
+    assert option(argv, "--images-per-batch") == "64" and "--channels-last" not in argv
+    calls, out, log = lease("table", timings=mini_step_json(260.0, 0.9), budget=10)
+    assert calls == [] and "=== table: skipped, budget spent" in log
+    with tarfile.open(out / "table2_bodies.tar") as tar:  # the bodies it holds still go back out
+        assert tar.getnames() == ["R-mini-50.pth"]

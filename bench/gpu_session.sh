@@ -42,12 +42,23 @@
 #   echo /.carry/ >> .git/info/exclude; mkdir -p .carry; cp FILES_AT/table2_bodies.tar .carry/
 # and run the next lease with carry [".whl", ".carry"]: its table starts from the same bodies
 # (the results' "Pre-trained bodies" section shows one digest each) without pre-training them.
+#
+# Trainings longer than a lease travel the same way. At the deadline each running training saves
+# the iteration it is in (engine.TrainingStopped); the table phase packs the furthest along of
+# those, one per file, as $OUT/table2_train_RUN__seedS.tar, in the file slots a lease has left
+# (8 files come back, 16 MiB each: the C4 runs and R-50/R-101-FPN fit, the C5, MLP and
+# X-101-FPN ones do not). Copy them into .carry/ beside the bodies (delete the ones carried
+# before); the next lease resumes them first. TABLE_OVERRUN=K lets at most K trainings run that
+# are expected to end after the deadline (ablate --may-overrun); the default, auto, is the
+# number of file slots left for them.
 set -u
 OUT=${OUT:-runs/gpu_session}
 BUDGET=${BUDGET:-540}
 TABLE_BATCH=${TABLE_BATCH:-auto}
 TABLE_JOBS=${TABLE_JOBS:-8}
 TABLE_CHANNELS_LAST=${TABLE_CHANNELS_LAST:-auto}
+TABLE_OVERRUN=${TABLE_OVERRUN:-auto}
+CARRY_MIB=15.5  # a carried training's file: its checkpoint, within the 16 MiB a file may have
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # absolute: some phases write there from other folders
 LOG="$OUT/session.log"
@@ -110,7 +121,7 @@ for p in $PHASES; do
             --json "$OUT/mini_step.json" ;;
     table)
         # resume from the committed results; stop starting trainings 30 s before the budget ends
-        mkdir -p runs/table2_miniature/pretrain
+        mkdir -p runs/table2_miniature/pretrain runs/table2_miniature/train
         # The bodies an earlier lease pre-trained (.carry/table2_bodies.tar, see the header): every
         # row then starts from the same weights, and this lease spends no time pre-training. A
         # body pre-trained otherwise than the table now plans is dropped and made again.
@@ -138,11 +149,49 @@ for p in $PHASES; do
             echo "=== TABLE_CHANNELS_LAST=auto: $nhwc" | tee -a "$LOG"
         fi
         [ "$nhwc" = yes ] && nhwc_flag=--channels-last || nhwc_flag=""
+        # Trainings an earlier lease stopped at its deadline: resumed first, if of this schedule
+        for t in .carry/table2_train_*.tar; do
+            [ -f "$t" ] || continue
+            name=$(basename "$t" .tar); name=${name#table2_train_}
+            tar -xf "$t" -C runs/table2_miniature/train 2>>"$LOG" || { echo "=== carried training unreadable: $t" | tee -a "$LOG"; continue; }
+            if $PY -c "import sys; from mrcnn_edu import ablations as a
+print(a.saved_iteration('runs/table2_miniature', sys.argv[1], int(sys.argv[2]), a.train_config('shapes', False, 0, '', None, int(sys.argv[3]) if sys.argv[3] else None, sys.argv[4] == 'yes')))" \
+                "${name%__seed*}" "${name##*__seed}" "$batch" "$nhwc" >>"$LOG" 2>&1; then
+                echo "=== carried training: $name" | tee -a "$LOG"
+            else
+                rm -rf "runs/table2_miniature/train/$name"
+                echo "=== carried training dropped (another schedule): $name" | tee -a "$LOG"
+            fi
+        done
+        # the results JSON and markdown, the logs and the bodies take 4 of the 8 files that come back
+        overrun=$TABLE_OVERRUN
+        if [ "$overrun" = auto ]; then
+            overrun=$((8 - $(ls "$OUT" | wc -l) - 4))
+            [ "$overrun" -lt 0 ] && overrun=0
+        fi
+        echo "=== TABLE_OVERRUN: $overrun" | tee -a "$LOG"
         deadline=$(($(left) - 30))
         phase table $((deadline + 25)) $PY -m mrcnn_edu ablate --table 2 --seeds 3 --jobs "$TABLE_JOBS" \
-            ${batch:+--images-per-batch "$batch"} $nhwc_flag --deadline "$deadline"
+            ${batch:+--images-per-batch "$batch"} $nhwc_flag --deadline "$deadline" \
+            --may-overrun "$overrun" --overrun-max-mib "$CARRY_MIB"
         cp results/table2_miniature.json results/table2_miniature.md "$OUT/" 2>/dev/null
         (cd runs/table2_miniature/pretrain && ls *.pth >/dev/null 2>&1 && tar -cf "$OUT/table2_bodies.tar" *.pth)
+        # the stopped trainings, furthest along first, one file each, while file slots are left
+        for d in runs/table2_miniature/train/*__seed*; do
+            name=$(basename "$d")
+            [ -f "runs/table2_miniature/results/$name.json" ] && continue  # finished
+            [ -f "$d/last_checkpoint" ] && echo "$(cat "$d/last_checkpoint") $name"
+        done | sort -r | while read -r checkpoint name; do
+            [ "$(ls "$OUT" | wc -l)" -ge 7 ] && { echo "=== not carried (no file slot left): $name" | tee -a "$LOG"; continue; }
+            tar -cf "$OUT/table2_train_$name.tar" -C runs/table2_miniature/train \
+                "$name/last_checkpoint" "$name/$checkpoint" "$name/metrics.jsonl"
+            if [ "$(stat -c %s "$OUT/table2_train_$name.tar")" -gt $((16 * 1024 * 1024)) ]; then
+                rm -f "$OUT/table2_train_$name.tar"
+                echo "=== not carried (over 16 MiB): $name" | tee -a "$LOG"
+            else
+                echo "=== carried out: $name at $checkpoint" | tee -a "$LOG"
+            fi
+        done
         {
             tail -n 40 runs/table2_miniature/logs/*.log
             # the seconds per iteration of every training, also of those stopped at the deadline:

@@ -48,6 +48,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -395,15 +396,17 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
         if not path.is_file():
             raise ValueError(f"--imagenet {imagenet}: {path} not found (torchvision key layout)")
         init = load_body(model, path, run)
-    trained = train(model, train_set, train_cfg, collate_fn)
-    train_s = time.perf_counter() - tic
+    trained = train(model, train_set, train_cfg, collate_fn)  # resumes from its checkpoint, if any
+    # a training resumed from an earlier session's checkpoint: that session's loop time counts too
+    earlier = trained["earlier_train_seconds"]
+    train_s = time.perf_counter() - tic + earlier
     metrics = evaluate_model(model, val_set, ("bbox", "segm"), batch_size=8 if not quick else 2)
     if not get_dist_info().is_main:
         return {}
     record = {
         "run": run, "seed": seed, "dataset": dataset, "quick": quick, "metrics": metrics,
-        "iterations": trained["iteration"], "wall_time_s": time.perf_counter() - tic,
-        "train_time_s": train_s, "init": init, "device": report.device_name(), "git_commit": report.git_commit(),
+        "iterations": trained["iteration"], "wall_time_s": time.perf_counter() - tic + earlier,
+        "train_time_s": train_s, "resumed_from": trained["start_iteration"], "init": init, "device": report.device_name(), "git_commit": report.git_commit(),
         "torch": torch.__version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "model_config": dataclasses.asdict(model_cfg),
         "train_config": dataclasses.asdict(trained["config"]),
@@ -571,20 +574,103 @@ def earlier_durations(done: dict, device: str, planned) -> list[float]:
                     for key in ("max_iter", "images_per_batch"))]
 
 
-def may_start(elapsed: float, deadline: float | None, durations: list[float]) -> bool:
+def may_start(elapsed: float, deadline: float | None, durations: list[float], remaining: float = 1.0) -> bool:
     """Whether a training started now is expected to end before ``deadline`` (seconds since the
     table started; ``None``: no deadline). The expectation is the slowest of ``durations``: the
     trainings finished on this device, in earlier sessions and this one; with none, anything may
-    start."""
+    start. ``remaining``: the share of its iterations still to run (one resumed from a checkpoint)."""
     if deadline is None:
         return True
-    return elapsed + (max(durations) if durations else 0.0) < deadline
+    return elapsed + remaining * (max(durations) if durations else 0.0) < deadline
+
+
+def checkpoint_mib(run: str, dataset: str = "shapes", quick: bool = False, input_size: int | None = None) -> float:
+    """The size of a training checkpoint of ``run`` in MiB: its fp32 weights and SGD's momentum
+    (what ``--overrun-max-mib`` compares: a lease's files come back 16 MiB each at most)."""
+    import torch
+
+    from mrcnn_edu.model import MaskRCNN
+
+    with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
+        model = MaskRCNN(model_config(RUNS[run], dataset, quick, input_size))
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    momentum = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return (weights + momentum) / 2**20
+
+
+def next_to_start(todo: list[tuple[str, int]], saved: dict, total: int, elapsed: float,
+                  deadline: float | None, durations: list[float], overrunning: int,
+                  args: argparse.Namespace) -> tuple[tuple[str, int], bool] | None:
+    """The first (run, seed) of ``todo`` that may start now, and whether it is expected to end
+    after the deadline; None if none may. One expected to overrun may start only while fewer
+    than ``args.may_overrun`` such run, and only if its checkpoint is at most
+    ``args.overrun_max_mib``: its checkpoint at the deadline is all the next session gets."""
+    for key in todo:
+        overruns = not may_start(elapsed, deadline, durations, 1 - saved[key] / total)
+        if not overruns:
+            return key, False
+        if overrunning < args.may_overrun and (
+                args.overrun_max_mib is None
+                or checkpoint_mib(key[0], args.dataset, args.quick, args.input_size) <= args.overrun_max_mib):
+            return key, True
+    return None
+
+
+STOPPED_EXIT = 75  # run-one: stopped by SIGTERM, its state saved to resume from (sysexits' TEMPFAIL)
+STOP_GRACE_S = 15.0  # at the deadline, what a training gets to finish its step and save it
+
+
+def saved_iteration(workdir: str | Path, run: str, seed: int, planned) -> tuple[int, float]:
+    """Where the training of ``run`` with ``seed`` resumes: its newest checkpoint's iteration and
+    the seconds of training that led there; (0, 0.0) without one. Such a checkpoint was left by a
+    session stopped at its deadline, or carried from another machine. A checkpoint of another
+    schedule than ``planned`` (a TrainConfig) is an error."""
+    from mrcnn_edu.ablations_report import SCHEDULE_KEYS
+    from mrcnn_edu.checkpoint import last_checkpoint, load_checkpoint
+    from mrcnn_edu.engine import scale_for_batch
+
+    path = last_checkpoint(Path(workdir) / "train" / f"{run}__seed{seed}")
+    if path is None:
+        return 0, 0.0
+    state, ran = load_checkpoint(path), asdict_plain(scale_for_batch(planned))
+    saved = asdict_plain(state["config"])
+    differ = [f"{k}={saved.get(k)!r} (planned {ran[k]!r})" for k in SCHEDULE_KEYS if saved.get(k) != ran[k]]
+    if differ:
+        raise ValueError(f"{path} was trained with {', '.join(differ)}; delete its folder to start "
+                         "that training over, or run the schedule it was started with")
+    return int(state["iteration"]), float(state.get("train_seconds", 0.0))
+
+
+def durations_at_pace(saved: Iterable[tuple[int, float]], total: int) -> list[float]:
+    """The seconds a whole training of ``total`` iterations would take at the pace of each
+    stopped one, ``(iteration, seconds)`` as :func:`saved_iteration` returns them."""
+    return [seconds * total / iteration for iteration, seconds in saved if iteration]
+
+
+def asdict_plain(config) -> dict:
+    """A TrainConfig or its saved dict, with tuples as lists: comparable either way."""
+    values = config if isinstance(config, dict) else dataclasses.asdict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def stop_at_deadline(active: dict, grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM every running training, then wait up to ``grace`` seconds in all for them to save
+    their iteration and exit (``engine.TrainingStopped``); kill what is still running after."""
+    for process, *_ in active.values():
+        process.terminate()
+    end = time.perf_counter() + grace
+    for process, *_ in active.values():
+        try:
+            process.wait(timeout=max(0.0, end - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def run_table(args: argparse.Namespace) -> dict:
     """Train every (run, seed) of ``args.rows`` without a result, ``args.jobs`` at a time; report."""
     from mrcnn_edu import ablations_report as report
-    from mrcnn_edu.engine import describe_scaling
+    from mrcnn_edu.engine import describe_scaling, scale_for_batch
 
     rows, runs = select_runs(args.rows)
     mode = mode_name(args.dataset, args.quick)
@@ -595,13 +681,22 @@ def run_table(args: argparse.Namespace) -> dict:
     size = model_config(RUNS[runs[0]], args.dataset, args.quick, args.input_size).transform.min_size_test
     done = report.load_records(args.workdir, summary_path)
     todo = pending(runs, args.seeds, done, planned, pretrained, size)
-    print(f"Table 2 ({mode}): {len(runs)} runs x {args.seeds} seeds, {len(todo)} to train, "
+    # trainings an earlier session stopped at its deadline resume from their checkpoints, first
+    paces = {key: saved_iteration(args.workdir, *key, planned) for key in todo}
+    saved = {key: iteration for key, (iteration, _) in paces.items()}
+    todo.sort(key=lambda key: saved[key] == 0)
+    total = scale_for_batch(planned).max_iter
+    resuming = sum(iteration > 0 for iteration in saved.values())
+    print(f"Table 2 ({mode}): {len(runs)} runs x {args.seeds} seeds, {len(todo)} to train"
+          f"{f' ({resuming} resuming from a checkpoint)' if resuming else ''}, "
           f"{args.jobs} at a time; results in {args.workdir}/results\nschedule: {describe_scaling(planned)}",
           flush=True)
     tic, started, active, failed = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S"), {}, []
     # how long a training takes here: at first, the slowest of earlier sessions on this device
     # (so that a short session does not start trainings it cannot finish), then this session's
     durations = earlier_durations(done, report.device_name(), planned)
+    if not durations:  # none finished yet: the stopped trainings' pace says how long one takes
+        durations = durations_at_pace(paces.values(), total)
     stopped, launched = [], 0
     if todo:
         prepare_data(args.dataset, args.quick, args.data)
@@ -611,39 +706,50 @@ def run_table(args: argparse.Namespace) -> dict:
     deadline = getattr(args, "deadline", None)
     while todo or active:
         now = time.perf_counter() - tic
-        while todo and len(active) < args.jobs and may_start(now, deadline, durations):
-            name, seed = todo[0]
+        while todo and len(active) < args.jobs:
+            overrunning = sum(entry[3] for entry in active.values())
+            chosen = next_to_start(todo, saved, total, now, deadline, durations, overrunning, args)
+            if chosen is None:
+                break
+            (name, seed), overruns = chosen
             if args.pretrain:  # each body when its first training is due, not all up front
                 fresh = not (Path(args.workdir) / "pretrain" / f"{body_name(RUNS[name])}.pth").is_file()
                 args.imagenet = str(pretrain_bodies([name], args))  # a cached body is checked, not re-made
                 if fresh:  # pre-training took time: ask the deadline again
                     now = time.perf_counter() - tic
                     continue
-            todo.pop(0)
-            log = open(logs / f"{name}__seed{seed}.log", "w")
+            todo.remove((name, seed))
+            log = open(logs / f"{name}__seed{seed}.log", "a" if saved[(name, seed)] else "w")
             active[(name, seed)] = (subprocess.Popen(_child_command(name, seed, args), env=env,
-                                                     stdout=log, stderr=subprocess.STDOUT), log, now)
+                                                     stdout=log, stderr=subprocess.STDOUT), log, now, overruns)
             launched += 1
         if not active:  # what is left would not finish before the deadline
             break
         time.sleep(0.2 if args.quick else 2.0)
         now = time.perf_counter() - tic
-        for key, (process, log, start) in list(active.items()):
+        if deadline is not None and now > deadline:  # out of time: each saves its step and stops
+            stop_at_deadline(active)
+            for (name, seed), (process, log, start, _) in active.items():
+                log.close()
+                if process.returncode == 0:  # it finished within the grace: its record is written
+                    print(f"[{now:6.0f} s] {name} seed {seed}: done", flush=True)
+                    continue
+                saved[(name, seed)] = saved_iteration(args.workdir, name, seed, planned)[0]
+                stopped.append((name, seed))
+                print(f"[{now:6.0f} s] {name} seed {seed}: stopped at the deadline, "
+                      + (f"saved at iteration {saved[(name, seed)]} of {total}" if saved[(name, seed)]
+                         else "before its first iteration"), flush=True)
+            active.clear()
+            break
+        for key, (process, log, start, _) in list(active.items()):
             if process.poll() is None:
-                if deadline is not None and now > deadline:  # out of time: stop it, keep the rest
-                    process.terminate()
-                    process.wait()
-                    log.close()
-                    del active[key]
-                    stopped.append(key)
-                    print(f"[{now:6.0f} s] {key[0]} seed {key[1]}: stopped at the deadline", flush=True)
                 continue
             log.close()
             del active[key]
             status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode}, see {log.name})"
             if process.returncode != 0:
                 failed.append(key)
-            else:
+            elif not saved[key]:  # a resumed training's time here is only its last part
                 durations.append(now - start)
             print(f"[{now:6.0f} s] {key[0]} seed {key[1]}: {status}", flush=True)
     left = [list(key) for key in stopped] + [[name, seed] for name, seed in todo]
@@ -655,7 +761,8 @@ def run_table(args: argparse.Namespace) -> dict:
                         else f"ImageNet weights from {args.imagenet}" if args.imagenet else "from scratch"),
                "device": report.device_name(), "git_commit": report.git_commit(),
                "trained": launched - len(failed) - len(stopped), "failed": [list(key) for key in failed],
-               "left": left}
+               "left": left, "saved": {f"{name}__seed{seed}": saved[(name, seed)] for name, seed in stopped
+                                       if saved[(name, seed)]}}
     summary = report.write_report(rows, runs, args.seeds, mode, args.dataset,
                                   report.load_records(args.workdir, summary_path), summary_path, session)
     print(f"wrote {summary_path} and {summary_path.with_suffix('.md')} "
@@ -698,7 +805,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "the stand-in for ImageNet pre-training (default on; --no-pretrain: from scratch)")
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds: start no training that would end later, stop the running ones "
-                             "then, and write the table of what finished (a GPU lent for minutes)")
+                             "then (each saves its iteration; the next session resumes it), and write "
+                             "the table of what finished (a GPU lent for minutes)")
+    parser.add_argument("--may-overrun", type=int, default=0, metavar="K",
+                        help="with --deadline: let up to K trainings run that are expected to end after "
+                             "it (trainings longer than a session; their checkpoints must reach the next "
+                             "session, e.g. carried between GPU leases)")
+    parser.add_argument("--overrun-max-mib", type=float, default=None, metavar="M",
+                        help="with --may-overrun: only trainings whose checkpoint is at most M MiB "
+                             "(what can be carried)")
     return parser
 
 
@@ -710,6 +825,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--quick runs the miniature path; it cannot be combined with --dataset coco")
     if args.seeds < 1 or (args.jobs is not None and args.jobs < 1):
         raise ValueError(f"--seeds and --jobs must be >= 1, got {args.seeds} and {args.jobs}")
+    if args.may_overrun < 0:
+        raise ValueError(f"--may-overrun must be >= 0, got {args.may_overrun}")
     if args.pretrain and (args.dataset == "coco" or args.imagenet):
         raise ValueError("--pretrain is the miniature's stand-in for ImageNet; with --dataset coco or "
                          "--imagenet DIR the bodies come from --imagenet")
@@ -737,8 +854,14 @@ def _run_one_main(argv: list[str]) -> int:
     parser.add_argument("--images-per-batch", type=int, default=None)
     parser.add_argument("--channels-last", action="store_true")
     args = parser.parse_args(argv)
-    run_one(args.run, args.seed, args.dataset, args.quick, args.workdir, args.data, args.max_iter,
-            args.imagenet, args.input_size, args.images_per_batch, args.channels_last)
+    from mrcnn_edu.engine import TrainingStopped
+
+    try:
+        run_one(args.run, args.seed, args.dataset, args.quick, args.workdir, args.data, args.max_iter,
+                args.imagenet, args.input_size, args.images_per_batch, args.channels_last)
+    except TrainingStopped as stop:  # the table's deadline: resumable, not a failure
+        print(stop, flush=True)
+        return STOPPED_EXIT
     return 0
 
 

@@ -355,6 +355,8 @@ def markdown_table(summary: dict) -> str:
             f"on {s['device']}, commit {s['git_commit']}" + (f", bodies {s['init']}" if s.get("init") else "")
             + (f", failed {s['failed']}" if s["failed"] else "")
             + (f", {len(s['left'])} left at the deadline" if s.get("left") else "")
+            + (" (" + ", ".join(f"{name} saved at iteration {at}" for name, at in s["saved"].items())
+               + ", resumed from there)" if s.get("saved") else "")
             for s in sessions] + [""]
         total = sum(s["elapsed_s"] for s in sessions)
         lines += [f"Wall time over all sessions: {total / 60:.1f} min.", ""]

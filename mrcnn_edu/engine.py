@@ -27,6 +27,12 @@ autocast, average the loss terms over processes, stop with :class:`NonFiniteLoss
 is nan/inf (before the optimizer can spoil the weights), backward, SGD step; then log,
 checkpoint (``checkpoint.py``), evaluate. Resuming loads the model, optimizer, scaler and RNG
 states, and the run continues exactly as if it had never stopped.
+
+Stopped politely, a run loses nothing: on ``SIGTERM`` (what a scheduler, ``timeout`` or a lent
+machine's deadline sends before it kills) a single-process run finishes the iteration it is in,
+writes a checkpoint and raises :class:`TrainingStopped`; the same call with ``resume=True``
+continues from there. Under DDP the ranks would have to agree on the iteration to stop at, so
+there SIGTERM keeps its default meaning and the last periodic checkpoint is what remains.
 """
 from __future__ import annotations
 
@@ -36,7 +42,9 @@ import ctypes
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -54,7 +62,7 @@ from .distributed import (DistInfo, InfiniteBatchSampler, SeededSamples, all_red
                           init_distributed)
 
 __all__ = [
-    "TrainConfig", "NonFiniteLossError", "train", "lr_at", "scaled_lr", "scale_for_batch",
+    "TrainConfig", "NonFiniteLossError", "TrainingStopped", "train", "lr_at", "scaled_lr", "scale_for_batch",
     "describe_scaling", "build_optimizer", "to_device", "seed_everything", "plot_loss_curves",
     "keep_freed_memory",
 ]
@@ -108,6 +116,29 @@ class NonFiniteLossError(RuntimeError):
             f"non-finite loss at iteration {iteration} ({iteration} iterations had completed): "
             f"{terms}. Training stopped before the optimizer step; {where}. Usual remedies: "
             "a lower base_lr or longer warm-up, clip_grad, amp='none', or check the data.")
+
+
+class TrainingStopped(RuntimeError):
+    """SIGTERM arrived; the run finished its iteration and saved a checkpoint to resume from."""
+
+    def __init__(self, iteration: int, checkpoint: Path) -> None:
+        self.iteration, self.checkpoint = iteration, checkpoint
+        super().__init__(f"stopped by SIGTERM after {iteration} iterations; {checkpoint} holds "
+                         "the state: the same call with resume=True continues from it")
+
+
+@contextlib.contextmanager
+def _sigterm_sets(flag: threading.Event, world_size: int):
+    """While training, SIGTERM sets ``flag`` instead of ending the process (one process, main
+    thread: Python runs signal handlers there only); the previous handler comes back after."""
+    if world_size > 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def scaled_lr(base_lr: float, base_batch: int, batch: int) -> float:
@@ -234,13 +265,14 @@ def _reduced_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def _resume(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler, info: DistInfo) -> tuple[int, Path | None]:
-    """Load the checkpoint ``cfg.resume`` asks for; return (iteration to start at, its path)."""
+            scaler: torch.amp.GradScaler, info: DistInfo) -> tuple[int, Path | None, float]:
+    """Load the checkpoint ``cfg.resume`` asks for; return (iteration to start at, its path,
+    the seconds of training loop that led to it)."""
     path = Path(cfg.resume) if isinstance(cfg.resume, str) else None
     if cfg.resume is True:
         path = last_checkpoint(cfg.output_dir)
     if path is None:
-        return 0, None
+        return 0, None, 0.0
     state = load_checkpoint(path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -251,11 +283,11 @@ def _resume(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer
         print(f"warning: {path} was written by {len(rng_states)} processes, this run has "
               f"{info.world_size}; dropout/augmentation streams will differ", file=sys.stderr)
     restore_rng_state(rng_states[info.rank % len(rng_states)])
-    return int(state["iteration"]), path
+    return int(state["iteration"]), path, float(state.get("train_seconds", 0.0))
 
 
 def _save(cfg: TrainConfig, iteration: int, model: nn.Module, optimizer, scaler,
-          info: DistInfo) -> Path:
+          info: DistInfo, train_seconds: float = 0.0) -> Path:
     """Every process contributes its RNG state; rank 0 alone writes the file."""
     rng_states = [capture_rng_state()]
     if info.world_size > 1:
@@ -267,6 +299,7 @@ def _save(cfg: TrainConfig, iteration: int, model: nn.Module, optimizer, scaler,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "iteration": iteration, "rng": rng_states,
             "world_size": info.world_size, "config": asdict(cfg),
+            "train_seconds": train_seconds,  # the loop's time up to here, over every resume
         })
         plot_loss_curves(Path(cfg.output_dir) / "metrics.jsonl")
     return path
@@ -356,6 +389,10 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, collate_fn: Call
     ``evaluate_fn(model)`` runs on every process, gathers to rank 0 (``gather_predictions``)
     and returns a dict of metrics; each hook is called as ``hook(iterations_done, state)``
     after every iteration. Under ``torchrun`` the same call trains with DDP.
+
+    ``train_seconds`` in the result is the training loop's time summed over this call and the
+    ones whose checkpoints it resumed from (``earlier_train_seconds``, up to ``start_iteration``). Raises :class:`TrainingStopped` after a SIGTERM
+    (one process; see the module's docstring).
     """
     info = init_distributed(cfg.device)
     device = _pick_device(cfg.device, info)
@@ -372,7 +409,7 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, collate_fn: Call
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    start_iter, last_good = _resume(cfg, model, optimizer, scaler, info)
+    start_iter, last_good, earlier_seconds = _resume(cfg, model, optimizer, scaler, info)
     trained_model = model
     if info.world_size > 1:
         trained_model = nn.parallel.DistributedDataParallel(
@@ -388,48 +425,56 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, collate_fn: Call
         progress.write(f"{describe_scaling(requested)}\ntraining iterations {start_iter}..{cfg.max_iter}"
                        f" on {device} x{info.world_size}, amp={cfg.amp}, output {output_dir}")
 
-    losses, results, tic = {}, {}, time.perf_counter()
-    for iteration in range(start_iter, cfg.max_iter):
-        images, targets = to_device(next(batches), device)
-        lr = lr_at(iteration, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with _autocast(device, cfg.amp):
-            loss_dict = trained_model(images, targets)
-        losses = _reduced_losses(loss_dict)
-        bad_terms = {name: value for name, value in losses.items() if not math.isfinite(value)}
-        if bad_terms:
-            raise NonFiniteLossError(iteration, bad_terms, last_good)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(sum(loss_dict.values())).backward()
-        if cfg.clip_grad is not None:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
+    losses, results, tic, stop = {}, {}, time.perf_counter(), threading.Event()
+    with _sigterm_sets(stop, info.world_size):  # SIGTERM: finish the iteration, save, stop
+        for iteration in range(start_iter, cfg.max_iter):
+            images, targets = to_device(next(batches), device)
+            lr = lr_at(iteration, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with _autocast(device, cfg.amp):
+                loss_dict = trained_model(images, targets)
+            losses = _reduced_losses(loss_dict)
+            bad_terms = {name: value for name, value in losses.items() if not math.isfinite(value)}
+            if bad_terms:
+                raise NonFiniteLossError(iteration, bad_terms, last_good)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(sum(loss_dict.values())).backward()
+            if cfg.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
 
-        done = iteration + 1
-        finished = done == cfg.max_iter
-        progress.update(1)
-        if info.is_main and (done % cfg.log_period == 0 or finished):
-            seconds = (time.perf_counter() - tic) / (done - start_iter)
-            _log(metrics_path, {"iteration": done, "lr": lr, "loss": sum(losses.values()),
-                                **losses, "seconds_per_iter": seconds})
-            progress.set_postfix_str(f"loss {sum(losses.values()):.3f} lr {lr:.2g}")
-        if evaluate_fn and ((cfg.eval_period and done % cfg.eval_period == 0) or finished):
-            results = _evaluate(evaluate_fn, model)
-            if info.is_main:
-                _log(metrics_path, {"iteration": done, "eval": results})
-                progress.write(f"evaluation at iteration {done}: {results}")
-        if (cfg.checkpoint_period and done % cfg.checkpoint_period == 0) or finished:
-            last_good = _save(cfg, done, model, optimizer, scaler, info)
-        for hook in hooks:
-            hook(done, {"model": model, "losses": losses, "lr": lr, "optimizer": optimizer})
+            done = iteration + 1
+            finished = done == cfg.max_iter
+            progress.update(1)
+            if info.is_main and (done % cfg.log_period == 0 or finished):
+                seconds = (time.perf_counter() - tic) / (done - start_iter)
+                _log(metrics_path, {"iteration": done, "lr": lr, "loss": sum(losses.values()),
+                                    **losses, "seconds_per_iter": seconds})
+                progress.set_postfix_str(f"loss {sum(losses.values()):.3f} lr {lr:.2g}")
+            if evaluate_fn and ((cfg.eval_period and done % cfg.eval_period == 0) or finished):
+                results = _evaluate(evaluate_fn, model)
+                if info.is_main:
+                    _log(metrics_path, {"iteration": done, "eval": results})
+                    progress.write(f"evaluation at iteration {done}: {results}")
+            elapsed = earlier_seconds + time.perf_counter() - tic
+            if (cfg.checkpoint_period and done % cfg.checkpoint_period == 0) or finished:
+                last_good = _save(cfg, done, model, optimizer, scaler, info, elapsed)
+            for hook in hooks:
+                hook(done, {"model": model, "losses": losses, "lr": lr, "optimizer": optimizer})
+            if stop.is_set() and not finished:  # SIGTERM: save this iteration (if not yet), leave
+                if last_good != checkpoint_path(cfg.output_dir, done):
+                    last_good = _save(cfg, done, model, optimizer, scaler, info, elapsed)
+                progress.close()
+                raise TrainingStopped(done, last_good)
     progress.close()
     curves = output_dir / "loss_curves.png"  # drawn at each checkpoint, the last one included
     return {"iteration": max(start_iter, cfg.max_iter), "losses": losses, "eval": results,
             "checkpoint": last_good, "loss_curves": curves if curves.is_file() else None,
-            "config": cfg}
+            "config": cfg, "train_seconds": earlier_seconds + time.perf_counter() - tic,
+            "start_iteration": start_iter, "earlier_train_seconds": earlier_seconds}
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

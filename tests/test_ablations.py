@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import time
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch
 from mrcnn_edu import ablations
 from mrcnn_edu import ablations_report as report
 from mrcnn_edu.ablations import ROWS, RUNS, model_config, pending, select_runs, train_config
+from mrcnn_edu.checkpoint import load_checkpoint
 from mrcnn_edu.model import MaskRCNN
 
 
@@ -297,7 +300,7 @@ def test_deadline_stops_running_trainings_and_leaves_the_rest_for_the_next_sessi
             "--data", str(tiny_shapes["root"])]
     assert ablations.main(args) == 0  # running out of time is not a failure
     out = capsys.readouterr().out
-    assert "r50_c4_roipool seed 0: stopped at the deadline" in out
+    assert "r50_c4_roipool seed 0: stopped at the deadline, before its first iteration" in out
     assert "2 training(s) left for the next session" in out
     summary = json.loads((tmp_path / "out" / "table2_quick.json").read_text())
     assert summary["sessions"][-1]["left"] == [["r50_c4_roipool", 0], ["r50_c4_roipool", 1]]
@@ -321,6 +324,67 @@ def test_a_session_starts_no_training_that_earlier_sessions_say_it_cannot_finish
     assert "stopped at the deadline" not in out and "pre-training" not in out
     assert not (tmp_path / "work" / "pretrain" / "ResNet-101.pth").exists()
     assert json.loads((tmp_path / "out" / "table2_quick.json").read_text())["sessions"][-1]["left"] == [["r101_c4", 0]]
+
+
+def test_may_start_counts_only_what_a_resumed_training_has_left():
+    assert not ablations.may_start(20.0, 60.0, [50.0])  # 20 + 50 > 60
+    assert ablations.may_start(20.0, 60.0, [50.0], remaining=0.4)  # 20 + 0.4 x 50 < 60
+    # before any training finished, stopped ones tell the pace: 500 of 3000 steps in 100 s
+    assert ablations.durations_at_pace([(500, 100.0), (0, 0.0)], 3000) == [600.0]
+
+
+def test_trainings_longer_than_a_session_start_only_as_many_as_may_overrun_and_can_be_carried():
+    args = ablations.build_parser().parse_args(["--may-overrun", "1", "--overrun-max-mib", "15"])
+    todo = [("r50_c5_roialign", 0), ("r50_c4", 0), ("r50_fpn", 0)]
+    saved = {key: 0 for key in todo}
+    # a lease of 500 s, trainings of 2000 s: none will finish; the first that may overrun and
+    # whose checkpoint can come back (C5's 75 MiB cannot) starts
+    assert ablations.checkpoint_mib("r50_c5_roialign") > 15 > ablations.checkpoint_mib("r50_c4")
+    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, [2000.0], 0, args) == (("r50_c4", 0), True)
+    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, [2000.0], 1, args) is None  # one at a time
+    # one resumed 4/5 of the way (400 s left) is expected to finish: it starts whatever overruns
+    saved[("r50_fpn", 0)] = 2400
+    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, [2000.0], 1, args) == (("r50_fpn", 0), False)
+    # without --may-overrun (the default) nothing expected to overrun starts
+    plain = ablations.build_parser().parse_args([])
+    assert ablations.next_to_start(todo[:2], saved, 3000, 10.0, 500.0, [2000.0], 0, plain) is None
+    assert ablations.next_to_start(todo, saved, 3000, 10.0, None, [2000.0], 0, plain) == (todo[0], False)
+
+
+def test_a_training_stopped_at_the_deadline_saves_its_step_and_the_next_session_resumes_it(
+        tiny_shapes, tmp_path, capsys):
+    work, data = tmp_path / "work", str(tiny_shapes["root"])
+    args = ablations.build_parser().parse_args(["--quick", "--max-iter", "12", "--workdir", str(work),
+                                                "--data", data, "--no-pretrain"])
+    args.pretrain, args.imagenet = False, None
+    metrics = work / "train" / "r50_c4__seed0" / "metrics.jsonl"
+    child = subprocess.Popen(ablations._child_command("r50_c4", 0, args), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    # the deadline falls inside the loop: after its second logged iteration (quick logs each one)
+    while child.poll() is None and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    ablations.stop_at_deadline({("r50_c4", 0): (child,)})
+    output = child.stdout.read()
+    assert child.returncode == ablations.STOPPED_EXIT, output
+    planned = train_config("shapes", True, 0, "", max_iter=12)
+    at, seconds = ablations.saved_iteration(work, "r50_c4", 0, planned)
+    assert 2 <= at < 12 and f"stopped by SIGTERM after {at} iterations" in output and seconds > 0
+    # a checkpoint of another schedule is not resumed into this one
+    with pytest.raises(ValueError, match=r"model_\d{7}.pth was trained with max_iter=12 \(planned 6\)"):
+        ablations.saved_iteration(work, "r50_c4", 0, train_config("shapes", True, 0, "", max_iter=6))
+    # the next session (here: the same machine) starts it first, from there
+    assert ablations.main(["--table", "2", "--rows", "r50_c4,r50_c4_roipool", "--seeds", "1", "--quick",
+                           "--jobs", "1", "--max-iter", "12", "--no-pretrain", "--out", str(tmp_path / "out"),
+                           "--workdir", str(work), "--data", data]) == 0
+    out = capsys.readouterr().out
+    assert "2 to train (1 resuming from a checkpoint)" in out
+    assert out.index("r50_c4 seed 0: done") < out.index("r50_c4_roipool seed 0: done")
+    record = json.loads((work / "results" / "r50_c4__seed0.json").read_text())
+    assert record["resumed_from"] == at and record["iterations"] == 12
+    assert f"training iterations {at}..12" in (work / "logs" / "r50_c4__seed0.log").read_text()
+    # the first session's loop time is in the record's: more than the resumed part alone
+    first = load_checkpoint(work / "train" / "r50_c4__seed0" / f"model_{at:07d}.pth")["train_seconds"]
+    assert record["train_time_s"] > first > 0
 
 
 def test_pretrain_is_the_miniatures_and_refused_with_coco_or_imagenet_weights():

@@ -6,7 +6,9 @@ convention as Mask R-CNN, a few hundred parameters) on 16×16 images.
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +23,7 @@ from _ddp_worker import TinyDetector, TinyShapes, collate, make_model  # noqa: E
 from mrcnn_edu import engine  # noqa: E402
 from mrcnn_edu.checkpoint import (capture_rng_state, last_checkpoint, load_checkpoint,  # noqa: E402
                                   restore_rng_state, save_checkpoint)
-from mrcnn_edu.engine import (NonFiniteLossError, TrainConfig, build_optimizer,  # noqa: E402
+from mrcnn_edu.engine import (NonFiniteLossError, TrainConfig, TrainingStopped, build_optimizer,  # noqa: E402
                               describe_scaling, lr_at, scale_for_batch, scaled_lr, to_device,
                               train)
 
@@ -183,6 +185,36 @@ def test_kill_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path
                   output_dir=str(tmp_path / "no_rng")), collate)
     assert not torch.equal(final_state(tmp_path / "no_rng")["model"]["conv.weight"],
                            whole["model"]["conv.weight"])
+
+
+def sigterm_at(iteration: int):
+    def hook(done: int, state: dict) -> None:
+        if done == iteration:  # what `timeout`, a scheduler or a lease's deadline sends
+            os.kill(os.getpid(), signal.SIGTERM)
+    return hook
+
+
+def test_sigterm_saves_the_iteration_it_arrives_in_and_resuming_ends_as_an_uninterrupted_run(tmp_path):
+    dataset = TinyShapes()
+    whole = train(make_model(dropout=0.5), dataset, tiny_config(tmp_path / "whole"), collate)
+    before = signal.getsignal(signal.SIGTERM)
+    stopped_cfg = tiny_config(tmp_path / "stopped", checkpoint_period=0)  # no periodic checkpoint
+    with pytest.raises(TrainingStopped, match="after 5 iterations") as stopped:
+        train(make_model(dropout=0.5), dataset, stopped_cfg, collate, hooks=[sigterm_at(5)])
+    assert stopped.value.iteration == 5 and stopped.value.checkpoint.name == "model_0000005.pth"
+    assert last_checkpoint(stopped_cfg.output_dir) == stopped.value.checkpoint  # nothing lost
+    assert signal.getsignal(signal.SIGTERM) is before  # the process's own handler is back
+    first = load_checkpoint(stopped.value.checkpoint)["train_seconds"]
+    resumed = train(make_model(dropout=0.5), dataset, replace(stopped_cfg, resume=True), collate)
+    assert_same_tensors(final_state(tmp_path / "whole")["model"], final_state(tmp_path / "stopped")["model"])
+    assert_same_tensors(final_state(tmp_path / "whole")["optimizer"],
+                        final_state(tmp_path / "stopped")["optimizer"])
+    # the loop's time adds up over the two calls: more than the first part's alone
+    assert 0 < first < resumed["train_seconds"] and whole["train_seconds"] > 0
+    assert final_state(tmp_path / "stopped")["train_seconds"] <= resumed["train_seconds"]
+    # a SIGTERM in the last iteration changes nothing: the run ends as usual
+    last = train(make_model(dropout=0.5), dataset, tiny_config(tmp_path / "last"), collate, hooks=[sigterm_at(8)])
+    assert last["iteration"] == 8 and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_augmentation_does_not_depend_on_the_number_of_loader_workers(tmp_path):

@@ -33,10 +33,20 @@ if [ "$1" = bench/mini_step.py ]; then
     exit 0
 fi
 if [ "$1 $2 $3" = "-m mrcnn_edu ablate" ]; then
-    mkdir -p runs/table2_miniature/pretrain runs/table2_miniature/logs runs/table2_miniature/train/r50_c4_seed0 results
-    ls runs/table2_miniature/pretrain/*.pth >/dev/null 2>&1 || echo body > runs/table2_miniature/pretrain/R-mini-50.pth
-    echo '{"iteration": 20, "seconds_per_iter": 0.7}' > runs/table2_miniature/train/r50_c4_seed0/metrics.jsonl
-    echo "trained" > runs/table2_miniature/logs/r50_c4_seed0.log
+    w=runs/table2_miniature
+    mkdir -p $w/pretrain $w/logs $w/results results
+    ls $w/pretrain/*.pth >/dev/null 2>&1 || echo body > $w/pretrain/R-mini-50.pth
+    ls $w/train/ > "$CALLS.trainings_found" 2>/dev/null
+    # four trainings as a deadline leaves them: three stopped (one too big to carry), one finished
+    for t in r50_fpn__seed0:900:1 r50_c5_roialign__seed0:700:17000 r50_c4__seed0:500:1 r50_c4_softmax__seed0:3000:1; do
+        IFS=: read -r name at kib <<< "$t"
+        mkdir -p $w/train/$name
+        head -c "${kib}k" /dev/zero > $w/train/$name/model_0000$at.pth
+        echo "model_0000$at.pth" > $w/train/$name/last_checkpoint
+        echo '{"iteration": 20, "seconds_per_iter": 0.7}' > $w/train/$name/metrics.jsonl
+        echo "trained" > $w/logs/$name.log
+    done
+    echo '{}' > $w/results/r50_c4_softmax__seed0.json
     echo '{"runs": {}}' > results/table2_miniature.json
     echo '| table |' > results/table2_miniature.md
     exit 0
@@ -123,6 +133,16 @@ def test_a_first_lease_trains_the_table_at_the_batch_and_layout_mini_step_timed_
     with tarfile.open(out / "table2_bodies.tar") as tar:
         assert tar.getnames() == ["R-mini-50.pth"]
     assert '"seconds_per_iter": 0.7' in (out / "table2_logs.txt").read_text()
+    # two file slots are left (mini_step.json took one): as many trainings may overrun, and the
+    # two furthest along that fit in a file come back; the finished one and C5's 17 MiB do not
+    assert option(argv, "--may-overrun") == "2" and option(argv, "--overrun-max-mib") == "15.5"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("table2_train_")) == [
+        "table2_train_r50_c4__seed0.tar", "table2_train_r50_fpn__seed0.tar"]
+    with tarfile.open(out / "table2_train_r50_fpn__seed0.tar") as tar:
+        assert sorted(tar.getnames()) == ["r50_fpn__seed0/last_checkpoint", "r50_fpn__seed0/metrics.jsonl",
+                                          "r50_fpn__seed0/model_0000900.pth"]
+    assert "=== not carried (over 16 MiB): r50_c5_roialign__seed0" in log
+    assert len(list(out.iterdir())) == 8  # all a lease's files: none left behind for lack of a slot
 
 
 def test_without_a_clear_saving_the_table_keeps_16_images_nchw_and_the_jobs_asked(lease):
@@ -133,6 +153,22 @@ def test_without_a_clear_saving_the_table_keeps_16_images_nchw_and_the_jobs_aske
     # eight trainings of 32 that do not fit (8 x 20 GB x 1.15 > 0.85 x 140 GB) are not taken
     [argv], _, _ = lease("mini_step", "table", timings=mini_step_json(260.0, 0.9, peak_mib=20_000.0))
     assert option(argv, "--images-per-batch") == "16"
+
+
+def stopped_training(tar_path: Path, name: str, iteration: int, images_per_batch: int) -> None:
+    """A training's folder as a deadline leaves it, packed as the table phase packs it."""
+    from mrcnn_edu.ablations import train_config
+    from mrcnn_edu.engine import scale_for_batch
+
+    folder = tar_path.parent / name
+    folder.mkdir()
+    planned = scale_for_batch(train_config("shapes", False, 0, "", None, images_per_batch))
+    torch.save({"config": dataclasses.asdict(planned), "iteration": iteration}, folder / f"model_{iteration:07d}.pth")
+    (folder / "last_checkpoint").write_text(f"model_{iteration:07d}.pth\n")
+    (folder / "metrics.jsonl").write_text("")
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(folder, arcname=name)
+    shutil.rmtree(folder)
 
 
 def test_a_later_lease_resumes_with_the_committed_batch_layout_and_carried_bodies(lease):
@@ -146,9 +182,17 @@ def test_a_later_lease_resumes_with_the_committed_batch_layout_and_carried_bodie
     with tarfile.open(carried / "table2_bodies.tar", "w") as tar:
         tar.add(good, arcname=good.name)
         tar.add(other, arcname=other.name)
+    # trainings the last lease stopped: one of this table's schedule, one of another batch size
+    stopped_training(carried / "table2_train_r50_c4__seed1.tar", "r50_c4__seed1", 1200, 16)
+    stopped_training(carried / "table2_train_r50_c4__seed2.tar", "r50_c4__seed2", 600, 32)
     # mini_step would now favour 32 and NHWC; the committed trainings decide
     [argv], out, log = lease("table", timings=mini_step_json(260.0, 0.9))
     assert option(argv, "--images-per-batch") == "16" and "--channels-last" not in argv
+    assert "=== carried training: r50_c4__seed1" in log
+    assert "=== carried training dropped (another schedule): r50_c4__seed2" in log
+    found = (tree.parent / "calls.txt.trainings_found").read_text().split()
+    assert found == ["r50_c4__seed1"]  # what ablate found to resume
+    assert option(argv, "--may-overrun") == "3"  # no mini_step.json this time: one slot more
     pretrain = tree / "runs" / "table2_miniature" / "pretrain"
     assert "=== carried body: runs/table2_miniature/pretrain/R-mini-50.pth" in log
     assert "=== carried body dropped (another pre-training): runs/table2_miniature/pretrain/R-mini-101.pth" in log

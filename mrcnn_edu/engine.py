@@ -62,8 +62,8 @@ from .distributed import (DistInfo, InfiniteBatchSampler, SeededSamples, all_red
                           init_distributed)
 
 __all__ = [
-    "TrainConfig", "NonFiniteLossError", "TrainingStopped", "train", "lr_at", "scaled_lr", "scale_for_batch",
-    "describe_scaling", "build_optimizer", "to_device", "seed_everything", "plot_loss_curves",
+    "TrainConfig", "NonFiniteLossError", "TrainingStopped", "train", "lr_at", "scaled_lr",
+    "scale_for_batch", "describe_scaling", "build_optimizer", "to_device", "seed_everything", "plot_loss_curves",
     "keep_freed_memory",
 ]
 
@@ -391,8 +391,9 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, collate_fn: Call
     after every iteration. Under ``torchrun`` the same call trains with DDP.
 
     ``train_seconds`` in the result is the training loop's time summed over this call and the
-    ones whose checkpoints it resumed from (``earlier_train_seconds``, up to ``start_iteration``). Raises :class:`TrainingStopped` after a SIGTERM
-    (one process; see the module's docstring).
+    ones whose checkpoints it resumed from (``earlier_train_seconds``, up to
+    ``start_iteration``). Raises :class:`TrainingStopped` after a SIGTERM (one process; see the
+    module's docstring).
     """
     info = init_distributed(cfg.device)
     device = _pick_device(cfg.device, info)

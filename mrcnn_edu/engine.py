@@ -63,8 +63,8 @@ from .distributed import (DistInfo, InfiniteBatchSampler, SeededSamples, all_red
 
 __all__ = [
     "TrainConfig", "NonFiniteLossError", "TrainingStopped", "train", "lr_at", "scaled_lr",
-    "scale_for_batch", "describe_scaling", "build_optimizer", "to_device", "seed_everything", "plot_loss_curves",
-    "keep_freed_memory",
+    "scale_for_batch", "describe_scaling", "build_optimizer", "to_device", "seed_everything",
+    "plot_loss_curves", "keep_freed_memory",
 ]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}

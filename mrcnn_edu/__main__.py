@@ -174,8 +174,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     experiment, spec = load_experiment(args.config, overrides)
     if resume:
         experiment = replace(experiment, train=replace(experiment.train, resume=resume))
-    with leaving_process_group():
-        run_training(experiment, spec)
+    from mrcnn_edu.engine import TrainingStopped
+
+    try:
+        with leaving_process_group():
+            run_training(experiment, spec)
+    except TrainingStopped as stop:  # SIGTERM: the iteration is saved; --resume continues it
+        print(f"{stop}\n(same command with --resume)", file=sys.stderr, flush=True)
+        return 75  # sysexits' TEMPFAIL, as `ablate` reads it: try again later
     return 0
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -109,6 +111,32 @@ def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(trained_ru
     resumed = load_checkpoint(tmp_path / "model_0000003.pth")["model"]
     uninterrupted = load_checkpoint(trained_run / "model_0000003.pth")["model"]
     assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+
+
+def test_sigterm_saves_the_iteration_and_resume_ends_with_the_uninterrupted_weights(
+        trained_run, data_dir, tmp_path, capsys, monkeypatch):
+    from mrcnn_edu import engine
+
+    reduced, calls = engine._reduced_losses, []
+
+    def sigterm_in_second_iteration(loss_dict):  # as `timeout` or a scheduler would, mid-step
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return reduced(loss_dict)
+
+    monkeypatch.setattr(engine, "_reduced_losses", sigterm_in_second_iteration)
+    settings = [f"train.output_dir={tmp_path}", *data_overrides(data_dir), "train.checkpoint_period=0",
+                "data.eval_images=1"]
+    assert main(["train", "--config", "tiny", *settings]) == 75  # sysexits' TEMPFAIL: not a failure
+    assert "stopped by SIGTERM after 2 iterations" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == ["model_0000002.pth"]
+    monkeypatch.undo()
+    assert main(["train", "--config", "tiny", "--resume", *settings]) == 0
+    resumed = load_checkpoint(tmp_path / "model_0000003.pth")["model"]
+    uninterrupted = load_checkpoint(trained_run / "model_0000003.pth")["model"]
     for key in resumed:
         assert torch.equal(resumed[key], uninterrupted[key]), key
 

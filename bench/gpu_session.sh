@@ -120,7 +120,8 @@ for p in $PHASES; do
         phase mini_step 180 $PY bench/mini_step.py --images 16,32,64 --profile 3 --channels-last \
             --json "$OUT/mini_step.json" ;;
     table)
-        # resume from the committed results; stop starting trainings 30 s before the budget ends
+        # resume from the committed results; stop the trainings 45 s before the budget ends: up to
+        # 15 s for them to save their step (ablate's STOP_GRACE_S), then the report and packing
         mkdir -p runs/table2_miniature/pretrain runs/table2_miniature/train
         # The bodies an earlier lease pre-trained (.carry/table2_bodies.tar, see the header): every
         # row then starts from the same weights, and this lease spends no time pre-training. A
@@ -170,8 +171,8 @@ print(a.saved_iteration('runs/table2_miniature', sys.argv[1], int(sys.argv[2]), 
             [ "$overrun" -lt 0 ] && overrun=0
         fi
         echo "=== TABLE_OVERRUN: $overrun" | tee -a "$LOG"
-        deadline=$(($(left) - 30))
-        phase table $((deadline + 25)) $PY -m mrcnn_edu ablate --table 2 --seeds 3 --jobs "$TABLE_JOBS" \
+        deadline=$(($(left) - 45))
+        phase table $((deadline + 40)) $PY -m mrcnn_edu ablate --table 2 --seeds 3 --jobs "$TABLE_JOBS" \
             ${batch:+--images-per-batch "$batch"} $nhwc_flag --deadline "$deadline" \
             --may-overrun "$overrun" --overrun-max-mib "$CARRY_MIB"
         cp results/table2_miniature.json results/table2_miniature.md "$OUT/" 2>/dev/null
@@ -208,10 +209,10 @@ print(a.saved_iteration('runs/table2_miniature', sys.argv[1], int(sys.argv[2]), 
         # r50_fpn, 4 seeds each, PROBE_ITERS iterations) with their seconds per iteration and,
         # where they finish, COCOeval's time. Its table goes to $OUT/probe, never to results/.
         mkdir -p runs/table2_probe
-        deadline=$(($(left) - 30))
+        deadline=$(($(left) - 45))
         # PROBE_ROWS, PROBE_SEEDS, PROBE_JOBS, PROBE_ITERS (in 16-image iterations), PROBE_BATCH change it; PROBE_NO_PRETRAIN=1 skips
         # the pre-training (e.g. one training alone: is a training slow by itself, or by sharing?)
-        phase table_probe $((deadline + 25)) $PY -m mrcnn_edu ablate --table 2 \
+        phase table_probe $((deadline + 40)) $PY -m mrcnn_edu ablate --table 2 \
             --rows "${PROBE_ROWS:-r50_c4,r50_fpn}" --seeds "${PROBE_SEEDS:-4}" --jobs "${PROBE_JOBS:-8}" \
             --max-iter "${PROBE_ITERS:-200}" ${PROBE_NO_PRETRAIN:+--no-pretrain} --out "$OUT/probe" \
             ${PROBE_BATCH:+--images-per-batch "$PROBE_BATCH"} \

@@ -156,7 +156,7 @@ for p in $PHASES; do
             name=$(basename "$t" .tar); name=${name#table2_train_}
             tar -xf "$t" -C runs/table2_miniature/train 2>>"$LOG" || { echo "=== carried training unreadable: $t" | tee -a "$LOG"; continue; }
             if $PY -c "import sys; from mrcnn_edu import ablations as a
-print(a.saved_iteration('runs/table2_miniature', sys.argv[1], int(sys.argv[2]), a.train_config('shapes', False, 0, '', None, int(sys.argv[3]) if sys.argv[3] else None, sys.argv[4] == 'yes')))" \
+print(a.saved_progress('runs/table2_miniature', sys.argv[1], int(sys.argv[2]), a.train_config('shapes', False, 0, '', None, int(sys.argv[3]) if sys.argv[3] else None, sys.argv[4] == 'yes')))" \
                 "${name%__seed*}" "${name##*__seed}" "$batch" "$nhwc" >>"$LOG" 2>&1; then
                 echo "=== carried training: $name" | tee -a "$LOG"
             else

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -406,7 +407,8 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
     record = {
         "run": run, "seed": seed, "dataset": dataset, "quick": quick, "metrics": metrics,
         "iterations": trained["iteration"], "wall_time_s": time.perf_counter() - tic + earlier,
-        "train_time_s": train_s, "resumed_from": trained["start_iteration"], "init": init, "device": report.device_name(), "git_commit": report.git_commit(),
+        "train_time_s": train_s, "resumed_from": trained["start_iteration"], "init": init,
+        "device": report.device_name(), "git_commit": report.git_commit(),
         "torch": torch.__version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "model_config": dataclasses.asdict(model_cfg),
         "train_config": dataclasses.asdict(trained["config"]),
@@ -584,6 +586,7 @@ def may_start(elapsed: float, deadline: float | None, durations: list[float], re
     return elapsed + remaining * (max(durations) if durations else 0.0) < deadline
 
 
+@functools.lru_cache(maxsize=None)  # asked again at every poll while a job slot is free
 def checkpoint_mib(run: str, dataset: str = "shapes", quick: bool = False, input_size: int | None = None) -> float:
     """The size of a training checkpoint of ``run`` in MiB: its fp32 weights and SGD's momentum
     (what ``--overrun-max-mib`` compares: a lease's files come back 16 MiB each at most)."""
@@ -620,7 +623,7 @@ STOPPED_EXIT = 75  # run-one: stopped by SIGTERM, its state saved to resume from
 STOP_GRACE_S = 15.0  # at the deadline, what a training gets to finish its step and save it
 
 
-def saved_iteration(workdir: str | Path, run: str, seed: int, planned) -> tuple[int, float]:
+def saved_progress(workdir: str | Path, run: str, seed: int, planned) -> tuple[int, float]:
     """Where the training of ``run`` with ``seed`` resumes: its newest checkpoint's iteration and
     the seconds of training that led there; (0, 0.0) without one. Such a checkpoint was left by a
     session stopped at its deadline, or carried from another machine. A checkpoint of another
@@ -632,9 +635,10 @@ def saved_iteration(workdir: str | Path, run: str, seed: int, planned) -> tuple[
     path = last_checkpoint(Path(workdir) / "train" / f"{run}__seed{seed}")
     if path is None:
         return 0, 0.0
-    state, ran = load_checkpoint(path), asdict_plain(scale_for_batch(planned))
-    saved = asdict_plain(state["config"])
-    differ = [f"{k}={saved.get(k)!r} (planned {ran[k]!r})" for k in SCHEDULE_KEYS if saved.get(k) != ran[k]]
+    state, ran = load_checkpoint(path), scale_for_batch(planned)
+    saved = state["config"]  # the TrainConfig as it ran, tuples included (weights_only keeps them)
+    differ = [f"{k}={saved.get(k)!r} (planned {getattr(ran, k)!r})" for k in SCHEDULE_KEYS
+              if saved.get(k) != getattr(ran, k)]
     if differ:
         raise ValueError(f"{path} was trained with {', '.join(differ)}; delete its folder to start "
                          "that training over, or run the schedule it was started with")
@@ -643,14 +647,8 @@ def saved_iteration(workdir: str | Path, run: str, seed: int, planned) -> tuple[
 
 def durations_at_pace(saved: Iterable[tuple[int, float]], total: int) -> list[float]:
     """The seconds a whole training of ``total`` iterations would take at the pace of each
-    stopped one, ``(iteration, seconds)`` as :func:`saved_iteration` returns them."""
+    stopped one, ``(iteration, seconds)`` as :func:`saved_progress` returns them."""
     return [seconds * total / iteration for iteration, seconds in saved if iteration]
-
-
-def asdict_plain(config) -> dict:
-    """A TrainConfig or its saved dict, with tuples as lists: comparable either way."""
-    values = config if isinstance(config, dict) else dataclasses.asdict(config)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 def stop_at_deadline(active: dict, grace: float = STOP_GRACE_S) -> None:
@@ -682,7 +680,7 @@ def run_table(args: argparse.Namespace) -> dict:
     done = report.load_records(args.workdir, summary_path)
     todo = pending(runs, args.seeds, done, planned, pretrained, size)
     # trainings an earlier session stopped at its deadline resume from their checkpoints, first
-    paces = {key: saved_iteration(args.workdir, *key, planned) for key in todo}
+    paces = {key: saved_progress(args.workdir, *key, planned) for key in todo}
     saved = {key: iteration for key, (iteration, _) in paces.items()}
     todo.sort(key=lambda key: saved[key] == 0)
     total = scale_for_batch(planned).max_iter
@@ -734,7 +732,7 @@ def run_table(args: argparse.Namespace) -> dict:
                 if process.returncode == 0:  # it finished within the grace: its record is written
                     print(f"[{now:6.0f} s] {name} seed {seed}: done", flush=True)
                     continue
-                saved[(name, seed)] = saved_iteration(args.workdir, name, seed, planned)[0]
+                saved[(name, seed)] = saved_progress(args.workdir, name, seed, planned)[0]
                 stopped.append((name, seed))
                 print(f"[{now:6.0f} s] {name} seed {seed}: stopped at the deadline, "
                       + (f"saved at iteration {saved[(name, seed)]} of {total}" if saved[(name, seed)]

@@ -367,11 +367,11 @@ def test_a_training_stopped_at_the_deadline_saves_its_step_and_the_next_session_
     output = child.stdout.read()
     assert child.returncode == ablations.STOPPED_EXIT, output
     planned = train_config("shapes", True, 0, "", max_iter=12)
-    at, seconds = ablations.saved_iteration(work, "r50_c4", 0, planned)
+    at, seconds = ablations.saved_progress(work, "r50_c4", 0, planned)
     assert 2 <= at < 12 and f"stopped by SIGTERM after {at} iterations" in output and seconds > 0
     # a checkpoint of another schedule is not resumed into this one
     with pytest.raises(ValueError, match=r"model_\d{7}.pth was trained with max_iter=12 \(planned 6\)"):
-        ablations.saved_iteration(work, "r50_c4", 0, train_config("shapes", True, 0, "", max_iter=6))
+        ablations.saved_progress(work, "r50_c4", 0, train_config("shapes", True, 0, "", max_iter=6))
     # the next session (here: the same machine) starts it first, from there
     assert ablations.main(["--table", "2", "--rows", "r50_c4,r50_c4_roipool", "--seeds", "1", "--quick",
                            "--jobs", "1", "--max-iter", "12", "--no-pretrain", "--out", str(tmp_path / "out"),

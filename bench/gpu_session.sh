@@ -11,7 +11,8 @@
 #   bash bench/gpu_session.sh                      # all phases, 540 s budget
 #   BUDGET=300 bash bench/gpu_session.sh kernel roi_bench   # some phases
 #
-# Phases: kernel (the CuPy RoIAlign tests and the other CUDA tests of the RoI ops and NMS, #3),
+# Phases: kernel (the CuPy RoIAlign tests and the other CUDA tests of the RoI ops, NMS and the
+# host-built tensors' copies, #3),
 # roi_bench (bench/roi_align.py, #3), parity (full-size torchvision parity on the GPU, #6),
 # train_bench (bench/train_infer.py with a profile of each model's training step, #7),
 # mini_step (not run by default: bench/mini_step.py, one miniature training step alone at 16,
@@ -72,6 +73,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
+# the files under $OUT: what comes back is counted in files (8), not in top-level entries
+files_out() { find "$OUT" -type f | wc -l; }
 
 # phase NAME CAP_SECONDS COMMAND...: run under min(CAP, what is left), log rc and time
 phase() {
@@ -104,7 +107,7 @@ for p in $PHASES; do
     case $p in
     kernel)
         phase kernel 150 $PY -m pytest -q -rs -p no:cacheprovider tests/test_roi_align_cuda.py \
-            tests/test_roi_align_kernel_source.py tests/test_roi_ops.py tests/test_boxes.py ;;
+            tests/test_roi_align_kernel_source.py tests/test_roi_ops.py tests/test_boxes.py tests/test_device.py ;;
     roi_bench)
         phase roi_bench_fp32 60 $PY bench/roi_align.py --iters 30
         phase roi_bench_fp16 60 $PY bench/roi_align.py --iters 30 --dtype float16 ;;
@@ -114,9 +117,10 @@ for p in $PHASES; do
         phase train_bench 150 $PY bench/train_infer.py --iters 10 --profile 5 ;;
     mini_step)
         # one Table 2 miniature training step alone, r50_c4 and r50_fpn, at 16, 32 and 64 images
-        # per batch, with its profile, its peak memory and again in NHWC: the numbers the table's
-        # GPU budget is made of, and which TABLE_BATCH and layout make it shortest (#8), in two
-        # to three minutes; a size the cap cuts off is left out of the choice
+        # per batch, with its profile, its peak memory, its host-device syncs and again in NHWC
+        # (only where GroupNorm keeps NHWC on this PyTorch): the numbers the table's GPU budget is
+        # made of, and which TABLE_BATCH and layout make it shortest (#8), in up to three minutes;
+        # sizes run in turn for both runs, so a size the cap cuts off is left out of the choice
         phase mini_step 180 $PY bench/mini_step.py --images 16,32,64 --profile 3 --channels-last \
             --json "$OUT/mini_step.json" ;;
     table)
@@ -167,7 +171,7 @@ print(a.saved_progress('runs/table2_miniature', sys.argv[1], int(sys.argv[2]), a
         # the results JSON and markdown, the logs and the bodies take 4 of the 8 files that come back
         overrun=$TABLE_OVERRUN
         if [ "$overrun" = auto ]; then
-            overrun=$((8 - $(ls "$OUT" | wc -l) - 4))
+            overrun=$((8 - $(files_out) - 4))
             [ "$overrun" -lt 0 ] && overrun=0
         fi
         echo "=== TABLE_OVERRUN: $overrun" | tee -a "$LOG"
@@ -183,7 +187,7 @@ print(a.saved_progress('runs/table2_miniature', sys.argv[1], int(sys.argv[2]), a
             [ -f "runs/table2_miniature/results/$name.json" ] && continue  # finished
             [ -f "$d/last_checkpoint" ] && echo "$(cat "$d/last_checkpoint") $name"
         done | sort -r | while read -r checkpoint name; do
-            [ "$(ls "$OUT" | wc -l)" -ge 7 ] && { echo "=== not carried (no file slot left): $name" | tee -a "$LOG"; continue; }
+            [ "$(files_out)" -ge 7 ] && { echo "=== not carried (no file slot left): $name" | tee -a "$LOG"; continue; }
             tar -cf "$OUT/table2_train_$name.tar" -C runs/table2_miniature/train \
                 "$name/last_checkpoint" "$name/$checkpoint" "$name/metrics.jsonl"
             if [ "$(stat -c %s "$OUT/table2_train_$name.tar")" -gt $((16 * 1024 * 1024)) ]; then

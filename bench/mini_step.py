@@ -16,9 +16,16 @@ each size (``ablate --images-per-batch``: the same 48,000 images, 48,000 / N ste
 against 16 images per batch in the same run. Where a step's cost is launches and host work, a
 batch of 64 costs little more than one of 16 and the schedule gets up to 4x shorter. On a GPU it
 also prints each size's peak memory (``max_memory_allocated``): the table runs eight trainings
-at once, and ``bench/pick_batch.py`` takes no size whose eight do not fit. ``--channels-last``
-times each step again with NHWC convolutions (``ablate --channels-last``), the layout cuDNN's
-bf16 convolutions run natively.
+at once, and ``bench/pick_batch.py`` takes no size whose eight do not fit, and the host-device
+synchronisations of one step (``torch.cuda.set_sync_debug_mode``: each makes the host wait for
+the GPU, and a CPU count cannot see the blocking copies among them). ``--channels-last`` times
+each step again with NHWC convolutions (``ablate --channels-last``), the layout cuDNN's bf16
+convolutions run natively, where this PyTorch's GroupNorm keeps that layout on the device (CUDA's
+did not before 2026: the miniature's GN layers would convert back at every layer).
+
+The sizes run in turn for every run (size-major), and the JSON is rewritten after each timing:
+a bench cut off by its time cap keeps every run's smaller sizes. A size that runs out of GPU
+memory is left out, with every larger one of that run.
 
     python bench/mini_step.py                        # r50_c4 and r50_fpn, on a CUDA GPU
     python bench/mini_step.py --images 16,32,64      # the same, at 3 batch sizes
@@ -31,8 +38,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -67,6 +76,29 @@ def step_fn(run: str, images: list[torch.Tensor], targets: list[dict], device: t
 
     step.model, step.optimizer = model, optimizer  # for bench/step_memory.py's accounting
     return step
+
+
+def group_norm_keeps_channels_last(device: torch.device) -> bool:
+    """Whether GroupNorm on ``device`` returns an NHWC input as NHWC. The CPU's does; CUDA's made
+    its output NCHW until PyTorch added NHWC kernels in 2026 (pytorch/pytorch#191945)."""
+    x = torch.randn(2, 8, 4, 4, device=device).contiguous(memory_format=torch.channels_last)
+    return torch.nn.functional.group_norm(x, 4).is_contiguous(memory_format=torch.channels_last)
+
+
+def count_syncs(step, device: torch.device) -> int | None:
+    """How many times one call of ``step`` makes the host wait for the GPU (reads of a value,
+    blocking copies; ``torch.cuda.set_sync_debug_mode``), or None off CUDA."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,35 +150,59 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one miniature training step alone on {name}: {','.join(map(str, sizes))} images of {args.size} px, "
           f"model input {input_size} px, amp={args.amp}, median of {args.iters} after {args.warmup} warm-up")
     results: dict[str, dict[int, dict]] = {}
+    nhwc_kept = group_norm_keeps_channels_last(device)
+    if args.channels_last and not nhwc_kept:
+        print(f"channels last: not timed. This PyTorch's GroupNorm on {device.type} returns NCHW, so every "
+              f"GroupNorm of the miniature (GN bodies and FPN) would convert its NHWC input back "
+              f"(pytorch/pytorch#111824): NHWC convolutions cannot pay here", flush=True)
 
-    def save() -> None:  # after each timing: a later size that runs out of memory loses no other
+    def save() -> None:  # after each timing, atomically: a run cut off later keeps what was timed
         if args.json:
-            Path(args.json).write_text(json.dumps({"device": name, "device_mib": device_mib, "images": sizes,
-                                                   "runs": results}, indent=1))
+            tmp = Path(f"{args.json}.tmp")
+            tmp.write_text(json.dumps({"device": name, "device_mib": device_mib, "images": sizes,
+                                       "group_norm_keeps_channels_last": nhwc_kept, "runs": results}, indent=1))
+            os.replace(tmp, args.json)
 
-    for run in runs:
-        first = None
-        for n in sizes:  # the first n of one set: a larger batch holds the smaller one
+    # Size-major: when the phase's time cap cuts the bench off, every run has the smaller sizes,
+    # which is what bench/pick_batch.py compares (the sizes timed for all runs).
+    first: dict[str, tuple[int, float]] = {}
+    out_of_memory: set[str] = set()
+    for n in sizes:  # the first n of one set: a larger batch holds the smaller one
+        for run in runs:
+            if run in out_of_memory:  # a larger batch of it will not fit either
+                continue
             if device.type == "cuda":  # this size's own peak, not an earlier one's
                 torch.cuda.reset_peak_memory_stats(device)
-            step = step_fn(run, all_images[:n], all_targets[:n], device, args.amp, args.input_size)
-            ms = statistics.median(timed(step, device, args.warmup, args.iters))
+            try:
+                step = step_fn(run, all_images[:n], all_targets[:n], device, args.amp, args.input_size)
+                ms = statistics.median(timed(step, device, args.warmup, args.iters))
+            except torch.cuda.OutOfMemoryError:
+                step = None
+                out_of_memory.add(run)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                print(f"{run:22s} {n:3d} images: out of GPU memory; not timed, nor any larger batch of it", flush=True)
+                continue
             # the tensors one training of this size holds at most (pick_batch: do --jobs of them fit?)
             peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+            syncs = count_syncs(step, device)
             steps_needed = round(total / n)
             seconds = ms * steps_needed / 1000
-            first = first or (n, seconds)
-            against = f"; {seconds / first[1]:.2f}x the time with {first[0]}" if n != first[0] else ""
+            first.setdefault(run, (n, seconds))
+            against = f"; {seconds / first[run][1]:.2f}x the time with {first[run][0]}" if n != first[run][0] else ""
             results.setdefault(run, {})[n] = {"ms_per_step": round(ms, 2), "schedule_s": round(seconds, 1),
-                                              "peak_mib": None if peak is None else round(peak, 1)}
+                                              "peak_mib": None if peak is None else round(peak, 1),
+                                              "syncs_per_step": syncs}
             save()
             memory = f"; peak {peak / 1024:.1f} GiB" if peak is not None else ""
+            waits = f"; {syncs} host-device syncs" if syncs is not None else ""
             print(f"{run:22s} {n:3d} images {ms:8.1f} ms/step {1000 * n / ms:7.0f} images/s; "
-                  f"one training ({steps_needed} steps of {n}) alone: {seconds:.0f} s{against}{memory}", flush=True)
+                  f"one training ({steps_needed} steps of {n}) alone: {seconds:.0f} s{against}{memory}{waits}",
+                  flush=True)
             if args.profile:
                 profile_steps(step, device, args.profile, f"{run}, {n} images")
             del step
-            if args.channels_last:  # the same step with NHWC convolutions, right after
+            if args.channels_last and nhwc_kept:  # the same step with NHWC convolutions, right after
                 step = step_fn(run, all_images[:n], all_targets[:n], device, args.amp, args.input_size, True)
                 nhwc = statistics.median(timed(step, device, args.warmup, args.iters))
                 del step

@@ -97,6 +97,23 @@ def timed(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
     return times
 
 
+def device_us(event) -> float:
+    """A profiler event's self time on the device, in µs (``self_cuda_time_total`` before PyTorch 2.4's rename)."""
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+
+
+def device_events(events: list) -> list:
+    """The GPU's own events (kernels, copies) of ``prof.key_averages()``.
+
+    The list holds the host's ops too, and an op's self GPU time is the time of the kernels it
+    launched, which are also in the list as events of their own: summing every event's self GPU
+    time counts each kernel twice. torch.profiler's own table totals the device events alone.
+    """
+    from torch.autograd import DeviceType
+
+    return [e for e in events if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
+
+
 def profile_steps(step, device: torch.device, steps: int, name: str, top: int = 12) -> None:
     """Where one training step's time goes, per step over ``steps`` profiled ones: the GPU's busy
     time against the wall time (a step the GPU waits on is bound by the CPU: launches, Python,
@@ -112,20 +129,17 @@ def profile_steps(step, device: torch.device, steps: int, name: str, top: int = 
             torch.cuda.synchronize(device)
     wall = 1000 * (time.perf_counter() - tic) / steps
     events = prof.key_averages()
-
-    def device_us(e):  # renamed from self_cuda_time_total in newer PyTorch
-        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-
-    busy = sum(device_us(e) for e in events) / 1000 / steps
+    kernels = device_events(events)
+    busy = sum(device_us(e) for e in kernels) / 1000 / steps
     print(f"--- profile of {name}'s training step ({steps} steps): wall {wall:.1f} ms/step under the "
           f"profiler, GPU busy {busy:.1f} ms/step ({100 * busy / wall:.0f} %)")
     syncs = {e.key: e.count / steps for e in events
              if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync",
                           "aten::item", "aten::nonzero", "aten::_local_scalar_dense")}
     print("host-device round trips per step: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(syncs.items())))
-    for title, key in (("GPU", device_us), ("CPU", lambda e: e.self_cpu_time_total)):
+    for title, key, rows in (("GPU", device_us, kernels), ("CPU", lambda e: e.self_cpu_time_total, events)):
         print(f"top {top} by self {title} time: ms/step, calls/step")
-        for e in sorted(events, key=key, reverse=True)[:top]:
+        for e in sorted(rows, key=key, reverse=True)[:top]:
             print(f"  {key(e) / 1000 / steps:8.2f} {e.count / steps:7.1f}  {e.key[:90]}")
 
 

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mrcnn_edu.device import host_to_device
+
 __all__ = [
     "check_boxes",
     "greedy_keep_in_rounds",
@@ -152,7 +154,8 @@ def pad_rows(rows: list[Tensor], fill: float = 0) -> Tensor:
     """Per-image ``(N_i, *rest)`` tensors -> ``(B, max N_i, *rest)``, short images filled with ``fill``.
 
     One concatenation and one indexed copy, whatever the number of images (``pad_sequence``
-    launches a copy per image); the row indices are built on the host.
+    launches a copy per image); the row indices are built on the host and queued to the device
+    without a synchronisation (``device.host_to_device``).
     """
     rows = list(rows)
     if not rows:
@@ -167,7 +170,7 @@ def pad_rows(rows: list[Tensor], fill: float = 0) -> Tensor:
     # Python loop, and no torch op that reads like a device sync)
     flat = torch.from_numpy(np.flatnonzero(np.arange(longest)[None, :] < np.asarray(counts)[:, None]))
     # index_put_ rather than index_copy_: deterministic on CUDA, also under use_deterministic_algorithms
-    out.view(len(rows) * longest, *out.shape[2:])[flat.to(out.device)] = torch.cat(rows)
+    out.view(len(rows) * longest, *out.shape[2:])[host_to_device(flat, out.device)] = torch.cat(rows)
     return out
 
 

@@ -39,6 +39,7 @@ from mrcnn_edu.backbone import build_backbone, make_res5_head
 from mrcnn_edu.boxes import check_boxes
 from mrcnn_edu.config import MaskRCNNConfig
 from mrcnn_edu.data.transforms import batch_images, normalize, resize_images, resize_images_like_torchvision, size_ratios
+from mrcnn_edu.device import host_to_device
 from mrcnn_edu.roi_heads.box_head import BoxBranch, BoxPredictor, PositiveRoIs, Res5Head, TwoFCHead
 from mrcnn_edu.roi_heads.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
 from mrcnn_edu.roi_heads.mask_head import (batch_mask_targets, build_mask_head, mask_loss, mask_probs,
@@ -144,9 +145,9 @@ class MaskRCNN(nn.Module):
             if image.dim() != 3:
                 raise ValueError(f"image {i} must be (3, H, W), got shape {tuple(image.shape)}")
             groups.setdefault((*image.shape[-2:], image.dtype, min_size), []).append(i)
-        # made once per batch: as tensors on the device, not copied there once per image
-        mean = torch.as_tensor(t.pixel_mean, dtype=images[0].dtype, device=images[0].device)
-        std = torch.as_tensor(t.pixel_std, dtype=images[0].dtype, device=images[0].device)
+        # made once per batch: on the device, not copied there once per image, queued without a sync
+        mean = host_to_device(torch.tensor(t.pixel_mean, dtype=images[0].dtype), images[0].device)
+        std = host_to_device(torch.tensor(t.pixel_std, dtype=images[0].dtype), images[0].device)
         resize_fn = resize_images_like_torchvision if t.resize_mode == "torchvision" else resize_images
         out_images, out_targets, scales = [None] * len(images), [None] * len(images), [0.0] * len(images)
         for (*_, min_size), members in groups.items():
@@ -228,7 +229,7 @@ class MaskRCNN(nn.Module):
                     raise ValueError("postprocess with resize_mode='torchvision' needs image_sizes (the resized sizes)")
                 ratio_y, ratio_x = size_ratios((height, width), image_sizes[i], d["boxes"].device)
             else:
-                ratio_y = ratio_x = torch.tensor(1.0 / scale, dtype=d["boxes"].dtype, device=d["boxes"].device)
+                ratio_y = ratio_x = torch.full((), 1.0 / scale, dtype=d["boxes"].dtype, device=d["boxes"].device)
             boxes = d["boxes"] * torch.stack([ratio_x, ratio_y, ratio_x, ratio_y])
             if t.resize_mode != "torchvision":  # torchvision's resize_boxes does not clamp
                 boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)

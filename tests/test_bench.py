@@ -191,6 +191,59 @@ def test_mini_step_times_channels_last_beside_nchw(capsys, tmp_path):
     assert float(line[2]) == pytest.approx(timing["channels_last_ms_per_step"] / timing["ms_per_step"], abs=0.011)
 
 
+def test_mini_step_runs_size_major_and_leaves_out_a_size_that_runs_out_of_memory(capsys, tmp_path, monkeypatch):
+    mini_step = load("mini_step")
+    real_step_fn = mini_step.step_fn
+
+    def step_fn(run, images, *args, **kwargs):  # r50_c4 at 4 images: as if the GPU were full
+        if run == "r50_c4" and len(images) == 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return real_step_fn(run, images, *args, **kwargs)
+
+    monkeypatch.setattr(mini_step, "step_fn", step_fn)
+    path = tmp_path / "mini_step.json"
+    assert mini_step.main(["--quick", "--runs", "r50_c4,r50_fpn", "--images", "16,64", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    timed_rows = [tuple(line.split()[:2]) for line in out.splitlines() if "ms/step" in line]
+    assert timed_rows == [("r50_c4", "2"), ("r50_fpn", "2"), ("r50_fpn", "4")]  # every run's small size first
+    assert re.search(r"r50_c4 +4 images: out of GPU memory", out)
+    runs = json.loads(path.read_text())["runs"]
+    assert set(runs["r50_c4"]) == {"2"} and set(runs["r50_fpn"]) == {"2", "4"}
+    assert not (tmp_path / "mini_step.json.tmp").exists()  # written aside, then moved over
+    # pick_batch compares the sizes every run has: the OOM size is not among them
+    assert load("pick_batch").pick_batch(path, None, max_batch=64) == 2
+
+
+def test_mini_step_skips_channels_last_where_group_norm_would_undo_it(capsys, tmp_path, monkeypatch):
+    mini_step = load("mini_step")
+    assert mini_step.group_norm_keeps_channels_last(torch.device("cpu"))  # the CPU's GroupNorm keeps NHWC
+    monkeypatch.setattr(mini_step, "group_norm_keeps_channels_last", lambda device: False)  # CUDA before 2026
+    path = tmp_path / "mini_step.json"
+    assert mini_step.main(["--quick", "--runs", "r50_c4", "--channels-last", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "channels last: not timed" in out and "x the time of NCHW" not in out
+    measured = json.loads(path.read_text())
+    assert measured["group_norm_keeps_channels_last"] is False
+    assert "channels_last_ms_per_step" not in measured["runs"]["r50_c4"]["2"]
+    assert measured["runs"]["r50_c4"]["2"]["syncs_per_step"] is None  # counted on CUDA only
+    assert load("pick_batch").pick_channels_last(path, None, 2) is False
+
+
+def test_profile_counts_each_kernel_once():
+    from torch.autograd import DeviceType
+    device_events = load("train_infer").device_events
+
+    class Event:
+        def __init__(self, key, device_type, self_device_time_total):
+            self.key, self.device_type, self.self_device_time_total = key, device_type, self_device_time_total
+
+    # an op that launched one 10 µs kernel: the op's self GPU time is that kernel's
+    events = [Event("aten::mul", DeviceType.CPU, 10.0), Event("elementwise_kernel", DeviceType.CUDA, 10.0),
+              Event("aten::empty", DeviceType.CPU, 0.0)]
+    assert [e.key for e in device_events(events)] == ["elementwise_kernel"]
+    assert sum(e.self_device_time_total for e in device_events(events)) == 10.0
+
+
 def test_pick_batch_keeps_the_committed_size_else_takes_the_cheapest_schedule(tmp_path):
     pick = load("pick_batch").pick_batch
     timed = tmp_path / "mini_step.json"  # as mini_step.py --json writes it (made-up seconds)

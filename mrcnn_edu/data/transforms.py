@@ -27,6 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mrcnn_edu.device import host_to_device
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # for [0, 1] RGB images (torchvision's backbones)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -104,9 +106,12 @@ def resize(image: torch.Tensor, target: dict | None, min_size: int, max_size: in
 
 
 def size_ratios(new_size: tuple[int, int], old_size: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(new_h / old_h, new_w / old_w) as float32 tensors, computed as torchvision's resize_boxes does."""
-    return tuple(torch.tensor(float(new), dtype=torch.float32, device=device)
-                 / torch.tensor(float(old), dtype=torch.float32, device=device)
+    """(new_h / old_h, new_w / old_w) as float32 tensors, computed as torchvision's resize_boxes does.
+
+    The operands are filled on the device (``torch.full``): ``torch.tensor(x, device=cuda)``
+    would copy each from the host and synchronise."""
+    return tuple(torch.full((), float(new), dtype=torch.float32, device=device)
+                 / torch.full((), float(old), dtype=torch.float32, device=device)
                  for new, old in zip(new_size, old_size))
 
 
@@ -195,8 +200,8 @@ def hflip(image: torch.Tensor, target: dict | None, flip_map=None
 
 def normalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """(image - mean) / std per channel."""
-    mean = torch.as_tensor(mean, dtype=image.dtype, device=image.device)
-    std = torch.as_tensor(std, dtype=image.dtype, device=image.device)
+    mean = host_to_device(torch.as_tensor(mean, dtype=image.dtype), image.device)
+    std = host_to_device(torch.as_tensor(std, dtype=image.dtype), image.device)
     return (image - mean[:, None, None]) / std[:, None, None]
 
 

@@ -44,6 +44,8 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
+from mrcnn_edu.device import host_to_device
+
 __all__ = ["roi_align", "roi_align_torch", "sampling_points", "boxes_to_rois", "check_roi_inputs",
            "cupy_available", "divide"]
 
@@ -60,9 +62,10 @@ def boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
             raise ValueError(f"boxes[{i}] must be an (Ri, 4) xyxy tensor, got {shape}")
     if len(boxes) == 0:
         raise ValueError("boxes must hold one (Ri, 4) tensor per image, got an empty list")
-    # the image index of every row, built on the host and copied once (not one op per image)
+    # the image index of every row, built on the host and queued to the device (one copy, no sync)
     image_index = torch.repeat_interleave(torch.arange(len(boxes)), torch.tensor([b.shape[0] for b in boxes]))
-    return torch.cat([image_index.to(boxes[0])[:, None], torch.cat(list(boxes))], dim=1)  # (R, 5)
+    image_index = host_to_device(image_index.to(boxes[0].dtype), boxes[0].device)
+    return torch.cat([image_index[:, None], torch.cat(list(boxes))], dim=1)  # (R, 5)
 
 
 def _pair(output_size: Union[int, Sequence[int]]) -> tuple[int, int]:

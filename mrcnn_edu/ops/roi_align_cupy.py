@@ -100,15 +100,16 @@ def _launch(kernel, total: int, tensors: list[Tensor], scalars: list, device: to
         return
     blocks = min((total + _THREADS - 1) // _THREADS, 2**31 - 1)
     stream = torch.cuda.current_stream(device)
-    with warnings.catch_warnings():
-        # CuPy 14 deprecates ExternalStream for Stream.from_external, which older CuPy lacks
-        warnings.simplefilter("ignore", DeprecationWarning)
-        external = cupy.cuda.ExternalStream(stream.cuda_stream)
-    with cupy.cuda.Device(device.index), external:
-        # zero-copy views; CuPy has no bfloat16 dtype, so bf16 travels as its int16 bit pattern
-        arrays = [cupy.from_dlpack(t.detach().view(torch.int16) if t.dtype == torch.bfloat16
-                                   else t.detach()) for t in tensors]
-        kernel((blocks,), (_THREADS,), (*arrays, *scalars))
+    with cupy.cuda.Device(device.index):  # the stream below belongs to the tensors' GPU, not the current one
+        with warnings.catch_warnings():
+            # CuPy 14 deprecates ExternalStream for Stream.from_external, which older CuPy lacks
+            warnings.simplefilter("ignore", DeprecationWarning)
+            external = cupy.cuda.ExternalStream(stream.cuda_stream)
+        with external:
+            # zero-copy views; CuPy has no bfloat16 dtype, so bf16 travels as its int16 bit pattern
+            arrays = [cupy.from_dlpack(t.detach().view(torch.int16) if t.dtype == torch.bfloat16
+                                       else t.detach()) for t in tensors]
+            kernel((blocks,), (_THREADS,), (*arrays, *scalars))
 
 
 def _layout(input: Tensor) -> tuple[Tensor, bool]:

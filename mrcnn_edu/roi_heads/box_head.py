@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..boxes import BoxCoder, batched_nms, box_iou, clip_boxes, pad_boxes, pad_rows, remove_small_boxes
+from ..device import host_to_device
 from ..matching import BACKGROUND, BalancedSampler, Matcher
 
 __all__ = [
@@ -127,8 +128,9 @@ def sample_rois_padded(proposals: list[Tensor], targets: list[dict[str, Tensor]]
         candidates = [torch.cat([p, t["boxes"].to(p)]) for p, t in zip(candidates, targets)]  # (R_i + G_i, 4)
     num_candidates = [c.shape[0] for c in candidates]
     candidates = pad_boxes(candidates)  # (B, M, 4), M = max(R_i + G_i)
-    # padding rows are neither positive nor negative (built on the host: no device read)
-    is_real = (torch.arange(candidates.shape[1])[None, :] < torch.tensor(num_candidates)[:, None]).to(reference.device)
+    # padding rows are neither positive nor negative (built on the host: no device read, no sync)
+    is_real = host_to_device(torch.arange(candidates.shape[1])[None, :] < torch.tensor(num_candidates)[:, None],
+                             reference.device)
 
     matched_idx = matcher(box_iou(gt_boxes, candidates))  # (B, M)
     pos_mask, neg_mask = sampler.sample((matched_idx >= 0) & is_real, (matched_idx == BACKGROUND) & is_real,

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mrcnn_edu.device import host_to_device
 from mrcnn_edu.ops import roi_align
 
 
@@ -246,8 +247,8 @@ def batch_mask_targets(gt_masks: list[torch.Tensor], matched_gt_idx: list[torch.
         # each RoI's image's mask count and index shift, built on the host from known shapes
         num_rois = torch.tensor([matched_gt_idx[i].shape[0] for i in run])
         num_masks = torch.tensor([gt_masks[i].shape[0] for i in run])
-        shift = (num_masks.cumsum(0) - num_masks).repeat_interleave(num_rois).to(proposals[start].device)
-        bound = num_masks.repeat_interleave(num_rois).to(proposals[start].device)
+        shift = host_to_device((num_masks.cumsum(0) - num_masks).repeat_interleave(num_rois), proposals[start].device)
+        bound = host_to_device(num_masks.repeat_interleave(num_rois), proposals[start].device)
         idx = torch.cat([matched_gt_idx[i] for i in run])
         if idx.numel() > 0 and bool(((idx < 0) | (idx >= bound)).any()):  # one read for the run
             bad = next(i for i in run

@@ -229,6 +229,21 @@ def test_mini_step_skips_channels_last_where_group_norm_would_undo_it(capsys, tm
     assert load("pick_batch").pick_channels_last(path, None, 2) is False
 
 
+def test_host_copies_counts_each_host_built_tensor_of_a_training_step_by_call_site(capsys):
+    host_copies = load("host_copies")
+    c4, fpn = host_copies.count_host_copies("r50_c4"), host_copies.count_host_copies("r50_fpn")
+    # pad_rows: the RPN's gt boxes, the box head's gt boxes, gt labels and candidates; preprocess:
+    # the pixel mean and std; batch_mask_targets: the mask offsets and bounds of its one run of
+    # same-size images; boxes_to_rois: one per RoIPooler call, the box head's, and FPN's mask head's
+    common = {"pad_rows": 4, "preprocess": 2, "sample_rois_padded": 1, "batch_mask_targets": 2}
+    assert c4 == {**common, "boxes_to_rois": 1}
+    assert fpn == {**common, "boxes_to_rois": 2}
+    assert all(sys.modules[name].host_to_device is host_copies.mrcnn_edu.device.host_to_device
+               for name in host_copies.CALLERS)  # put back
+    assert host_copies.main(["--runs", "r50_c4"]) == 0
+    assert "r50_c4: 10 host-to-device copies per training step" in capsys.readouterr().out
+
+
 def test_profile_counts_each_kernel_once():
     from torch.autograd import DeviceType
     device_events = load("train_infer").device_events

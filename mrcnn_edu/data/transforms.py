@@ -199,9 +199,11 @@ def hflip(image: torch.Tensor, target: dict | None, flip_map=None
 
 
 def normalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """(image - mean) / std per channel."""
-    mean = host_to_device(torch.as_tensor(mean, dtype=image.dtype), image.device)
-    std = host_to_device(torch.as_tensor(std, dtype=image.dtype), image.device)
+    """(image - mean) / std per channel: ``mean``, ``std`` 3 numbers, or (3,) tensors on the image's device."""
+    if not isinstance(mean, torch.Tensor):  # numbers: built on the host, queued to the device
+        mean = host_to_device(torch.tensor(mean, dtype=image.dtype), image.device)
+    if not isinstance(std, torch.Tensor):
+        std = host_to_device(torch.tensor(std, dtype=image.dtype), image.device)
     return (image - mean[:, None, None]) / std[:, None, None]
 
 

@@ -7,10 +7,17 @@ move with the seed, so every figure here is a mean over seeds with its spread:
 - a gain or any comparison of runs: ``Δ ± s.e.``, the difference of the runs' means and its
   standard error ``sqrt(Σ c_i² s_i² / n_i)`` (different runs are independent trainings; no
   pairing by seed is assumed);
-- a claim of the paper (§4.2) is judged by ``z = Δ / s.e.``: "agrees" when the difference has
-  the paper's sign and ``z > 2``, "same direction, within noise" when ``0 < z <= 2``,
-  "opposite direction" otherwise. "Close" claims (class-agnostic vs -specific) agree when
-  ``|Δ| < CLOSE_AP``. A rough rule for reading three seeds, not a significance test.
+- a claim of the paper (§4.2) is judged by ``t = Δ / s.e.``, signed so that the paper's
+  direction is positive, against Student's t with the Welch-Satterthwaite degrees of freedom
+  (:func:`welch_df`; three seeds per run leave about 4, where the 97.5 % point is 2.78, not
+  the normal 1.96): "agrees" when ``t > t_0.975``, "same direction, within noise" when
+  ``0 < t <= t_0.975``, "opposite direction, within noise" down to ``-t_0.975``, "contradicts"
+  below. "Close" claims (class-agnostic vs -specific, RoIWarp vs RoIPool, max vs average) are
+  equivalence tests (two one-sided tests at 5 %): "agrees (close)" when the 90 % interval
+  ``|Δ| + t_0.95 s.e.`` stays under :data:`CLOSE_AP`, "disagrees" when ``|Δ| - t_0.95 s.e.`` is
+  over it, "undecided" between. A run of one seed, or with no spread, gives no verdict beyond
+  the sign. Trainings of one table share a pre-trained body and the seeds, so these tests treat
+  runs as independent where they may be positively correlated: conservative for differences.
 
 Metrics are stored as COCOeval gives them (fractions, ``metrics[iou_type][AP...]``) in the
 records and shown in percent, as the paper prints them; ``APbb*`` are box AP.
@@ -34,7 +41,15 @@ __all__ = ["write_json_atomic", "result_path", "git_commit", "device_name", "mea
 
 MASK_KEYS = ("AP", "AP50", "AP75")
 BOX_KEYS = ("APbb", "APbb50", "APbb75")
-CLOSE_AP = 1.0  # "close": the paper's class-agnostic gap is 0.6 AP
+CLOSE_AP = 1.0  # "close": the paper's class-agnostic gap is 0.6 AP, its RoIWarp / RoIPool and max / avg 0.1-0.3
+
+# Student's t quantiles by degrees of freedom, for the verdicts (no scipy in the project's
+# dependencies); between entries t_quantile interpolates linearly, which errs large (the
+# quantile is convex in df): conservative. 0.975: "greater" claims; 0.95: "close" (TOST at 5 %).
+_T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 10: 2.23, 15: 2.13,
+          20: 2.09, 30: 2.04, 60: 2.00}
+_T_95 = {1: 6.31, 2: 2.92, 3: 2.35, 4: 2.13, 5: 2.02, 6: 1.94, 7: 1.89, 8: 1.86, 10: 1.81, 15: 1.75,
+         20: 1.72, 30: 1.70, 60: 1.67}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -69,6 +84,34 @@ def contrast(terms: list[tuple[float, list[float]]]) -> tuple[float, float]:
         estimate += coef * mean
         variance += coef**2 * std**2 / len(values)
     return estimate, math.sqrt(variance)
+
+
+def welch_df(terms: list[tuple[float, list[float]]]) -> float:
+    """The Welch-Satterthwaite degrees of freedom of :func:`contrast`'s standard error:
+    ``V² / Σ (c_i² s_i² / n_i)² / (n_i - 1)`` with ``V = Σ c_i² s_i² / n_i``; nan when a run has
+    fewer than 2 values or the runs have no spread at all."""
+    parts = []
+    for coef, values in terms:
+        if len(values) < 2:
+            return math.nan
+        parts.append((coef**2 * mean_std(values)[1] ** 2 / len(values), len(values) - 1))
+    variance = sum(v for v, _ in parts)
+    if variance == 0:
+        return math.nan
+    return variance**2 / sum(v**2 / dof for v, dof in parts)
+
+
+def t_quantile(df: float, level: float = 0.975) -> float:
+    """Student's t quantile (0.975 or 0.95) at ``df`` degrees of freedom (Welch's are fractional):
+    from a table, linear between its entries, its first entry below 1 and its last above 60."""
+    table = {0.975: _T_975, 0.95: _T_95}[level]
+    points = sorted(table)
+    df = min(max(df, points[0]), points[-1])
+    upper = next(d for d in points if d >= df)
+    lower = max(d for d in points if d <= df)
+    if upper == lower:
+        return table[lower]
+    return table[lower] + (df - lower) / (upper - lower) * (table[upper] - table[lower])
 
 
 def format_gain(delta: float, se: float, digits: int = 1) -> str:
@@ -174,8 +217,10 @@ def check_same_schedule(record: dict, planned, pretrained: bool | None = None,
 
     planned = scale_for_batch(planned)  # records hold the schedule as it ran
     done = record.get("train_config", {})
-    for key in ("max_iter", "images_per_batch", "base_lr"):
-        if key in done and done[key] != getattr(planned, key):
+    for key in SCHEDULE_KEYS:
+        same = (tuple(done[key]) == tuple(getattr(planned, key)) if key == "steps"
+                else done[key] == getattr(planned, key)) if key in done else True
+        if not same:
             raise ValueError(
                 f"{record['run']} seed {record['seed']} finished with {key}={done[key]} but this "
                 f"command plans {key}={getattr(planned, key)}; {where}")
@@ -193,13 +238,23 @@ CLAIMS = [
      [(1, "r50_c4", {"AP": 1}), (-1, "r50_c4_roiwarp_avg", {"AP": 1})], "greater"),
     ("RoIAlign beats RoIWarp, max (2c)",
      [(1, "r50_c4_roialign_max", {"AP": 1}), (-1, "r50_c4_roiwarp_max", {"AP": 1})], "greater"),
+    ("RoIWarp is on par with RoIPool (2c text)",
+     [(1, "r50_c4_roiwarp_max", {"AP": 1}), (-1, "r50_c4_roipool", {"AP": 1})], "close"),
+    ("RoIAlign is insensitive to max vs average pooling (2c text)",
+     [(1, "r50_c4", {"AP": 1}), (-1, "r50_c4_roialign_max", {"AP": 1})], "close"),
     ("RoIAlign's C4 gain over RoIPool is larger at AP75 than at AP50 (2c)",
      [(1, "r50_c4", {"AP75": 1, "AP50": -1}), (-1, "r50_c4_roipool", {"AP75": 1, "AP50": -1})], "greater"),
     ("RoIAlign's gain on C5 (stride 32) exceeds its gain on C4 (2c vs 2d)",
      [(1, "r50_c5_roialign", {"AP": 1}), (-1, "r50_c5_roipool", {"AP": 1}),
       (-1, "r50_c4", {"AP": 1}), (1, "r50_c4_roipool", {"AP": 1})], "greater"),
+    ("RoIAlign beats RoIPool on C5 (2d)",
+     [(1, "r50_c5_roialign", {"AP": 1}), (-1, "r50_c5_roipool", {"AP": 1})], "greater"),
+    ("RoIAlign beats RoIPool on C5 at AP75 (2d)",
+     [(1, "r50_c5_roialign", {"AP75": 1}), (-1, "r50_c5_roipool", {"AP75": 1})], "greater"),
     ("RoIAlign beats RoIPool on C5 in box AP (2d)",
      [(1, "r50_c5_roialign", {"APbb": 1}), (-1, "r50_c5_roipool", {"APbb": 1})], "greater"),
+    ("with RoIAlign, stride-32 C5 beats stride-16 C4 (2c vs 2d)",
+     [(1, "r50_c5_roialign", {"AP": 1}), (-1, "r50_c4", {"AP": 1})], "greater"),
     ("FCN beats the 2-fc MLP mask head (2e)", [(1, "r50_fpn", {"AP": 1}), (-1, "r50_fpn_mlp2", {"AP": 1})], "greater"),
     ("FCN beats the 3-fc MLP mask head (2e)", [(1, "r50_fpn", {"AP": 1}), (-1, "r50_fpn_mlp3", {"AP": 1})], "greater"),
 ]
@@ -212,27 +267,57 @@ def _paper_value(run: str, metric: str) -> float:
     return math.nan
 
 
-def judge_claims(values: dict[str, list[dict[str, float]]]) -> list[dict]:
-    """Each claim of :data:`CLAIMS` with the paper's Δ, ours (± s.e.) and a verdict.
+def _verdict(kind: str, sign: float, delta: float, se: float, df: float) -> str:
+    """The verdict of one claim (see the module docstring); ``sign`` is the paper's direction."""
+    no_spread = " (no spread: 1 seed)" if math.isnan(se) else " (no spread: the seeds agree exactly)"
+    if kind == "close":
+        if math.isnan(se) or se == 0:
+            return ("close" if abs(delta) < CLOSE_AP else "not close") + no_spread
+        margin = t_quantile(df, 0.95) * se
+        if abs(delta) + margin < CLOSE_AP:
+            return "agrees (close)"
+        if abs(delta) - margin >= CLOSE_AP:
+            return f"disagrees (|Δ| ≥ {CLOSE_AP:g} AP)"
+        return f"undecided (|Δ| ± t·s.e. straddles {CLOSE_AP:g} AP)"
+    signed = sign * delta
+    if math.isnan(se) or se == 0:
+        if signed == 0:
+            return "no difference" + no_spread
+        return ("same direction" if signed > 0 else "opposite direction") + no_spread
+    t = signed / se
+    k = t_quantile(df, 0.975)
+    if t > k:
+        return "agrees"
+    if t > 0:
+        return "same direction, within noise"
+    if t == 0:
+        return "no difference"
+    return "opposite direction, within noise" if t >= -k else "contradicts"
 
-    ``values[run]`` is the list of per-seed percent metrics (:func:`percent_metrics`).
+
+def judge_claims(values: dict[str, list[dict[str, float]]]) -> list[dict]:
+    """Each claim of :data:`CLAIMS` with the paper's Δ, ours (± s.e., its degrees of freedom and
+    seeds per run) and a verdict.
+
+    ``values[run]`` is the list of per-seed percent metrics (:func:`percent_metrics`). A seed
+    whose metric COCOeval could not compute (nan) is left out of that metric, not of the run.
     """
     judged = []
     for text, terms, kind in CLAIMS:
         paper = sum(c * w * _paper_value(run, m) for c, run, weights in terms for m, w in weights.items())
-        per_run = [(c, [sum(w * seed[m] for m, w in weights.items()) for seed in values.get(run, [])])
+        per_run = [(c, [x for x in (sum(w * seed[m] for m, w in weights.items()) for seed in values.get(run, []))
+                        if math.isfinite(x)])
                    for c, run, weights in terms]
         delta, se = contrast(per_run)
-        if math.isnan(delta):
+        df = welch_df(per_run)
+        if any(not values.get(run) for _, run, _ in terms):
             verdict = "not run"
-        elif kind == "close":
-            verdict = "agrees (close)" if abs(delta) < CLOSE_AP else f"disagrees (|Δ| ≥ {CLOSE_AP} AP)"
-        elif math.isnan(se):
-            verdict = ("same direction" if delta > 0 else "opposite direction") + " (no spread: 1 seed)"
+        elif math.isnan(delta):
+            verdict = "no score"  # trained, but COCOeval gave no value for the metric
         else:
-            z = delta / se if se > 0 else math.copysign(math.inf, delta) if delta else 0.0
-            verdict = "agrees" if z > 2 else ("same direction, within noise" if z > 0 else "opposite direction")
-        judged.append({"claim": text, "paper_delta": round(paper, 2), "delta": delta, "se": se,
+            verdict = _verdict(kind, math.copysign(1.0, paper) if paper == paper else 1.0, delta, se, df)
+        judged.append({"claim": text, "kind": kind, "paper_delta": round(paper, 2), "delta": delta, "se": se,
+                       "df": df, "n": {run: len(xs) for (_, xs), (_, run, _) in zip(per_run, terms)},
                        "verdict": verdict, "runs": sorted({run for _, run, _ in terms})})
     return judged
 
@@ -253,7 +338,7 @@ def summarise(rows: list[Row], runs: list[str], records: dict, seeds: int, mode:
     for row in rows:
         ours = {}
         for key in MASK_KEYS + (BOX_KEYS if row.table == "2d" else ()):
-            per_seed = [v[key] for v in values[row.run]]
+            per_seed = [v[key] for v in values[row.run] if math.isfinite(v[key])]  # n: seeds with a score
             mean, std = mean_std(per_seed)
             ours[key] = {"mean": mean, "std": std, "n": len(per_seed), "values": per_seed}
         row_entries.append({"table": row.table, "label": row.label, "run": row.run,
@@ -262,7 +347,8 @@ def summarise(rows: list[Row], runs: list[str], records: dict, seeds: int, mode:
     for table, label, better, worse in GAINS:
         if better in values and worse in values:
             keys = MASK_KEYS + (BOX_KEYS if table == "2d" else ())
-            cells = {k: contrast([(1, [v[k] for v in values[better]]), (-1, [v[k] for v in values[worse]])])
+            cells = {k: contrast([(c, [v[k] for v in values[run] if math.isfinite(v[k])])
+                                  for c, run in ((1, better), (-1, worse))])
                      for k in keys}
             paper = {k: round(_paper_value(better, k) - _paper_value(worse, k), 1) for k in keys}
             gains.append({"table": table, "label": label, "paper": paper,
@@ -284,6 +370,11 @@ def body_digests(records: dict, runs: list[str], seeds: int) -> dict[str, dict[s
             if digest:
                 bodies.setdefault(body_name(RUNS[run]), {}).setdefault(digest, []).append(f"{run} seed {seed}")
     return bodies
+
+
+def _nan(value) -> float:
+    """A summary's number, None (a nan written to JSON) read back as nan."""
+    return math.nan if value is None else value
 
 
 def _cell(entry: dict | None) -> str:
@@ -331,10 +422,15 @@ def markdown_table(summary: dict) -> str:
         lines.append("")
     if summary["claims"]:
         lines += ["## The paper's claims, judged against the spread over seeds", "",
-                  "| claim | paper Δ | ours Δ ± s.e. | verdict |", "|---|---|---|---|"]
-        lines += [f"| {c['claim']} | {c['paper_delta']:+.1f} | {format_gain(c['delta'], c['se'])} | {c['verdict']} |"
+                  "| claim | paper Δ | ours Δ ± s.e. | seeds per run | verdict |", "|---|---|---|---|---|"]
+        lines += [f"| {c['claim']} | {c['paper_delta']:+.1f} | {format_gain(_nan(c['delta']), _nan(c['se']))} | "
+                  f"{'/'.join(str(n) for n in c.get('n', {}).values()) or '–'} | {c['verdict']} |"
                   for c in summary["claims"]]
-        lines += ["", f"Verdict rule: agrees if Δ has the paper's sign and Δ > 2 s.e.; 'close' if |Δ| < {CLOSE_AP} AP.", ""]
+        lines += ["", "Verdict rule: t = Δ / s.e., signed so that the paper's direction is positive, against "
+                  "Student's t with Welch's degrees of freedom: agrees if t > t_0.975 (2.78 at 3 seeds per run), "
+                  "within noise if |t| <= t_0.975, contradicts if t < -t_0.975. 'Close' claims: agrees if the 90 % "
+                  f"interval |Δ| + t_0.95 s.e. stays under {CLOSE_AP:g} AP, disagrees if |Δ| - t_0.95 s.e. is over it, "
+                  "else undecided. Runs are treated as independent trainings.", ""]
     bodies = summary.get("bodies", {})
     if bodies:
         lines += ["## Pre-trained bodies", ""]
@@ -368,6 +464,7 @@ def write_report(rows: list[Row], runs: list[str], seeds: int, mode: str, datase
     """Write ``table2_<mode>.json`` (everything) and ``.md`` (the tables) beside each other."""
     summary_path = Path(summary_path)
     previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    records = {key: r for key, r in records.items() if key[0] in runs and key[1] < seeds}  # this table's
     sizes = {r.get("model_config", {}).get("transform", {}).get("min_size_test") for r in records.values()}
     # one schedule, unless --rows picked trainings made with another; steps are lists in JSON
     schedules = collections.Counter(

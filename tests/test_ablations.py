@@ -78,6 +78,17 @@ def test_a_table_keeps_one_batch_size_and_times_trainings_by_their_own_schedule(
     record = _fake_record("r50_c4", 0, 1, 2, 3)  # finished with the quick schedule's 2 images
     with pytest.raises(ValueError, match="r50_c4 seed 0 finished with max_iter=3 but this command plans max_iter=2"):
         pending(["r50_c4"], 1, {("r50_c4", 0): record}, planned4)
+    # every key of the schedule counts, the lr steps and the warm-up too (records hold steps as a list)
+    planned = ablations.train_config("shapes", True, 0, "x")
+    same = dict(record, train_config=dict(record["train_config"], steps=list(planned.steps),
+                                          warmup_iters=planned.warmup_iters))
+    report.check_same_schedule(same, planned)
+    moved = dict(same, train_config=dict(same["train_config"], steps=[1]))
+    with pytest.raises(ValueError, match=r"r50_c4 seed 0 finished with steps=\[1\] but this command plans steps=\(2,\)"):
+        report.check_same_schedule(moved, planned)
+    warmed = dict(same, train_config=dict(same["train_config"], warmup_iters=planned.warmup_iters + 1))
+    with pytest.raises(ValueError, match="finished with warmup_iters="):
+        report.check_same_schedule(warmed, planned)
     # expected durations come only from trainings of the same schedule on the same device
     other = dict(_fake_record("r50_c4", 1, 1, 2, 3), wall_time_s=50.0)
     other["train_config"] = dict(other["train_config"], max_iter=2, images_per_batch=4)
@@ -144,17 +155,73 @@ def _fake_record(run: str, seed: int, ap: float, ap50: float, ap75: float, box: 
             "images_per_batch": planned.images_per_batch, "base_lr": planned.base_lr}}
 
 
+def test_welch_degrees_of_freedom_and_t_quantiles_by_hand():
+    # two runs of 3 seeds with std 1: V = 1/3 + 1/3, df = V² / (2 (1/3)² / 2) = 4
+    assert report.welch_df([(1, [30.0, 31.0, 32.0]), (-1, [24.0, 25.0, 26.0])]) == pytest.approx(4.0)
+    # stds 1 and 0.5: V = 1/3 + 1/12 = 5/12, df = (5/12)² / ((1/3)² / 2 + (1/12)² / 2) = 2.94
+    assert report.welch_df([(1, [30.0, 31.0, 32.0]), (-1, [30.5, 31.0, 31.5])]) == pytest.approx(2.941, abs=1e-3)
+    assert math.isnan(report.welch_df([(1, [30.0]), (-1, [29.0, 30.0])]))  # one seed: no spread to count
+    assert math.isnan(report.welch_df([(1, [30.0, 30.0]), (-1, [29.0, 29.0])]))  # no spread at all
+    assert report.t_quantile(4) == 2.78 and report.t_quantile(4, 0.95) == 2.13
+    # between entries: linear, above the true quantile (2.67 at 4.5 df) as the curve is convex
+    assert report.t_quantile(4.5) == pytest.approx((2.78 + 2.57) / 2) and report.t_quantile(4.5) > 2.67
+    assert report.t_quantile(9) == pytest.approx((2.31 + 2.23) / 2)
+    assert report.t_quantile(0.3) == 12.71 and report.t_quantile(500) == 2.00  # the table's ends
+
+
 def test_claims_are_judged_against_the_spread_over_seeds():
     def values(aps):
         return [{"AP": ap, "AP50": 0.0, "AP75": 0.0} for ap in aps]
 
-    clear = report.judge_claims({"r50_c4": values([30, 31, 32]), "r50_c4_softmax": values([24, 25, 26])})
-    sigmoid = next(c for c in clear if c["claim"].startswith("sigmoid"))
+    def verdict(claim_start, **runs):
+        judged = report.judge_claims({run: values(aps) for run, aps in runs.items()})
+        return next(c for c in judged if c["claim"].startswith(claim_start))
+
+    # Δ = 6, s.e. sqrt(2/3) = 0.82, df 4: t = 7.3 > 2.78
+    sigmoid = verdict("sigmoid", r50_c4=[30, 31, 32], r50_c4_softmax=[24, 25, 26])
     assert sigmoid["verdict"] == "agrees" and sigmoid["delta"] == 6.0 and sigmoid["paper_delta"] == 5.5
-    noisy = report.judge_claims({"r50_c4": values([30, 35, 25]), "r50_c4_softmax": values([28, 29, 30])})
-    assert next(c for c in noisy if c["claim"].startswith("sigmoid"))["verdict"] == "same direction, within noise"
-    close = report.judge_claims({"r50_c4": values([30, 31, 32]), "r50_c4_agnostic": values([30.5, 31.0, 31.5])})
-    assert next(c for c in close if "agnostic" in c["claim"])["verdict"] == "agrees (close)"
+    assert sigmoid["df"] == pytest.approx(4.0) and sigmoid["n"] == {"r50_c4": 3, "r50_c4_softmax": 3}
+    # Δ = 1, s.e. 2.9: same sign, t = 0.34; the reverse: the other sign, inside the noise
+    assert verdict("sigmoid", r50_c4=[30, 35, 25], r50_c4_softmax=[28, 29, 30])["verdict"] == "same direction, within noise"
+    assert (verdict("sigmoid", r50_c4=[28, 29, 30], r50_c4_softmax=[30, 35, 25])["verdict"]
+            == "opposite direction, within noise")
+    assert verdict("sigmoid", r50_c4=[24, 25, 26], r50_c4_softmax=[30, 31, 32])["verdict"] == "contradicts"
+    assert verdict("sigmoid", r50_c4=[30, 31, 32], r50_c4_softmax=[30, 31, 32])["verdict"] == "no difference"
+    # t = 2.5: over the normal 1.96, under Student's 2.78 at 4 degrees of freedom
+    assert (verdict("sigmoid", r50_c4=[31.0413, 32.0413, 33.0413], r50_c4_softmax=[29, 30, 31])["verdict"]
+            == "same direction, within noise")
+    # no spread: the sign and nothing more, however small Δ
+    assert (verdict("sigmoid", r50_c4=[30.01] * 3, r50_c4_softmax=[30.0] * 3)["verdict"]
+            == "same direction (no spread: the seeds agree exactly)")
+    assert verdict("sigmoid", r50_c4=[30.5], r50_c4_softmax=[30.0])["verdict"] == "same direction (no spread: 1 seed)"
+    # close: the 90 % interval |Δ| ± t_0.95 s.e. against CLOSE_AP (1 AP)
+    tight = verdict("class-agnostic", r50_c4=[30.0, 30.1, 30.2], r50_c4_agnostic=[30.05, 30.15, 30.25])
+    assert tight["verdict"] == "agrees (close)"  # 0.05 + 2.13 x 0.082 = 0.22 < 1
+    wide = verdict("class-agnostic", r50_c4=[30, 31, 32], r50_c4_agnostic=[30.5, 31.0, 31.5])
+    assert wide["verdict"].startswith("undecided")  # 0 ± 2.38 x 0.65 (df 2.94) straddles 1
+    far = verdict("class-agnostic", r50_c4=[30.0, 30.1, 30.2], r50_c4_agnostic=[27.0, 27.1, 27.2])
+    assert far["verdict"].startswith("disagrees")  # 3 - 0.17 >= 1
+    assert verdict("class-agnostic", r50_c4=[30.0], r50_c4_agnostic=[29.9])["verdict"] == "close (no spread: 1 seed)"
+    assert verdict("RoIWarp is on par", r50_c4_roiwarp_max=[27.0, 27.1, 27.2],
+                   r50_c4_roipool=[26.9, 27.0, 27.1])["verdict"] == "agrees (close)"
+    # a run not trained, and a run trained whose metric COCOeval could not compute in one seed
+    assert verdict("sigmoid", r50_c4=[30, 31, 32])["verdict"] == "not run"
+    assert verdict("sigmoid", r50_c4=[math.nan], r50_c4_softmax=[24.0])["verdict"] == "no score"
+    partial = verdict("sigmoid", r50_c4=[30, math.nan, 32], r50_c4_softmax=[20, 21, 22])
+    assert partial["n"] == {"r50_c4": 2, "r50_c4_softmax": 3} and partial["delta"] == 10.0
+    # t = 10 / sqrt(2/2 + 1/3) = 8.7; df 1.68, where the table's line gives 6.99
+    assert partial["df"] == pytest.approx(1.684, abs=1e-3) and partial["verdict"] == "agrees"
+
+
+def test_every_claim_holds_on_the_papers_own_figures():
+    """The claims, evaluated on the paper's numbers: every "greater" difference positive, every
+    "close" one under CLOSE_AP (a claim mis-specified against the paper would fail here)."""
+    for claim in report.judge_claims({}):
+        assert claim["verdict"] == "not run"
+        if claim["kind"] == "close":
+            assert abs(claim["paper_delta"]) < report.CLOSE_AP, claim
+        else:
+            assert claim["paper_delta"] > 0, claim
 
 
 def test_markdown_table_puts_the_papers_figures_beside_mean_and_std(tmp_path):

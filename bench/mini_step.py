@@ -41,7 +41,6 @@ import json
 import os
 import statistics
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -53,6 +52,7 @@ from dispatch_counts import synthetic_batch  # noqa: E402
 from train_infer import profile_steps, timed  # noqa: E402
 
 from mrcnn_edu import ablations  # noqa: E402
+from mrcnn_edu.device import count_syncs  # noqa: E402
 from mrcnn_edu.engine import AMP_DTYPES  # noqa: E402
 from mrcnn_edu.model import MaskRCNN  # noqa: E402
 
@@ -85,20 +85,10 @@ def group_norm_keeps_channels_last(device: torch.device) -> bool:
     return torch.nn.functional.group_norm(x, 4).is_contiguous(memory_format=torch.channels_last)
 
 
-def count_syncs(step, device: torch.device) -> int | None:
-    """How many times one call of ``step`` makes the host wait for the GPU (reads of a value,
-    blocking copies; ``torch.cuda.set_sync_debug_mode``), or None off CUDA."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+def syncs_per_step(step, device: torch.device) -> int | None:
+    """How many times one call of ``step`` makes the host wait for the GPU
+    (``mrcnn_edu.device.count_syncs``), or None off CUDA."""
+    return count_syncs(step)[1] if device.type == "cuda" else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             # the tensors one training of this size holds at most (pick_batch: do --jobs of them fit?)
             peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-            syncs = count_syncs(step, device)
+            syncs = syncs_per_step(step, device)
             steps_needed = round(total / n)
             seconds = ms * steps_needed / 1000
             first.setdefault(run, (n, seconds))

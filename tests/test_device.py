@@ -1,35 +1,22 @@
 """device.host_to_device, and the training step's host-built tensors reaching the GPU without a sync.
 
 On the CPU host_to_device is ``tensor.to(device)``, checked by value. The CUDA tests (skipped
-without a GPU) count the synchronising calls of each function that builds tensors on the host,
-with ``torch.cuda.set_sync_debug_mode("warn")`` (a warning per synchronising call, a blocking
-host-to-device copy among them), and compare the results with the CPU's.
+without a GPU) count the synchronising calls of each function that builds tensors on the host
+with ``device.count_syncs`` (``torch.cuda.set_sync_debug_mode("warn")``: a warning per
+synchronising call, a blocking host-to-device copy among them), and compare the results with the
+CPU's.
 """
-import warnings
-
 import pytest
 import torch
 
 from mrcnn_edu.boxes import pad_rows
 from mrcnn_edu.data.transforms import normalize, size_ratios
+from mrcnn_edu.device import count_syncs as syncs
 from mrcnn_edu.device import host_to_device
 from mrcnn_edu.ops import boxes_to_rois
 from mrcnn_edu.roi_heads.mask_head import batch_mask_targets
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def syncs(call):
-    """``(call(), the number of host-device synchronisations it made)`` (CUDA only)."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            out = call()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return out, sum("synchroniz" in str(w.message) for w in caught)
 
 
 @pytest.mark.parametrize("tensor", [torch.arange(7), torch.tensor([[True, False], [True, True]]),

@@ -30,7 +30,6 @@ output is then resized to the RoI size, and binarized at a threshold of 0.5" (§
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -41,6 +41,7 @@ import contextlib
 import ctypes
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -135,10 +136,21 @@ def _sigterm_sets(flag: threading.Event, world_size: int):
         yield
         return
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+    if previous is None:  # a handler installed outside Python: the default is what can be put back
+        previous = signal.SIG_DFL
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a loader worker ignores SIGTERM. ``timeout``, Slurm and
+    ``kill -- -PGID`` signal the whole process group; PyTorch's workers die of a SIGTERM that
+    does not come from their parent, and the main process then fails on its dead worker before
+    it can save. The workers still end with the main process (the loader's shutdown, or their
+    watch on their parent)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def scaled_lr(base_lr: float, base_batch: int, batch: int) -> float:
@@ -152,12 +164,14 @@ def scale_for_batch(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` for ``images_per_batch``: lr × k, iterations ÷ k, k = batch / reference_batch."""
     if not cfg.scale_schedule or cfg.images_per_batch == cfg.reference_batch:
         return cfg
+    base_lr = scaled_lr(cfg.base_lr, cfg.reference_batch, cfg.images_per_batch)  # checks both sizes
     k = cfg.images_per_batch / cfg.reference_batch
     return replace(
         cfg,
-        base_lr=scaled_lr(cfg.base_lr, cfg.reference_batch, cfg.images_per_batch),
-        max_iter=round(cfg.max_iter / k),
-        steps=tuple(round(step / k) for step in cfg.steps),
+        base_lr=base_lr,
+        # at least one iteration, and no lr step at iteration 0 (round() takes 0.5 to 0)
+        max_iter=max(1, round(cfg.max_iter / k)),
+        steps=tuple(max(1, round(step / k)) for step in cfg.steps),
         warmup_iters=round(cfg.warmup_iters / k),
         reference_batch=cfg.images_per_batch,  # applying it again changes nothing
     )
@@ -227,6 +241,11 @@ def _check_config(cfg: TrainConfig, device: torch.device, world_size: int) -> No
         raise ValueError("amp='fp16' needs a CUDA device; on CPU use amp='bf16' or 'none'")
     if list(cfg.steps) != sorted(cfg.steps):
         raise ValueError(f"steps must increase, got {cfg.steps}")
+    if cfg.max_iter < 1:
+        raise ValueError(f"max_iter={cfg.max_iter} (after the linear scaling rule) must be >= 1")
+    for name in ("log_period", "checkpoint_period", "eval_period"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 0 (0: only at the end)")
     if cfg.images_per_batch <= 0 or cfg.images_per_batch % world_size:
         raise ValueError(f"images_per_batch={cfg.images_per_batch} must be a positive "
                          f"multiple of the number of processes ({world_size})")
@@ -254,6 +273,7 @@ def _build_loader(dataset: Dataset, cfg: TrainConfig, collate_fn: Callable, star
     # Its own generator, so that making the loader never draws from the global RNG.
     return DataLoader(SeededSamples(dataset), batch_sampler=sampler, collate_fn=collate_fn,
                       num_workers=cfg.num_workers, pin_memory=pin,
+                      worker_init_fn=_ignore_sigterm if cfg.num_workers else None,
                       generator=torch.Generator().manual_seed(cfg.seed))
 
 
@@ -274,11 +294,15 @@ def _resume(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer
     if path is None:
         return 0, None, 0.0
     state = load_checkpoint(path)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    rng_states = state["rng"]  # one per process of the run that wrote it
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        rng_states = state["rng"]  # one per process of the run that wrote it
+    except (KeyError, RuntimeError, ValueError) as err:  # a weights-only file, another model
+        raise ValueError(f"cannot resume from {path}: not a training checkpoint of this model "
+                         f"and optimizer ({type(err).__name__}: {err})") from err
     if len(rng_states) != info.world_size and info.is_main:
         print(f"warning: {path} was written by {len(rng_states)} processes, this run has "
               f"{info.world_size}; dropout/augmentation streams will differ", file=sys.stderr)
@@ -323,7 +347,15 @@ def _log(path: Path, record: dict) -> None:
 def _read_metrics(path: Path, up_to: int | None = None) -> list[dict]:
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines) - 1:  # a line cut off by a crash mid-write: the rest is whole
+                break
+            raise ValueError(f"{path}: line {number + 1} is not JSON") from None
     return [r for r in records if up_to is None or r["iteration"] <= up_to]
 
 
@@ -395,6 +427,10 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, collate_fn: Call
     ``start_iteration``). Raises :class:`TrainingStopped` after a SIGTERM (one process; see the
     module's docstring).
     """
+    # paths as strings: a Path would be pickled into the checkpoint's config (which a
+    # weights-only load refuses), and resume=Path(...) would not read as a file to resume from
+    cfg = replace(cfg, output_dir=os.fspath(cfg.output_dir),
+                  resume=cfg.resume if isinstance(cfg.resume, bool) or cfg.resume is None else os.fspath(cfg.resume))
     info = init_distributed(cfg.device)
     device = _pick_device(cfg.device, info)
     requested, cfg = cfg, scale_for_batch(cfg)  # the log says what was asked and what it became
@@ -450,19 +486,23 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, collate_fn: Call
             done = iteration + 1
             finished = done == cfg.max_iter
             progress.update(1)
-            if info.is_main and (done % cfg.log_period == 0 or finished):
+            if info.is_main and ((cfg.log_period and done % cfg.log_period == 0) or finished):
                 seconds = (time.perf_counter() - tic) / (done - start_iter)
                 _log(metrics_path, {"iteration": done, "lr": lr, "loss": sum(losses.values()),
                                     **losses, "seconds_per_iter": seconds})
                 progress.set_postfix_str(f"loss {sum(losses.values()):.3f} lr {lr:.2g}")
+            elapsed = earlier_seconds + time.perf_counter() - tic
+            # saved before the evaluation: a long evaluation that fails, or a SIGTERM during it,
+            # loses no training (the evaluation leaves every RNG as it was)
+            if (cfg.checkpoint_period and done % cfg.checkpoint_period == 0) or finished:
+                last_good = _save(cfg, done, model, optimizer, scaler, info, elapsed)
+                if finished and info.world_size > 1:  # no rank returns before the file is whole
+                    torch.distributed.barrier()
             if evaluate_fn and ((cfg.eval_period and done % cfg.eval_period == 0) or finished):
                 results = _evaluate(evaluate_fn, model)
                 if info.is_main:
                     _log(metrics_path, {"iteration": done, "eval": results})
                     progress.write(f"evaluation at iteration {done}: {results}")
-            elapsed = earlier_seconds + time.perf_counter() - tic
-            if (cfg.checkpoint_period and done % cfg.checkpoint_period == 0) or finished:
-                last_good = _save(cfg, done, model, optimizer, scaler, info, elapsed)
             for hook in hooks:
                 hook(done, {"model": model, "losses": losses, "lr": lr, "optimizer": optimizer})
             if stop.is_set() and not finished:  # SIGTERM: save this iteration (if not yet), leave

@@ -217,6 +217,93 @@ def test_sigterm_saves_the_iteration_it_arrives_in_and_resuming_ends_as_an_unint
     assert last["iteration"] == 8 and signal.getsignal(signal.SIGTERM) is before
 
 
+_GROUP_SIGTERM_CHILD = """
+import pathlib, sys, time
+sys.path[:0] = sys.argv[2:4]
+from _ddp_worker import TinyShapes, collate, make_model
+from mrcnn_edu.engine import TrainConfig, TrainingStopped, train
+out = pathlib.Path(sys.argv[1])
+cfg = TrainConfig(base_lr=0.1, max_iter=8, steps=(6,), warmup_iters=3, images_per_batch=4, reference_batch=4,
+                  device="cpu", num_workers=1, checkpoint_period=0, log_period=1, progress=False, seed=3,
+                  output_dir=str(out))
+def hook(done, state):
+    if done == 3:  # tell the test, then give its signal time to arrive inside this iteration
+        (out / "at_3").touch()
+        time.sleep(3)
+try:
+    train(make_model(), TinyShapes(), cfg, collate, hooks=[hook])
+except TrainingStopped as stopped:
+    print("STOPPED", stopped.iteration, stopped.checkpoint.name)
+    sys.exit(75)
+"""
+
+
+def test_a_sigterm_to_the_whole_process_group_spares_the_loader_workers_and_saves(tmp_path):
+    """``timeout``, Slurm and ``kill -- -PGID`` signal every process of the group, loader
+    workers included; a worker killed by it would fail the run before it saved."""
+    import subprocess
+    import time
+
+    tests = Path(__file__).resolve().parent
+    child = subprocess.Popen([sys.executable, "-c", _GROUP_SIGTERM_CHILD, str(tmp_path), str(tests),
+                              str(tests.parent)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # its own group: the signal reaches no one else
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "at_3").exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGTERM)  # sent from outside the group: not the workers' parent
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 75, err[-2000:]
+    assert "STOPPED 3 model_0000003.pth" in out and (tmp_path / "model_0000003.pth").is_file()
+
+
+def test_sigterm_handler_set_outside_python_gives_way_to_the_default_after(monkeypatch):
+    calls = []
+
+    def fake_signal(signum, handler):  # as if a C library had installed the handler before
+        calls.append(handler)
+        return None if len(calls) == 1 else signal.SIG_DFL
+
+    monkeypatch.setattr(engine.signal, "signal", fake_signal)
+    with engine._sigterm_sets(engine.threading.Event(), world_size=1):
+        pass
+    assert len(calls) == 2 and calls[1] is signal.SIG_DFL  # never signal(SIGTERM, None): a TypeError
+
+
+def test_config_edge_cases_fail_clearly_or_train(tmp_path):
+    dataset = TinyShapes()
+    # log_period 0: only the last iteration is logged, as for the other periods
+    train(make_model(), dataset, tiny_config(tmp_path / "log0", max_iter=3, log_period=0), collate)
+    logged = [r["iteration"] for r in engine._read_metrics(tmp_path / "log0" / "metrics.jsonl") if "loss" in r]
+    assert logged == [3]
+    with pytest.raises(ValueError, match="checkpoint_period=-1 must be >= 0"):
+        train(make_model(), dataset, tiny_config(tmp_path / "neg", checkpoint_period=-1), collate)
+    # the linear scaling rule never leaves zero iterations or an lr step at iteration 0
+    scaled = engine.scale_for_batch(TrainConfig(max_iter=3, steps=(2,), warmup_iters=0, images_per_batch=16,
+                                                reference_batch=2))
+    assert scaled.max_iter == 1 and scaled.steps == (1,)
+    with pytest.raises(ValueError, match="batch sizes must be positive"):
+        engine.scale_for_batch(TrainConfig(images_per_batch=4, reference_batch=0))
+    # paths as Path objects: saved, and resumed from
+    first = train(make_model(), dataset, tiny_config(tmp_path / "p", max_iter=4, checkpoint_period=2), collate)
+    cfg = replace(tiny_config(tmp_path / "p"), output_dir=tmp_path / "p", resume=tmp_path / "p" / "model_0000002.pth")
+    again = train(make_model(), dataset, cfg, collate)
+    assert first["iteration"] == 4 and again["start_iteration"] == 2 and again["iteration"] == 8
+    # a file that is not a training checkpoint is named
+    torch.save({"weights": {}}, tmp_path / "weights.pth")
+    with pytest.raises(ValueError, match="cannot resume from .*weights.pth"):
+        train(make_model(), dataset, tiny_config(tmp_path / "w", resume=str(tmp_path / "weights.pth")), collate)
+
+
+def test_metrics_file_cut_off_mid_line_by_a_crash_still_reads(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"iteration": 1, "loss": 2.0}\n{"iteration": 2, "loss": 1.5}\n{"iteration": 3, "lo')
+    assert [r["iteration"] for r in engine._read_metrics(path)] == [1, 2]
+    path.write_text('{"iteration": 1}\nnot json\n{"iteration": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not JSON"):
+        engine._read_metrics(path)
+
+
 def test_augmentation_does_not_depend_on_the_number_of_loader_workers(tmp_path):
     dataset = TinyShapes()
     for workers in (0, 2):

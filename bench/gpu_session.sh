@@ -124,8 +124,7 @@ for p in $PHASES; do
         phase mini_step 180 $PY bench/mini_step.py --images 16,32,64 --profile 3 --channels-last \
             --json "$OUT/mini_step.json" ;;
     table)
-        # resume from the committed results; stop the trainings 45 s before the budget ends: up to
-        # 15 s for them to save their step (ablate's STOP_GRACE_S), then the report and packing
+        # resume from the committed results; stop the trainings 60 s before the budget ends (below)
         mkdir -p runs/table2_miniature/pretrain runs/table2_miniature/train
         # The bodies an earlier lease pre-trained (.carry/table2_bodies.tar, see the header): every
         # row then starts from the same weights, and this lease spends no time pre-training. A
@@ -175,10 +174,17 @@ print(a.saved_progress('runs/table2_miniature', sys.argv[1], int(sys.argv[2]), a
             [ "$overrun" -lt 0 ] && overrun=0
         fi
         echo "=== TABLE_OVERRUN: $overrun" | tee -a "$LOG"
-        deadline=$(($(left) - 45))
-        phase table $((deadline + 40)) $PY -m mrcnn_edu ablate --table 2 --seeds 3 --jobs "$TABLE_JOBS" \
-            ${batch:+--images-per-batch "$batch"} $nhwc_flag --deadline "$deadline" \
-            --may-overrun "$overrun" --overrun-max-mib "$CARRY_MIB"
+        # the deadline keeps 60 s back: up to 30 s for a training already evaluating to finish
+        # (15 s for the others to save their step), then the report; as a wall-clock time, so
+        # that ablate's own start-up counts against it; the phase's cap is 55 s after it
+        deadline=$(($(left) - 60))
+        if [ "$deadline" -ge 60 ]; then
+            phase table $((deadline + 55)) $PY -m mrcnn_edu ablate --table 2 --seeds 3 --jobs "$TABLE_JOBS" \
+                ${batch:+--images-per-batch "$batch"} $nhwc_flag --deadline-at "$(($(date +%s) + deadline))" \
+                --may-overrun "$overrun" --overrun-max-mib "$CARRY_MIB"
+        else
+            echo "=== table: skipped, budget spent ($deadline s to the deadline: no training could save a step)" | tee -a "$LOG"
+        fi
         cp results/table2_miniature.json results/table2_miniature.md "$OUT/" 2>/dev/null
         (cd runs/table2_miniature/pretrain && ls *.pth >/dev/null 2>&1 && tar -cf "$OUT/table2_bodies.tar" *.pth)
         # the stopped trainings, furthest along first, one file each, while file slots are left
@@ -213,14 +219,14 @@ print(a.saved_progress('runs/table2_miniature', sys.argv[1], int(sys.argv[2]), a
         # r50_fpn, 4 seeds each, PROBE_ITERS iterations) with their seconds per iteration and,
         # where they finish, COCOeval's time. Its table goes to $OUT/probe, never to results/.
         mkdir -p runs/table2_probe
-        deadline=$(($(left) - 45))
+        deadline=$(($(left) - 60))
         # PROBE_ROWS, PROBE_SEEDS, PROBE_JOBS, PROBE_ITERS (in 16-image iterations), PROBE_BATCH change it; PROBE_NO_PRETRAIN=1 skips
         # the pre-training (e.g. one training alone: is a training slow by itself, or by sharing?)
-        phase table_probe $((deadline + 40)) $PY -m mrcnn_edu ablate --table 2 \
+        phase table_probe $((deadline + 55)) $PY -m mrcnn_edu ablate --table 2 \
             --rows "${PROBE_ROWS:-r50_c4,r50_fpn}" --seeds "${PROBE_SEEDS:-4}" --jobs "${PROBE_JOBS:-8}" \
             --max-iter "${PROBE_ITERS:-200}" ${PROBE_NO_PRETRAIN:+--no-pretrain} --out "$OUT/probe" \
             ${PROBE_BATCH:+--images-per-batch "$PROBE_BATCH"} \
-            --workdir runs/table2_probe --deadline "$deadline"
+            --workdir runs/table2_probe --deadline-at "$(($(date +%s) + deadline))"
         {
             tail -n 25 runs/table2_probe/logs/*.log
             for f in runs/table2_probe/train/*/metrics.jsonl; do

@@ -52,15 +52,20 @@ MAX_BATCH = 32  # 4x fewer steps at 64 collapsed the AP on the CPU (docstring); 
 
 def trained_with(results: str | Path | None, key: str, default=None):
     """The ``train_config[key]`` every training in the results JSON ran with (``default`` for a
-    record from before the key existed), or None if it holds no training. A table keeps one."""
+    record from before the key existed); with no finished training, the value of the last session
+    that left trainings to resume (a first lease may finish none); else None. A table keeps one."""
     if not results or not Path(results).is_file():
         return None
-    runs = json.loads(Path(results).read_text()).get("runs", {})
-    values = {record["train_config"].get(key, default) for run in runs.values()
+    summary = json.loads(Path(results).read_text())
+    values = {record["train_config"].get(key, default) for run in summary.get("runs", {}).values()
               for record in run.get("seeds", {}).values()}
     if len(values) > 1:
         raise ValueError(f"{results} mixes {key} {sorted(values)}; a table keeps one")
-    return values.pop() if values else None
+    if values:
+        return values.pop()
+    # no training finished yet, but a session may have left trainings to resume: they keep its value
+    sessions = [s for s in summary.get("sessions", []) if s.get("left") and key in s]
+    return sessions[-1][key] if sessions else None
 
 
 def fits(by_run: list[dict], n: int, device_mib: float | None, jobs: int) -> bool:

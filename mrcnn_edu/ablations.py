@@ -43,11 +43,14 @@ pre-trained its bodies anew, shows whether its rows started from the same weight
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -401,7 +404,15 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
     # a training resumed from an earlier session's checkpoint: that session's loop time counts too
     earlier = trained["earlier_train_seconds"]
     train_s = time.perf_counter() - tic + earlier
-    metrics = evaluate_model(model, val_set, ("bbox", "segm"), batch_size=8 if not quick else 2)
+    # trained and saved: the evaluation (tens of seconds) finishes even if the table's deadline
+    # sends SIGTERM now (the table gives it FINISH_GRACE_S)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main_thread else None
+    try:
+        metrics = evaluate_model(model, val_set, ("bbox", "segm"), batch_size=8 if not quick else 2)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     if not get_dist_info().is_main:
         return {}
     record = {
@@ -576,14 +587,17 @@ def earlier_durations(done: dict, device: str, planned) -> list[float]:
                     for key in ("max_iter", "images_per_batch"))]
 
 
-def may_start(elapsed: float, deadline: float | None, durations: list[float], remaining: float = 1.0) -> bool:
+def may_start(elapsed: float, deadline: float | None, durations: list[float], remaining: float = 1.0,
+              overhead: float = 0.0) -> bool:
     """Whether a training started now is expected to end before ``deadline`` (seconds since the
     table started; ``None``: no deadline). The expectation is the slowest of ``durations``: the
     trainings finished on this device, in earlier sessions and this one; with none, anything may
-    start. ``remaining``: the share of its iterations still to run (one resumed from a checkpoint)."""
-    if deadline is None:
+    start (:func:`next_to_start` counts that as an overrun). ``remaining``: the share of its
+    iterations still to run (one resumed from a checkpoint); ``overhead``: the part of a duration
+    that a resumed training pays in full (start-up, evaluation)."""
+    if deadline is None or not durations:
         return True
-    return elapsed + remaining * (max(durations) if durations else 0.0) < deadline
+    return elapsed + overhead + remaining * max(max(durations) - overhead, 0.0) < deadline
 
 
 @functools.lru_cache(maxsize=None)  # asked again at every poll while a job slot is free
@@ -603,13 +617,20 @@ def checkpoint_mib(run: str, dataset: str = "shapes", quick: bool = False, input
 
 def next_to_start(todo: list[tuple[str, int]], saved: dict, total: int, elapsed: float,
                   deadline: float | None, durations: list[float], overrunning: int,
-                  args: argparse.Namespace) -> tuple[tuple[str, int], bool] | None:
+                  args: argparse.Namespace, overhead: float = 0.0,
+                  min_start: float = 0.0) -> tuple[tuple[str, int], bool] | None:
     """The first (run, seed) of ``todo`` that may start now, and whether it is expected to end
     after the deadline; None if none may. One expected to overrun may start only while fewer
     than ``args.may_overrun`` such run, and only if its checkpoint is at most
-    ``args.overrun_max_mib``: its checkpoint at the deadline is all the next session gets."""
+    ``args.overrun_max_mib``: its checkpoint at the deadline is all the next session gets.
+    With a deadline and no duration to go by, every training counts as one that overruns: a
+    session that cannot say what will finish starts no more than it can carry. Nothing starts
+    with less than ``min_start`` seconds to the deadline: it would stop before saving a step."""
+    if deadline is not None and deadline - elapsed < min_start:
+        return None
     for key in todo:
-        overruns = not may_start(elapsed, deadline, durations, 1 - saved[key] / total)
+        overruns = deadline is not None and (
+            not durations or not may_start(elapsed, deadline, durations, 1 - saved[key] / total, overhead))
         if not overruns:
             return key, False
         if overrunning < args.may_overrun and (
@@ -621,6 +642,14 @@ def next_to_start(todo: list[tuple[str, int]], saved: dict, total: int, elapsed:
 
 STOPPED_EXIT = 75  # run-one: stopped by SIGTERM, its state saved to resume from (sysexits' TEMPFAIL)
 STOP_GRACE_S = 15.0  # at the deadline, what a training gets to finish its step and save it
+FINISH_GRACE_S = 30.0  # at the deadline, what a training already evaluating gets to finish that
+# The miniature's margins around a GPU deadline (--quick: none). A training's start-up and
+# evaluation beside its loop, which a pace from stopped trainings does not include; the least
+# time to the deadline for a training to start (else it stops before saving a step) and for a
+# body to be pre-trained (R-mini-50 took 68-119 s on the H200, docs/gpu.md).
+TRAINING_OVERHEAD_S = 40.0
+MIN_START_S = 60.0
+PRETRAIN_MIN_S = 150.0
 
 
 def saved_progress(workdir: str | Path, run: str, seed: int, planned) -> tuple[int, float]:
@@ -645,24 +674,61 @@ def saved_progress(workdir: str | Path, run: str, seed: int, planned) -> tuple[i
     return int(state["iteration"]), float(state.get("train_seconds", 0.0))
 
 
-def durations_at_pace(saved: Iterable[tuple[int, float]], total: int) -> list[float]:
+def durations_at_pace(saved: Iterable[tuple[int, float]], total: int, overhead: float = 0.0) -> list[float]:
     """The seconds a whole training of ``total`` iterations would take at the pace of each
-    stopped one, ``(iteration, seconds)`` as :func:`saved_progress` returns them."""
-    return [seconds * total / iteration for iteration, seconds in saved if iteration]
+    stopped one, ``(iteration, seconds)`` as :func:`saved_progress` returns them, plus the
+    ``overhead`` (start-up, evaluation) that the loop's seconds leave out."""
+    return [seconds * total / iteration + overhead for iteration, seconds in saved if iteration]
 
 
-def stop_at_deadline(active: dict, grace: float = STOP_GRACE_S) -> None:
+def checkpoint_iteration(workdir: str | Path, run: str, seed: int) -> int:
+    """The iteration of the newest checkpoint of ``run``'s training with ``seed`` (0: none), from
+    its file name alone (cheap enough to ask of every running training at the deadline)."""
+    from mrcnn_edu.checkpoint import last_checkpoint
+
+    path = last_checkpoint(Path(workdir) / "train" / f"{run}__seed{seed}")
+    return int(path.stem.split("_")[-1]) if path is not None else 0
+
+
+def stop_at_deadline(active: dict, grace: float = STOP_GRACE_S, finishing: Iterable = (),
+                     finish_grace: float = FINISH_GRACE_S) -> None:
     """SIGTERM every running training, then wait up to ``grace`` seconds in all for them to save
-    their iteration and exit (``engine.TrainingStopped``); kill what is still running after."""
+    their iteration and exit (``engine.TrainingStopped``), and up to ``finish_grace`` for those in
+    ``finishing`` (keys of ``active`` whose training is done and evaluating: they ignore SIGTERM);
+    kill what is still running after."""
+    finishing = set(finishing)
     for process, *_ in active.values():
         process.terminate()
-    end = time.perf_counter() + grace
-    for process, *_ in active.values():
+    start = time.perf_counter()
+    for key, (process, *_) in active.items():
+        allowed = finish_grace if key in finishing else grace
         try:
-            process.wait(timeout=max(0.0, end - time.perf_counter()))
+            process.wait(timeout=max(0.0, start + allowed - time.perf_counter()))
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+class _Terminated(Exception):
+    """The table's own process got SIGTERM (a time limit around it): stop the trainings, report."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While the table runs, SIGTERM to its process raises :class:`_Terminated` in the main
+    thread (where Python runs handlers), so that it stops its trainings and writes its report."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def run_table(args: argparse.Namespace) -> dict:
@@ -690,69 +756,108 @@ def run_table(args: argparse.Namespace) -> dict:
           f"{args.jobs} at a time; results in {args.workdir}/results\nschedule: {describe_scaling(planned)}",
           flush=True)
     tic, started, active, failed = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%S"), {}, []
+    wall_tic = time.time()
+    # the miniature's margins around a deadline (module constants); none for the quick path
+    overhead, min_start, pretrain_min = ((0.0, 0.0, 0.0) if args.quick
+                                         else (TRAINING_OVERHEAD_S, MIN_START_S, PRETRAIN_MIN_S))
     # how long a training takes here: at first, the slowest of earlier sessions on this device
     # (so that a short session does not start trainings it cannot finish), then this session's
     durations = earlier_durations(done, report.device_name(), planned)
     if not durations:  # none finished yet: the stopped trainings' pace says how long one takes
-        durations = durations_at_pace(paces.values(), total)
-    stopped, launched = [], 0
+        durations = durations_at_pace(paces.values(), total, overhead)
+    stopped, deferred, launched = [], [], 0
     if todo:
         prepare_data(args.dataset, args.quick, args.data)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
     logs = Path(args.workdir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     deadline = getattr(args, "deadline", None)
-    while todo or active:
-        now = time.perf_counter() - tic
-        while todo and len(active) < args.jobs:
-            overrunning = sum(entry[3] for entry in active.values())
-            chosen = next_to_start(todo, saved, total, now, deadline, durations, overrunning, args)
-            if chosen is None:
-                break
-            (name, seed), overruns = chosen
-            if args.pretrain:  # each body when its first training is due, not all up front
-                fresh = not (Path(args.workdir) / "pretrain" / f"{body_name(RUNS[name])}.pth").is_file()
-                args.imagenet = str(pretrain_bodies([name], args))  # a cached body is checked, not re-made
-                if fresh:  # pre-training took time: ask the deadline again
-                    now = time.perf_counter() - tic
-                    continue
-            todo.remove((name, seed))
-            log = open(logs / f"{name}__seed{seed}.log", "a" if saved[(name, seed)] else "w")
-            active[(name, seed)] = (subprocess.Popen(_child_command(name, seed, args), env=env,
-                                                     stdout=log, stderr=subprocess.STDOUT), log, now, overruns)
-            launched += 1
-        if not active:  # what is left would not finish before the deadline
-            break
-        time.sleep(0.2 if args.quick else 2.0)
-        now = time.perf_counter() - tic
-        if deadline is not None and now > deadline:  # out of time: each saves its step and stops
-            stop_at_deadline(active)
-            for (name, seed), (process, log, start, _) in active.items():
-                log.close()
-                if process.returncode == 0:  # it finished within the grace: its record is written
-                    print(f"[{now:6.0f} s] {name} seed {seed}: done", flush=True)
-                    continue
-                saved[(name, seed)] = saved_progress(args.workdir, name, seed, planned)[0]
-                stopped.append((name, seed))
-                print(f"[{now:6.0f} s] {name} seed {seed}: stopped at the deadline, "
-                      + (f"saved at iteration {saved[(name, seed)]} of {total}" if saved[(name, seed)]
-                         else "before its first iteration"), flush=True)
-            active.clear()
-            break
-        for key, (process, log, start, _) in list(active.items()):
-            if process.poll() is None:
-                continue
+    if getattr(args, "deadline_at", None) is not None:  # a wall-clock time: the caller's clock, not ours
+        deadline = args.deadline_at - wall_tic
+
+    def halt(now: float, why: str, grace: float = STOP_GRACE_S, finish_grace: float = FINISH_GRACE_S) -> None:
+        """Stop every running training (each saves its step; one already evaluating gets
+        ``finish_grace`` to finish that); record which stopped where."""
+        finishing = {key for key in active if checkpoint_iteration(args.workdir, *key) >= total}
+        stop_at_deadline(active, grace, finishing, finish_grace)
+        for (name, seed), (process, log, start, _) in active.items():
             log.close()
-            del active[key]
-            status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode}, see {log.name})"
-            if process.returncode != 0:
-                failed.append(key)
-            elif not saved[key]:  # a resumed training's time here is only its last part
-                durations.append(now - start)
-            print(f"[{now:6.0f} s] {key[0]} seed {key[1]}: {status}", flush=True)
-    left = [list(key) for key in stopped] + [[name, seed] for name, seed in todo]
+            if process.returncode == 0:  # it finished within the grace: its record is written
+                print(f"[{now:6.0f} s] {name} seed {seed}: done", flush=True)
+                continue
+            if process.returncode not in (STOPPED_EXIT, -signal.SIGTERM, -signal.SIGKILL):
+                failed.append((name, seed))
+                print(f"[{now:6.0f} s] {name} seed {seed}: FAILED (exit {process.returncode}, see {log.name})",
+                      flush=True)
+                continue
+            saved[(name, seed)] = saved_progress(args.workdir, name, seed, planned)[0]
+            stopped.append((name, seed))
+            print(f"[{now:6.0f} s] {name} seed {seed}: stopped {why}, "
+                  + (f"saved at iteration {saved[(name, seed)]} of {total}" if saved[(name, seed)]
+                     else "before its first iteration"), flush=True)
+        active.clear()
+
+    try:
+        with _sigterm_raises():
+            while todo or active:
+                now = time.perf_counter() - tic
+                while todo and len(active) < args.jobs:
+                    overrunning = sum(entry[3] for entry in active.values())
+                    chosen = next_to_start(todo, saved, total, now, deadline, durations, overrunning, args,
+                                           overhead, min_start)
+                    if chosen is None:
+                        break
+                    (name, seed), overruns = chosen
+                    if args.pretrain:  # each body when its first training is due, not all up front
+                        body = body_name(RUNS[name])
+                        fresh = not (Path(args.workdir) / "pretrain" / f"{body}.pth").is_file()
+                        if fresh and deadline is not None and deadline - now < pretrain_min:
+                            # too late to pre-train it: its trainings wait for the next session
+                            later = [key for key in todo if body_name(RUNS[key[0]]) == body]
+                            todo = [key for key in todo if key not in later]
+                            deferred += later
+                            print(f"[{now:6.0f} s] {body}: too close to the deadline to pre-train; "
+                                  f"{len(later)} training(s) left for the next session", flush=True)
+                            continue
+                        args.imagenet = str(pretrain_bodies([name], args))  # a cached body is checked, not re-made
+                        if fresh:  # pre-training took time: ask the deadline again
+                            now = time.perf_counter() - tic
+                            continue
+                    todo.remove((name, seed))
+                    log = open(logs / f"{name}__seed{seed}.log", "a" if saved[(name, seed)] else "w")
+                    active[(name, seed)] = (subprocess.Popen(_child_command(name, seed, args), env=env,
+                                                             stdout=log, stderr=subprocess.STDOUT),
+                                            log, now, overruns)
+                    launched += 1
+                if not active:  # what is left would not finish before the deadline
+                    break
+                time.sleep(0.2 if args.quick else 2.0)
+                now = time.perf_counter() - tic
+                if deadline is not None and now > deadline:  # out of time: each saves its step and stops
+                    halt(now, "at the deadline")
+                    break
+                for key, (process, log, start, _) in list(active.items()):
+                    if process.poll() is None:
+                        continue
+                    log.close()
+                    del active[key]
+                    if process.returncode == STOPPED_EXIT:  # stopped from outside: resumable, not failed
+                        saved[key] = saved_progress(args.workdir, *key, planned)[0]
+                        stopped.append(key)
+                        print(f"[{now:6.0f} s] {key[0]} seed {key[1]}: stopped (SIGTERM), saved at iteration "
+                              f"{saved[key]} of {total}", flush=True)
+                        continue
+                    status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode}, see {log.name})"
+                    if process.returncode != 0:
+                        failed.append(key)
+                    elif not saved[key]:  # a resumed training's time here is only its last part
+                        durations.append(now - start)
+                    print(f"[{now:6.0f} s] {key[0]} seed {key[1]}: {status}", flush=True)
+    except _Terminated:  # a time limit around the table: stop quickly, then report below
+        halt(time.perf_counter() - tic, "by SIGTERM to the table", grace=5.0, finish_grace=5.0)
+    left = [list(key) for key in stopped] + [[name, seed] for name, seed in todo + deferred]
     if left:
-        print(f"--deadline {deadline:.0f} s: {len(left)} training(s) left for the next session "
+        print(f"{len(left)} training(s) left for the next session "
               "(the same command resumes them)", flush=True)
     session = {"started": started, "elapsed_s": round(time.perf_counter() - tic, 1), "jobs": args.jobs,
                "init": ("pre-trained on single shapes (pretrain.py)" if args.pretrain
@@ -760,7 +865,10 @@ def run_table(args: argparse.Namespace) -> dict:
                "device": report.device_name(), "git_commit": report.git_commit(),
                "trained": launched - len(failed) - len(stopped), "failed": [list(key) for key in failed],
                "left": left, "saved": {f"{name}__seed{seed}": saved[(name, seed)] for name, seed in stopped
-                                       if saved[(name, seed)]}}
+                                       if saved[(name, seed)]},
+               # what the next lease must train with to resume what this one left (pick_batch.py)
+               "images_per_batch": scale_for_batch(planned).images_per_batch,
+               "channels_last": bool(planned.channels_last)}
     summary = report.write_report(rows, runs, args.seeds, mode, args.dataset,
                                   report.load_records(args.workdir, summary_path), summary_path, session)
     print(f"wrote {summary_path} and {summary_path.with_suffix('.md')} "
@@ -805,6 +913,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds: start no training that would end later, stop the running ones "
                              "then (each saves its iteration; the next session resumes it), and write "
                              "the table of what finished (a GPU lent for minutes)")
+    parser.add_argument("--deadline-at", type=float, default=None, metavar="UNIX_TIME",
+                        help="--deadline as a wall-clock time (seconds since the epoch): counts the "
+                             "time this process takes to start, which --deadline does not")
     parser.add_argument("--may-overrun", type=int, default=0, metavar="K",
                         help="with --deadline: let up to K trainings run that are expected to end after "
                              "it (trainings longer than a session; their checkpoints must reach the next "
@@ -825,6 +936,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--seeds and --jobs must be >= 1, got {args.seeds} and {args.jobs}")
     if args.may_overrun < 0:
         raise ValueError(f"--may-overrun must be >= 0, got {args.may_overrun}")
+    if args.deadline is not None and args.deadline_at is not None:
+        raise ValueError("--deadline and --deadline-at both set the deadline; give one")
     if args.pretrain and (args.dataset == "coco" or args.imagenet):
         raise ValueError("--pretrain is the miniature's stand-in for ImageNet; with --dataset coco or "
                          "--imagenet DIR the bodies come from --imagenet")

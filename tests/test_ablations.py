@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -363,7 +367,8 @@ def test_may_start_expects_the_slowest_finished_training():
 def test_deadline_stops_running_trainings_and_leaves_the_rest_for_the_next_session(
         tiny_shapes, tmp_path, capsys):
     args = ["--table", "2", "--rows", "r50_c4_roipool", "--seeds", "2", "--quick", "--jobs", "1",
-            "--deadline", "0.5", "--no-pretrain", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"),
+            "--deadline", "0.5", "--may-overrun", "1", "--no-pretrain", "--out", str(tmp_path / "out"),
+            "--workdir", str(tmp_path / "work"),
             "--data", str(tiny_shapes["root"])]
     assert ablations.main(args) == 0  # running out of time is not a failure
     out = capsys.readouterr().out
@@ -416,6 +421,71 @@ def test_trainings_longer_than_a_session_start_only_as_many_as_may_overrun_and_c
     plain = ablations.build_parser().parse_args([])
     assert ablations.next_to_start(todo[:2], saved, 3000, 10.0, 500.0, [2000.0], 0, plain) is None
     assert ablations.next_to_start(todo, saved, 3000, 10.0, None, [2000.0], 0, plain) == (todo[0], False)
+
+
+def test_a_lease_without_an_estimate_starts_only_what_it_can_carry_and_nothing_too_late():
+    args = ablations.build_parser().parse_args(["--may-overrun", "1"])
+    todo, saved = [("r50_c4", 0), ("r50_c4", 1)], {("r50_c4", 0): 0, ("r50_c4", 1): 0}
+    # no duration yet (a first lease): every training counts as one that overruns
+    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, [], 0, args) == (("r50_c4", 0), True)
+    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, [], 1, args) is None
+    assert ablations.next_to_start(todo, saved, 3000, 10.0, None, [], 1, args) == (("r50_c4", 0), False)
+    # under a minute to the deadline, nothing starts, whatever it would take
+    assert ablations.next_to_start(todo, saved, 3000, 450.0, 500.0, [10.0], 0, args, min_start=60.0) is None
+    assert ablations.next_to_start(todo, saved, 3000, 430.0, 500.0, [10.0], 0, args, min_start=60.0) == (todo[0], False)
+    # a resumed training pays its start-up and evaluation in full: 20 + 40 + 0.4 x (50 - 40) > 60
+    assert ablations.may_start(20.0, 60.0, [50.0], remaining=0.4)
+    assert not ablations.may_start(20.0, 60.0, [50.0], remaining=0.4, overhead=40.0)
+    assert ablations.durations_at_pace([(500, 100.0)], 3000, overhead=40.0) == [640.0]
+
+
+def test_stop_at_deadline_lets_an_evaluating_training_finish_and_kills_the_rest_after_their_grace():
+    ignores = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
+               "time.sleep(float(sys.argv[1]))")
+    evaluating, stuck = (subprocess.Popen([sys.executable, "-c", ignores, seconds], stdout=subprocess.PIPE, text=True)
+                         for seconds in ("1.5", "60"))
+    for child in (evaluating, stuck):
+        assert child.stdout.readline().strip() == "ready"  # its SIG_IGN is in place
+    ablations.stop_at_deadline({"a": (evaluating,), "b": (stuck,)}, grace=0.3, finishing={"a"}, finish_grace=10.0)
+    assert evaluating.returncode == 0  # it ended on its own, inside its finish grace
+    assert stuck.returncode == -signal.SIGKILL  # ignored SIGTERM, outlived its grace
+
+
+def test_sigterm_to_the_table_stops_its_trainings_and_still_writes_the_report(tiny_shapes, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    table = subprocess.Popen([sys.executable, "-m", "mrcnn_edu", "ablate", "--table", "2", "--rows", "r50_c4",
+                              "--seeds", "1", "--quick", "--jobs", "1", "--max-iter", "400", "--no-pretrain",
+                              "--out", str(out), "--workdir", str(work), "--data", str(tiny_shapes["root"])],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             cwd=Path(__file__).resolve().parents[1])
+    metrics = work / "train" / "r50_c4__seed0" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while table.poll() is None and time.monotonic() < deadline and not (
+            metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.1)
+    table.send_signal(signal.SIGTERM)  # e.g. `timeout` around the table ran out: the parent alone here
+    output = table.communicate(timeout=120)[0]
+    assert table.returncode == 0, output
+    assert "r50_c4 seed 0: stopped by SIGTERM to the table, saved at iteration" in output
+    session = json.loads((out / "table2_quick.json").read_text())["sessions"][-1]
+    assert session["left"] == [["r50_c4", 0]] and session["saved"]["r50_c4__seed0"] >= 2
+    assert session["images_per_batch"] == 2 and session["channels_last"] is False  # what resumes it
+    with pytest.raises(ValueError, match="--deadline and --deadline-at both"):
+        ablations.main(["--deadline", "5", "--deadline-at", "1e10"])
+
+
+def test_evaluation_after_training_ignores_the_deadlines_sigterm(tiny_shapes, tmp_path, monkeypatch):
+    import mrcnn_edu.predict
+
+    def evaluate(model, dataset, iou_types, batch_size):  # the deadline's SIGTERM comes mid-evaluation
+        os.kill(os.getpid(), signal.SIGTERM)
+        return {"bbox": {"AP": 0.1}, "segm": {"AP": 0.1}}
+
+    monkeypatch.setattr(mrcnn_edu.predict, "evaluate_model", evaluate)
+    before = signal.getsignal(signal.SIGTERM)
+    record = ablations.run_one("r50_c4", 0, quick=True, workdir=tmp_path / "work", data_dir=str(tiny_shapes["root"]))
+    assert record["metrics"]["segm"]["AP"] == 0.1 and (tmp_path / "work" / "results" / "r50_c4__seed0.json").is_file()
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_a_training_stopped_at_the_deadline_saves_its_step_and_the_next_session_resumes_it(

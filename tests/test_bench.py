@@ -286,6 +286,16 @@ def test_pick_batch_keeps_the_committed_size_else_takes_the_cheapest_schedule(tm
     results.write_text(trained(16, 64))
     with pytest.raises(ValueError, match=r"mixes images_per_batch \[16, 64\]"):
         pick(timed, results)
+    # a first lease that finished nothing but left trainings (carried in .carry/): the next one,
+    # with no mini_step timings, must train at their size, or it could not resume them
+    lease1 = {"runs": {"r50_c4": {"seeds": {}}}, "sessions": [
+        {"left": [["r50_c4", 0]], "images_per_batch": 32, "channels_last": False}]}
+    results.write_text(json.dumps(lease1))
+    assert pick(None, results) == 32
+    assert load("pick_batch").pick_channels_last(None, results, 32) is False
+    lease1["sessions"].append({"left": [], "images_per_batch": 16})  # a session that left nothing: no say
+    results.write_text(json.dumps(lease1))
+    assert pick(None, results) == 32
 
 
 def test_pick_batch_takes_no_size_whose_trainings_do_not_fit_together(tmp_path, capsys):

@@ -187,10 +187,15 @@ print(a.saved_progress('runs/table2_miniature', sys.argv[1], int(sys.argv[2]), a
         fi
         cp results/table2_miniature.json results/table2_miniature.md "$OUT/" 2>/dev/null
         (cd runs/table2_miniature/pretrain && ls *.pth >/dev/null 2>&1 && tar -cf "$OUT/table2_bodies.tar" *.pth)
-        # the stopped trainings, furthest along first, one file each, while file slots are left
+        # the stopped trainings, furthest along first, one file each, while file slots are left;
+        # only those the report lists as left (a training finished in an earlier lease, carried in
+        # again by mistake, has no result file on this machine but is no longer left)
+        left_names=$($PY -c "import json; s = json.load(open('results/table2_miniature.json'))['sessions'][-1]
+print(' '.join(['-'] + [f'{run}__seed{seed}' for run, seed in s['left']]))" 2>/dev/null) || left_names=""
         for d in runs/table2_miniature/train/*__seed*; do
             name=$(basename "$d")
             [ -f "runs/table2_miniature/results/$name.json" ] && continue  # finished
+            [ -n "$left_names" ] && [[ " $left_names " != *" $name "* ]] && continue  # not left
             [ -f "$d/last_checkpoint" ] && echo "$(cat "$d/last_checkpoint") $name"
         done | sort -r | while read -r checkpoint name; do
             [ "$(files_out)" -ge 7 ] && { echo "=== not carried (no file slot left): $name" | tee -a "$LOG"; continue; }

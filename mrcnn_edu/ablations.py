@@ -748,7 +748,7 @@ def run_table(args: argparse.Namespace) -> dict:
     # trainings an earlier session stopped at its deadline resume from their checkpoints, first
     paces = {key: saved_progress(args.workdir, *key, planned) for key in todo}
     saved = {key: iteration for key, (iteration, _) in paces.items()}
-    todo.sort(key=lambda key: saved[key] == 0)
+    todo.sort(key=lambda key: -saved[key])  # the furthest along first, then the new ones in order
     total = scale_for_batch(planned).max_iter
     resuming = sum(iteration > 0 for iteration in saved.values())
     print(f"Table 2 ({mode}): {len(runs)} runs x {args.seeds} seeds, {len(todo)} to train"

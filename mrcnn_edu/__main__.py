@@ -75,6 +75,11 @@ def build_datasets(experiment, train: bool = True):
     train_set = COCODataset(data.train_images, data.train_annotations, train=True,
                             with_masks=model_cfg.mask_head is not None,
                             with_keypoints=data.keypoints)
+    if (train_set.cat_ids, train_set.class_names) != (val.cat_ids, val.class_names):
+        # a label would name one class in training and another in evaluation
+        raise ValueError(f"{data.train_annotations} and {data.val_annotations} have different categories: "
+                         f"{list(zip(train_set.cat_ids, train_set.class_names[1:]))} against "
+                         f"{list(zip(val.cat_ids, val.class_names[1:]))}")
     if data.flip_prob > 0:
         train_set.transforms = RandomHorizontalFlip(data.flip_prob, train_set.keypoint_flip_map)
     return train_set, val
@@ -154,6 +159,8 @@ def experiment_for_weights(weights: str, config: str | None, overrides: list[str
     """The experiment of a checkpoint: ``--config`` if given, else ``experiment.json`` beside it."""
     from mrcnn_edu.recipes import load_experiment
 
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"--weights {weights}: no such file")
     if config is None:
         config = str(Path(weights).parent / "experiment.json")
         if not Path(config).is_file():
@@ -213,6 +220,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from mrcnn_edu.data.shapes import SKELETON
     from mrcnn_edu.predict import load_image, predict_images, save_prediction_grid
 
+    stems = [Path(p).stem for p in args.images]
+    clashing = sorted({s for s in stems if stems.count(s) > 1})
+    if clashing:  # a/x.png and b/x.png would both be drawn to OUT/x.png
+        raise ValueError(f"images with the same name {clashing} would overwrite each other's drawing "
+                         f"in {args.out}; predict them in separate calls or rename them")
     experiment, _ = experiment_for_weights(args.weights, args.config, args.overrides)
     _set_threads(experiment)
     run_info = Path(args.weights).parent / "experiment.json"

@@ -90,7 +90,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # not a torch file, a truncated one, or pickled objects beyond tensors
+        raise ValueError(f"{path} is not a checkpoint (torch.load with weights_only=True failed: "
+                         f"{type(err).__name__}: {str(err)[:200]})") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a checkpoint: it holds a {type(state).__name__}, not a dict")
+    return state
 
 
 def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:

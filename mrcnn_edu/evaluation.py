@@ -62,12 +62,13 @@ def predictions_to_coco_results(predictions: dict[int, dict], iou_type: str,
         if field not in pred:
             raise ValueError(f"image id {image_id}: predictions lack '{field}' needed for {iou_type}")
         labels = _numpy(pred["labels"]).reshape(-1)
-        if label_to_cat_id is None:
-            label_to_cat_id = {int(label): int(label) for label in labels}
-        unknown = sorted(set(labels.tolist()) - set(label_to_cat_id))
-        if unknown:
-            raise ValueError(f"image id {image_id}: labels {unknown} not in label_to_cat_id")
-        cat_ids = [int(label_to_cat_id[int(label)]) for label in labels]
+        if label_to_cat_id is None:  # labels are the category ids (for every image, not the first's)
+            cat_ids = [int(label) for label in labels]
+        else:
+            unknown = sorted(set(labels.tolist()) - set(label_to_cat_id))
+            if unknown:
+                raise ValueError(f"image id {image_id}: labels {unknown} not in label_to_cat_id")
+            cat_ids = [int(label_to_cat_id[int(label)]) for label in labels]
         boxes = _numpy(pred["boxes"]).astype(float).reshape(-1, 4)
         xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
         for i in range(len(scores)):
@@ -88,6 +89,44 @@ def predictions_to_coco_results(predictions: dict[int, dict], iou_type: str,
                 res["keypoints"] = kp.reshape(-1).tolist()
                 del res["bbox"]  # loadRes derives it from the keypoints
     return results
+
+
+def check_ground_truth(coco_gt: COCO, iou_types: tuple[str, ...], source: str = "the ground truth") -> None:
+    """ValueError, naming ``source`` and the annotation, for ground truth COCOeval would crash on
+    with a bare KeyError or TypeError (or score wrongly) -- before any image is predicted.
+
+    COCOeval reads every annotation as it is: each needs a finite ``area`` and ``bbox``; for
+    "segm", polygons of 3 points or more (a 2-point one reads as a box) or a sound RLE; for
+    "keypoints", 3 values per keypoint, ``num_keypoints``, and 17 keypoints (COCOeval's OKS
+    sigmas are COCO's 17)."""
+    from mrcnn_edu.data.coco import clean_segmentation
+
+    kp_cats = {c["id"]: len(c["keypoints"]) for c in coco_gt.dataset["categories"] if c.get("keypoints")}
+    if "keypoints" in iou_types:
+        odd = {cid: n for cid, n in kp_cats.items() if n != 17}
+        if odd:
+            raise ValueError(f"{source}: keypoint categories {odd} (id: keypoints) are not COCO's 17, "
+                             "whose OKS sigmas COCOeval uses")
+    for ann in coco_gt.dataset["annotations"]:
+        where = f"{source}: annotation id {ann.get('id')} (image id {ann.get('image_id')})"
+        area, bbox = ann.get("area"), ann.get("bbox")
+        if not isinstance(area, (int, float)) or not math.isfinite(area):
+            raise ValueError(f"{where}: 'area' must be a finite number, got {area!r}")
+        if not (isinstance(bbox, list) and len(bbox) == 4
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
+            raise ValueError(f"{where}: 'bbox' must be 4 finite numbers, got {bbox!r:.80}")
+        if "segm" in iou_types:
+            image = coco_gt.imgs.get(ann.get("image_id"), {})
+            segm = ann.get("segmentation")
+            cleaned, why = clean_segmentation(segm, image.get("height", 0), image.get("width", 0))
+            if cleaned is None or (isinstance(segm, list) and len(cleaned) != len(segm)):
+                raise ValueError(f"{where}: segmentation COCOeval cannot read: "
+                                 f"{why or 'a polygon of fewer than 3 points'}")
+        if "keypoints" in iou_types and ann.get("category_id") in kp_cats:
+            n = kp_cats[ann["category_id"]]
+            kps = ann.get("keypoints")
+            if not (isinstance(kps, list) and len(kps) == 3 * n) or "num_keypoints" not in ann:
+                raise ValueError(f"{where}: needs 'keypoints' ({3 * n} values) and 'num_keypoints'")
 
 
 def _empty_results(coco_gt: COCO) -> COCO:
@@ -128,6 +167,7 @@ def evaluate_coco(coco_gt: COCO, predictions: dict[int, dict],
     unknown = sorted(set(map(int, predictions)) - set(coco_gt.getImgIds()))
     if unknown:
         raise ValueError(f"predictions for image ids {unknown[:10]} that are not in the ground truth")
+    check_ground_truth(coco_gt, tuple(iou_types))
     kp_cat_ids = sorted(c["id"] for c in coco_gt.dataset["categories"] if c.get("keypoints"))
     out = {}
     for iou_type in iou_types:

@@ -27,7 +27,7 @@ from torch import nn
 
 from mrcnn_edu.data.coco import COCODataset
 from mrcnn_edu.distributed import gather_predictions, get_dist_info, shard_indices
-from mrcnn_edu.evaluation import METRICS, predictions_to_coco_results, run_cocoeval
+from mrcnn_edu.evaluation import METRICS, check_ground_truth, predictions_to_coco_results, run_cocoeval
 
 __all__ = ["iou_types_of", "predict_images", "evaluate_model", "make_evaluate_fn",
            "draw_prediction", "save_prediction_grid", "load_image"]
@@ -78,6 +78,7 @@ def evaluate_model(model: nn.Module, dataset: COCODataset, iou_types: Sequence[s
     has nothing to score); other ranks return ``{}``.
     """
     iou_types = tuple(iou_types or iou_types_of(model))
+    check_ground_truth(dataset.coco, iou_types, dataset.ann_file)  # before predicting, not after
     info = get_dist_info()
     image_ids = dataset.ids[:max_images] if max_images else list(dataset.ids)
     local: dict[int, dict[str, list[dict]]] = {}

@@ -169,3 +169,27 @@ def test_help_shows_every_command_and_worked_examples(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     assert "--resume" in capsys.readouterr().out
+
+
+def test_weights_that_are_not_a_checkpoint_and_clashing_image_names_are_named(tmp_path, capsys):
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(ValueError, match=r"notes.pth is not a checkpoint \(torch.load"):
+        load_checkpoint(tmp_path / "notes.pth")
+    with pytest.raises(ValueError, match="tensor.pth is not a checkpoint: it holds a Tensor, not a dict"):
+        load_checkpoint(tmp_path / "tensor.pth")
+    assert main(["eval", "--weights", str(tmp_path / "missing.pth"), "--config", "tiny"]) == 2
+    assert "missing.pth: no such file" in capsys.readouterr().err  # a message, not a traceback
+    assert main(["predict", "a/x.png", "b/x.png", "--weights", str(tmp_path / "notes.pth")]) == 2
+    assert "images with the same name ['x'] would overwrite" in capsys.readouterr().err
+
+
+def test_train_refuses_train_and_val_sets_whose_categories_differ(data_dir, tmp_path, capsys):
+    val = json.loads((data_dir / "annotations" / "instances_val.json").read_text())
+    val["categories"][0]["name"] = "renamed"  # label 1 would mean another class in evaluation
+    renamed = tmp_path / "instances_val.json"
+    renamed.write_text(json.dumps(val))
+    settings = [*data_overrides(data_dir), f"data.val_annotations={renamed}", f"train.output_dir={tmp_path / 'run'}"]
+    assert main(["train", "--config", "tiny", *settings]) == 2
+    assert "have different categories" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "model_0000003.pth").exists()

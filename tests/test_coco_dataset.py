@@ -3,15 +3,18 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
+import pycocotools.mask as mask_utils
 import pytest
 import torch
 from PIL import Image
 
 from mrcnn_edu.data import shapes
 from mrcnn_edu.data.coco import (COCO_KEYPOINT_OFFSET, COCODataset, GroupedBatchSampler,
-                                 aspect_ratio_group_ids, collate_fn, load_coco)
+                                 aspect_ratio_group_ids, clean_segmentation, collate_fn, load_coco,
+                                 rle_counts)
 
 SEED = 11
 
@@ -161,12 +164,51 @@ def test_degenerate_polygon_parts_are_dropped_and_the_rest_kept(tmp_path):
     assert not ds.skipped and ds.coco.anns[9]["segmentation"] == [good, bad]  # gt untouched
 
 
-def test_evaluation_mode_keeps_every_image_with_a_file(tiny_set, tmp_path):
-    _, path = _corrupt_copy(tiny_set, tmp_path)
-    with pytest.warns(UserWarning):
+def test_evaluation_mode_keeps_every_image_and_refuses_a_missing_one(tiny_set, tmp_path):
+    data, path = _corrupt_copy(tiny_set, tmp_path)
+    # an AP computed on the images found would be printed as the json's: a missing file is an error
+    with pytest.raises(FileNotFoundError, match=r"1 of \d+ images of .*bad.json are not in .*missing.png"):
+        COCODataset(str(tmp_path / "train"), path, train=False)
+    data["images"] = [image for image in data["images"] if image["id"] != 55]
+    Path(path).write_text(json.dumps(data))
+    with pytest.warns(UserWarning):  # the bad annotations are still skipped and named
         ds = COCODataset(str(tmp_path / "train"), path, train=False)
-    assert 56 in ds.ids and 55 not in ds.ids
+    assert 56 in ds.ids  # an image without annotations is kept: its detections are false positives
     assert len(ds[ds.ids.index(56)][1]["labels"]) == 0
+
+
+def test_input_that_would_corrupt_or_crash_pycocotools_is_refused_or_skipped_by_name(tiny_set, tmp_path):
+    data, path = _corrupt_copy(tiny_set, tmp_path)
+    # a repeated annotation id would hand one object's mask to another image
+    data["annotations"][5]["id"] = data["annotations"][4]["id"]
+    Path(path).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"bad.json: annotations with repeated ids \[\d+\]"):
+        load_coco(path)
+    data["annotations"][5]["id"] = 20_000
+    del data["categories"][0]["name"]
+    Path(path).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"bad.json: category entry .* lacks id/name"):
+        load_coco(path)
+    # polygons pycocotools would allocate without limit for, and a corrupt RLE: skipped, named
+    assert clean_segmentation([[0, 0, 1e9, 0, 1, 1]], 20, 30)[0] is None
+    assert clean_segmentation([[0, 0, float("nan"), 0, 1, 1]], 20, 30)[0] is None
+    assert clean_segmentation({"counts": [5, 3], "size": [20, 30]}, 20, 30)[1].startswith("corrupt RLE")
+    assert clean_segmentation({"counts": "zzzzzz", "size": [20, 30]}, 20, 30)[1].startswith("corrupt RLE")
+    # the compressed RLE reader agrees with pycocotools' encoder
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        h, w = (int(v) for v in rng.integers(1, 30, 2))
+        mask = np.asfortranarray((rng.random((h, w)) < rng.random()).astype(np.uint8))
+        rle = mask_utils.encode(mask)
+        runs = rle_counts(rle["counts"].decode())
+        assert sum(runs) == h * w and clean_segmentation(rle, h, w)[1] is None
+        np.testing.assert_array_equal(mask_utils.decode(mask_utils.frPyObjects({"counts": runs, "size": [h, w]}, h, w)), mask)
+    # an unreadable image names its file and id
+    (tmp_path / "train" / "000000.png").write_text("not an image")
+    ds = COCODataset(str(tmp_path / "train"), os.path.join(tiny_set, "annotations", "instances_train.json"))
+    image_id = next(i for i in ds.ids if ds.coco.imgs[i]["file_name"] == "000000.png")
+    with pytest.raises(ValueError, match=r"000000.png \(image id \d+\) cannot be read"):
+        ds.load_image(image_id)
 
 
 def test_malformed_json_and_missing_files_name_the_file(tiny_set, tmp_path):

@@ -179,3 +179,56 @@ def test_unknown_image_ids_and_labels_are_named(val_set):
     bad = {k: dict(v, labels=torch.full_like(v["labels"], 42)) for k, v in preds.items()}
     with pytest.raises(ValueError, match="labels \\[42\\]"):
         evaluate_coco(ds.coco, bad, ("bbox",))
+
+
+def _broken(coco, change):
+    """A deep copy of ``coco`` (a pycocotools COCO) with ``change(dataset)`` applied, re-indexed."""
+    from pycocotools.coco import COCO
+
+    broken = COCO()
+    broken.dataset = copy.deepcopy(coco.dataset)
+    change(broken.dataset)
+    with contextlib.redirect_stdout(io.StringIO()):
+        broken.createIndex()
+    return broken
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["annotations"][0].pop("area"), "'area' must be a finite number"),
+    (lambda d: d["annotations"][0].update(segmentation=[[1.0, 1.0, 4.0, 4.0]]), "< 3 points"),
+    (lambda d: d["annotations"][0].update(segmentation=[]), "segmentation COCOeval cannot read"),
+    (lambda d: d["annotations"][0].update(bbox=[1.0, 2.0, float("nan"), 3.0]), "'bbox' must be 4 finite"),
+])
+def test_ground_truth_cocoeval_would_crash_on_is_named_before_predicting(val_set, change, message):
+    ds, targets = val_set
+    broken = _broken(ds.coco, change)
+    first = broken.dataset["annotations"][0]
+    with pytest.raises(ValueError, match=rf"annotation id {first['id']} \(image id {first['image_id']}\).*{message}"):
+        evaluate_coco(broken, _ground_truth_predictions(targets), iou_types=("bbox", "segm"))
+
+
+def test_keypoint_ground_truth_is_checked_for_cocoevals_17_keypoints(val_set):
+    ds, targets = val_set
+    person = next(c for c in ds.coco.dataset["categories"] if c.get("keypoints"))
+
+    def five_keypoints(d):
+        next(c for c in d["categories"] if c["id"] == person["id"])["keypoints"] = person["keypoints"][:5]
+
+    with pytest.raises(ValueError, match=r"keypoint categories \{\d+: 5\} .* not COCO's 17"):
+        evaluate_coco(_broken(ds.coco, five_keypoints), _ground_truth_predictions(targets))
+
+    def no_count(d):
+        next(a for a in d["annotations"] if a["category_id"] == person["id"]).pop("num_keypoints")
+
+    with pytest.raises(ValueError, match="needs 'keypoints' \\(51 values\\) and 'num_keypoints'"):
+        evaluate_coco(_broken(ds.coco, no_count), _ground_truth_predictions(targets))
+
+
+def test_labels_read_as_category_ids_for_every_image_without_a_mapping():
+    predictions = {1: {"boxes": torch.tensor([[0.0, 0.0, 2.0, 2.0]]), "labels": torch.tensor([3]),
+                       "scores": torch.tensor([0.9])},
+                   2: {"boxes": torch.tensor([[1.0, 1.0, 4.0, 5.0]]), "labels": torch.tensor([7]),
+                       "scores": torch.tensor([0.8])}}
+    results = predictions_to_coco_results(predictions, "bbox", None)  # once: image 2's 7 was refused
+    assert [(r["image_id"], r["category_id"]) for r in results] == [(1, 3), (2, 7)]
+    assert results[1]["bbox"] == [1.0, 1.0, 3.0, 4.0]  # xyxy -> xywh

@@ -35,6 +35,7 @@ import bisect
 import contextlib
 import io
 import json
+import math
 import os
 import warnings
 from collections import Counter, defaultdict
@@ -69,6 +70,17 @@ def load_coco(ann_file: str) -> COCO:
     for img in data["images"]:
         if not isinstance(img, dict) or not {"id", "file_name", "height", "width"} <= img.keys():
             raise ValueError(f"{ann_file}: image entry {img!r:.120} lacks id/file_name/height/width")
+    for key, what, needs in (("annotations", "annotation", {"id", "image_id", "category_id"}),
+                             ("categories", "category", {"id", "name"})):
+        for entry in data[key]:
+            if not isinstance(entry, dict) or not needs <= entry.keys():
+                raise ValueError(f"{ann_file}: {what} entry {entry!r:.120} lacks {'/'.join(sorted(needs))}")
+    # pycocotools indexes by id, one entry per id: a repeated id silently hands one entry's
+    # segmentation to another's image (and mis-scores COCOeval)
+    for key in ("images", "annotations", "categories"):
+        repeated = sorted(i for i, n in Counter(entry["id"] for entry in data[key]).items() if n > 1)
+        if repeated:
+            raise ValueError(f"{ann_file}: {key} with repeated ids {repeated[:10]}")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -86,9 +98,40 @@ def keypoint_flip_map(names: list[str]) -> list[int]:
     return perm
 
 
+def _coordinate(value, bound: float) -> bool:
+    """A polygon coordinate pycocotools can rasterise: a finite real number near the image (a NaN
+    or a huge value makes it allocate without limit, and the process dies)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and -bound <= value <= bound)
+
+
+def rle_counts(counts: str) -> list[int]:
+    """The run lengths of a compressed RLE string (pycocotools' LEB128-like code: 5 bits per
+    character, offset by 48, a run after the second stored as a difference to the one two back)."""
+    runs, position = [], 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(counts):
+                raise ValueError("compressed RLE ends inside a run")
+            char = ord(counts[position]) - 48
+            value |= (char & 0x1F) << shift
+            more = bool(char & 0x20)
+            position, shift = position + 1, shift + 5
+            if not more and char & 0x10:
+                value |= -1 << shift  # negative
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
+
+
 def clean_segmentation(segm, h: int, w: int) -> tuple[object | None, str | None]:
     """(segmentation with degenerate polygons removed, or None, and why)."""
     if isinstance(segm, list):
+        bound = 2.0 * max(h, w)
+        if any(isinstance(p, list) and not all(_coordinate(v, bound) for v in p) for p in segm):
+            return None, "polygon coordinate not a finite number near the image"
         polys = [p for p in segm if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
         if not polys:
             return None, "degenerate polygon (< 3 points)"
@@ -96,6 +139,15 @@ def clean_segmentation(segm, h: int, w: int) -> tuple[object | None, str | None]
     if isinstance(segm, dict) and "counts" in segm and "size" in segm:
         if list(segm["size"]) != [h, w]:
             return None, f"RLE size {segm['size']} != image size {[h, w]}"
+        counts = segm["counts"]
+        try:  # pycocotools decodes a corrupt RLE into uninitialised memory: check the runs first
+            runs = rle_counts(counts.decode() if isinstance(counts, bytes) else counts) if isinstance(
+                counts, (str, bytes)) else counts
+        except ValueError as err:
+            return None, f"corrupt RLE ({err})"
+        if not (isinstance(runs, list) and all(isinstance(r, int) and not isinstance(r, bool) and r >= 0
+                                               for r in runs) and sum(runs) == h * w):
+            return None, f"corrupt RLE (its runs must be counts >= 0 summing to {h} x {w} pixels)"
         return segm, None
     return None, "segmentation is neither polygons nor RLE"
 
@@ -159,7 +211,8 @@ class COCODataset(Dataset):
                            f"{where}: unknown category id {ann.get('category_id')!r}")
                 continue
             bbox = ann.get("bbox")
-            if not (isinstance(bbox, list) and len(bbox) == 4) or not (bbox[2] > 0 and bbox[3] > 0):
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(_coordinate(v, math.inf) for v in bbox)
+                    and bbox[2] > 0 and bbox[3] > 0):
                 self._skip("zero-area box", f"{where}: zero-area or malformed bbox {bbox!r}")
                 continue
             if self.with_masks:
@@ -179,7 +232,7 @@ class COCODataset(Dataset):
 
     def _select_images(self) -> list[int]:
         listing = set(os.listdir(self.image_dir)) if os.path.isdir(self.image_dir) else set()
-        ids = []
+        ids, missing = [], []
         for iid in sorted(self.coco.imgs):
             name = self.coco.imgs[iid]["file_name"]
             found = name in listing if os.sep not in name else os.path.exists(
@@ -187,17 +240,21 @@ class COCODataset(Dataset):
             if not found:
                 self._skip("missing image file",
                            f"image id {iid}: {os.path.join(self.image_dir, name)} not found")
+                missing.append(os.path.join(self.image_dir, name))
                 continue
             if self.train and not self._usable(self._anns.get(iid, [])):
                 self._skip("no usable annotations", f"image id {iid}: no usable annotations")
                 continue
             ids.append(iid)
+        if missing and not self.train:  # an evaluation on a subset would print AP for the whole json
+            raise FileNotFoundError(f"{len(missing)} of {len(self.coco.imgs)} images of {self.ann_file} are "
+                                    f"not in {self.image_dir}, e.g. {missing[:3]}")
         return ids
 
     def _usable(self, anns: list[dict]) -> bool:
         objects = [a for a in anns if not a.get("iscrowd", 0)]
         if self.with_keypoints:  # §5: "images that contain annotated keypoints"
-            return any(any(v > 0 for v in a.get("keypoints", [])[2::3]) for a in objects)
+            return any(any(v > 0 for v in (a.get("keypoints") or [])[2::3]) for a in objects)
         return bool(objects)
 
     def __len__(self) -> int:
@@ -209,8 +266,11 @@ class COCODataset(Dataset):
         path = os.path.join(self.image_dir, info["file_name"])
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image file {path} (image id {image_id}) not found")
-        with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB"))
+        try:
+            with Image.open(path) as img:
+                array = np.asarray(img.convert("RGB"))
+        except OSError as err:  # not an image, empty, truncated
+            raise ValueError(f"image file {path} (image id {image_id}) cannot be read: {err}") from err
         if array.shape[:2] != (info["height"], info["width"]):
             raise ValueError(f"image file {path} (image id {image_id}) is {array.shape[:2]}, "
                              f"but {self.ann_file} says {(info['height'], info['width'])}")

@@ -623,14 +623,17 @@ def next_to_start(todo: list[tuple[str, int]], saved: dict, total: int, elapsed:
     after the deadline; None if none may. One expected to overrun may start only while fewer
     than ``args.may_overrun`` such run, and only if its checkpoint is at most
     ``args.overrun_max_mib``: its checkpoint at the deadline is all the next session gets.
-    With a deadline and no duration to go by, every training counts as one that overruns: a
-    session that cannot say what will finish starts no more than it can carry. Nothing starts
-    with less than ``min_start`` seconds to the deadline: it would stop before saving a step."""
+    Where checkpoints must travel to be resumed (``--overrun-max-mib`` given: a GPU lease), a
+    training with no duration to go by counts as one that overruns: a session that cannot say
+    what will finish starts no more than it can carry. Elsewhere a stopped training resumes from
+    its checkpoint on the same disk, and anything may start. Nothing starts with less than
+    ``min_start`` seconds to the deadline: it would stop before saving a step."""
     if deadline is not None and deadline - elapsed < min_start:
         return None
+    unknown = not durations and args.overrun_max_mib is not None
     for key in todo:
         overruns = deadline is not None and (
-            not durations or not may_start(elapsed, deadline, durations, 1 - saved[key] / total, overhead))
+            unknown or not may_start(elapsed, deadline, durations, 1 - saved[key] / total, overhead))
         if not overruns:
             return key, False
         if overrunning < args.may_overrun and (

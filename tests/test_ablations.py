@@ -367,8 +367,7 @@ def test_may_start_expects_the_slowest_finished_training():
 def test_deadline_stops_running_trainings_and_leaves_the_rest_for_the_next_session(
         tiny_shapes, tmp_path, capsys):
     args = ["--table", "2", "--rows", "r50_c4_roipool", "--seeds", "2", "--quick", "--jobs", "1",
-            "--deadline", "0.5", "--may-overrun", "1", "--no-pretrain", "--out", str(tmp_path / "out"),
-            "--workdir", str(tmp_path / "work"),
+            "--deadline", "0.5", "--no-pretrain", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"),
             "--data", str(tiny_shapes["root"])]
     assert ablations.main(args) == 0  # running out of time is not a failure
     out = capsys.readouterr().out
@@ -424,12 +423,15 @@ def test_trainings_longer_than_a_session_start_only_as_many_as_may_overrun_and_c
 
 
 def test_a_lease_without_an_estimate_starts_only_what_it_can_carry_and_nothing_too_late():
-    args = ablations.build_parser().parse_args(["--may-overrun", "1"])
+    args = ablations.build_parser().parse_args(["--may-overrun", "1", "--overrun-max-mib", "15"])
     todo, saved = [("r50_c4", 0), ("r50_c4", 1)], {("r50_c4", 0): 0, ("r50_c4", 1): 0}
-    # no duration yet (a first lease): every training counts as one that overruns
+    # no duration yet in a first lease, whose checkpoints must travel: each counts as overrunning
     assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, [], 0, args) == (("r50_c4", 0), True)
     assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, [], 1, args) is None
     assert ablations.next_to_start(todo, saved, 3000, 10.0, None, [], 1, args) == (("r50_c4", 0), False)
+    # on a machine that keeps its checkpoints, a stopped training loses nothing: anything may start
+    local = ablations.build_parser().parse_args([])
+    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, [], 0, local) == (("r50_c4", 0), False)
     # under a minute to the deadline, nothing starts, whatever it would take
     assert ablations.next_to_start(todo, saved, 3000, 450.0, 500.0, [10.0], 0, args, min_start=60.0) is None
     assert ablations.next_to_start(todo, saved, 3000, 430.0, 500.0, [10.0], 0, args, min_start=60.0) == (todo[0], False)

@@ -203,6 +203,16 @@ def test_input_that_would_corrupt_or_crash_pycocotools_is_refused_or_skipped_by_
         runs = rle_counts(rle["counts"].decode())
         assert sum(runs) == h * w and clean_segmentation(rle, h, w)[1] is None
         np.testing.assert_array_equal(mask_utils.decode(mask_utils.frPyObjects({"counts": runs, "size": [h, w]}, h, w)), mask)
+    # a box wholly outside its image would be clamped to zero area: skipped, named
+    data = json.loads(Path(os.path.join(tiny_set, "annotations", "instances_train.json")).read_text())
+    first = data["annotations"][0]
+    first["bbox"] = [data["images"][0]["width"] + 5.0, 2.0, 10.0, 8.0]
+    first["image_id"] = data["images"][0]["id"]
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="box outside the image"):
+        ds = COCODataset(os.path.join(tiny_set, "train"), str(outside))
+    assert ds.skipped["box outside the image"] == 1 and f"annotation id {first['id']} " in " ".join(ds.problems)
     # an unreadable image names its file and id
     (tmp_path / "train" / "000000.png").write_text("not an image")
     ds = COCODataset(str(tmp_path / "train"), os.path.join(tiny_set, "annotations", "instances_train.json"))

@@ -215,6 +215,13 @@ class COCODataset(Dataset):
                     and bbox[2] > 0 and bbox[3] > 0):
                 self._skip("zero-area box", f"{where}: zero-area or malformed bbox {bbox!r}")
                 continue
+            img = self.coco.imgs[iid]
+            x, y, bw, bh = bbox
+            if min(x + bw, img["width"]) <= max(x, 0) or min(y + bh, img["height"]) <= max(y, 0):
+                # clamped to the image (load_target), it would be a zero-area target
+                self._skip("box outside the image", f"{where}: bbox {bbox!r} lies outside the "
+                           f"{img['width']} x {img['height']} image")
+                continue
             if self.with_masks:
                 img = self.coco.imgs[iid]
                 segm, why = clean_segmentation(ann.get("segmentation"), img["height"], img["width"])

@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -52,6 +50,7 @@ from dispatch_counts import synthetic_batch  # noqa: E402
 from train_infer import profile_steps, timed  # noqa: E402
 
 from mrcnn_edu import ablations  # noqa: E402
+from mrcnn_edu.ablations_report import write_json_atomic  # noqa: E402
 from mrcnn_edu.device import count_syncs  # noqa: E402
 from mrcnn_edu.engine import AMP_DTYPES  # noqa: E402
 from mrcnn_edu.model import MaskRCNN  # noqa: E402
@@ -148,10 +147,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:  # after each timing, atomically: a run cut off later keeps what was timed
         if args.json:
-            tmp = Path(f"{args.json}.tmp")
-            tmp.write_text(json.dumps({"device": name, "device_mib": device_mib, "images": sizes,
-                                       "group_norm_keeps_channels_last": nhwc_kept, "runs": results}, indent=1))
-            os.replace(tmp, args.json)
+            write_json_atomic(Path(args.json), {"device": name, "device_mib": device_mib, "images": sizes,
+                                                "group_norm_keeps_channels_last": nhwc_kept, "runs": results})
 
     # Size-major: when the phase's time cap cuts the bench off, every run has the smaller sizes,
     # which is what bench/pick_batch.py compares (the sizes timed for all runs).

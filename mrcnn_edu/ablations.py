@@ -43,14 +43,12 @@ pre-trained its bodies anew, shows whether its rows started from the same weight
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -381,7 +379,7 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
     from mrcnn_edu import ablations_report as report
     from mrcnn_edu.data.coco import collate_fn
     from mrcnn_edu.distributed import get_dist_info
-    from mrcnn_edu.engine import train
+    from mrcnn_edu.engine import sigterm_handled_by, train
     from mrcnn_edu.model import MaskRCNN
     from mrcnn_edu.predict import evaluate_model
 
@@ -406,13 +404,8 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
     train_s = time.perf_counter() - tic + earlier
     # trained and saved: the evaluation (tens of seconds) finishes even if the table's deadline
     # sends SIGTERM now (the table gives it FINISH_GRACE_S)
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main_thread else None
-    try:
+    with sigterm_handled_by(signal.SIG_IGN):
         metrics = evaluate_model(model, val_set, ("bbox", "segm"), batch_size=8 if not quick else 2)
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     if not get_dist_info().is_main:
         return {}
     record = {
@@ -716,28 +709,15 @@ class _Terminated(Exception):
     """The table's own process got SIGTERM (a time limit around it): stop the trainings, report."""
 
 
-@contextlib.contextmanager
-def _sigterm_raises():
-    """While the table runs, SIGTERM to its process raises :class:`_Terminated` in the main
-    thread (where Python runs handlers), so that it stops its trainings and writes its report."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise _Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+def _raise_terminated(signum, frame):
+    """SIGTERM to the table's process: stop its trainings and write its report (run_table)."""
+    raise _Terminated()
 
 
 def run_table(args: argparse.Namespace) -> dict:
     """Train every (run, seed) of ``args.rows`` without a result, ``args.jobs`` at a time; report."""
     from mrcnn_edu import ablations_report as report
-    from mrcnn_edu.engine import describe_scaling, scale_for_batch
+    from mrcnn_edu.engine import describe_scaling, scale_for_batch, sigterm_handled_by
 
     rows, runs = select_runs(args.rows)
     mode = mode_name(args.dataset, args.quick)
@@ -801,7 +781,7 @@ def run_table(args: argparse.Namespace) -> dict:
         active.clear()
 
     try:
-        with _sigterm_raises():
+        with sigterm_handled_by(_raise_terminated):
             while todo or active:
                 now = time.perf_counter() - tic
                 while todo and len(active) < args.jobs:

@@ -129,19 +129,28 @@ class TrainingStopped(RuntimeError):
 
 
 @contextlib.contextmanager
-def _sigterm_sets(flag: threading.Event, world_size: int):
-    """While training, SIGTERM sets ``flag`` instead of ending the process (one process, main
-    thread: Python runs signal handlers there only); the previous handler comes back after."""
-    if world_size > 1 or threading.current_thread() is not threading.main_thread():
+def sigterm_handled_by(handler):
+    """While inside, SIGTERM goes to ``handler`` (a function or ``signal.SIG_IGN``); the previous
+    handler comes back after. Only in the main thread, where Python runs signal handlers;
+    elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+    previous = signal.signal(signal.SIGTERM, handler)
     if previous is None:  # a handler installed outside Python: the default is what can be put back
         previous = signal.SIG_DFL
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_sets(flag: threading.Event, world_size: int):
+    """While training, SIGTERM sets ``flag`` instead of ending the process (one process: under
+    DDP the ranks would first have to agree on where to stop)."""
+    if world_size > 1:
+        return contextlib.nullcontext()
+    return sigterm_handled_by(lambda signum, frame: flag.set())
 
 
 def _ignore_sigterm(worker_id: int) -> None:

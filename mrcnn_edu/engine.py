@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ from .distributed import (DistInfo, InfiniteBatchSampler, SeededSamples, all_red
 __all__ = [
     "TrainConfig", "NonFiniteLossError", "TrainingStopped", "train", "lr_at", "scaled_lr",
     "scale_for_batch", "describe_scaling", "build_optimizer", "to_device", "seed_everything",
-    "plot_loss_curves", "keep_freed_memory",
+    "plot_loss_curves", "keep_freed_memory", "resume_mismatch", "prune_checkpoints",
 ]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -97,6 +97,7 @@ class TrainConfig:
     num_workers: int = 2  # DataLoader processes per training process
     output_dir: str = "runs/train"  # checkpoints, metrics.jsonl, loss_curves.png
     checkpoint_period: int = 5000  # iterations between checkpoints (0: only at the end)
+    keep_checkpoints: int = 0  # the newest N model_*.pth stay, older ones are deleted (0: all)
     eval_period: int = 0  # iterations between evaluations (0: only at the end)
     log_period: int = 20  # iterations between metrics.jsonl lines
     resume: bool | str = False  # True: newest checkpoint in output_dir; or a path
@@ -153,13 +154,29 @@ def _sigterm_sets(flag: threading.Event, world_size: int):
     return sigterm_handled_by(lambda signum, frame: flag.set())
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: a loader worker ignores SIGTERM. ``timeout``, Slurm and
-    ``kill -- -PGID`` signal the whole process group; PyTorch's workers die of a SIGTERM that
-    does not come from their parent, and the main process then fails on its dead worker before
-    it can save. The workers still end with the main process (the loader's shutdown, or their
-    watch on their parent)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _sigterm_from_parent_only(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a loader worker ends on its parent's SIGTERM alone.
+
+    ``timeout``, Slurm and ``kill -- -PGID`` signal the whole process group; a worker killed by
+    that fails the main process on its dead worker before it can save. Ignoring SIGTERM
+    outright is worse: the loader's shutdown, and ``multiprocessing`` at the interpreter's exit,
+    end a worker that does not stop by itself with ``terminate()`` (a SIGTERM) and then wait
+    for it, forever. So SIGTERM is blocked and a thread takes each one with its sender:
+    the parent's ends the worker, anyone else's is dropped (the main process decides when to
+    stop). Without ``sigwaitinfo`` (macOS) the sender cannot be told, and the default stays."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = os.getppid()
+    # before any other thread of the worker starts: they inherit the mask, so every SIGTERM
+    # waits for the watcher (SIG_IGN instead would discard it before anyone could look)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def watch() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(128 + signal.SIGTERM)  # as a shell reports death by SIGTERM
+
+    threading.Thread(target=watch, name="sigterm_from_parent", daemon=True).start()
 
 
 def scaled_lr(base_lr: float, base_batch: int, batch: int) -> float:
@@ -252,9 +269,9 @@ def _check_config(cfg: TrainConfig, device: torch.device, world_size: int) -> No
         raise ValueError(f"steps must increase, got {cfg.steps}")
     if cfg.max_iter < 1:
         raise ValueError(f"max_iter={cfg.max_iter} (after the linear scaling rule) must be >= 1")
-    for name in ("log_period", "checkpoint_period", "eval_period"):
+    for name in ("log_period", "checkpoint_period", "eval_period", "keep_checkpoints"):
         if getattr(cfg, name) < 0:
-            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 0 (0: only at the end)")
+            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 0")
     if cfg.images_per_batch <= 0 or cfg.images_per_batch % world_size:
         raise ValueError(f"images_per_batch={cfg.images_per_batch} must be a positive "
                          f"multiple of the number of processes ({world_size})")
@@ -282,7 +299,7 @@ def _build_loader(dataset: Dataset, cfg: TrainConfig, collate_fn: Callable, star
     # Its own generator, so that making the loader never draws from the global RNG.
     return DataLoader(SeededSamples(dataset), batch_sampler=sampler, collate_fn=collate_fn,
                       num_workers=cfg.num_workers, pin_memory=pin,
-                      worker_init_fn=_ignore_sigterm if cfg.num_workers else None,
+                      worker_init_fn=_sigterm_from_parent_only if cfg.num_workers else None,
                       generator=torch.Generator().manual_seed(cfg.seed))
 
 
@@ -291,6 +308,36 @@ def _reduced_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
     names = sorted(loss_dict)
     values = torch.stack([loss_dict[name].detach().float() for name in names])  # (T,)
     return dict(zip(names, all_reduce_mean(values).tolist()))
+
+
+# what, besides the learning rate, shaped the iterations a checkpoint has done
+_PAST_KEYS = ("images_per_batch", "momentum", "weight_decay", "weight_decay_norm", "gamma", "seed", "amp")
+
+
+def resume_mismatch(saved: dict, cfg: TrainConfig, iteration: int) -> list[str]:
+    """How ``cfg`` would have trained the first ``iteration`` iterations differently from the
+    run that saved ``saved`` (its checkpoint's ``config``): ``["base_lr=0.02 (now 0.01)", ...]``.
+
+    Resuming continues *that* run, so its past must be this config's past too: the same batch,
+    optimizer, seed and learning rate at every iteration done. What lies ahead may change:
+    ``max_iter`` and lr steps still to come (extending a schedule is a resume). Both configs are
+    compared after the linear scaling rule, as they run."""
+    differ = [f"{key}={saved[key]!r} (now {getattr(cfg, key)!r})" for key in _PAST_KEYS
+              if key in saved and saved[key] != getattr(cfg, key)]
+    known = {f.name for f in fields(TrainConfig)}
+    then = replace(cfg, **{k: tuple(v) if k == "steps" else v for k, v in saved.items()
+                           if k in known and k in ("base_lr", "steps", "gamma", "warmup_iters",
+                                                   "warmup_factor")})
+    # lr is constant between the starts of warm-up's iterations and of each step's: compare there
+    starts = set(range(min(iteration, max(then.warmup_iters, cfg.warmup_iters) + 1)))
+    starts |= {s for s in (*then.steps, *cfg.steps) if s < iteration}
+    for i in sorted(starts):
+        if not math.isclose(lr_at(i, then), lr_at(i, cfg), rel_tol=1e-9):
+            differ.append(f"lr at iteration {i} {lr_at(i, then):.6g} (now {lr_at(i, cfg):.6g}; "
+                          f"base_lr {then.base_lr:g}, steps {then.steps}, warm-up "
+                          f"{then.warmup_iters} then; {cfg.base_lr:g}, {cfg.steps}, {cfg.warmup_iters} now)")
+            break
+    return differ
 
 
 def _resume(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -312,6 +359,11 @@ def _resume(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer
     except (KeyError, RuntimeError, ValueError) as err:  # a weights-only file, another model
         raise ValueError(f"cannot resume from {path}: not a training checkpoint of this model "
                          f"and optimizer ({type(err).__name__}: {err})") from err
+    differ = resume_mismatch(state.get("config", {}), cfg, int(state["iteration"]))
+    if differ:
+        raise ValueError(f"cannot resume from {path}: its {state['iteration']} iterations ran with "
+                         f"{'; '.join(differ)}. Resume with its settings, or start a new run from "
+                         "its weights (init_weights=PATH) instead of resuming")
     if len(rng_states) != info.world_size and info.is_main:
         print(f"warning: {path} was written by {len(rng_states)} processes, this run has "
               f"{info.world_size}; dropout/augmentation streams will differ", file=sys.stderr)
@@ -335,7 +387,23 @@ def _save(cfg: TrainConfig, iteration: int, model: nn.Module, optimizer, scaler,
             "train_seconds": train_seconds,  # the loop's time up to here, over every resume
         })
         plot_loss_curves(Path(cfg.output_dir) / "metrics.jsonl")
+        if cfg.keep_checkpoints:
+            prune_checkpoints(cfg.output_dir, cfg.keep_checkpoints)
     return path
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` ``model_*.pth`` of ``output_dir``; return the deleted.
+
+    160k iterations checkpointed every 5000 are 32 files of the whole model and its momentum;
+    only the newest is needed to resume. Called after the newest is whole and named in
+    ``last_checkpoint``, so a crash at any point leaves a checkpoint to resume from."""
+    if keep < 1:
+        raise ValueError(f"keep={keep}: at least the newest checkpoint must stay")
+    saved = sorted(Path(output_dir).glob("model_[0-9]*.pth"), key=lambda p: int(p.stem.split("_")[1]))
+    for path in saved[:-keep]:
+        path.unlink(missing_ok=True)
+    return saved[:-keep]
 
 
 def _evaluate(evaluate_fn: Callable[[nn.Module], dict], model: nn.Module) -> dict:

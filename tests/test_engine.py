@@ -257,6 +257,40 @@ def test_a_sigterm_to_the_whole_process_group_spares_the_loader_workers_and_save
     assert "STOPPED 3 model_0000003.pth" in out and (tmp_path / "model_0000003.pth").is_file()
 
 
+_LOADER_AT_EXIT_CHILD = """
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from mrcnn_edu import engine
+init = engine._sigterm_from_parent_only if sys.argv[2] == "fixed" else (
+    lambda worker_id: engine.signal.signal(engine.signal.SIGTERM, engine.signal.SIG_IGN))
+loader = torch.utils.data.DataLoader(list(range(64)), batch_size=2, num_workers=2, worker_init_fn=init)
+batches = iter(loader)  # alive until the interpreter's exit, as any global or cycle keeps one
+print(next(batches).tolist(), flush=True)
+"""
+
+
+def test_loader_workers_still_end_at_their_parents_sigterm(tmp_path):
+    """At exit ``multiprocessing`` ends the workers still running with ``terminate()`` and waits
+    for them; a worker that ignored every SIGTERM made that wait last forever."""
+    import subprocess
+
+    root = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run([sys.executable, "-c", _LOADER_AT_EXIT_CHILD, root, "fixed"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[0, 1]", done.stderr[-2000:]
+    # the SIG_IGN workers this replaced: past its last line, the child still waits 10 s later
+    child = subprocess.Popen([sys.executable, "-c", _LOADER_AT_EXIT_CHILD, root, "ignored"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert child.stdout.readline().strip() == "[0, 1]"
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(timeout=10)
+    finally:
+        child.kill()  # its workers follow: they watch their parent
+        child.wait()
+
+
 def test_sigterm_handler_set_outside_python_gives_way_to_the_default_after(monkeypatch):
     calls = []
 
@@ -293,6 +327,46 @@ def test_config_edge_cases_fail_clearly_or_train(tmp_path):
     torch.save({"weights": {}}, tmp_path / "weights.pth")
     with pytest.raises(ValueError, match="cannot resume from .*weights.pth"):
         train(make_model(), dataset, tiny_config(tmp_path / "w", resume=str(tmp_path / "weights.pth")), collate)
+
+
+def test_resume_refuses_a_config_that_would_have_trained_the_past_differently(tmp_path):
+    dataset = TinyShapes()
+    cfg = tiny_config(tmp_path / "r", max_iter=5, checkpoint_period=5)  # warm-up 3, step at 6
+    train(make_model(), dataset, cfg, collate)
+    resume = replace(cfg, resume=True)
+    for change, named in [({"base_lr": 0.05}, "lr at iteration 0"),
+                          ({"warmup_iters": 2}, r"lr at iteration 1 0.0555556 \(now 0.0666667"),  # 0.1 (1/3 · 2/3 + 1/3), 0.1 (1/3 · 1/2 + 1/2)
+                          ({"steps": (4,)}, "lr at iteration 4"),
+                          ({"seed": 4}, r"seed=3 \(now 4\)"),
+                          ({"momentum": 0.8}, r"momentum=0.9 \(now 0.8\)"),
+                          # another batch: the scaled schedule differs (lr ×2 from iteration 0)
+                          ({"images_per_batch": 8}, r"images_per_batch=4 \(now 8\)")]:
+        with pytest.raises(ValueError, match=rf"cannot resume from .*model_0000005.pth: .*{named}"):
+            train(make_model(), dataset, replace(resume, **change), collate)
+    # the future may change: a longer schedule, its step moved but still ahead
+    longer = train(make_model(), dataset, replace(resume, max_iter=7, steps=(5,)), collate)
+    assert longer["start_iteration"] == 5 and longer["iteration"] == 7
+    # hand-checked against lr_at: equal pasts, one step apart
+    base = tiny_config(tmp_path)
+    assert engine.resume_mismatch(vars(base), replace(base, steps=(7,)), 6) == []
+    assert engine.resume_mismatch(vars(base), replace(base, steps=(7,)), 7) != []
+    assert engine.resume_mismatch({}, base, 6) == []  # a checkpoint without a config: nothing to compare
+
+
+def test_keep_checkpoints_deletes_all_but_the_newest_and_resume_still_works(tmp_path):
+    dataset = TinyShapes()
+    cfg = tiny_config(tmp_path / "k", max_iter=6, checkpoint_period=1, keep_checkpoints=2)
+    train(make_model(), dataset, cfg, collate)
+    assert sorted(p.name for p in (tmp_path / "k").glob("model_*.pth")) == [
+        "model_0000005.pth", "model_0000006.pth"]
+    again = train(make_model(), dataset, replace(cfg, resume=True, max_iter=8), collate)
+    assert again["start_iteration"] == 6
+    assert sorted(p.name for p in (tmp_path / "k").glob("model_*.pth")) == [
+        "model_0000007.pth", "model_0000008.pth"]
+    with pytest.raises(ValueError, match="keep_checkpoints=-1 must be >= 0"):
+        train(make_model(), dataset, replace(cfg, keep_checkpoints=-1), collate)
+    with pytest.raises(ValueError, match="keep=0"):
+        engine.prune_checkpoints(tmp_path / "k", 0)
 
 
 def test_metrics_file_cut_off_mid_line_by_a_crash_still_reads(tmp_path):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mrcnn_edu.data.coco import COCODataset
+from mrcnn_edu.data.coco import COCODataset, read_rgb
 from mrcnn_edu.distributed import gather_predictions, get_dist_info, shard_indices
 from mrcnn_edu.evaluation import METRICS, check_ground_truth, predictions_to_coco_results, run_cocoeval
 
@@ -45,13 +45,13 @@ def iou_types_of(model: nn.Module) -> tuple[str, ...]:
 
 def load_image(path: str | Path) -> torch.Tensor:
     """(3, H, W) float32 RGB in [0, 1] from an image file."""
-    from PIL import Image
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
-    with Image.open(path) as image:
-        pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255.0)  # (H, W, 3)
+    try:
+        pixels = read_rgb(path)  # (H, W, 3); 16-bit greyscale kept, not clipped to 8 bits
+    except OSError as err:  # not an image, empty, truncated
+        raise ValueError(f"image file {path} cannot be read: {err}") from err
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 

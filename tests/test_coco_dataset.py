@@ -258,3 +258,28 @@ def test_collate_keeps_lists(tiny_set):
     ds = _dataset(tiny_set)
     images, targets = collate_fn([ds[0], ds[1]])
     assert isinstance(images, list) and len(images) == 2 and targets[1]["image_id"] == ds.ids[1]
+
+
+def test_sixteen_bit_greyscale_keeps_its_levels_instead_of_saturating(tmp_path):
+    from mrcnn_edu.data.coco import read_rgb
+    from mrcnn_edu.predict import load_image
+
+    levels = np.array([[0, 255, 256, 1000], [30000, 40000, 65534, 65535]], dtype=np.uint16)
+    Image.fromarray(levels).save(tmp_path / "deep.png")  # a 16-bit greyscale PNG
+    with Image.open(tmp_path / "deep.png") as img:
+        assert img.mode.startswith("I")  # what Pillow opens it as; convert("RGB") would clip at 255
+    expected = levels.astype(np.float32) / np.float32(65535.0)
+    pixels = read_rgb(tmp_path / "deep.png")
+    assert pixels.shape == (2, 4, 3) and pixels.dtype == np.float32
+    for channel in range(3):
+        np.testing.assert_array_equal(pixels[:, :, channel], expected)
+    assert len(np.unique(pixels)) == 8  # every level distinct: nothing saturated
+    torch.testing.assert_close(load_image(tmp_path / "deep.png"), torch.from_numpy(pixels).permute(2, 0, 1),
+                               rtol=0, atol=0)
+    # 8-bit RGB as before: ÷ 255
+    rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 13
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(read_rgb(tmp_path / "rgb.png"), rgb.astype(np.float32) / np.float32(255.0))
+    (tmp_path / "junk.png").write_text("not an image")
+    with pytest.raises(ValueError, match="junk.png cannot be read"):
+        load_image(tmp_path / "junk.png")

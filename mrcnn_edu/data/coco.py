@@ -163,6 +163,21 @@ def decode_mask(segm, h: int, w: int) -> np.ndarray:
     return mask_utils.decode(rle)
 
 
+
+# Pillow's modes for one 16-bit channel (a 16-bit greyscale PNG opens as one of them); its
+# convert("RGB") clips these to 8 bits, so every pixel above 255 would read as white
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """The image at ``path`` as (H, W, 3) float32 in [0, 1]: 8-bit images ÷ 255, 16-bit
+    greyscale ÷ 65535 (repeated over the three channels), everything else via RGB."""
+    with Image.open(path) as img:
+        if img.mode in _SIXTEEN_BIT_MODES:
+            grey = np.asarray(img).astype(np.float32) / np.float32(65535.0)  # (H, W)
+            return np.repeat(grey[:, :, None], 3, axis=2)
+        return np.asarray(img.convert("RGB")).astype(np.float32) / np.float32(255.0)
+
 class COCODataset(Dataset):
     def __init__(self, image_dir: str, ann_file: str, transforms: Callable | None = None,
                  train: bool = True, with_masks: bool = True, with_keypoints: bool = False,
@@ -274,14 +289,12 @@ class COCODataset(Dataset):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image file {path} (image id {image_id}) not found")
         try:
-            with Image.open(path) as img:
-                array = np.asarray(img.convert("RGB"))
+            pixels = read_rgb(path)
         except OSError as err:  # not an image, empty, truncated
             raise ValueError(f"image file {path} (image id {image_id}) cannot be read: {err}") from err
-        if array.shape[:2] != (info["height"], info["width"]):
-            raise ValueError(f"image file {path} (image id {image_id}) is {array.shape[:2]}, "
+        if pixels.shape[:2] != (info["height"], info["width"]):
+            raise ValueError(f"image file {path} (image id {image_id}) is {pixels.shape[:2]}, "
                              f"but {self.ann_file} says {(info['height'], info['width'])}")
-        pixels = array.astype(np.float32) / np.float32(255.0)  # (H, W, 3)
         return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # (3, H, W)
 
     def load_target(self, image_id: int) -> dict:

@@ -86,9 +86,16 @@ def build_datasets(experiment, train: bool = True):
 
 
 def build_model(experiment, weights: str | None = None, strict: bool = True):
-    """``MaskRCNN(experiment.model)``, seeded; ``weights``: a checkpoint or state dict to load."""
+    """``MaskRCNN(experiment.model)``, seeded; ``weights``: a checkpoint or state dict to load.
+
+    With ``strict=False`` (a training's ``init_weights``) ``weights`` may also be an ImageNet
+    ResNet in torchvision's layout (``conv1.weight``, ``layer1.0...``, ``fc.*``), or
+    ``pretrain.py``'s file: its body goes into the backbone and, for C4, its ``layer4`` into
+    the res5 head (``ablations.load_body``). A file none of whose tensors fits is an error:
+    a run "initialised" from it would silently train from scratch."""
     import torch
 
+    from mrcnn_edu.ablations import load_body
     from mrcnn_edu.backbone.resnet import load_state_dict_by_key
     from mrcnn_edu.checkpoint import load_checkpoint
     from mrcnn_edu.model import MaskRCNN
@@ -98,11 +105,26 @@ def build_model(experiment, weights: str | None = None, strict: bool = True):
     if weights:
         state = load_checkpoint(weights)
         state = state.get("model", state)
+        if not strict and _is_imagenet_resnet(state):
+            init = load_body(model, weights, run=f"the {experiment.name} model")
+            print(f"loaded the ImageNet-layout ResNet {weights} into the backbone: "
+                  f"{init['tensors']} tensors", file=sys.stderr)
+            return model
         report = load_state_dict_by_key(model, state, strict=strict, what=f"model ({weights})")
+        if not report.loaded:
+            raise ValueError(f"no tensor of {weights} fits the {experiment.name} model (its keys: "
+                             f"{', '.join(list(state)[:5])}, ...); it is neither a checkpoint of "
+                             "this model nor an ImageNet ResNet in torchvision's layout")
         if report.missing or report.unexpected:
             print(f"loaded {len(report.loaded)} tensors from {weights}; {len(report.missing)} "
                   f"missing, {len(report.unexpected)} unexpected", file=sys.stderr)
     return model
+
+
+def _is_imagenet_resnet(state: dict) -> bool:
+    """Keys of a torchvision ResNet (maybe DDP's ``module.``-prefixed), not of a MaskRCNN."""
+    keys = {key.removeprefix("module.") for key in state}
+    return "conv1.weight" in keys and any(key.startswith("layer1.") for key in keys)
 
 
 def _set_threads(experiment) -> None:

@@ -5,6 +5,7 @@ in-process, so the whole file takes seconds, not minutes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -193,3 +194,31 @@ def test_train_refuses_train_and_val_sets_whose_categories_differ(data_dir, tmp_
     assert main(["train", "--config", "tiny", *settings]) == 2
     assert "have different categories" in capsys.readouterr().err
     assert not (tmp_path / "run" / "model_0000003.pth").exists()
+
+
+def test_init_weights_take_an_imagenet_resnet_and_refuse_a_file_that_fits_nothing(tmp_path, capsys):
+    """``init_weights`` was loaded by our keys alone: an ImageNet ResNet in torchvision's layout
+    (what docs/training.md tells a COCO user to bring) loaded 0 tensors, and the run trained
+    from scratch without a word."""
+    from mrcnn_edu.__main__ import build_model
+    from mrcnn_edu.backbone.resnet import ResNet
+    from mrcnn_edu.recipes import get_recipe
+
+    experiment = get_recipe("tiny")
+    resnet_cfg = experiment.model.backbone.resnet
+    torch.manual_seed(7)
+    imagenet = ResNet(dataclasses.replace(resnet_cfg, num_classes=10))  # with its fc
+    for param in imagenet.parameters():  # unlike any initialisation build_model could draw
+        param.data.uniform_(-1, 1)
+    state = {f"module.{k}": v for k, v in imagenet.state_dict().items()}  # saved from DDP, too
+    torch.save(state, tmp_path / "r_imagenet.pth")
+    model = build_model(experiment, str(tmp_path / "r_imagenet.pth"), strict=False)
+    body = model.backbone.body.state_dict()
+    for key, value in imagenet.state_dict().items():
+        if not key.startswith("fc.") and not key.endswith("num_batches_tracked"):
+            torch.testing.assert_close(body[key], value, rtol=0, atol=0, msg=key)
+    assert "ImageNet-layout ResNet" in capsys.readouterr().err
+
+    torch.save({"head.weight": torch.zeros(3)}, tmp_path / "unrelated.pth")
+    with pytest.raises(ValueError, match=r"no tensor of .*unrelated.pth fits the tiny model"):
+        build_model(experiment, str(tmp_path / "unrelated.pth"), strict=False)

@@ -15,9 +15,18 @@ An anchor of size ``S`` and ratio ``r = height / width`` has area ``S**2``:
 Where a cell's anchors sit (the half pixel that matters): cell ``(i, j)`` of a stride-``s`` map
 sees image pixels ``[j*s, (j+1)*s)`` horizontally (pixel ``i`` covers ``[i, i+1)``, see
 ``boxes.py``), so its centre is ``((j + 0.5) * s, (i + 0.5) * s)`` -- ``offset=0.5``, our
-default. torchvision and the original Detectron put anchor centres at the cell's top-left
-corner ``(j*s, i*s)`` and round cell anchors to whole pixels; ``offset=0.0, round_cell=True``
-reproduce that, which pretrained torchvision weights need.
+default. Elsewhere:
+
+- torchvision puts anchor centres at the cell's top-left corner ``(j*s, i*s)`` and rounds cell
+  anchors to whole pixels: ``offset=0.0, round_cell=True`` reproduce its anchors exactly,
+  which its pretrained weights need.
+- Detectron2 also uses the corner (its default ``MODEL.ANCHOR_GENERATOR.OFFSET = 0.0``) but
+  does not round: ``offset=0.0``.
+- The original Detectron (``generate_anchors.py``) is cell-centred, like us: it starts from
+  the inclusive box ``[0, 0, s-1, s-1]`` ("centered on stride / 2"), whose centre is
+  ``(j + 0.5) * s`` in our continuous coordinates. But it quantises sizes its own way, in the
+  "+1" convention: widths are rounded at the stride's scale, then multiplied (stride 16, size
+  32, ratio 0.5: 46 x 24 px, where ours is 45.25 x 22.63). No option here reproduces it.
 
 Anchors for a map are ordered ``(H, W, A)`` row-major: anchor ``a`` of cell ``(i, j)`` has
 index ``(i * W + j) * A + a``. RPN outputs are flattened in the same order.

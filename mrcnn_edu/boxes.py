@@ -50,8 +50,8 @@ __all__ = [
 # Detectron's bound on exp(dw): a box may grow at most 1000/16 times its reference per step,
 # which keeps an untrained network's first decodes from overflowing.
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
-# above this many boxes batched_nms runs per category (memory N^2 -> sum N_c^2)
-_BATCHED_NMS_SHIFT_MAX = 4000
+# above this many boxes batched_nms runs one NMS per category (memory N^2 -> sum N_c^2)
+_BATCHED_NMS_ONE_MATRIX_MAX = 4000
 # nms_in_images puts this many box pairs through box_iou at once (~1 GB of temporaries in fp32)
 NMS_PAIRS_PER_CHUNK = 2 ** 25
 
@@ -399,25 +399,44 @@ def greedy_keep_in_rounds(overlaps: Tensor, rounds_per_read: int = 4) -> Tensor:
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    """NMS run independently per category ``idxs: (N,)``; kept indices in decreasing score.
+    """NMS run independently per category ``idxs: (N,)``; kept indices in decreasing score
+    (equal scores in index order), exactly the union of :func:`nms` on each category.
 
-    Small inputs use the usual trick: shift each category's boxes by a different offset larger
-    than any coordinate, so boxes of different categories never overlap, then run one NMS.
-    Large inputs (the RPN's thousands of proposals over five FPN levels) run one NMS per
-    category instead, which needs sum(N_c^2) instead of N^2 memory.
+    Small inputs (at most 4000 boxes) go through one ``(N, N)`` overlap matrix in which boxes
+    of different categories never overlap (:func:`_nms_within_categories`). Large inputs (the
+    RPN's thousands of proposals over five FPN levels) run one :func:`nms` per category
+    instead, which needs ``sum(N_c^2)`` instead of ``N^2`` memory. Both give the same answer.
+
+    ``torchvision.ops.batched_nms`` (and Detectron2, which calls it) separate the categories
+    of up to 1000 boxes (25000 on a GPU; torchvision 0.29) with a trick instead: shift each
+    category's boxes by ``idx * (max coordinate + 1)`` and run one NMS. The trick is inexact:
+    at offsets of ~1e5 (category 80 of a 1333 px image) fp32 keeps only ~0.01 px of a
+    coordinate, which moves an IoU by ~1e-4, so a pair near the threshold can be kept together
+    by the batched call yet suppressed by NMS on its category alone. So we do not shift.
     """
     check_boxes(boxes)
     if idxs.dim() != 1 or idxs.shape[0] != boxes.shape[0]:
         raise ValueError(f"idxs must have shape ({boxes.shape[0]},), got {tuple(idxs.shape)}")
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    if boxes.shape[0] <= _BATCHED_NMS_SHIFT_MAX:
-        span = (boxes.max() - boxes.min()) + 1
-        shifted = boxes - boxes.min() + (idxs.to(boxes) * span)[:, None]
-        return nms(shifted, scores, iou_threshold)
+    if boxes.shape[0] <= _BATCHED_NMS_ONE_MATRIX_MAX:
+        return _nms_within_categories(boxes, scores, idxs, iou_threshold)
     keep = []
     for category in torch.unique(idxs).tolist():
         members = torch.nonzero(idxs == category).flatten()
         keep.append(members[nms(boxes[members], scores[members], iou_threshold)])
     keep = torch.cat(keep).sort().values  # index order first, so equal scores keep it
     return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+
+
+def _nms_within_categories(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """:func:`batched_nms` in one greedy pass: ``boxes: (N, 4)``, ``scores, idxs: (N,)`` -> kept
+    indices. A box may only suppress boxes of its own category, so the overlap matrix is the
+    IoU test AND "same category"; the IoUs are those of the unshifted boxes, as in :func:`nms`."""
+    if scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
+        raise ValueError(f"scores must have shape ({boxes.shape[0]},), got {tuple(scores.shape)}")
+    order = torch.sort(scores, descending=True, stable=True).indices  # equal scores in index order
+    sorted_boxes, sorted_idxs = boxes[order], idxs[order]
+    same_category = sorted_idxs[:, None] == sorted_idxs[None, :]  # (N, N)
+    overlaps = (box_iou(sorted_boxes, sorted_boxes) > iou_threshold) & same_category  # (N, N)
+    return order[torch.nonzero(greedy_keep(overlaps)).flatten()]

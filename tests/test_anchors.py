@@ -73,6 +73,34 @@ def test_torchvision_compatible_mode_matches_torchvision():
     torch.testing.assert_close(got, want)
 
 
+def detectron1_cell_anchors(stride, sizes, ratios):
+    """The original Detectron's cell anchors, from the steps of its generate_anchors.py,
+    turned into our continuous xyxy (its boxes are inclusive: pixels x1..x2, so x2 + 1)."""
+    centre = (stride - 1) / 2  # of the inclusive box [0, 0, s-1, s-1], in pixel indices
+    out = []
+    for r in ratios:
+        base_w = round(math.sqrt(stride * stride / r))  # rounded at the stride's scale ...
+        base_h = round(base_w * r)  # (Python's round, like numpy's, sends halves to even)
+        for size in sizes:
+            w, h = base_w * size / stride, base_h * size / stride  # ... then scaled
+            out.append([centre - (w - 1) / 2, centre - (h - 1) / 2, centre + (w - 1) / 2 + 1, centre + (h - 1) / 2 + 1])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_original_detectron_anchors_are_cell_centred_but_no_option_reproduces_them():
+    stride, sizes, ratios = 16, (32, 64, 128, 256, 512), (0.5, 1.0, 2.0)
+    detectron = detectron1_cell_anchors(stride, sizes, ratios)
+    # "centered on stride / 2": the centre of cell (0, 0), our offset=0.5
+    centres = (detectron[:, :2] + detectron[:, 2:]) / 2
+    torch.testing.assert_close(centres, torch.full((15, 2), stride / 2, dtype=torch.float64))
+    # ratio 0.5, size 32: 46 x 24 px there, 45.25 x 22.63 here
+    assert (detectron[0, 2:] - detectron[0, :2]).tolist() == [46.0, 24.0]
+    for offset in (0.0, 0.5):
+        for round_cell in (False, True):
+            ours = grid_anchors(cell_anchors(sizes, ratios, round_cell, torch.float64), (1, 1), stride, offset)
+            assert not torch.allclose(ours, detectron), (offset, round_cell)
+
+
 @pytest.mark.parametrize("kwargs, name", [
     (dict(sizes=[(32,)], aspect_ratios=[(0.5,)], strides=[16, 32]), "strides"),
     (dict(sizes=[(-32,)], aspect_ratios=[(1.0,)], strides=[16]), "sizes"),

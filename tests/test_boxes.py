@@ -244,6 +244,56 @@ def test_batched_nms_per_category_path_for_large_inputs():
     assert batched_nms(boxes, scores, idxs, 0.5).tolist() == want[order].tolist()
 
 
+def per_category_nms(boxes, scores, idxs, thr):
+    """The definition of batched NMS: nms on each category alone, merged by decreasing score."""
+    keep = []
+    for c in torch.unique(idxs).tolist():
+        members = torch.nonzero(idxs == c).flatten()
+        keep += members[nms(boxes[members], scores[members], thr)].tolist()
+    return sorted(keep, key=lambda i: (-float(scores[i]), i))
+
+
+def near_threshold_boxes(g, n_pairs, thr, width=1333.0, height=1000.0):
+    """Image-scale boxes in pairs whose IoU is ``thr`` up to fp32 rounding: a box and itself
+    shifted right by ``w (1 - thr) / (1 + thr)`` (IoU ``(w - dx) / (w + dx)``)."""
+    w = 20 + torch.rand(n_pairs, generator=g) * 300
+    h = 20 + torch.rand(n_pairs, generator=g) * 300
+    x1 = torch.rand(n_pairs, generator=g) * (width - 2 * w)
+    y1 = torch.rand(n_pairs, generator=g) * (height - h)
+    dx = w * (1 - thr) / (1 + thr)
+    first = torch.stack([x1, y1, x1 + w, y1 + h], 1)
+    second = torch.stack([x1 + dx, y1, x1 + dx + w, y1 + h], 1)
+    return torch.cat([first, second])  # pair k is rows k and n_pairs + k
+
+
+def test_batched_nms_with_large_category_ids_equals_nms_on_the_category_alone():
+    # the reviewer's case: IoU(0, 1) = 0.50001448 in fp32, so NMS on category 60 suppresses
+    # box 1; shifting category 60 by 60 * 1334 px (torchvision's trick) rounds the IoU below 0.5
+    boxes = torch.tensor([[591.9867553710938, 309.75274658203125, 774.8672485351562, 436.33441162109375],
+                          [652.944580078125, 309.75274658203125, 835.8250732421875, 436.33441162109375],
+                          [0.0, 0.0, 1333.0, 1000.0]])
+    scores = torch.tensor([0.9, 0.8, 0.1])
+    idxs = torch.tensor([60, 60, 0])
+    assert float(box_iou(boxes[:1], boxes[1:2])) > 0.5
+    assert nms(boxes[:2], scores[:2], 0.5).tolist() == [0]
+    assert batched_nms(boxes, scores, idxs, 0.5).tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("thr", [0.3, 0.5, 0.7])
+def test_batched_nms_near_the_threshold_equals_per_category_nms_for_many_seeds(thr):
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        n_pairs = 100
+        boxes = near_threshold_boxes(g, n_pairs, thr)
+        category = torch.randint(1, 91, (n_pairs,), generator=g)  # COCO's ids go up to 90
+        # most pairs share a category (NMS decides near the threshold); a quarter are split
+        # across two (the overlap must then suppress nothing)
+        split = torch.rand(n_pairs, generator=g) < 0.25
+        idxs = torch.cat([category, torch.where(split, category % 90 + 1, category)])
+        scores = torch.rand(2 * n_pairs, generator=g)
+        assert batched_nms(boxes, scores, idxs, thr).tolist() == per_category_nms(boxes, scores, idxs, thr), seed
+
+
 def test_nms_empty_input():
     out = nms(torch.zeros(0, 4), torch.zeros(0), 0.5)
     assert out.dtype == torch.int64 and out.numel() == 0

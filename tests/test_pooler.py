@@ -32,6 +32,19 @@ def test_fpn_level_matches_the_formula_on_random_boxes():
         assert k == min(max(want, 2), 5)
 
 
+def test_fpn_level_adds_eps_inside_the_log_as_detectron_not_outside_as_torchvision():
+    # Detectron / Detectron2: floor(k0 + log2(s / 224 + eps)); torchvision's LevelMapper:
+    # floor(k0 + log2(s / 224) + eps). They part only a hair below a level boundary: a square
+    # of side 112 * 2^(-2e-6) has log2(s / 224) = -1 - 2e-6, which eps = 1e-6 inside the log
+    # lifts by 2.9e-6 (to level 3) and outside by 1e-6 only (level 2).
+    side = 112 * 2 ** -2e-6
+    boxes = torch.tensor([square(side), square(112.0)], dtype=torch.float64)
+    assert fpn_level(boxes).tolist() == [3, 3]
+    assert math.floor(4 + math.log2(side / 224 + 1e-6)) == 3
+    poolers = pytest.importorskip("torchvision.ops.poolers")
+    assert (poolers.LevelMapper(2, 5)([boxes]) + 2).tolist() == [2, 3]
+
+
 def pyramid(seed=0, n=2, c=3, image_hw=(256, 320), levels=(2, 3, 4, 5), dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     H, W = image_hw

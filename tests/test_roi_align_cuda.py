@@ -69,8 +69,10 @@ def test_cupy_forward_and_backward_equal_pytorch_in_fp32(channels_last, aligned,
     assert error_k <= 1.5 * error_t, (error_k, error_t)
 
 
-@pytest.mark.parametrize("dtype,atol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
-def test_half_precision_inputs_accumulate_in_fp32(dtype, atol):
+# half an ulp of the storage type, relative: 2^-11 (fp16, 11-bit significand), 2^-8 (bf16)
+@pytest.mark.parametrize("dtype,atol,half_ulp", [(torch.float16, 2e-3, 2.0 ** -11),
+                                                 (torch.bfloat16, 2e-2, 2.0 ** -8)])
+def test_half_precision_inputs_accumulate_in_fp32(dtype, atol, half_ulp):
     # Same half-precision input for both: the only differences left are the final rounding
     # of the output to the storage type (half an ulp of values of order 1).
     x, rois = make_case(dtype=dtype)
@@ -78,9 +80,27 @@ def test_half_precision_inputs_accumulate_in_fp32(dtype, atol):
     assert out_k.dtype == dtype
     out_ref = roi_align(x.double(), rois, 7, 0.25, 2, backend="torch")
     torch.testing.assert_close(out_k.double(), out_ref, rtol=0, atol=atol)
+    # Backward, for a random upstream gradient in the storage type (as autograd hands it):
+    # the kernel sums each cell's gradient in fp32 and rounds the sum to the storage type
+    # once. Against the exact (fp64) gradient of the same rounded input and upstream gradient,
+    # that leaves half an ulp of each element, relative, held here with a factor 2 to spare,
+    # plus the fp32 sums' error (~3e-5 here, as in the fp32 test; atol is 2e-5 of the
+    # gradient's scale, ~2.5e-4). Measured by running the same kernel compiled for the CPU
+    # on these inputs: at most 0.49 of this bound. A gradient 0.5% (fp16) or 1% (bf16) off,
+    # or off by one more ulp of the storage type per element (the least that summing in it
+    # would add), does not pass.
     leaf = x.detach().requires_grad_(True)
-    roi_align(leaf, rois, 7, 0.25, 2, backend="cupy").float().sum().backward()
-    assert leaf.grad.dtype == dtype and torch.isfinite(leaf.grad).all()
+    out = roi_align(leaf, rois, 7, 0.25, 2, backend="cupy")
+    upstream = torch.randn(out.shape, generator=torch.Generator("cuda").manual_seed(1),
+                           device="cuda").to(dtype)
+    (grad,) = torch.autograd.grad(out, leaf, upstream)
+    assert grad.dtype == dtype
+    exact_leaf = x.detach().double().requires_grad_(True)
+    exact_out = roi_align(exact_leaf, rois.double(), 7, 0.25, 2, backend="torch")
+    (exact,) = torch.autograd.grad(exact_out, exact_leaf, upstream.double())
+    scale = float(exact.abs().max())
+    assert scale > 1  # the comparison below is about something
+    torch.testing.assert_close(grad.double(), exact, rtol=2 * half_ulp, atol=2e-5 * scale)
 
 
 @pytest.mark.parametrize("mode", ["avg", "max"])
@@ -91,6 +111,36 @@ def test_cupy_gradcheck_in_float64(mode, aligned):
     assert torch.autograd.gradcheck(
         lambda t: roi_align(t, rois, (2, 3), 0.5, -1, aligned, mode, backend="cupy"), (x,),
         eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, -1])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_max_mode_gives_a_tied_bins_gradient_to_the_same_point_in_both_paths(aligned,
+                                                                            sampling_ratio):
+    # On flat regions every sampling point of a bin is a maximum: a constant map, a ReLU's
+    # zeros (points outside the map are 0 too). The kernel gives the bin's gradient to the
+    # first maximal point; the PyTorch path (max(dim) on the GPU) must pick the same one.
+    # RoIs on a 1/4-cell grid with sizes of 1/2 to 8 cells for 2 x 2 bins: exact ties in fp64.
+    g = torch.Generator().manual_seed(7)
+    constant = torch.full((2, 3, 6, 7), 2.0, dtype=torch.float64)
+    relu = torch.randn(2, 3, 6, 7, generator=g, dtype=torch.float64).clamp(min=0)
+    relu[:, :, :3, :4] = 0.0
+    cells = torch.tensor([[0, 0.5, 1.0, 4.5, 5.0], [1, -1.5, 0.25, 2.5, 2.25],
+                          [1, 3.0, 3.0, 3.0, 3.0], [0, 1.0, 1.0, 9.0, 5.0],
+                          [0, -2.0, -2.0, 6.0, 2.0], [1, 0.0, 0.0, 1.0, 0.5],
+                          [1, 5.25, 3.75, 7.25, 7.75]], dtype=torch.float64)
+    rois = (cells * torch.tensor([1, 2, 2, 2, 2], dtype=torch.float64)).cuda()  # scale 1/2
+    for features in (constant.cuda(), relu.cuda()):
+        results = []
+        for backend in ("cupy", "torch"):
+            leaf = features.clone().requires_grad_(True)
+            out = roi_align(leaf, rois, 2, 0.5, sampling_ratio, aligned, "max", backend=backend)
+            upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(8),
+                                   dtype=torch.float64).cuda()
+            results.append((out.detach(), torch.autograd.grad(out, leaf, upstream)[0]))
+        (out_k, grad_k), (out_t, grad_t) = results
+        torch.testing.assert_close(out_k, out_t, rtol=0, atol=1e-12)
+        torch.testing.assert_close(grad_k, grad_t, rtol=0, atol=1e-12)
 
 
 def test_cupy_reads_channels_last_and_noncontiguous_inputs():
@@ -129,15 +179,31 @@ def test_empty_roi_set_on_gpu():
 
 
 def test_kernel_runs_on_pytorchs_current_stream():
+    # Nothing here reads a value back to the host (a synchronisation, which would hide a
+    # kernel on the wrong stream): check_values=False skips the RoI check's read. Each stream
+    # is kept busy with a sleeping kernel, so that a kernel launched on any other stream than
+    # the side one (PyTorch's current stream in the block) gets a wrong answer:
+    # - the side stream sleeps before it writes the input: a kernel on a stream that does not
+    #   wait for it reads the NaNs the input holds until then;
+    # - the main (default, also CuPy's null) stream sleeps twice as long: a kernel queued
+    #   there runs after the side stream has already copied the output that it had not
+    #   written yet. (The input has values no earlier call computed, so that memory reused
+    #   from one cannot hold the right output by chance.)
     x, rois = make_case()
-    want = roi_align(x, rois, 7, 0.25, 2, backend="torch")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+    roi_align(x, rois, 7, 0.25, 2, backend="cupy")  # compiled now: the sleeps must outlast the host
+    source = x + 1.0
+    want = roi_align(source, rois, 7, 0.25, 2, backend="torch")
+    y = torch.full_like(x, float("nan"))
+    main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+    side.wait_stream(main)  # source, want, y and rois are ready
+    torch.cuda._sleep(2 * 10**8)  # on main: ~0.1 s at ~2 GHz
     with torch.cuda.stream(side):
-        y = x * 1.0  # queued on the side stream; the kernel must see it finished
-        out = roi_align(y, rois, 7, 0.25, 2, backend="cupy")
-    torch.cuda.current_stream().wait_stream(side)
-    torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+        torch.cuda._sleep(10**8)
+        y.copy_(source)  # queued on the side stream; the kernel must see it finished
+        out = roi_align(y, rois, 7, 0.25, 2, backend="cupy", check_values=False)
+        seen = out.clone()  # what the side stream's next op reads
+    main.wait_stream(side)
+    torch.testing.assert_close(seen, want, rtol=0, atol=1e-5)
 
 
 def test_bad_rois_on_gpu_are_value_errors_not_crashes():

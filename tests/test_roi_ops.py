@@ -1,5 +1,6 @@
 """RoIPool, RoIWarp and RoIAlign (Mask R-CNN §3, Figure 3, Table 2c) against independent
 references: per-element Python loops written from the definitions, gradcheck, torchvision."""
+import importlib.util
 import math
 import runpy
 import sys
@@ -9,6 +10,20 @@ import pytest
 import torch
 
 from mrcnn_edu.ops import roi_align, roi_pool, roi_warp, sampling_points
+
+
+def _kernel_source_tests():
+    """test_roi_align_kernel_source.py, loaded for its fixtures: ``kernel_path`` runs the CUDA
+    kernels of ops/roi_align.cu compiled as C++ on the CPU (skips without a compiler)."""
+    path = Path(__file__).with_name("test_roi_align_kernel_source.py")
+    spec = importlib.util.spec_from_file_location("_roi_align_kernel_source_fixtures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_kernel_source = _kernel_source_tests()
+cpu_kernels, kernel_path = _kernel_source.cpu_kernels, _kernel_source.kernel_path  # fixtures, used by name
 
 # ---- brute-force references: one Python float at a time -------------------------------------
 
@@ -45,15 +60,60 @@ def _align_box(feat, rois, out_hw, bins_from_box, sampling_ratio, mode):
     return out
 
 
+def _align_frame(roi, scale, aligned):
+    """RoIAlign's ``(batch, x0, y0, w, h)`` of one roi in the sampling frame."""
+    off = 0.5 if aligned else 0.0
+    x1, y1, x2, y2 = (v * scale - off for v in roi[1:])
+    w, h = x2 - x1, y2 - y1
+    if not aligned:
+        w, h = max(w, 1.0), max(h, 1.0)
+    return int(roi[0]), x1, y1, w, h
+
+
 def ref_roi_align(x, rois, out_hw, scale, sampling_ratio, aligned, mode="avg"):
     def frame(roi):
-        off = 0.5 if aligned else 0.0
-        x1, y1, x2, y2 = (v * scale - off for v in roi[1:])
-        w, h = x2 - x1, y2 - y1
-        if not aligned:
-            w, h = max(w, 1.0), max(h, 1.0)
-        return int(roi[0]), x1, y1, w, h
+        return _align_frame(roi, scale, aligned)
     return _align_box(x.tolist(), rois.tolist(), out_hw, frame, sampling_ratio, mode)
+
+
+def _bilinear_taps(H, W, y, x):
+    """``[(i, j, weight)]``: the cells ``_bilinear`` reads for point ``(y, x)`` ([] outside)."""
+    if y < -1.0 or y > H or x < -1.0 or x > W:
+        return []
+    y, x = min(max(y, 0.0), H - 1), min(max(x, 0.0), W - 1)
+    y0, x0 = int(math.floor(y)), int(math.floor(x))
+    y1, x1 = min(y0 + 1, H - 1), min(x0 + 1, W - 1)
+    ly, lx = y - y0, x - x0
+    return [(y0, x0, (1 - ly) * (1 - lx)), (y0, x1, (1 - ly) * lx), (y1, x0, ly * (1 - lx)), (y1, x1, ly * lx)]
+
+
+def ref_roi_align_max_grad(x, rois, out_hw, scale, sampling_ratio, aligned, upstream):
+    """Max-mode RoIAlign's input gradient, one bin at a time, as the CUDA kernel defines it:
+    each bin's gradient goes to the taps of its FIRST maximal sampling point, in (iy, ix)
+    row-major order (a later point replaces the best only if strictly greater)."""
+    feat, up, (oh, ow) = x.tolist(), upstream.tolist(), out_hw
+    _, C, H, W = x.shape
+    grad = torch.zeros(x.shape, dtype=torch.float64)
+    for r, roi in enumerate(rois.tolist()):
+        b, x0, y0, w, h = _align_frame(roi, scale, aligned)
+        gh = sampling_ratio if sampling_ratio > 0 else max(math.ceil(h / oh), 0)
+        gw = sampling_ratio if sampling_ratio > 0 else max(math.ceil(w / ow), 0)
+        for c in range(C):
+            for ph in range(oh):
+                for pw in range(ow):
+                    bh, bw = h / oh, w / ow
+                    points = [(y0 + ph * bh + (iy + 0.5) * bh / gh, x0 + pw * bw + (ix + 0.5) * bw / gw)
+                              for iy in range(gh) for ix in range(gw)]
+                    best = None
+                    for y, xx in points:
+                        value = _bilinear(feat[b][c], y, xx)
+                        if best is None or value > best[0]:
+                            best = (value, y, xx)
+                    if best is None:
+                        continue
+                    for i, j, weight in _bilinear_taps(H, W, best[1], best[2]):
+                        grad[b, c, i, j] += weight * up[r][c][ph][pw]
+    return grad
 
 
 def _c_round(v):
@@ -197,6 +257,62 @@ def test_gradients_match_finite_differences(name, op):
     assert torch.autograd.gradcheck(lambda t: op(t, rois), (x,), eps=1e-6, atol=1e-7)
 
 
+def tied_maps_and_rois():
+    """Maps where many sampling points of a bin tie: constant (every inside point equal), and
+    ReLU-like (plateaus of zeros; a point outside the map is 0 too). RoIs for 2 x 2 bins at
+    scale 1/2, on a 1/4-cell grid with sizes of 1/2 to 8 cells: every sampling point, with 2 or
+    the adaptive 1, 2 or 4 points per bin, and so every bilinear weight, is exact in fp64, and
+    on the constant map every point inside the map is exactly 2."""
+    g = torch.Generator().manual_seed(7)
+    constant = torch.full((2, 2, 6, 7), 2.0, dtype=torch.float64)
+    relu = torch.randn(2, 2, 6, 7, generator=g, dtype=torch.float64).clamp(min=0)
+    relu[:, :, :3, :4] = 0.0  # a plateau larger than a bin
+    cells = torch.tensor([[0, 0.5, 1.0, 4.5, 5.0], [1, -1.5, 0.25, 2.5, 2.25], [1, 3.0, 3.0, 3.0, 3.0],
+                          [0, 1.0, 1.0, 9.0, 5.0], [0, -2.0, -2.0, 6.0, 2.0], [1, 0.0, 0.0, 1.0, 0.5],
+                          [1, 5.25, 3.75, 7.25, 7.75]], dtype=torch.float64)
+    rois = cells * torch.tensor([1, 2, 2, 2, 2], dtype=torch.float64)  # in pixels, for scale 1/2
+    return (constant, relu), rois
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [2, -1])
+def test_roialign_max_gives_a_tied_bins_gradient_to_its_first_maximal_point(aligned, sampling_ratio):
+    # On flat regions every sampling point of a bin is a maximum. The CUDA kernel gives the
+    # bin's gradient to the first of them; the PyTorch path must do the same (splitting it
+    # among the ties, as amax's backward does, moves gradient to other cells).
+    maps, rois = tied_maps_and_rois()
+    for x in maps:
+        leaf = x.clone().requires_grad_(True)
+        out = roi_align(leaf, rois, (2, 2), 0.5, sampling_ratio, aligned, "max", backend="torch")
+        if x is maps[0]:  # exact ties: 2 inside the map, 0 for a bin with every point outside
+            assert set(out.unique().tolist()) <= {0.0, 2.0}
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+        (grad,) = torch.autograd.grad(out, leaf, upstream)
+        want = ref_roi_align_max_grad(x, rois, (2, 2), 0.5, sampling_ratio, aligned, upstream)
+        torch.testing.assert_close(grad, want, rtol=0, atol=1e-12)
+        # the forward is the plain max, ties or not
+        torch.testing.assert_close(out.detach(), ref_roi_align(x, rois, (2, 2), 0.5, sampling_ratio, aligned, "max"),
+                                   rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [2, -1])
+def test_roialign_max_ties_give_the_gradient_the_cuda_kernel_gives(kernel_path, aligned, sampling_ratio):
+    # the kernel itself (ops/roi_align.cu, compiled for the CPU) as the oracle for the tied bins
+    maps, rois = tied_maps_and_rois()
+    for x in maps:
+        grads = []
+        for op in (lambda t: kernel_path(t, rois, (2, 2), 0.5, sampling_ratio, aligned, "max"),
+                   lambda t: roi_align(t, rois, (2, 2), 0.5, sampling_ratio, aligned, "max", backend="torch")):
+            leaf = x.clone().requires_grad_(True)
+            out = op(leaf)
+            upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+            grads.append((out.detach(), torch.autograd.grad(out, leaf, upstream)[0]))
+        (out_k, grad_k), (out_t, grad_t) = grads
+        torch.testing.assert_close(out_k, out_t, rtol=0, atol=1e-12)
+        torch.testing.assert_close(grad_k, grad_t, rtol=0, atol=1e-12)
+
+
 # ---- the paper's claims ---------------------------------------------------------------------
 
 
@@ -284,6 +400,38 @@ def test_roipool_gives_a_tied_max_gradient_to_the_first_cell_as_torchvision():
     tv = pytest.importorskip("torchvision")
     (tv_grad,) = torch.autograd.grad(tv.ops.roi_pool(x, rois, (2, 2), 0.25).sum(), x)
     assert torch.equal(grad, tv_grad)
+
+
+def test_roipool_skips_nan_in_the_max_as_torchvision():
+    # torchvision's kernel keeps a cell only if `cell > running max` (false for NaN), starting
+    # from -FLT_MAX: a NaN never wins, and a bin of nothing but NaN / -inf is -FLT_MAX with
+    # no gradient. The reviewer's case: max(1, 5, nan, 3) is 5 (taking the first cell gave 1).
+    tv = pytest.importorskip("torchvision")
+    nan, inf = float("nan"), float("inf")
+    one_bin = torch.tensor([[0, 0.0, 0.0, 1.0, 1.0]])
+    x = torch.tensor([[[[1.0, 5.0], [nan, 3.0]]]])
+    assert roi_pool(x, one_bin, 1).item() == 5.0 == tv.ops.roi_pool(x, one_bin, 1).item()
+    for dtype in (torch.float32, torch.float64):
+        g = torch.Generator().manual_seed(6)
+        x = torch.randn(2, 3, 12, 14, generator=g, dtype=dtype)
+        holes = torch.rand(x.shape, generator=g)
+        x[holes < 0.3] = nan  # bins with some NaN
+        x[(holes > 0.3) & (holes < 0.35)] = -inf
+        x[0, :, :4, :4] = nan  # bins of nothing but NaN ...
+        x[0, :, 4:6, :4] = -inf  # ... or of -inf
+        x[1, 0, :3, :3] = torch.tensor([[nan, -inf, nan], [-inf, nan, nan], [nan, nan, -inf]], dtype=dtype)
+        x.requires_grad_(True)
+        rois = torch.cat([make_rois(extent=56.0, n=40, seed=1, dtype=dtype),
+                          torch.tensor([[0, 0.0, 0.0, 15.0, 15.0], [0, 0.0, 16.0, 15.0, 23.0],
+                                        [1, 0.0, 0.0, 11.0, 11.0]], dtype=dtype)])
+        for scale, size in [(0.25, (4, 4)), (0.25, (2, 3)), (0.5, (3, 3))]:
+            got = roi_pool(x, rois, size, scale)
+            want = tv.ops.roi_pool(x, rois, size, scale)
+            assert not got.isnan().any() and (got == -torch.finfo(torch.float32).max).any()
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            upstream = torch.randn(got.shape, generator=g, dtype=dtype)
+            torch.testing.assert_close(torch.autograd.grad(got, x, upstream)[0],
+                                       torch.autograd.grad(want, x, upstream)[0], rtol=1e-6, atol=1e-6)
 
 
 # ---- bad input ------------------------------------------------------------------------------

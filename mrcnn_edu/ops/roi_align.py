@@ -26,13 +26,17 @@ a sampling point outside ``[-1, H] x [-1, W]`` contributes 0; inside, it is clam
 ``[0, H-1] x [0, W-1]`` before interpolation; the average divides by ``max(gh * gw, 1)``.
 ``mode="max"`` takes the maximum over a bin's sampling points of their bilinear values (a point
 outside contributes 0, as in the average); a bin with no sampling points returns 0. Its gradient
-goes to the maximal point (split evenly on exact ties in this PyTorch path).
+goes to the maximal point, the first one in ``(iy, ix)`` row-major order on ties (as in the
+CUDA kernel; ties are common on flat regions such as a ReLU's zeros).
 
 Gradients flow to ``input`` only, never to the RoI coordinates (the paper's "approximate"
 end-to-end training, Appendix, Table 8, ignores them too).
 
-Outputs are channels-last strided views (``(R, oh, ow, C)`` in memory); use ``reshape`` /
-``flatten`` rather than ``view`` on them.
+Memory layout of the output: the PyTorch path returns a channels-last strided view
+(``(R, oh, ow, C)`` in memory, whatever the input's layout); the CuPy path returns the
+input's layout (channels-last for a ``torch.channels_last`` input with ``C > 1``,
+``(R, C, oh, ow)``-contiguous otherwise). Rely on neither: use ``reshape`` / ``flatten``
+rather than ``view``.
 """
 from __future__ import annotations
 
@@ -221,10 +225,23 @@ def _sample_group(features: Tensor, rois: Tensor, x1: Tensor, y1: Tensor, roi_w:
     samples = samples.reshape(R, oh, ow, gh * gw, C)  # points in (iy, ix) row-major order
     if mode == "avg":
         return divide(samples.sum(dim=3), max(gh * gw, 1))  # (R, oh, ow, C)
-    # amax, not max(dim): same value; on exact ties it splits the gradient evenly where the
-    # CUDA kernel gives it to the first point (tied points are nearly always one clamped
-    # location, so the sums agree); and max(dim) is pathologically slow on small CPU tensors
-    return samples.amax(dim=3)  # (R, oh, ow, C)
+    return _max_over_points(samples)  # (R, oh, ow, C)
+
+
+def _max_over_points(samples: Tensor) -> Tensor:
+    """Max mode's aggregation: ``samples (R, oh, ow, P, C)`` -> ``(R, oh, ow, C)``.
+
+    The gradient of each bin goes to its first maximal point (``(iy, ix)`` row-major), as in
+    the CUDA kernel. Ties are common: on a flat region (a constant map, a ReLU's zeros, points
+    outside the map, which are 0) every point of a bin is a maximum, and ``amax``'s backward
+    would split the gradient among them, i.e. among other cells than the kernel's.
+    ``max(dim)`` returns the first maximal index (PyTorch documents it) and its backward
+    routes the whole gradient there. Without autograd ``amax`` gives the same values and is
+    several times faster on the CPU (``max(dim)`` also computes the indices).
+    """
+    if not samples.requires_grad:
+        return samples.amax(dim=3)
+    return samples.max(dim=3).values
 
 
 def _grid_groups(roi_h: Tensor, roi_w: Tensor, output_size: tuple[int, int],

@@ -17,7 +17,11 @@ What is quantised, precisely (``s = spatial_scale``, ``round`` = half away from 
    is the cells ``start .. end`` inclusive, ``size = max(end - start + 1, 1)`` cells.
 2. RoIPool only: the bins. Bin ``p`` covers cells ``start + floor(p * size / out)`` up to
    ``start + ceil((p + 1) * size / out)`` (exclusive), clipped to the map; an empty bin gives 0.
-   Its value is the max over those cells.
+   Its value is the max over those cells, and its gradient goes to the first cell (row-major)
+   holding it. As in torchvision's kernel, which starts from ``-FLT_MAX`` and keeps a cell only
+   if it is ``>`` the running max: NaN cells are skipped, and a bin with no cell above
+   ``-FLT_MAX`` (all NaN, or all ``-inf``) gives ``-FLT_MAX`` (``-inf`` in fp16 / bf16, where
+   ``-FLT_MAX`` rounds to it) and no gradient.
 RoIWarp then does *no* further quantisation: it is RoIAlign (``aligned=True``, bilinear
 sampling at ``sampling_ratio x sampling_ratio`` regular points per bin, max or avg) applied to the
 quantised box ``[start, start + size)``. So on a box already on the feature grid RoIWarp equals
@@ -38,6 +42,12 @@ from mrcnn_edu.ops.roi_align import RoIs, check_roi_inputs, divide, roi_align_to
 __all__ = ["roi_pool", "roi_warp", "quantise_rois"]
 
 _CHUNK_ELEMENTS = 1 << 24
+
+
+def _lowest(dtype: torch.dtype) -> float:
+    """torchvision's start for a bin's running max, ``-FLT_MAX``, as ``dtype`` holds it: the
+    value of a bin with no cell above it (``-inf`` in fp16 and bf16, where it overflows)."""
+    return torch.tensor(-torch.finfo(torch.float32).max).to(dtype).item()
 
 
 def _round_half_away(x: Tensor) -> Tensor:
@@ -87,6 +97,7 @@ def roi_pool(input: Tensor, rois: RoIs, output_size: Union[int, Sequence[int]],
     features = input.permute(0, 2, 3, 1).reshape(N * H * W, C)  # (N*H*W, C)
     dy = torch.arange(kh, device=input.device)
     dx = torch.arange(kw, device=input.device)
+    lowest = _lowest(input.dtype)
     pieces = []
     per_roi = oh * ow * kh * kw * max(C, 1)
     for chunk in torch.arange(R, device=input.device).split(max(_CHUNK_ELEMENTS // per_roi, 1)):
@@ -103,17 +114,24 @@ def roi_pool(input: Tensor, rois: RoIs, output_size: Union[int, Sequence[int]],
         # gathered windows with autograd would keep every window (kh*kw times the output) for
         # the backward pass.
         with torch.no_grad():
-            windows = features[index.reshape(-1)].reshape(*index.shape, C)
-            windows = windows.masked_fill(~valid[..., None], float("-inf"))  # (Rc, oh, ow, kh*kw, C)
+            windows = features[index.reshape(-1)].reshape(*index.shape, C)  # (Rc, oh, ow, kh*kw, C)
+            # cells outside the bin, and NaN cells (torchvision's `cell > max` is false for NaN),
+            # take no part in the max
+            skipped = ~valid[..., None] | windows.isnan()
+            windows = windows.masked_fill(skipped, float("-inf"))
             best = windows.amax(dim=3)  # (Rc, oh, ow, C)
             # the first cell (row-major in the bin) holding the max, as torchvision's kernel
             # picks it, so that tied cells give the gradient to the same one (argmax along a
             # middle dimension is very slow on the CPU; kh*kw is small)
-            cell = index[:, :, :, :1].expand(best.shape)  # in range whatever the values (NaN)
+            cell = index[:, :, :, :1].expand(best.shape)  # in range whatever the values
             for k in reversed(range(kh * kw)):
                 cell = torch.where(windows[:, :, :, k] == best, index[:, :, :, k, None], cell)
+            # torchvision's running max starts at -FLT_MAX and only a cell above it replaces it
+            nothing_above = ~(best > lowest)  # (Rc, oh, ow, C)
             del windows
         out = features.gather(0, cell.reshape(-1, C)).reshape(cell.shape)  # (Rc, oh, ow, C)
+        # masked_fill passes no gradient to what it fills: such bins have no max cell
+        out = out.masked_fill(nothing_above, lowest)
         empty = ~valid.any(dim=3)  # (Rc, oh, ow): bin clipped away entirely
         pieces.append(out.masked_fill(empty[..., None], 0.0))
     if pieces:

@@ -35,8 +35,9 @@ __all__ = ["PoolerConfig", "fpn_level", "pool_rois", "RoIPooler"]
 class PoolerConfig:
     kind: str = "roi_align"  # Table 2c: "roi_pool" | "roi_warp" | "roi_align" (the paper's)
     mode: str = "avg"  # Table 2c: "insensitive to max/average pool; we use average"
-    # §3: "four regularly sampled locations in each RoI bin" = 2x2 points (also Detectron's
-    # default); -1 = adaptive ceil(roi_size / output_size), torchvision's op default
+    # §3: "four regularly sampled locations in each RoI bin" = 2x2 points, what Detectron's
+    # Mask R-CNN configs set (ROI_XFORM_SAMPLING_RATIO: 2; its config.py default is 0, the
+    # adaptive grid). <= 0 = adaptive ceil(roi_size / output_size), torchvision's op default (-1)
     sampling_ratio: int = 2
     aligned: bool = True  # the paper's definition; False = legacy Detectron / torchvision
     canonical_size: float = 224.0  # FPN eq. 1: ImageNet pre-training size
@@ -54,8 +55,14 @@ def fpn_level(boxes: Tensor, k_min: int = 2, k_max: int = 5, canonical_size: flo
               canonical_level: int = 4, eps: float = 1e-6) -> Tensor:
     """FPN eq. 1: ``(R, 4)`` xyxy boxes -> ``(R,)`` int64 pyramid levels in ``[k_min, k_max]``.
 
-    ``eps`` keeps ``log2`` finite for empty boxes (they land on ``k_min``) and matches the
-    reference implementations, which add it inside the logarithm.
+    ``eps`` is added inside the logarithm, ``log2(sqrt(area) / canonical_size + eps)``, as in
+    Detectron (``1e-6``) and Detectron2 (``1e-8``): it keeps ``log2`` finite for empty boxes
+    (they land on ``k_min``). torchvision's ``LevelMapper`` adds its ``eps = 1e-6`` outside
+    instead, ``floor(k0 + log2(sqrt(area) / canonical_size) + eps)``. Both lift a box whose
+    log2 lands a hair below a level boundary (rounding) to the upper level, by different
+    amounts (outside: 1e-6; inside: ``eps / (ln 2 * sqrt(area) / canonical_size)``, 2.9e-6 at
+    112 px): they disagree only on boxes within ~1e-5 (relative) of a level boundary (112,
+    224 or 448 px by default).
     """
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must have shape (R, 4), got {tuple(boxes.shape)}")

@@ -18,9 +18,10 @@ preset                 what                                                     
 ``mini_fpn``/``mini_c4``/``mini_c5``  the same structures, narrow, from scratch     (here)
 =====================  ==========================================================  =========
 
-The C5 set-up of Table 2d is not spelled out in the paper; we give it the FPN-style heads
-(2-fc box head on 7x7, 4-conv FCN mask head on 14x14) on the single stride-32 map, so that
-only the RoI feature extractor differs between its rows.
+The C5 set-up of Table 2d follows §4.2: "We use the same head as in Figure 4 (right), as the res5
+head is not applicable" -- the FPN-style heads (2-fc box head on 7x7, 4-conv FCN mask head on
+14x14) on the single stride-32 map, so that only the RoI feature extractor differs between its
+rows. Its RoIs per image (512) and test proposals (300) the paper does not give: ours.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ class AnchorConfig:
 
     sizes: tuple[tuple[float, ...], ...] = ((32,), (64,), (128,), (256,), (512,))  # FPN §4.1: P2..P6
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # §3.1: "3 aspect ratios"
-    offset: float = 0.5  # anchor centre at the cell centre; torchvision / Detectron: 0.0
+    offset: float = 0.5  # anchor centre at the cell centre (original Detectron too); torchvision / Detectron2: 0.0 (cell corner)
     round_cell: bool = False  # torchvision rounds cell anchors to whole pixels
     # "nominal": each level's own stride (4, 8, ..., 64). "torchvision": padded image size //
     # feature size, per axis, as torchvision's AnchorGenerator -- P6 of an 800-px image has

@@ -23,8 +23,11 @@ So the data order is a pure function of ``(seed, iteration)``: an endless *strea
 per-epoch permutations (epoch ``e`` shuffled by a generator seeded from ``(seed, e)``); global
 batch ``i`` is stream positions ``[i*G, (i+1)*G)``. Random augmentation gets the same
 treatment: the sample at stream position ``p`` is loaded under RNGs seeded from
-``(seed, p)`` (:class:`SeededSamples`), so flips and jitter do not depend on which process or
-DataLoader worker loads it, nor on whether the run was interrupted.
+``(seed, p)`` (:class:`SeededSamples`), which also hands the model a seed of that sample's own
+(``target["seed"]``) for the scale jitter it draws inside (``MaskRCNN.preprocess``, §5). So
+flips and scale jitter do not depend on which process or DataLoader worker loads a sample, nor
+on whether the run was interrupted. (The model's other random choice, which RoIs to sample,
+comes from each process's own generator, seeded ``seed + rank`` by the engine.)
 
 Optional aspect-ratio grouping (``group_ids``, as in Detectron): a global batch is filled
 with images of one group only (e.g. landscape vs portrait), so padding wastes less memory;
@@ -252,7 +255,8 @@ class SeededSamples(Dataset):
 
     The dataset's own random augmentation (``torch.rand``, ``random.random``,
     ``np.random``) then repeats exactly, wherever and whenever the sample is loaded; the
-    caller's RNGs are left as they were.
+    caller's RNGs are left as they were. An ``(image, target dict)`` sample also gets
+    ``target["seed"]`` (an int), for the model's own random draw on that image, its train scale.
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -264,4 +268,18 @@ class SeededSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
         with seeded_rng(seed):
-            return self.dataset[index]
+            sample = self.dataset[index]
+        return _with_model_seed(sample, seed)
+
+
+def _with_model_seed(sample, seed: int):
+    """``(image, target)`` -> ``(image, {**target, "seed": s})``; any other sample as it is.
+
+    ``s`` is derived from ``seed``, not ``seed`` itself: a generator seeded alike would repeat
+    the dataset's first draws (its flip, say) and tie the model's scale to them. The target is
+    a new dict: a dataset that keeps its targets in memory keeps them unchanged.
+    """
+    if isinstance(sample, tuple) and len(sample) == 2 and isinstance(sample[1], dict):
+        image, target = sample
+        return image, {**target, "seed": derive_seed(seed, 1)}
+    return sample

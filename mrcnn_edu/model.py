@@ -38,7 +38,8 @@ from mrcnn_edu.anchors import AnchorGenerator, TorchvisionStrideAnchorGenerator
 from mrcnn_edu.backbone import build_backbone, make_res5_head
 from mrcnn_edu.boxes import check_boxes
 from mrcnn_edu.config import MaskRCNNConfig
-from mrcnn_edu.data.transforms import batch_images, normalize, resize_images, resize_images_like_torchvision, size_ratios
+from mrcnn_edu.data.transforms import (batch_images, draw_min_sizes, normalize, resize_images,
+                                      resize_images_like_torchvision, size_ratios)
 from mrcnn_edu.device import host_to_device
 from mrcnn_edu.roi_heads.box_head import BoxBranch, BoxPredictor, PositiveRoIs, Res5Head, TwoFCHead
 from mrcnn_edu.roi_heads.keypoint_head import KeypointHead, heatmaps_to_keypoints, keypoint_loss, keypoint_targets
@@ -74,9 +75,10 @@ class MaskRCNN(nn.Module):
         self.rpn = RPN(cfg.rpn, anchor_generator, RPNHead(channels, anchor_generator.num_anchors_per_cell[0]))
 
         box_cfg = cfg.box_head
+        box_cfg.validate()  # again: its fields may have been edited since it was made
         res5 = None
-        if box_cfg.head == "res5":
-            res5 = make_res5_head(cfg.backbone.resnet)  # Figure 4 left: res5 runs per RoI
+        if box_cfg.head == "res5":  # Figure 4 left: res5 runs per RoI, 7×7 out (see BoxHeadConfig)
+            res5 = make_res5_head(cfg.backbone.resnet, box_cfg.res5_first_stride)
             head, head_dim = Res5Head(res5), res5.out_channels
         else:
             head, head_dim = TwoFCHead(channels, box_cfg.pooler_resolution, box_cfg.fc_dim), box_cfg.fc_dim
@@ -136,8 +138,11 @@ class MaskRCNN(nn.Module):
         in one call each: the result is the same as image by image, with far fewer kernel launches.
         """
         t = self.cfg.transform
-        if self.training:  # §5: scale jitter, one draw per image (on the host's generator: no device read)
-            min_sizes = [t.min_size_train[c] for c in torch.randint(len(t.min_size_train), (len(images),)).tolist()]
+        if self.training:  # §5: scale jitter, one draw per image, on the host (no device read)
+            # the training loader's targets carry a per-sample "seed": the draw then does not
+            # depend on the process or batch the image is in (distributed.SeededSamples)
+            seeds = [target.get("seed") for target in targets] if targets is not None else [None] * len(images)
+            min_sizes = draw_min_sizes(t.min_size_train, seeds)
         else:
             min_sizes = [t.min_size_test] * len(images)
         groups: dict[tuple, list[int]] = {}  # (h, w, dtype, min_size) -> the images' indices
@@ -207,6 +212,7 @@ class MaskRCNN(nn.Module):
     def predict_keypoints(self, roi_features: list[Tensor], detections: list[dict]) -> None:
         boxes = [d["boxes"] for d in detections]
         logits = self.keypoint_head(self.keypoint_pooler(roi_features, boxes))  # (N, Kp, 56, 56)
+        # decoded in fp32 even when the head ran under bf16 autocast (see heatmaps_to_keypoints)
         keypoints = heatmaps_to_keypoints(logits, torch.cat(boxes))  # (N, Kp, 3) (x, y, score)
         for d, k in zip(detections, keypoints.split([len(b) for b in boxes])):
             d["keypoints"] = k

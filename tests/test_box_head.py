@@ -59,6 +59,21 @@ def test_config_holds_the_papers_sampling_numbers():
         BoxHeadConfig(head="3fc")
 
 
+def test_c4_res5_pools_14x14_for_stride_2_and_7x7_for_the_papers_stride_1():
+    # both give res5 a 7×7 output (Figure 4 left): Detectron's / [19]'s 14×14 with stride 2 (the
+    # default), or the caption's "first conv operates on a 7×7 RoI with stride 1"
+    detectron, paper = c4_box_head_config(), c4_box_head_config(res5_first_stride=1)
+    assert (detectron.res5_first_stride, detectron.pooler_resolution) == (2, 14)
+    assert (paper.res5_first_stride, paper.pooler_resolution) == (1, 7)
+    with pytest.raises(ValueError, match=r"res5_first_stride=1 needs pooler_resolution=7.*got 14"):
+        BoxHeadConfig(head="res5", pooler_resolution=14, res5_first_stride=1)
+    with pytest.raises(ValueError, match=r"res5_first_stride=2 needs pooler_resolution=14.*got 7"):
+        c4_box_head_config(pooler_resolution=7)
+    with pytest.raises(ValueError, match="res5_first_stride must be 1 or 2"):
+        c4_box_head_config(res5_first_stride=4)
+    assert BoxHeadConfig(res5_first_stride=1).pooler_resolution == 7  # a 2fc head ignores the stride
+
+
 def test_roi_is_foreground_at_iou_05_and_gt_boxes_are_added_as_proposals():
     gt = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([3])}
     proposals = torch.tensor([

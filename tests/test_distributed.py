@@ -79,6 +79,35 @@ def test_a_sample_is_augmented_the_same_wherever_it_is_loaded_and_the_callers_rn
     assert not torch.equal(samples[(3, 1)][0], first[0])  # another seed, another augmentation
 
 
+def test_scale_jitter_of_a_global_batch_is_the_same_on_one_process_or_split_over_two():
+    # §5's jitter is drawn inside the model (MaskRCNN.preprocess), not by the dataset. Each
+    # process's global RNG is seeded seed + rank (engine.train), so the draw must come from the
+    # sample's own seed: then W processes with G / W images each draw the scales of one with G
+    from mrcnn_edu.config import mini_fpn
+    from mrcnn_edu.model import MaskRCNN
+
+    cfg = mini_fpn(num_classes=3, image_size=16)
+    cfg.transform.min_size_train = (16, 20, 24, 28, 32)  # scales 1 .. 2 for the 16 px images
+    model = MaskRCNN(cfg).train()
+    samples = SeededSamples(_ddp_worker.TinyShapes())
+
+    def scales_seen(rank: int, world_size: int) -> dict[tuple[int, int], float]:
+        """{(index, sample seed): scale} over 3 global batches of 8, as process ``rank`` draws them."""
+        torch.manual_seed(7 + rank)  # as engine.train: seed_everything(seed + rank)
+        drawn = {}
+        for keys in take(InfiniteBatchSampler(len(samples), 8, seed=7, rank=rank, world_size=world_size), 3):
+            images, targets = zip(*(samples[key] for key in keys))
+            assert all(isinstance(target["seed"], int) for target in targets)
+            *_, scales = model.preprocess(list(images), list(targets))
+            drawn.update(zip(keys, scales))
+        return drawn
+
+    one_process = scales_seen(0, 1)
+    two_processes = {**scales_seen(0, 2), **scales_seen(1, 2)}
+    assert len(one_process) == 24 and len(set(one_process.values())) > 1  # the scales do vary
+    assert two_processes == one_process
+
+
 def test_evaluation_shards_cover_every_image_once():
     shards = [shard_indices(10, rank, 3) for rank in range(3)]
     assert sorted(sum(shards, [])) == list(range(10))

@@ -177,3 +177,29 @@ def test_bad_inputs_are_rejected_by_name():
         keypoint_loss(torch.zeros(2, 17, 4, 4), torch.zeros(2, 16, dtype=torch.long), torch.ones(2, 17, dtype=torch.bool))
     with pytest.raises(ValueError, match="boxes"):
         heatmaps_to_keypoints(torch.zeros(2, 17, 4, 4), torch.zeros(2, 5))
+
+
+def _peaked_heatmaps(num_rois, num_kp, generator, m=56):
+    """Logits as a trained head gives them: one smooth bump per keypoint (peak ~8) on noise."""
+    centres = torch.rand(num_rois, num_kp, 2, 1, 1, generator=generator) * (m - 1)
+    rows, cols = torch.arange(m).view(m, 1).float(), torch.arange(m).view(1, m).float()
+    squared = (rows - centres[:, :, 1]) ** 2 + (cols - centres[:, :, 0]) ** 2  # (P, Kp, m, m)
+    return 8 * torch.exp(-squared / 18) + 0.3 * torch.randn(num_rois, num_kp, m, m, generator=generator)
+
+
+def test_heatmaps_that_arrive_in_bf16_decode_as_in_fp32():
+    # Under bf16 autocast the head hands bf16 logits to the decoder. Resized and argmaxed in
+    # bf16, neighbouring values tie and the first of them wins: keypoints moved up-left by
+    # pixels on a large box. Decoded in fp32, the bf16 logits give the same points as their
+    # exact fp32 values, under autocast or not.
+    g = torch.Generator().manual_seed(4)
+    boxes = torch.tensor([[20.0, 30.0, 320.0, 630.0], [5.5, 7.25, 205.5, 107.25]])  # 300×600 and 200×100
+    logits_bf16 = _peaked_heatmaps(2, 17, g).bfloat16()
+    expected = heatmaps_to_keypoints(logits_bf16.float(), boxes)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got = heatmaps_to_keypoints(logits_bf16, boxes)
+            got_from_fp32 = heatmaps_to_keypoints(logits_bf16.float(), boxes)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        torch.testing.assert_close(got_from_fp32, expected, rtol=0, atol=0)

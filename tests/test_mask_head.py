@@ -52,6 +52,28 @@ def test_res5_head_deconvs_7x7_res5_output_to_14x14():
     assert head(torch.randn(4, 32, 7, 7)).shape == (4, 3, 14, 14)
 
 
+def test_mask_predictor_is_he_initialised_with_fan_out_as_torchvision():
+    # torchvision's init, not Detectron2's N(0, 0.001²): std sqrt(2 / fan_out), fan_out = K·1·1
+    head = FCNMaskHead(256, num_classes=80, cfg=MaskHeadConfig(conv_dims=(8,), deconv_dim=256))
+    weight = head.predictor.weight  # (80, 256, 1, 1)
+    assert abs(weight.std().item() / math.sqrt(2 / 80) - 1) < 0.03
+    assert not head.predictor.bias.any()
+
+
+def test_res5_head_refuses_a_mask_resolution_other_than_14_when_built():
+    # the default resolution, 28, is the FPN head's: with res5_deconv it used to build and then
+    # fail at the first training step, targets (28×28) against logits (14×14)
+    with pytest.raises(ValueError, match=r"resolution must be 14 for head='res5_deconv'.*got 28"):
+        build_mask_head(32, 3, MaskHeadConfig(head="res5_deconv"))
+    from mrcnn_edu.config import mini_c4
+    from mrcnn_edu.model import MaskRCNN
+
+    cfg = mini_c4(num_classes=2, image_size=64, width=8)
+    cfg.mask_head.resolution = 28
+    with pytest.raises(ValueError, match="MaskHeadConfig.resolution"):
+        MaskRCNN(cfg)
+
+
 @pytest.mark.parametrize("mlp_dims", [(1024, 1024), (1024, 1024, 1024)])
 def test_mlp_head_of_table_2e_outputs_k_masks_of_28x28(mlp_dims):
     head = MLPMaskHead(4, num_classes=2, cfg=MaskHeadConfig(head="mlp", mlp_dims=mlp_dims))

@@ -117,20 +117,51 @@ def test_miniature_mask_rcnn_with_keypoints_overfits_masks(tiny_shapes):
 
 
 def test_eval_outputs_are_in_original_image_pixels():
-    """An image resized 2x inside the model gives boxes in the input's own pixels."""
+    """An image resized 2x inside the model gives boxes in the input's own pixels: the
+    detections the box branch made on the 64 x 96 image, halved."""
     torch.manual_seed(0)
-    cfg = mini_fpn(num_classes=3, image_size=64)
+    cfg = mini_fpn(num_classes=3, image_size=64, keypoints=4)
     cfg.box_head.score_thresh = 0.0  # an untrained model: keep every detection
     model = MaskRCNN(cfg).eval()
+    seen = {}
+    model.box_branch.register_forward_hook(lambda m, args, out: seen.update(boxes=out[0]["boxes"].clone()))
+    model.keypoint_head.register_forward_hook(lambda m, args, out: seen.update(logits=out))
     image = torch.rand(3, 32, 48)  # resized to 64 x 96 inside the model
     with torch.no_grad():
         (out,) = model([image])
     assert out["masks"].shape == (len(out["boxes"]), 1, 32, 48)
     assert out["boxes"].shape[1] == 4 and len(out["boxes"]) > 0
-    assert (out["boxes"][:, 0::2] <= 48).all() and (out["boxes"][:, 1::2] <= 32).all()
+    # the box branch's boxes lie inside 64 x 96: halving them needs no clamping to 32 x 48,
+    # which alone would hide a resize never undone
+    assert (seen["boxes"][:, 2] > 48).any() and (seen["boxes"][:, 3] > 32).any()
+    torch.testing.assert_close(out["boxes"], seen["boxes"] / 2, rtol=0, atol=1e-4)
+    from mrcnn_edu.roi_heads.keypoint_head import heatmaps_to_keypoints
+    resized_keypoints = heatmaps_to_keypoints(seen["logits"], seen["boxes"])  # in the 64 x 96 image
+    torch.testing.assert_close(out["keypoints"][..., :2], resized_keypoints[..., :2] / 2, rtol=0, atol=1e-4)
+    torch.testing.assert_close(out["keypoints"][..., 2], resized_keypoints[..., 2])  # scores untouched
     assert out["masks"].min() >= 0 and out["masks"].max() <= 1
     assert out["scores"].shape == out["labels"].shape == (len(out["boxes"]),)
     assert ((out["labels"] >= 1) & (out["labels"] <= 3)).all()
+
+
+@pytest.mark.parametrize("resize_mode", ["exact", "torchvision"])
+def test_postprocess_divides_boxes_and_keypoints_by_the_resize_scale(resize_mode):
+    """Detections on an image the model enlarged 2x come back at half their coordinates."""
+    cfg = mini_fpn(num_classes=3, image_size=64)
+    cfg.transform.resize_mode = resize_mode
+    model = MaskRCNN(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    xy = torch.rand(5, 2, generator=g) * 40
+    boxes = torch.cat([xy, xy + 4 + torch.rand(5, 2, generator=g) * 50], dim=1)  # inside 64 x 96
+    keypoints = torch.cat([torch.rand(5, 4, 2, generator=g) * 60, torch.randn(5, 4, 1, generator=g)], dim=2)
+    detections = [{"boxes": boxes, "labels": torch.tensor([1, 2, 3, 1, 2]), "scores": torch.rand(5, generator=g),
+                   "keypoints": keypoints, "mask_probs": torch.rand(5, 28, 28, generator=g)}]
+    (out,) = model.postprocess(detections, scales=[2.0], original_sizes=[(32, 48)], image_sizes=[(64, 96)])
+    assert torch.equal(out["boxes"], boxes / 2)  # halving is exact in floating point
+    assert torch.equal(out["keypoints"][..., :2], keypoints[..., :2] / 2)
+    assert torch.equal(out["keypoints"][..., 2], keypoints[..., 2])  # the scores are no coordinates
+    assert torch.equal(out["labels"], detections[0]["labels"]) and torch.equal(out["scores"], detections[0]["scores"])
+    assert out["masks"].shape == (5, 1, 32, 48)
 
 
 @pytest.mark.parametrize("preset", [mini_fpn, mini_c4, mini_c5], ids=["fpn", "c4", "c5"])
@@ -149,8 +180,49 @@ def test_every_setup_trains_on_images_with_and_without_objects(preset):
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None for g in grads[:5])
+    # every trained parameter, of the backbone and of every head, learns from this step: the
+    # first image's object gives each loss term something (the empty image adds background only)
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert {name.split(".")[0] for name in trained} == {"backbone", "rpn", "box_branch", "mask_head"}
+    no_gradient = [name for name, p in trained.items() if p.grad is None or not p.grad.any()]
+    assert not no_gradient, f"no gradient reached {no_gradient}"
+    assert all(torch.isfinite(p.grad).all() for p in trained.values())
+
+
+def test_c4_with_the_papers_res5_on_7x7_rois_at_stride_1_trains_and_predicts_14x14_masks():
+    """Figure 4 (left) as its caption has it: res5's "first conv operates on a 7×7 RoI with
+    stride 1"; res5 still gives 7×7, the mask deconv 14×14, for training and inference alike."""
+    from mrcnn_edu.roi_heads.box_head import c4_box_head_config
+
+    torch.manual_seed(0)
+    cfg = mini_c4(num_classes=2, image_size=64, width=8)
+    cfg.box_head = c4_box_head_config(res5_first_stride=1)
+    cfg.box_head.score_thresh = 0.0  # untrained: keep detections for the mask branch to run on
+    model = MaskRCNN(cfg).train()
+    first_block = model.box_branch.head.res5[0]
+    assert first_block.conv1.stride == first_block.conv2.stride == first_block.downsample[0].stride == (1, 1)
+    assert model.box_branch.pooler.output_size == 7
+    shapes = []
+    model.box_branch.head.res5.register_forward_hook(lambda m, args, out: shapes.append(("res5", args[0], out)))
+    model.mask_head.register_forward_hook(lambda m, args, out: shapes.append(("mask", args[0], out)))
+
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[0, 8:40, 16:48] = 1
+    target = {"boxes": torch.tensor([[16.0, 8.0, 48.0, 40.0]]), "labels": torch.tensor([2]), "masks": masks}
+    losses = model([torch.rand(3, 64, 64)], [target])
+    assert losses["loss_mask"] > 0
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([torch.rand(3, 64, 64)])
+    assert len(out["boxes"]) > 0 and out["masks"].shape == (len(out["boxes"]), 1, 64, 64)
+    assert [name for name, *_ in shapes] == ["res5", "mask", "res5", "res5", "mask"]  # train; test: box, mask
+    for name, inputs, outputs in shapes:
+        if name == "res5":
+            assert inputs.shape[-2:] == outputs.shape[-2:] == (7, 7)  # stride 1: 7×7 in, 7×7 out
+        else:
+            assert inputs.shape[-2:] == (7, 7) and outputs.shape[-2:] == (14, 14)
 
 
 def test_bad_input_gets_a_clear_error():
@@ -184,6 +256,26 @@ def test_inference_under_bf16_autocast_returns_fp32_masks():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         (out,) = model([torch.rand(3, 64, 64)])
     assert out["masks"].dtype == torch.float32 and len(out["masks"]) > 0
+
+
+def test_inference_under_bf16_autocast_decodes_keypoints_in_fp32():
+    # the head's 56×56 logits come out in bf16 under autocast; the keypoints must be what the
+    # fp32 decoding of those very logits gives (bf16 resizing and argmax shift them by pixels)
+    from mrcnn_edu.roi_heads.keypoint_head import heatmaps_to_keypoints
+
+    torch.manual_seed(0)
+    cfg = mini_fpn(num_classes=2, image_size=64, keypoints=5)
+    cfg.box_head.score_thresh = 0.0
+    model = MaskRCNN(cfg).eval()
+    seen = {}
+    model.keypoint_pooler.register_forward_hook(lambda m, args, out: seen.update(boxes=torch.cat(args[1])))
+    model.keypoint_head.register_forward_hook(lambda m, args, out: seen.update(logits=out))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        (out,) = model([torch.rand(3, 64, 64)])  # 64 px: resized by s = 1, keypoints stay put
+    assert seen["logits"].dtype == torch.bfloat16 and len(out["keypoints"]) > 0
+    expected = heatmaps_to_keypoints(seen["logits"].float(), seen["boxes"])
+    assert out["keypoints"].dtype == torch.float32
+    torch.testing.assert_close(out["keypoints"], expected, rtol=0, atol=1e-4)
 
 
 def test_training_under_bf16_autocast_keeps_boxes_in_fp32():

@@ -193,6 +193,36 @@ def test_preprocess_on_the_batch_equals_image_by_image(resize_mode, training):
             assert torch.equal(got[key], want[key]), key
 
 
+def test_jitter_draws_from_each_images_seed_or_else_from_the_global_generator_as_before():
+    from mrcnn_edu.data.transforms import draw_min_sizes
+
+    choices = (48, 64, 80, 96)
+    # no seeds (a caller's own model(images, targets)): the global generator, one draw per image,
+    # exactly the draws of the code before per-sample seeds, which leaves it in the same state
+    torch.manual_seed(3)
+    expected = [choices[c] for c in torch.randint(len(choices), (6,)).tolist()]
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    assert draw_min_sizes(choices, [None] * 6) == expected and torch.equal(torch.rand(1), after)
+    # a single size: no choice, but the same global draws still happen (results trained
+    # before per-sample seeds depend on the RoI sampling that comes after them)
+    torch.manual_seed(3)
+    assert draw_min_sizes((64,), [11, None, 12]) == [64] * 3
+    state_after_draw = torch.get_rng_state()
+    torch.manual_seed(3)
+    torch.randint(1, (3,))  # the old code's draw
+    assert torch.equal(state_after_draw, torch.get_rng_state())
+    # seeded images: their own draw, whatever the global state, batch or position
+    seeds = list(range(100, 140))
+    torch.manual_seed(0)
+    together = draw_min_sizes(choices, seeds)
+    torch.manual_seed(1)
+    alone = [draw_min_sizes(choices, [seed])[0] for seed in reversed(seeds)][::-1]
+    assert together == alone and len(set(together)) > 1
+    mixed = draw_min_sizes(choices, [seeds[0], None, seeds[1]])
+    assert (mixed[0], mixed[2]) == (together[0], together[1])
+
+
 def test_resize_images_raises_on_a_target_missing_a_key_the_others_have():
     from mrcnn_edu.data.transforms import resize_images
 

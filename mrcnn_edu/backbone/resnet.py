@@ -257,7 +257,8 @@ def make_res5_head(cfg: ResNetConfig, first_stride: int = 2) -> nn.Sequential:
     then average-pools this to (R, 2048); the mask head deconvolves it to 14x14.
     The Mask R-CNN paper's figure instead uses 7x7 RoIs and stride 1 ("for simplicity we
     altered [res5] so that the first conv operates on a 7x7 RoI with stride 1");
-    ``first_stride=1`` gives that. Keys are layer4's without the prefix ("0.conv1.weight"),
+    ``first_stride=1`` gives that (``BoxHeadConfig.res5_first_stride`` picks it for the model;
+    the strides change no parameter shape). Keys are layer4's without the prefix ("0.conv1.weight"),
     so ImageNet res5 weights load with :func:`split_imagenet_state_dict`.
     """
     if first_stride not in (1, 2):

@@ -38,6 +38,28 @@ def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float
     return min(min_size / min(height, width), max_size / max(height, width))
 
 
+def draw_min_sizes(choices: tuple[int, ...], seeds: list[int | None]) -> list[int]:
+    """§5's train-time scale jitter: one shorter side per image, uniform over ``choices``.
+
+    An image with an integer ``seed`` draws from a generator seeded with it (the training loader
+    gives every sample one: ``distributed.SeededSamples``), so its scale is the same whichever
+    process, batch or worker it lands in. Images with ``None`` (a caller's own
+    ``model(images, targets)``) draw from torch's global generator, one draw each. With a single
+    choice every image takes that global draw, as it always did: nothing is random then, but the
+    draws leave the global generator where they always left it, and with it the RoI sampling
+    that follows (so results trained before per-sample seeds repeat exactly).
+    """
+    if not choices:
+        raise ValueError("choices must hold at least one size (TransformConfig.min_size_train)")
+    from_global = [i for i, seed in enumerate(seeds) if seed is None or len(choices) == 1]
+    picks = dict(zip(from_global, torch.randint(len(choices), (len(from_global),)).tolist()))
+    for i, seed in enumerate(seeds):
+        if i not in picks:
+            generator = torch.Generator().manual_seed(int(seed))
+            picks[i] = int(torch.randint(len(choices), (), generator=generator))
+    return [choices[picks[i]] for i in range(len(seeds))]
+
+
 def resize_images(images: torch.Tensor, targets: list[dict] | None, min_size: int, max_size: int
                   ) -> tuple[torch.Tensor, list[dict] | None, float]:
     """:func:`resize` for a stack of same-sized images, with one interpolation for all of them.

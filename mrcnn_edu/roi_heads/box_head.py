@@ -2,10 +2,16 @@
 
 Mask R-CNN §3: "The second stage, which is in essence Fast R-CNN, extracts features using
 RoIPool from each candidate box and performs classification and bounding-box regression."
-Its heads (Figure 4): with a ResNet **C4** backbone the RoI features (14×14 on res4) go
-through ResNet's fifth stage ``res5`` and a global average pool; with **FPN** two hidden
-1024-d fully connected layers ("2-fc") follow a 7×7 RoI feature. Both end in the *predictor*:
-a (K+1)-way classifier and class-specific box deltas.
+Its heads (Figure 4): with a ResNet **C4** backbone the RoI features on res4 go through
+ResNet's fifth stage ``res5`` and a global average pool; with **FPN** two hidden 1024-d fully
+connected layers ("2-fc") follow a 7×7 RoI feature. Both end in the *predictor*: a (K+1)-way
+classifier and class-specific box deltas.
+
+res5 gives 7×7 per RoI either way (``RES5_OUTPUT_SIZE``), from one of two poolings
+(``BoxHeadConfig.res5_first_stride``): 14×14 RoIs into a first block of stride 2, as in ResNet
+[19] and Detectron (our default), or 7×7 RoIs into stride 1, the paper's own variant: "'res5'
+..., which for simplicity we altered so that the first conv operates on a 7×7 RoI with stride 1
+(instead of 14×14 / stride 2 as in [19])" (Figure 4 caption).
 
 Training (§3.1): "an RoI is considered positive if it has IoU with a ground-truth box of at
 least 0.5 and negative otherwise"; each image has "N sampled RoIs, with a ratio of 1:3 of
@@ -40,9 +46,12 @@ from ..device import host_to_device
 from ..matching import BACKGROUND, BalancedSampler, Matcher
 
 __all__ = [
-    "BoxHeadConfig", "sample_rois", "box_loss", "postprocess_detections", "TwoFCHead", "Res5Head",
-    "BoxPredictor", "PositiveRoIs", "BoxBranch",
+    "RES5_OUTPUT_SIZE", "BoxHeadConfig", "sample_rois", "box_loss", "postprocess_detections", "TwoFCHead",
+    "Res5Head", "BoxPredictor", "PositiveRoIs", "BoxBranch",
 ]
+
+
+RES5_OUTPUT_SIZE = 7  # Figure 4 left: res5's map per RoI is 7×7, which the C4 mask head deconvolves to 14×14
 
 
 @dataclass
@@ -56,24 +65,47 @@ class BoxHeadConfig:
     box_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)  # Detectron's target scaling
     smooth_l1_beta: float = 1.0  # Fast R-CNN eq. 3 (torchvision uses 1/9, Detectron2 0)
     score_thresh: float = 0.05  # Detectron / torchvision test-time score threshold
-    nms_thresh: float = 0.5  # §3.1 follows [14]; 0.5 as in Detectron and the appendix's baseline
+    # §3.1 names NMS [14], not its threshold. 0.5 is the Appendix's "updated baseline" ("We also
+    # change the NMS threshold to 0.5 (from a default value of 0.3)"), as in Detectron's released
+    # configs and torchvision; the paper's main results, before that update, used 0.3
+    nms_thresh: float = 0.5
     detections_per_img: int = 100  # §3.1: "the highest scoring 100 detection boxes"
     min_size: float = 1e-2  # drop degenerate boxes after clipping (torchvision)
-    head: str = "2fc"  # Figure 4: "res5" (C4 / C5) or "2fc" (FPN)
+    head: str = "2fc"  # Figure 4: "res5" (C4) or "2fc" (FPN; C5 too, §4.2)
     fc_dim: int = 1024  # Figure 4 right: two 1024-d fc layers
-    pooler_resolution: int = 7  # 7×7 for 2fc; 14×14 for res5, whose first block halves it to 7×7
+    pooler_resolution: int = 7  # 7×7 for 2fc; for res5, 7 × res5_first_stride, so that res5 gives 7×7
     class_specific: bool = True  # one box regressor per class (Fast R-CNN)
+    # stride of res5's first block: 2 on 14×14 RoIs as in ResNet [19] and Detectron (the C4
+    # results here were trained so); 1 on 7×7 RoIs, the paper's simplification (Figure 4 caption)
+    res5_first_stride: int = 2
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError for a setting no head can run (again after fields were edited in place)."""
         if self.head not in ("res5", "2fc"):
             raise ValueError(f"BoxHeadConfig.head must be 'res5' or '2fc', got {self.head!r}")
         if self.batch_size_per_image <= 0 or self.detections_per_img <= 0:
             raise ValueError("BoxHeadConfig.batch_size_per_image and detections_per_img must be positive")
+        if self.res5_first_stride not in (1, 2):
+            raise ValueError(f"BoxHeadConfig.res5_first_stride must be 1 or 2, got {self.res5_first_stride}")
+        pooled = RES5_OUTPUT_SIZE * self.res5_first_stride  # res5 divides the RoI's side by its stride
+        if self.head == "res5" and self.pooler_resolution != pooled:
+            raise ValueError(
+                f"BoxHeadConfig: head='res5' with res5_first_stride={self.res5_first_stride} needs "
+                f"pooler_resolution={pooled}, so that res5 gives {RES5_OUTPUT_SIZE}×{RES5_OUTPUT_SIZE} (Figure 4 "
+                f"left; 14 with stride 2 as in [19], 7 with stride 1 as the paper), got {self.pooler_resolution}")
 
 
 def c4_box_head_config(**overrides) -> BoxHeadConfig:
-    """C4: res5 head on 14×14 RoI features, 64 sampled RoIs per image (§3.1)."""
-    values = dict(head="res5", batch_size_per_image=64, pooler_resolution=14)
+    """C4: res5 head, 64 sampled RoIs per image (§3.1: "N is 64 for the C4 backbone").
+
+    RoIs are pooled to 7 × ``res5_first_stride``: 14×14 into a stride-2 res5 by default (ResNet
+    [19], Detectron), 7×7 with ``res5_first_stride=1`` (Figure 4 left).
+    """
+    stride = overrides.get("res5_first_stride", BoxHeadConfig.res5_first_stride)
+    values = dict(head="res5", batch_size_per_image=64, pooler_resolution=RES5_OUTPUT_SIZE * stride)
     values.update(overrides)
     return BoxHeadConfig(**values)
 
@@ -251,9 +283,10 @@ class TwoFCHead(nn.Module):
 class Res5Head(nn.Module):
     """Figure 4 left: ResNet's fifth stage on the RoI feature, then a global average pool.
 
-    ``res5`` is given (``backbone.resnet.make_res5_head``): ``(R, 1024, 14, 14) -> (R, 2048, 7, 7)``
-    for ResNet-50/101. ``features`` returns the res5 map, which the C4 mask head shares;
-    ``forward`` returns the pooled ``(R, 2048)`` vector the predictor needs.
+    ``res5`` is given (``backbone.resnet.make_res5_head``), for ResNet-50/101 ``(R, 1024, 14, 14)
+    -> (R, 2048, 7, 7)`` with a stride-2 first block (ResNet [19], Detectron) or ``(R, 1024, 7, 7)
+    -> (R, 2048, 7, 7)`` with stride 1 (Figure 4 left). ``features`` returns the res5 map, which
+    the C4 mask head shares; ``forward`` returns the pooled ``(R, 2048)`` vector the predictor needs.
     """
 
     def __init__(self, res5: nn.Module, out_channels: int | None = None) -> None:

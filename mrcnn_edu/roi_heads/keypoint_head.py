@@ -141,11 +141,20 @@ def heatmaps_to_keypoints(keypoint_logits: torch.Tensor, boxes: torch.Tensor) ->
     + (x1, y1) (Heckbert's discrete-to-continuous c = d + 0.5), and the score is the resized
     logit there. A per-RoI loop: every box has its own output size, and resizing all heatmaps
     to the largest box would cost far more memory; it runs over at most 100 detections.
+
+    Always in fp32, whatever the input dtype and even under autocast: bf16's 8-bit mantissa
+    would round neighbouring resized logits to the same value, and the argmax, taking the
+    first of equals, would pull keypoints up and left by several pixels on a large box.
     """
     if keypoint_logits.dim() != 4:
         raise ValueError(f"keypoint_logits must be (P, Kp, m, m), got shape {tuple(keypoint_logits.shape)}")
     _check_boxes(boxes, "boxes", keypoint_logits.shape[0])
-    keypoint_logits, boxes = keypoint_logits.detach(), boxes.detach()  # inference only: no graph
+    with torch.autocast(keypoint_logits.device.type, enabled=False):  # resampling arithmetic, not learned
+        return _decode_heatmaps(keypoint_logits.detach().float(), boxes.detach().float())  # no graph: inference
+
+
+def _decode_heatmaps(keypoint_logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """:func:`heatmaps_to_keypoints` on checked fp32 inputs: (P, Kp, m, m), (P, 4) -> (P, Kp, 3)."""
     num_rois, num_kp = keypoint_logits.shape[:2]
     widths = (boxes[:, 2] - boxes[:, 0]).clamp(min=1)  # (P,)
     heights = (boxes[:, 3] - boxes[:, 1]).clamp(min=1)

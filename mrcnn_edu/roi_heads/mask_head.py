@@ -38,6 +38,7 @@ from torch import nn
 
 from mrcnn_edu.device import host_to_device
 from mrcnn_edu.ops import roi_align
+from mrcnn_edu.roi_heads.box_head import RES5_OUTPUT_SIZE
 
 
 SOFTMAX_READOUTS = ("probability", "argmax", "foreground")  # MaskHeadConfig.softmax_readout
@@ -71,7 +72,11 @@ def mask_output_channels(num_classes: int, loss: str = "sigmoid", class_agnostic
 
 
 def _init_conv(layer: nn.Module) -> None:
-    # He init with fan_out, as in Detectron / torchvision for these heads.
+    # He init (fan_out) for every layer, the 1×1 mask predictor included: torchvision's mask
+    # heads do exactly this. Detectron2 draws its predictor from N(0, 0.001²) (He for the rest);
+    # Detectron's default (MRCNN.CONV_INIT "GaussianFill") is N(0, 0.001²) throughout, its Mask
+    # R-CNN configs switch to "MSRAFill" (this He init) but keep N(0, 0.001²) for a
+    # class-agnostic predictor.
     nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
     nn.init.zeros_(layer.bias)
 
@@ -115,7 +120,12 @@ class Res5MaskHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, cfg: MaskHeadConfig | None = None):
         super().__init__()
-        cfg = cfg or MaskHeadConfig(head="res5_deconv", resolution=14)
+        side = 2 * RES5_OUTPUT_SIZE  # the deconv doubles res5's 7×7: the masks are 14×14 (Figure 4 left)
+        cfg = cfg or MaskHeadConfig(head="res5_deconv", resolution=side)
+        if cfg.resolution != side:  # else the targets would not match the logits, at the first step
+            raise ValueError(f"MaskHeadConfig.resolution must be {side} for head='res5_deconv' (res5's "
+                             f"{RES5_OUTPUT_SIZE}×{RES5_OUTPUT_SIZE} output, doubled by the deconv: Figure 4 "
+                             f"left), got {cfg.resolution}")
         self.cfg = cfg
         self.num_outputs = mask_output_channels(num_classes, cfg.loss, cfg.class_agnostic)
         self.deconv = nn.ConvTranspose2d(in_channels, cfg.deconv_dim, 2, stride=2)

@@ -7,9 +7,11 @@ BIN := $(VENV)/bin
 # torch first, pinned: a bare `torch` would pull the newest CUDA build; these two import together
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # That pair is a CUDA build, ~5.6 GB in the venv. Where the disk has less than MIN_FREE_MB free, or
-# installing it fails, the setup says so and takes torch 2.13.0's CPU wheel (~1 GB, on this disk)
-# without torchvision instead: every test still runs but those against torchvision, which skip and
-# are counted in pytest's summary. A TORCH_SPEC given to make is installed as given, or fails.
+# installing it fails, the setup says so and takes torch 2.13.0 without torchvision instead. That is
+# a CPU wheel (~1 GB) only where pip finds 2.13.0+cpu first (this project's machines: pip's
+# find-links, /opt/wheels); from PyPI, torch==2.13.0 on Linux is a CUDA build with its nvidia-*
+# wheels. Every test still runs but those against torchvision, which skip and are counted in
+# pytest's summary. A TORCH_SPEC given to make is installed as given, or fails.
 MIN_FREE_MB ?= 8000
 SMALL_TORCH_SPEC := torch==2.13.0
 
@@ -23,14 +25,14 @@ $(VENV)/.installed: pyproject.toml
 	@spec="$(TORCH_SPEC)"; free=$$(df -Pm . | awk 'NR == 2 {print $$4}'); \
 	if [ "$(origin TORCH_SPEC)" = file ] && [ "$$free" -lt $(MIN_FREE_MB) ]; then \
 		echo "WARNING: $$free MB free here, under the $(MIN_FREE_MB) MB that $$spec needs:" \
-			"installing $(SMALL_TORCH_SPEC) (CPU) without torchvision; the oracle tests will skip"; \
+			"installing $(SMALL_TORCH_SPEC) without torchvision; the oracle tests will skip"; \
 		spec="$(SMALL_TORCH_SPEC)"; \
 	fi; \
 	echo "pip install $$spec"; \
 	if $(BIN)/python -m pip install --no-cache-dir $$spec; then exit 0; fi; \
 	if [ "$(origin TORCH_SPEC)" != file ] || [ "$$spec" = "$(SMALL_TORCH_SPEC)" ]; then exit 1; fi; \
 	echo "WARNING: installing $$spec failed (above): making .venv again with $(SMALL_TORCH_SPEC)" \
-		"(CPU) without torchvision; the oracle tests will skip"; \
+		"without torchvision; the oracle tests will skip"; \
 	rm -rf $(VENV) && $(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install --upgrade pip && \
 		$(BIN)/python -m pip install --no-cache-dir $(SMALL_TORCH_SPEC)
 	$(BIN)/python -m pip install -e ".[test,notebooks]"

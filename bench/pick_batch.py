@@ -1,8 +1,9 @@
 """Which images-per-batch (and layout) the Table 2 miniature should run with on this GPU (TABLE_BATCH=auto).
 
 ``ablate --images-per-batch N`` trains on the same 48,000 images in 48,000 / N steps (linear
-scaling rule). A table keeps one N for all its trainings, over every lease, so the choice is
-made once:
+scaling rule): by default (``ablations.MINI_SCHEDULE``) 3000 steps of 16, and 1500 steps of 32
+where this script picks 32. A table keeps one N for all its trainings, over every lease, so the
+choice is made once:
 
 1. If the committed results already hold trainings, their N, read from the trainings' records
    (the table refuses to mix sizes).
@@ -16,8 +17,11 @@ made once:
    of 16 gave C4 3.9 mask AP instead of 14.8. Too few updates: its loss ended where the
    16-image run's was after ~150 steps. The linear scaling rule does not hold that far here.
    In 250 steps of 32 they gave 11.2 (two seeds): on those images the AP follows the number
-   of steps and flattens past ~500. The GPU table's 48,000 images are 1500 steps of 32, past
-   that point; whether 32 then costs as little as the curve suggests is not measured.
+   of steps and flattens past ~500. The GPU table trains on 48,000 images: 3000 steps of 16 by
+   default, 1500 of 32 where this script picks 32 (it picks 16 or 32 at run time, of the sizes
+   mini_step timed: bench/gpu_session.sh times 16, 32, 64 and 64 is above ``--max-batch``).
+   Both are past that point; whether 32 then costs as little as the curve suggests is not
+   measured.
    A size is a candidate only if ``--jobs`` trainings of it fit in the GPU's memory together:
    ``jobs x heaviest peak x HEAVIER <= FILL x the device's memory``, with the peaks mini_step
    measured (``max_memory_allocated``) for the runs it timed. ``HEAVIER``: the table's heaviest

@@ -11,7 +11,8 @@ Commands
 
 Recipes (python -m mrcnn_edu train --config NAME): the paper's COCO recipes
   r50_c4_coco r101_c4_coco r50_c5_coco r50_fpn_coco r101_fpn_coco x101_fpn_coco
-  keypoint_r50_fpn_coco (§3.1: 160k iterations x 16 images, lr 0.02 /10 at 120k; §5: 90k),
+  keypoint_r50_fpn_coco (§3.1: 160k iterations x 16 images, lr 0.02 /10 at 120k; ResNeXt
+  x 8 images at lr 0.01; §5: 90k),
 and miniature ones on the synthetic shapes set: mini_gpu, mini_cpu (the demo), tiny.
 Each key=value changes one field of the experiment (see mrcnn_edu/recipes.py and
 docs/training.md), e.g. train.base_lr=0.01 model.pooler.kind=roi_pool data.eval_images=500.
@@ -159,9 +160,11 @@ def run_training(experiment, spec: dict | None = None) -> dict:
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         spec = spec or {"recipe": experiment.name, "overrides": {}}
+        # class names and the keypoint category's skeleton (1-based pairs, [] if none): what
+        # predict draws with
         (output_dir / "experiment.json").write_text(json.dumps(
-            {**spec, "class_names": val_set.class_names, "resolved": asdict(experiment)},
-            indent=1, default=str))
+            {**spec, "class_names": val_set.class_names, "skeleton": val_set.skeleton,
+             "resolved": asdict(experiment)}, indent=1, default=str))
         print(f"experiment {experiment.name}: {len(train_set)} training images, "
               f"{len(val_set)} val images, output {output_dir}", flush=True)
     model = build_model(experiment, experiment.init_weights, strict=False)
@@ -238,8 +241,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def keypoint_skeleton(experiment, run_info: dict) -> list | None:
+    """The 1-based keypoint pairs to draw for ``experiment``'s keypoints, or None.
+
+    The experiment's keypoint category's ``skeleton`` (``experiment.json`` holds it; an older
+    one does not, and then the val annotations' category with the model's K keypoints gives
+    it, if that file is here); without one, COCO's person skeleton if the model has COCO's 17
+    keypoints; else no lines.
+    """
+    from mrcnn_edu.data.shapes import KEYPOINT_NAMES, SKELETON
+
+    head = experiment.model.keypoint_head
+    if head is None:
+        return None
+    skeleton = run_info.get("skeleton")
+    if skeleton is None and Path(experiment.data.val_annotations).is_file():
+        categories = json.loads(Path(experiment.data.val_annotations).read_text()).get("categories", [])
+        skeleton = next((c.get("skeleton", []) for c in categories
+                         if len(c.get("keypoints", [])) == head.num_keypoints), None)
+    if skeleton:
+        return skeleton
+    return SKELETON if head.num_keypoints == len(KEYPOINT_NAMES) else None  # COCO's 17
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from mrcnn_edu.data.shapes import SKELETON
     from mrcnn_edu.predict import load_image, predict_images, save_prediction_grid
 
     stems = [Path(p).stem for p in args.images]
@@ -249,15 +274,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                          f"in {args.out}; predict them in separate calls or rename them")
     experiment, _ = experiment_for_weights(args.weights, args.config, args.overrides)
     _set_threads(experiment)
-    run_info = Path(args.weights).parent / "experiment.json"
-    class_names = json.loads(run_info.read_text()).get("class_names") if run_info.is_file() else None
+    run_info_path = Path(args.weights).parent / "experiment.json"
+    run_info = json.loads(run_info_path.read_text()) if run_info_path.is_file() else {}
+    class_names = run_info.get("class_names")
+    skeleton = keypoint_skeleton(experiment, run_info)
     model = build_model(experiment, args.weights)
     out_dir = Path(args.out)
     for image_path in args.images:
         image = load_image(image_path)
         (prediction,) = predict_images(model, [image], batch_size=1)
         path = save_prediction_grid([image], [prediction], out_dir / f"{Path(image_path).stem}.png",
-                                    class_names, args.score_threshold, columns=1, skeleton=SKELETON)
+                                    class_names, args.score_threshold, columns=1, skeleton=skeleton)
         kept = int((prediction["scores"] >= args.score_threshold).sum())
         print(f"{image_path}: {kept} detections with score >= {args.score_threshold} -> {path}")
     return 0
@@ -408,9 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["ablate"]:  # its own parser, options and all (argparse.REMAINDER drops leading flags)
-        return _cmd_ablate(argparse.Namespace(ablate_args=argv[1:]))
-    args = build_parser().parse_args(argv)
-    try:
+        args = argparse.Namespace(func=_cmd_ablate, ablate_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+    try:  # exit codes a command returns (ablate's 1 for failed trainings, train's 75) pass through
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:  # a message for a person, not a traceback
         if os.environ.get("MRCNN_EDU_TRACEBACK"):

@@ -3,7 +3,9 @@
 The paper's COCO recipe (§3.1 "Training"): "Images are resized such that their scale (shorter
 edge) is 800 pixels [27]. Each mini-batch has 2 images per GPU ... We train on 8 GPUs (so
 effective minibatch size is 16) for 160k iterations, with a learning rate of 0.02 which is
-decreased by 10 at the 120k iteration. We use a weight decay of 0.0001 and momentum of 0.9."
+decreased by 10 at the 120k iteration. We use a weight decay of 0.0001 and momentum of 0.9.
+With ResNeXt [45], we train with 1 image per GPU and the same number of iterations, with a
+starting learning rate of 0.01." (:func:`coco_schedule`: 8 images, lr 0.01, 160k, ÷10 at 120k.)
 Keypoints (§5): "models are trained for 90k iterations, starting from a learning rate of 0.02
 and reducing it by 10 at 60k and 80k iterations", with scale jitter "[640, 800]".
 
@@ -25,8 +27,10 @@ recipe                     what
 Overrides (the command line's ``key=value`` words) change any nested field by its dotted
 path: ``train.base_lr=0.01``, ``model.pooler.kind=roi_pool``, ``train.steps=(3000,4000)``,
 ``model.mask_head=None``. Values are read as Python literals (``ast.literal_eval``) and
-checked against the field's type hint; anything that does not parse is a string. A wrong key
-or value raises ValueError naming the key and what it accepts.
+checked against the field's type hint; anything that does not parse is a string. A field that
+takes text gets the text as typed: ``train.output_dir=2025`` is the folder ``2025``, not the
+number. ``None`` sets only fields that may be None (quote it, ``'None'``, for the text). A wrong
+key or value raises ValueError naming the key and what it accepts.
 """
 from __future__ import annotations
 
@@ -42,8 +46,8 @@ from typing import Any
 from mrcnn_edu.config import PRESETS, MaskRCNNConfig, get_preset
 from mrcnn_edu.engine import TrainConfig
 
-__all__ = ["DataConfig", "SyntheticData", "Experiment", "RECIPES", "get_recipe", "parse_override",
-           "apply_overrides", "load_experiment", "flatten_overrides"]
+__all__ = ["DataConfig", "SyntheticData", "Experiment", "RECIPES", "coco_schedule", "get_recipe",
+           "parse_override", "apply_overrides", "load_experiment", "flatten_overrides"]
 
 COCO_ROOT = "data/coco"  # data/README.md: where COCO 2017 goes
 
@@ -89,6 +93,24 @@ class Experiment:
 
 # --- the paper's COCO recipes --------------------------------------------------------------
 
+def coco_schedule(model: MaskRCNNConfig) -> dict[str, Any]:
+    """The ``TrainConfig`` fields of the paper's COCO schedule for ``model``.
+
+    ResNet (§3.1): 16 images per batch (2 per GPU on 8), lr 0.02, 160k iterations, ÷10 at
+    120k -- ``TrainConfig``'s defaults. ResNeXt (grouped 3x3 convolutions, ``groups > 1``):
+    "1 image per GPU and the same number of iterations, with a starting learning rate of 0.01"
+    -- 8 images, lr 0.01, 160k, ÷10 at 120k; ``reference_batch`` 8, so that the linear scaling
+    rule starts from 0.01 @ 8. Keypoints (§5): 90k iterations, ÷10 at 60k and 80k.
+    """
+    schedule: dict[str, Any] = dict(base_lr=0.02, images_per_batch=16, reference_batch=16,
+                                    max_iter=160_000, steps=(120_000,))
+    if model.backbone.resnet.groups > 1:  # §3.1 "With ResNeXt"
+        schedule.update(base_lr=0.01, images_per_batch=8, reference_batch=8)
+    if model.keypoint_head is not None:  # §5
+        schedule.update(max_iter=90_000, steps=(60_000, 80_000))
+    return schedule
+
+
 def coco_recipe(preset: str) -> Experiment:
     """§3.1's recipe for ``preset`` (§5's for ``keypoint_r50_fpn``), with COCO 2017 paths.
 
@@ -96,10 +118,9 @@ def coco_recipe(preset: str) -> Experiment:
     point ``init_weights`` at one (see ``backbone/resnet.py``, ``load_imagenet_state_dict``).
     """
     model = get_preset(preset)
-    train = TrainConfig(output_dir=f"runs/{preset}_coco", amp="none")  # §3.1 defaults
+    train = TrainConfig(output_dir=f"runs/{preset}_coco", amp="none", **coco_schedule(model))
     data = DataConfig()
     if model.keypoint_head is not None:
-        train = dataclasses.replace(train, max_iter=90_000, steps=(60_000, 80_000))  # §5
         data = DataConfig(train_annotations=f"{COCO_ROOT}/annotations/person_keypoints_train2017.json",
                           val_annotations=f"{COCO_ROOT}/annotations/person_keypoints_val2017.json",
                           keypoints=True)
@@ -212,12 +233,28 @@ def flatten_overrides(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _read_overrides(overrides: list[str] | dict[str, Any]) -> dict[str, tuple[Any, str | None]]:
+    """key -> (value, the text as typed); the text is None for values given as Python objects."""
+    if isinstance(overrides, dict):
+        return {key: (value, None) for key, value in overrides.items()}
+    read = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        read[key] = (value, text.partition("=")[2].strip())
+    return read
+
+
 def _type_name(hint) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def _coerce(value: Any, hint, key: str) -> Any:
-    """``value`` converted to the type ``hint`` allows, or ValueError naming ``key``."""
+def _coerce(value: Any, hint, key: str, text: str | None = None) -> Any:
+    """``value`` converted to the type ``hint`` allows, or ValueError naming ``key``.
+
+    ``text``: the value as typed on the command line. A field that takes a string gets it when
+    ``value`` is not one (``train.output_dir=2025`` is the folder "2025", not the number);
+    None is only for fields that may be None.
+    """
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -226,7 +263,7 @@ def _coerce(value: Any, hint, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, arg, key, text)
             except ValueError:
                 pass
     elif hint is Any:
@@ -245,17 +282,21 @@ def _coerce(value: Any, hint, key: str) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
+        if text is not None and value is not None:  # 2025, 1e5, true: read as a literal, meant as text
+            return text
     elif origin is tuple:
         items = value if isinstance(value, (list, tuple)) else [value]  # 120000 -> (120000,)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(item, args[0], key) for item in items)
         if len(items) == len(args):
             return tuple(_coerce(item, arg, key) for item, arg in zip(items, args))
-    raise ValueError(f"bad value for {key}: {value!r} is not a {_type_name(hint)}")
+    why = " (it cannot be None; quote it, 'None', for the text)" if value is None else ""
+    raise ValueError(f"bad value for {key}: {value!r} is not a {_type_name(hint)}{why}")
 
 
-def _set_field(obj: Any, path: list[str], value: Any, done: str) -> Any:
-    """A copy of dataclass ``obj`` with the field at ``path`` set (``replace`` re-runs checks)."""
+def _set_field(obj: Any, path: list[str], value: Any, done: str, text: str | None = None) -> tuple[Any, Any]:
+    """(a copy of dataclass ``obj`` with the field at ``path`` set, the value it got);
+    ``replace`` re-runs the configs' checks."""
     where = done or "the experiment"
     if not dataclasses.is_dataclass(obj):
         raise ValueError(f"unknown key {done}.{'.'.join(path)}: {where} is {obj!r}, not a config "
@@ -266,29 +307,35 @@ def _set_field(obj: Any, path: list[str], value: Any, done: str) -> Any:
         raise ValueError(f"unknown key {key}: {type(obj).__name__} has no settable field "
                          f"{name!r}; choose one of {sorted(settable)}")
     if len(path) > 1:
-        new_value = _set_field(getattr(obj, name), path[1:], value, key)
+        new_value, given = _set_field(getattr(obj, name), path[1:], value, key, text)
     else:
-        new_value = _coerce(value, typing.get_type_hints(type(obj))[name], key)
-    return dataclasses.replace(obj, **{name: new_value})
+        new_value = given = _coerce(value, typing.get_type_hints(type(obj))[name], key, text)
+    return dataclasses.replace(obj, **{name: new_value}), given
+
+
+def _apply(experiment: Experiment, overrides: dict[str, tuple[Any, str | None]]) -> tuple[Experiment, dict]:
+    """``experiment`` with ``overrides`` (as :func:`_read_overrides` returns them) applied, and
+    the value each key got (what a JSON spec must hold to give the same experiment again)."""
+    given = {}
+    for key, (value, text) in overrides.items():
+        experiment, given[key] = _set_field(experiment, key.split("."), value, "", text)
+    return experiment, given
 
 
 def apply_overrides(experiment: Experiment, overrides: list[str] | dict[str, Any]) -> Experiment:
     """A copy of ``experiment`` with ``overrides`` (``["a.b=1", ...]`` or ``{"a.b": 1}``) applied."""
-    if not isinstance(overrides, dict):
-        overrides = dict(parse_override(text) for text in overrides)
-    for key, value in overrides.items():
-        experiment = _set_field(experiment, key.split("."), value, "")
-    return experiment
+    return _apply(experiment, _read_overrides(overrides))[0]
 
 
 def load_experiment(config: str, overrides: list[str] | dict[str, Any] = ()) -> tuple[Experiment, dict]:
     """A recipe name or a JSON file, then ``overrides``; returns it and its JSON spec.
 
     A JSON file holds ``{"recipe": NAME, "overrides": {"train.base_lr": 0.01, ...}}``
-    (nested dicts are fine too); so is the spec returned. ``train`` writes it to its output
+    (nested dicts are fine too); so is the spec returned, with each key's value as the
+    experiment got it (``train.output_dir=2025`` as "2025"). ``train`` writes it to its output
     folder as ``experiment.json``, so a finished run can be re-created from it.
     """
-    used: dict[str, Any] = {}
+    read: dict[str, tuple[Any, str | None]] = {}
     if config.endswith(".json") or Path(config).is_file():
         path = Path(config)
         if not path.is_file():
@@ -301,9 +348,7 @@ def load_experiment(config: str, overrides: list[str] | dict[str, Any] = ()) -> 
             raise ValueError(f"config file {config} must be a JSON object with a 'recipe' key "
                              '(e.g. {"recipe": "mini_cpu", "overrides": {"train.max_iter": 100}})')
         config = spec["recipe"]
-        used.update(flatten_overrides(spec.get("overrides", {})))
-    if not isinstance(overrides, dict):
-        overrides = dict(parse_override(text) for text in overrides)
-    used.update(overrides)
-    experiment = apply_overrides(get_recipe(config), used)
+        read.update(_read_overrides(flatten_overrides(spec.get("overrides", {}))))
+    read.update(_read_overrides(overrides))
+    experiment, used = _apply(get_recipe(config), read)
     return experiment, {"recipe": config, "overrides": used}

@@ -95,15 +95,26 @@ def draw_masks(masks, ax=None, alpha: float = 0.45, threshold: float = 0.5, colo
 
 def draw_keypoints(keypoints, ax=None, skeleton: Sequence[Sequence[int]] | None = None, color="yellow",
                    min_visibility: float = 0.5, one_based_skeleton: bool = True):
-    """Draw ``(N, K, 3)`` keypoints (x, y, v); ``skeleton`` pairs index keypoints (COCO's are 1-based)."""
+    """Draw ``(N, K, 3)`` keypoints (x, y, v); ``skeleton`` pairs index keypoints (COCO's are 1-based).
+
+    A pair outside the K keypoints (COCO's 17-point skeleton on a 5-keypoint model) is a
+    ValueError naming it, before anything is drawn.
+    """
+    num_keypoints = torch.as_tensor(keypoints).shape[-2]
+    kps = torch.as_tensor(keypoints).detach().cpu().reshape(-1, num_keypoints, 3)  # (N, K, 3)
+    first = 1 if one_based_skeleton else 0
+    pairs = []  # 0-based
+    for pair in [] if skeleton is None else skeleton:  # a list, tuple, array or tensor of pairs
+        pair = [int(i) for i in pair]
+        if len(pair) != 2 or not all(first <= i < num_keypoints + first for i in pair):
+            raise ValueError(f"skeleton pair {pair} does not join two of the {num_keypoints} keypoints "
+                             f"(indices {first}..{num_keypoints - 1 + first}, {first}-based)")
+        pairs.append((pair[0] - first, pair[1] - first))
     ax = _axes(ax)
-    kps = torch.as_tensor(keypoints).detach().cpu().reshape(-1, torch.as_tensor(keypoints).shape[-2], 3)
     for person in kps:
         visible = person[:, 2] >= min_visibility
-        if skeleton is not None:
-            for a, b in skeleton:
-                a, b = (a - 1, b - 1) if one_based_skeleton else (a, b)
-                if visible[a] and visible[b]:
-                    ax.plot([person[a, 0], person[b, 0]], [person[a, 1], person[b, 1]], color=color, linewidth=1.2)
+        for a, b in pairs:
+            if visible[a] and visible[b]:
+                ax.plot([person[a, 0], person[b, 0]], [person[a, 1], person[b, 1]], color=color, linewidth=1.2)
         ax.scatter(person[visible, 0], person[visible, 1], s=8, c=color, edgecolors="black", linewidths=0.5, zorder=3)
     return ax

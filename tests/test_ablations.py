@@ -17,6 +17,7 @@ from mrcnn_edu import ablations
 from mrcnn_edu import ablations_report as report
 from mrcnn_edu.ablations import ROWS, RUNS, model_config, pending, select_runs, train_config
 from mrcnn_edu.checkpoint import load_checkpoint
+from mrcnn_edu.engine import scale_for_batch
 from mrcnn_edu.model import MaskRCNN
 
 
@@ -48,6 +49,80 @@ def test_coco_mode_uses_the_papers_recipe_160k_iterations_lr_002_16_images():
     assert model_config(RUNS["r50_c4"], "coco").num_classes == 80
     with pytest.raises(ValueError, match="quick"):
         model_config(RUNS["r50_c4"], "coco", quick=True)
+
+
+def test_coco_mode_trains_resnext_with_1_image_per_gpu_at_lr_001_as_the_recipe():
+    """§3.1: "With ResNeXt [45], we train with 1 image per GPU and the same number of
+    iterations, with a starting learning rate of 0.01" -- the table gave it ResNet's 16 at 0.02."""
+    from mrcnn_edu.recipes import get_recipe
+
+    resnext = train_config("coco", False, 0, "x", run="x101_fpn")
+    assert (resnext.images_per_batch, resnext.reference_batch, resnext.base_lr) == (8, 8, 0.01)
+    assert (resnext.max_iter, resnext.steps) == (160_000, (120_000,))
+    recipe = get_recipe("x101_fpn_coco").train
+    for key in ("images_per_batch", "reference_batch", "base_lr", "max_iter", "steps", "warmup_iters"):
+        assert getattr(resnext, key) == getattr(recipe, key), key
+    for name, spec in RUNS.items():
+        if not spec.resnext:
+            resnet = train_config("coco", False, 0, "x", run=name)
+            assert (resnet.images_per_batch, resnet.base_lr, resnet.max_iter) == (16, 0.02, 160_000), name
+    # --max-iter and --images-per-batch count from ResNeXt's own 8 images
+    short = scale_for_batch(train_config("coco", False, 0, "x", max_iter=1600, images_per_batch=16, run="x101_fpn"))
+    assert (short.base_lr, short.max_iter, short.steps) == (pytest.approx(0.02), 800, (600,))
+    # the miniature keeps one schedule for every run
+    assert train_config("shapes", False, 0, "x", run="x101_fpn") == train_config("shapes", False, 0, "x")
+
+
+def test_run_one_and_the_table_give_coco_resnext_its_own_schedule(tmp_path, monkeypatch, capsys):
+    planned = []
+    real = ablations.train_config
+    monkeypatch.setattr(ablations, "train_config", lambda *a, **k: planned.append(real(*a, **k)) or planned[-1])
+    with pytest.raises(ValueError, match="not found"):  # no COCO here: it stops at the data, planned
+        ablations.run_one("x101_fpn", 0, "coco", workdir=tmp_path / "work", data_dir=str(tmp_path / "coco"))
+    assert (planned[-1].images_per_batch, planned[-1].base_lr) == (8, 0.01)
+    monkeypatch.undo()
+    # a COCO table whose ResNet and ResNeXt rows each finished with their own schedule: nothing
+    # to train, and neither refused for the other's schedule
+    for run in ("r50_fpn", "x101_fpn"):
+        ran = scale_for_batch(train_config("coco", False, 0, "", run=run))
+        record = dict(_fake_record(run, 0, 30, 50, 30), init={"weights": f"imagenet/{run}.pth"},
+                      model_config={"transform": {"min_size_test": 800}},
+                      train_config={k: getattr(ran, k) for k in report.SCHEDULE_KEYS})
+        report.write_json_atomic(report.result_path(tmp_path / "work", run, 0), record)
+    args = ["--dataset", "coco", "--imagenet", str(tmp_path / "imagenet"), "--rows", "r50_fpn,x101_fpn",
+            "--seeds", "1", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+            "--data", str(tmp_path / "coco")]
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert ablations.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "0 to train" in printed
+    assert "schedule of r50_fpn: lr 0.02 @ 16 images; 160000 iterations" in printed
+    assert "schedule of x101_fpn: lr 0.01 @ 8 images; 160000 iterations" in printed
+
+
+def test_coco_needs_imagenet_weights_unless_from_scratch_is_asked_for(monkeypatch, capsys, tmp_path):
+    """Every row of the paper starts from ImageNet weights; `--dataset coco` without --imagenet
+    trained from random ones without a word."""
+    seen = []  # the table itself does not run here: main's arguments are what is checked
+    monkeypatch.setattr(ablations, "run_table",
+                        lambda args: seen.append(args) or {"sessions": [{"failed": []}]})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        ablations.main(["--dataset", "coco"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--dataset coco needs --imagenet DIR" in err and "--from-scratch" in err
+    with pytest.raises(SystemExit):
+        ablations.main(["--dataset", "coco", "--from-scratch", "--imagenet", "weights"])
+    assert "--from-scratch starts from random weights" in capsys.readouterr().err
+    assert not seen
+    assert ablations.main(["--dataset", "coco", "--from-scratch"]) == 0
+    assert (seen[-1].imagenet, seen[-1].pretrain) == (None, False)
+    assert ablations.main(["--dataset", "coco", "--imagenet", "weights"]) == 0
+    assert (seen[-1].imagenet, seen[-1].pretrain) == ("weights", False)
+    assert ablations.main(["--from-scratch"]) == 0 and seen[-1].pretrain is False  # = --no-pretrain
+    assert ablations.main([]) == 0 and seen[-1].pretrain is True  # the miniature's default
 
 
 def test_max_iter_override_keeps_the_lr_steps_at_the_same_fractions():

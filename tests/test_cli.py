@@ -70,6 +70,7 @@ def test_train_writes_a_checkpoint_metrics_curves_and_its_experiment(trained_run
     run = json.loads((trained_run / "experiment.json").read_text())
     assert run["recipe"] == "tiny" and run["overrides"]["train.output_dir"] == str(trained_run)
     assert run["class_names"][1:] == list(shapes.SHAPE_NAMES)
+    assert run["skeleton"] == shapes.SKELETON  # the person category's, for predict to draw
 
 
 def test_eval_prints_the_ap_table_the_training_run_computed(trained_run, capsys, tmp_path):
@@ -97,6 +98,110 @@ def test_predict_writes_one_picture_per_image(trained_run, data_dir, tmp_path, c
         picture = np.asarray(Image.open(tmp_path / name))
         assert picture.ndim == 3 and picture.shape[0] > 64 and picture.std() > 0
     assert "detections with score >= 0.0" in capsys.readouterr().out
+
+
+def _tiny_with_5_keypoints():
+    """The tiny recipe with a keypoint head of K = 5 keypoints (not COCO's 17)."""
+    from mrcnn_edu.recipes import tiny
+    from mrcnn_edu.roi_heads.keypoint_head import KeypointHeadConfig
+
+    experiment = tiny()
+    experiment.model.keypoint_head = KeypointHeadConfig(num_keypoints=5, conv_dims=(32,) * 2)
+    return dataclasses.replace(experiment, name="tiny_kp5")
+
+
+@pytest.fixture
+def five_keypoint_weights(tmp_path, monkeypatch):
+    """An (untrained) K = 5 keypoint model's checkpoint, with no experiment.json yet."""
+    from mrcnn_edu import recipes
+    from mrcnn_edu.model import MaskRCNN
+
+    monkeypatch.setitem(recipes.RECIPES, "tiny_kp5", _tiny_with_5_keypoints)
+    torch.manual_seed(0)
+    weights = tmp_path / "run" / "model_0000001.pth"
+    weights.parent.mkdir()
+    torch.save({"model": MaskRCNN(_tiny_with_5_keypoints().model).state_dict()}, weights)
+    return weights
+
+
+@pytest.mark.parametrize("skeleton", [[[1, 2], [2, 3], [3, 4], [4, 5]], [], None])
+def test_predict_draws_a_5_keypoint_model_with_its_categorys_skeleton_or_none(
+        five_keypoint_weights, data_dir, tmp_path, capsys, skeleton):
+    """predict passed COCO's 17-point skeleton to every keypoint model: K = 5 gave an IndexError."""
+    run_info = {"recipe": "tiny_kp5", "overrides": {}, "class_names": ["__background__", *shapes.SHAPE_NAMES]}
+    if skeleton is not None:  # None: an experiment.json from before it held the skeleton
+        run_info["skeleton"] = skeleton
+    (five_keypoint_weights.parent / "experiment.json").write_text(json.dumps(run_info))
+    image = str(data_dir / "val" / "000000.png")
+    assert main(["predict", image, "--weights", str(five_keypoint_weights), "--out", str(tmp_path / "out"),
+                 "--score-threshold", "0.0", "--set", *data_overrides(data_dir)]) == 0
+    kept = int(capsys.readouterr().out.split(": ")[1].split()[0])
+    assert kept > 0  # there were keypoints to draw
+    assert np.asarray(Image.open(tmp_path / "out" / "000000.png")).std() > 0
+
+
+def test_keypoint_skeleton_is_the_categorys_else_cocos_for_17_keypoints_else_none(data_dir, tmp_path):
+    from mrcnn_edu.__main__ import keypoint_skeleton
+    from mrcnn_edu.recipes import apply_overrides, get_recipe
+
+    five = apply_overrides(_tiny_with_5_keypoints(), data_overrides(data_dir))
+    seventeen = apply_overrides(five, ["model.keypoint_head.num_keypoints=17"])
+    assert keypoint_skeleton(five, {"skeleton": [[1, 5]]}) == [[1, 5]]  # experiment.json's
+    assert keypoint_skeleton(get_recipe("tiny"), {"skeleton": [[1, 5]]}) is None  # no keypoint head
+    # an experiment.json without one: the val annotations' category with K keypoints, if any
+    # (the shapes set's person has 17)
+    assert keypoint_skeleton(seventeen, {}) == shapes.SKELETON
+    assert keypoint_skeleton(five, {}) is None
+    val = json.loads((data_dir / "annotations" / "instances_val.json").read_text())
+    person = val["categories"][-1]
+    person.update(keypoints=person["keypoints"][:5], skeleton=[[1, 2], [2, 3]])
+    (tmp_path / "val5.json").write_text(json.dumps(val))
+    assert keypoint_skeleton(apply_overrides(five, [f"data.val_annotations={tmp_path / 'val5.json'}"]),
+                             {}) == [[1, 2], [2, 3]]
+    # a category without a skeleton: COCO's person skeleton fits 17 keypoints, nothing fits 5
+    del person["skeleton"]
+    (tmp_path / "val5.json").write_text(json.dumps(val))
+    assert keypoint_skeleton(apply_overrides(five, [f"data.val_annotations={tmp_path / 'val5.json'}"]), {}) is None
+    assert keypoint_skeleton(seventeen, {"skeleton": []}) == shapes.SKELETON
+    assert keypoint_skeleton(five, {"skeleton": []}) is None
+
+
+def test_a_skeleton_pair_outside_the_keypoints_is_named_not_an_index_error(five_keypoint_weights, data_dir,
+                                                                         tmp_path, capsys):
+    from mrcnn_edu.visualize import draw_keypoints
+
+    keypoints = torch.rand(2, 5, 3) * 10  # 2 people, K = 5
+    with pytest.raises(ValueError, match=r"skeleton pair \[16, 14\] does not join two of the 5 keypoints"):
+        draw_keypoints(keypoints, skeleton=shapes.SKELETON)
+    with pytest.raises(ValueError, match=r"skeleton pair \[0, 1\] .* \(indices 1..5, 1-based\)"):
+        draw_keypoints(keypoints, skeleton=[[0, 1]])  # 0 in a 1-based skeleton is not the last point
+    with pytest.raises(ValueError, match=r"skeleton pair \[4, 5\] .* \(indices 0..4, 0-based\)"):
+        draw_keypoints(keypoints, skeleton=[[4, 5]], one_based_skeleton=False)
+    draw_keypoints(keypoints, skeleton=[[1, 5], [4, 5]])  # fits
+    with pytest.raises(ValueError, match=r"skeleton pair \[16, 14\]"):  # an array names it alike
+        draw_keypoints(keypoints, skeleton=np.array(shapes.SKELETON))
+    # through predict: a message and exit 2, not a traceback
+    (five_keypoint_weights.parent / "experiment.json").write_text(json.dumps(
+        {"recipe": "tiny_kp5", "overrides": {}, "skeleton": [[1, 2], [5, 6]]}))
+    assert main(["predict", str(data_dir / "val" / "000000.png"), "--weights", str(five_keypoint_weights),
+                 "--out", str(tmp_path / "out"), "--score-threshold", "0.0", "--set", *data_overrides(data_dir)]) == 2
+    assert "error: skeleton pair [5, 6] does not join two of the 5 keypoints" in capsys.readouterr().err
+
+
+def test_ablate_errors_are_messages_and_its_exit_codes_pass_through(capsys, monkeypatch, tmp_path):
+    """`ablate` went to ablations.main outside the handler: --rows 2z was a traceback and exit 1."""
+    from mrcnn_edu import ablations
+
+    monkeypatch.chdir(tmp_path)  # nothing is written, but nowhere near the repository if it were
+    assert main(["ablate", "--rows", "2z"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --rows: unknown '2z'" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own errors: its usage line and exit 2
+        main(["ablate", "--seeds", "many"])
+    assert exit_info.value.code == 2
+    for code in (0, 1, 75):  # all done / some trainings failed / stopped, resumable
+        monkeypatch.setattr(ablations, "main", lambda argv, code=code: code)
+        assert main(["ablate", "--rows", "2a"]) == code
 
 
 def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(trained_run, data_dir,

@@ -46,18 +46,23 @@ def _align_box(feat, rois, out_hw, bins_from_box, sampling_ratio, mode):
     out = torch.zeros(R, C, oh, ow, dtype=torch.float64)
     for r, roi in enumerate(rois):
         b, x0, y0, w, h = bins_from_box(roi)
-        gh = sampling_ratio if sampling_ratio > 0 else max(math.ceil(h / oh), 0)
-        gw = sampling_ratio if sampling_ratio > 0 else max(math.ceil(w / ow), 0)
         for c in range(C):
             for ph in range(oh):
                 for pw in range(ow):
-                    bh, bw = h / oh, w / ow
-                    vals = [_bilinear(feat[b][c], y0 + ph * bh + (iy + 0.5) * bh / gh,
-                                      x0 + pw * bw + (ix + 0.5) * bw / gw)
-                            for iy in range(gh) for ix in range(gw)]
+                    vals = [_bilinear(feat[b][c], y, x)
+                            for y, x in _bin_points(x0, y0, w, h, out_hw, ph, pw, sampling_ratio)]
                     if vals:
                         out[r, c, ph, pw] = max(vals) if mode == "max" else sum(vals) / len(vals)
     return out
+
+
+def _bin_points(x0, y0, w, h, out_hw, ph, pw, sampling_ratio):
+    """``[(y, x)]``: the sampling points of bin ``(ph, pw)`` of a box, in ``(iy, ix)`` row-major order."""
+    (oh, ow), bh, bw = out_hw, h / out_hw[0], w / out_hw[1]
+    gh = sampling_ratio if sampling_ratio > 0 else max(math.ceil(h / oh), 0)
+    gw = sampling_ratio if sampling_ratio > 0 else max(math.ceil(w / ow), 0)
+    return [(y0 + ph * bh + (iy + 0.5) * bh / gh, x0 + pw * bw + (ix + 0.5) * bw / gw)
+            for iy in range(gh) for ix in range(gw)]
 
 
 def _align_frame(roi, scale, aligned):
@@ -96,14 +101,10 @@ def ref_roi_align_max_grad(x, rois, out_hw, scale, sampling_ratio, aligned, upst
     grad = torch.zeros(x.shape, dtype=torch.float64)
     for r, roi in enumerate(rois.tolist()):
         b, x0, y0, w, h = _align_frame(roi, scale, aligned)
-        gh = sampling_ratio if sampling_ratio > 0 else max(math.ceil(h / oh), 0)
-        gw = sampling_ratio if sampling_ratio > 0 else max(math.ceil(w / ow), 0)
         for c in range(C):
             for ph in range(oh):
                 for pw in range(ow):
-                    bh, bw = h / oh, w / ow
-                    points = [(y0 + ph * bh + (iy + 0.5) * bh / gh, x0 + pw * bw + (ix + 0.5) * bw / gw)
-                              for iy in range(gh) for ix in range(gw)]
+                    points = _bin_points(x0, y0, w, h, out_hw, ph, pw, sampling_ratio)
                     best = None
                     for y, xx in points:
                         value = _bilinear(feat[b][c], y, xx)

@@ -104,10 +104,10 @@ def build_model(experiment, weights: str | None = None, strict: bool = True):
     torch.manual_seed(experiment.train.seed)  # the same initial weights on every process
     model = MaskRCNN(experiment.model)
     if weights:
-        state = load_checkpoint(weights)
-        state = state.get("model", state)
+        saved = load_checkpoint(weights)
+        state = saved.get("model", saved)
         if not strict and _is_imagenet_resnet(state):
-            init = load_body(model, weights, run=f"the {experiment.name} model")
+            init = load_body(model, weights, run=f"the {experiment.name} model", state=saved)
             print(f"loaded the ImageNet-layout ResNet {weights} into the backbone: "
                   f"{init['tensors']} tensors", file=sys.stderr)
             return model
@@ -242,25 +242,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def keypoint_skeleton(experiment, run_info: dict) -> list | None:
-    """The 1-based keypoint pairs to draw for ``experiment``'s keypoints, or None.
-
-    The experiment's keypoint category's ``skeleton`` (``experiment.json`` holds it; an older
-    one does not, and then the val annotations' category with the model's K keypoints gives
-    it, if that file is here); without one, COCO's person skeleton if the model has COCO's 17
-    keypoints; else no lines.
-    """
+    """The 1-based keypoint pairs to draw for ``experiment``'s keypoints, or None: the keypoint
+    category's ``skeleton`` that ``experiment.json`` (``run_info``) holds; without one (an older
+    run), COCO's person skeleton if the model has COCO's 17 keypoints; else no lines."""
     from mrcnn_edu.data.shapes import KEYPOINT_NAMES, SKELETON
 
     head = experiment.model.keypoint_head
     if head is None:
         return None
-    skeleton = run_info.get("skeleton")
-    if skeleton is None and Path(experiment.data.val_annotations).is_file():
-        categories = json.loads(Path(experiment.data.val_annotations).read_text()).get("categories", [])
-        skeleton = next((c.get("skeleton", []) for c in categories
-                         if len(c.get("keypoints", [])) == head.num_keypoints), None)
-    if skeleton:
-        return skeleton
+    if run_info.get("skeleton"):
+        return run_info["skeleton"]
     return SKELETON if head.num_keypoints == len(KEYPOINT_NAMES) else None  # COCO's 17
 
 

@@ -331,19 +331,21 @@ def _datasets(dataset: str, data_dir: str):
     return train_set, COCODataset(str(val_dir), str(val_json), train=False, with_masks=False)
 
 
-def load_body(model, path: str | Path, run: str = "the model") -> dict:
+def load_body(model, path: str | Path, run: str = "the model", state: dict | None = None) -> dict:
     """Load pre-trained body weights into ``model``, as the paper's models start from ImageNet's.
 
     ``path``: a torchvision-layout ResNet state dict (ImageNet weights a user brings), or
     ``pretrain.py``'s file (``{"model": ..., "info": ...}``). A C4 model also takes its res5 head
     from the file (the paper's C4 box head *is* ResNet's res5). Returns the ``init`` record the
     results carry: ``{"weights": path, "tensors": n loaded, "top1": the classifier's, or None}``.
+    ``state``: the file's contents, if the caller has already read it.
     """
     import torch
 
     from mrcnn_edu.backbone import load_imagenet_state_dict
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state is None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
     info = {}
     if isinstance(state.get("model"), dict):  # pretrain.py's file
         state, info = state["model"], state.get("info", {})

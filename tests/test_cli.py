@@ -140,7 +140,7 @@ def test_predict_draws_a_5_keypoint_model_with_its_categorys_skeleton_or_none(
     assert np.asarray(Image.open(tmp_path / "out" / "000000.png")).std() > 0
 
 
-def test_keypoint_skeleton_is_the_categorys_else_cocos_for_17_keypoints_else_none(data_dir, tmp_path):
+def test_keypoint_skeleton_is_the_categorys_else_cocos_for_17_keypoints_else_none(data_dir):
     from mrcnn_edu.__main__ import keypoint_skeleton
     from mrcnn_edu.recipes import apply_overrides, get_recipe
 
@@ -148,20 +148,9 @@ def test_keypoint_skeleton_is_the_categorys_else_cocos_for_17_keypoints_else_non
     seventeen = apply_overrides(five, ["model.keypoint_head.num_keypoints=17"])
     assert keypoint_skeleton(five, {"skeleton": [[1, 5]]}) == [[1, 5]]  # experiment.json's
     assert keypoint_skeleton(get_recipe("tiny"), {"skeleton": [[1, 5]]}) is None  # no keypoint head
-    # an experiment.json without one: the val annotations' category with K keypoints, if any
-    # (the shapes set's person has 17)
+    # an older experiment.json without one: COCO's person skeleton fits 17 keypoints, nothing fits 5
     assert keypoint_skeleton(seventeen, {}) == shapes.SKELETON
     assert keypoint_skeleton(five, {}) is None
-    val = json.loads((data_dir / "annotations" / "instances_val.json").read_text())
-    person = val["categories"][-1]
-    person.update(keypoints=person["keypoints"][:5], skeleton=[[1, 2], [2, 3]])
-    (tmp_path / "val5.json").write_text(json.dumps(val))
-    assert keypoint_skeleton(apply_overrides(five, [f"data.val_annotations={tmp_path / 'val5.json'}"]),
-                             {}) == [[1, 2], [2, 3]]
-    # a category without a skeleton: COCO's person skeleton fits 17 keypoints, nothing fits 5
-    del person["skeleton"]
-    (tmp_path / "val5.json").write_text(json.dumps(val))
-    assert keypoint_skeleton(apply_overrides(five, [f"data.val_annotations={tmp_path / 'val5.json'}"]), {}) is None
     assert keypoint_skeleton(seventeen, {"skeleton": []}) == shapes.SKELETON
     assert keypoint_skeleton(five, {"skeleton": []}) is None
 

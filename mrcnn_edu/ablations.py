@@ -58,8 +58,8 @@ from pathlib import Path
 
 __all__ = ["RunSpec", "Row", "RUNS", "ROWS", "SUBTABLES", "MINI_SCHEDULE", "DEFAULT_JOBS",
            "MINI_PRETRAIN", "MINI_INPUT_SIZE", "model_config", "train_config", "load_body",
-           "select_runs", "stand_in", "run_one", "pending", "may_start", "pretrain_bodies",
-           "run_table", "main"]
+           "select_runs", "stand_in", "run_one", "pending", "may_start", "cost_family",
+           "expected_durations", "pretrain_bodies", "run_table", "main"]
 
 # --- the runs: one model each ---------------------------------------------------------------
 
@@ -580,17 +580,38 @@ def pretrain_one(name: str, out: str | Path, quick: bool = False, input_size: in
         cudnn.deterministic, cudnn.benchmark = saved
 
 
-def earlier_durations(done: dict, device: str, planned) -> list[float]:
+def cost_family(run: str) -> str:
+    """What a training's duration depends on: its body, its feature maps and an MLP mask head,
+    e.g. "ResNet-50-C4", "ResNeXt-101-FPN", "ResNet-50-FPN-MLP". The poolers, mask losses and
+    class-agnostic masks of Table 2b/c change little of a step's work, so runs that differ only
+    there (7 of the 15 are ResNet-50-C4's) are expected to take as long as each other."""
+    spec = RUNS[run]
+    return spec.paper_name() + ("-MLP" if spec.mlp_dims else "")
+
+
+def expected_durations(durations: dict[str, list[float]], run: str) -> list[float]:
+    """The durations (s) ``run``'s training is expected to take, from ``durations`` (per
+    :func:`cost_family`): those of its own family; before one of its family has a duration,
+    every family's (the slowest of which :func:`may_start` then goes by)."""
+    own = durations.get(cost_family(run))
+    return list(own) if own else [d for family in durations.values() for d in family]
+
+
+def earlier_durations(done: dict, device: str, planned) -> dict[str, list[float]]:
     """Wall times (s) of the finished trainings in ``done`` that ran on ``device`` with the
-    batch size and length ``planned`` (a TrainConfig) trains with: what a training is expected
-    to take here. Trainings of another batch size or length say nothing about it."""
+    batch size and length ``planned`` (a TrainConfig) trains with, per :func:`cost_family`:
+    what a training is expected to take here. Trainings of another batch size or length say
+    nothing about it."""
     from mrcnn_edu.engine import scale_for_batch
 
     ran = scale_for_batch(planned)
-    return [r["wall_time_s"] for r in done.values()
-            if r.get("device") == device and "wall_time_s" in r
-            and all(r.get("train_config", {}).get(key) == getattr(ran, key)
-                    for key in ("max_iter", "images_per_batch"))]
+    durations: dict[str, list[float]] = {}
+    for (name, _), r in done.items():
+        if (r.get("device") == device and "wall_time_s" in r and name in RUNS
+                and all(r.get("train_config", {}).get(key) == getattr(ran, key)
+                        for key in ("max_iter", "images_per_batch"))):
+            durations.setdefault(cost_family(name), []).append(r["wall_time_s"])
+    return durations
 
 
 def may_start(elapsed: float, deadline: float | None, durations: list[float], remaining: float = 1.0,
@@ -622,7 +643,7 @@ def checkpoint_mib(run: str, dataset: str = "shapes", quick: bool = False, input
 
 
 def next_to_start(todo: list[tuple[str, int]], saved: dict, total: int | dict[str, int], elapsed: float,
-                  deadline: float | None, durations: list[float], overrunning: int,
+                  deadline: float | None, durations: dict[str, list[float]], overrunning: int,
                   args: argparse.Namespace, overhead: float = 0.0,
                   min_start: float = 0.0) -> tuple[tuple[str, int], bool] | None:
     """The first (run, seed) of ``todo`` that may start now, and whether it is expected to end
@@ -634,13 +655,15 @@ def next_to_start(todo: list[tuple[str, int]], saved: dict, total: int | dict[st
     what will finish starts no more than it can carry. Elsewhere a stopped training resumes from
     its checkpoint on the same disk, and anything may start. Nothing starts with less than
     ``min_start`` seconds to the deadline: it would stop before saving a step. ``total``: the
-    iterations of a training, or of each run's (by name)."""
+    iterations of a training, or of each run's (by name). ``durations``: per
+    :func:`cost_family`, as :func:`expected_durations` reads them."""
     if deadline is not None and deadline - elapsed < min_start:
         return None
-    unknown = not durations and args.overrun_max_mib is not None
     for key in todo:
+        expected = expected_durations(durations, key[0])
+        unknown = not expected and args.overrun_max_mib is not None
         overruns = deadline is not None and (
-            unknown or not may_start(elapsed, deadline, durations,
+            unknown or not may_start(elapsed, deadline, expected,
                                      1 - saved[key] / (total[key[0]] if isinstance(total, dict) else total),
                                      overhead))
         if not overruns:
@@ -767,11 +790,18 @@ def run_table(args: argparse.Namespace) -> dict:
     # the miniature's margins around a deadline (module constants); none for the quick path
     overhead, min_start, pretrain_min = ((0.0, 0.0, 0.0) if args.quick
                                          else (TRAINING_OVERHEAD_S, MIN_START_S, PRETRAIN_MIN_S))
-    # how long a training takes here: at first, the slowest of earlier sessions on this device
-    # (so that a short session does not start trainings it cannot finish), then this session's
-    durations = [d for plan in distinct for d in earlier_durations(done, report.device_name(), plan)]
-    if not durations:  # none finished yet: the stopped trainings' pace says how long one takes
-        durations = [d for key, pace in paces.items() for d in durations_at_pace([pace], totals[key[0]], overhead)]
+    # how long a training of each cost_family takes here: at first, the slowest of earlier
+    # sessions on this device (so that a short session does not start trainings it cannot
+    # finish), then this session's too
+    durations: dict[str, list[float]] = {}
+    for plan in distinct:
+        for family, seconds in earlier_durations(done, report.device_name(), plan).items():
+            durations.setdefault(family, []).extend(seconds)
+    finished = set(durations)
+    for key, pace in paces.items():  # a family none of which finished: its stopped trainings' pace
+        if cost_family(key[0]) not in finished:
+            durations.setdefault(cost_family(key[0]), []).extend(
+                durations_at_pace([pace], totals[key[0]], overhead))
     stopped, deferred, launched = [], [], 0
     if todo:
         prepare_data(args.dataset, args.quick, args.data)
@@ -858,7 +888,11 @@ def run_table(args: argparse.Namespace) -> dict:
                     if process.returncode != 0:
                         failed.append(key)
                     elif not saved[key]:  # a resumed training's time here is only its last part
-                        durations.append(now - start)
+                        family = cost_family(key[0])
+                        if family not in finished:  # measured: it replaces the estimates from paces
+                            durations[family] = []
+                            finished.add(family)
+                        durations[family].append(now - start)
                     print(f"[{now:6.0f} s] {key[0]} seed {key[1]}: {status}", flush=True)
     except _Terminated:  # a time limit around the table: stop quickly, then report below
         halt(time.perf_counter() - tic, "by SIGTERM to the table", grace=5.0, finish_grace=5.0)

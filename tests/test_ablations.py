@@ -173,9 +173,9 @@ def test_a_table_keeps_one_batch_size_and_times_trainings_by_their_own_schedule(
     other["train_config"] = dict(other["train_config"], max_iter=2, images_per_batch=4)
     elsewhere = dict(_fake_record("r50_c4", 2, 1, 2, 3), wall_time_s=7.0, device="NVIDIA H200")
     done = {("r50_c4", 0): record, ("r50_c4", 1): other, ("r50_c4", 2): elsewhere}
-    assert ablations.earlier_durations(done, "cpu", planned16) == [1.0]
-    assert ablations.earlier_durations(done, "cpu", planned4) == [50.0]
-    assert ablations.earlier_durations(done, "NVIDIA H200", planned16) == [7.0]
+    assert ablations.earlier_durations(done, "cpu", planned16) == {"ResNet-50-C4": [1.0]}
+    assert ablations.earlier_durations(done, "cpu", planned4) == {"ResNet-50-C4": [50.0]}
+    assert ablations.earlier_durations(done, "NVIDIA H200", planned16) == {"ResNet-50-C4": [7.0]}
     # and the children are told the batch size
     args = ablations.build_parser().parse_args(["--images-per-batch", "64", "--workdir", "w", "--data", "d"])
     command = ablations._child_command("r50_c4", 1, args)
@@ -486,34 +486,60 @@ def test_trainings_longer_than_a_session_start_only_as_many_as_may_overrun_and_c
     # a lease of 500 s, trainings of 2000 s: none will finish; the first that may overrun and
     # whose checkpoint can come back (C5's 75 MiB cannot) starts
     assert ablations.checkpoint_mib("r50_c5_roialign") > 15 > ablations.checkpoint_mib("r50_c4")
-    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, [2000.0], 0, args) == (("r50_c4", 0), True)
-    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, [2000.0], 1, args) is None  # one at a time
+    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, {"ResNet-50-C4": [2000.0]}, 0, args) == (("r50_c4", 0), True)
+    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, {"ResNet-50-C4": [2000.0]}, 1,
+                                   args) is None  # one at a time
     # one resumed 4/5 of the way (400 s left) is expected to finish: it starts whatever overruns
     saved[("r50_fpn", 0)] = 2400
-    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, [2000.0], 1, args) == (("r50_fpn", 0), False)
+    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, {"ResNet-50-C4": [2000.0]}, 1,
+                                   args) == (("r50_fpn", 0), False)
     # without --may-overrun (the default) nothing expected to overrun starts
     plain = ablations.build_parser().parse_args([])
-    assert ablations.next_to_start(todo[:2], saved, 3000, 10.0, 500.0, [2000.0], 0, plain) is None
-    assert ablations.next_to_start(todo, saved, 3000, 10.0, None, [2000.0], 0, plain) == (todo[0], False)
+    assert ablations.next_to_start(todo[:2], saved, 3000, 10.0, 500.0, {"ResNet-50-C4": [2000.0]}, 0, plain) is None
+    assert ablations.next_to_start(todo, saved, 3000, 10.0, None, {"ResNet-50-C4": [2000.0]}, 0, plain) == (todo[0], False)
 
 
 def test_a_lease_without_an_estimate_starts_only_what_it_can_carry_and_nothing_too_late():
     args = ablations.build_parser().parse_args(["--may-overrun", "1", "--overrun-max-mib", "15"])
     todo, saved = [("r50_c4", 0), ("r50_c4", 1)], {("r50_c4", 0): 0, ("r50_c4", 1): 0}
     # no duration yet in a first lease, whose checkpoints must travel: each counts as overrunning
-    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, [], 0, args) == (("r50_c4", 0), True)
-    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, [], 1, args) is None
-    assert ablations.next_to_start(todo, saved, 3000, 10.0, None, [], 1, args) == (("r50_c4", 0), False)
+    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, {}, 0, args) == (("r50_c4", 0), True)
+    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, {}, 1, args) is None
+    assert ablations.next_to_start(todo, saved, 3000, 10.0, None, {}, 1, args) == (("r50_c4", 0), False)
     # on a machine that keeps its checkpoints, a stopped training loses nothing: anything may start
     local = ablations.build_parser().parse_args([])
-    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, [], 0, local) == (("r50_c4", 0), False)
+    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, {}, 0, local) == (("r50_c4", 0), False)
     # under a minute to the deadline, nothing starts, whatever it would take
-    assert ablations.next_to_start(todo, saved, 3000, 450.0, 500.0, [10.0], 0, args, min_start=60.0) is None
-    assert ablations.next_to_start(todo, saved, 3000, 430.0, 500.0, [10.0], 0, args, min_start=60.0) == (todo[0], False)
+    quick = {"ResNet-50-C4": [10.0]}
+    assert ablations.next_to_start(todo, saved, 3000, 450.0, 500.0, quick, 0, args, min_start=60.0) is None
+    assert ablations.next_to_start(todo, saved, 3000, 430.0, 500.0, quick, 0, args, min_start=60.0) == (todo[0], False)
     # a resumed training pays its start-up and evaluation in full: 20 + 40 + 0.4 x (50 - 40) > 60
     assert ablations.may_start(20.0, 60.0, [50.0], remaining=0.4)
     assert not ablations.may_start(20.0, 60.0, [50.0], remaining=0.4, overhead=40.0)
     assert ablations.durations_at_pace([(500, 100.0)], 3000, overhead=40.0) == [640.0]
+
+
+def test_each_training_is_expected_to_take_as_long_as_its_own_family_not_the_fastest_one():
+    # the poolers and mask losses of Table 2b/c share a family; backbones and MLP heads do not
+    assert ablations.cost_family("r50_c4_roipool") == ablations.cost_family("r50_c4_softmax") == "ResNet-50-C4"
+    assert len({ablations.cost_family(name) for name in ablations.RUNS}) == 7
+    assert ablations.cost_family("r50_fpn_mlp2") == ablations.cost_family("r50_fpn_mlp3") != "ResNet-50-FPN"
+    # C4's trainings took 100 s, ResNeXt's 400 s: with 200 s left, C4 may start and ResNeXt may not
+    durations = {"ResNet-50-C4": [90.0, 100.0], "ResNeXt-101-FPN": [400.0]}
+    args = ablations.build_parser().parse_args([])
+    todo = [("x101_fpn", 0), ("r50_c4_roipool", 1)]
+    saved = {key: 0 for key in todo}
+    assert ablations.expected_durations(durations, "r50_c4_softmax") == [90.0, 100.0]
+    assert ablations.next_to_start(todo, saved, 3000, 300.0, 500.0, durations, 0, args) == (("r50_c4_roipool", 1), False)
+    # a family none of which has a duration yet goes by the slowest of all, not by C4's alone
+    assert ablations.expected_durations(durations, "r101_fpn") == [90.0, 100.0, 400.0]
+    assert ablations.next_to_start([("r101_fpn", 0)], {("r101_fpn", 0): 0}, 3000, 300.0, 500.0, durations, 0,
+                                   args) is None
+    # and a session's durations are read per family from the records of finished trainings
+    planned = ablations.train_config("shapes", True, 0, "x")
+    done = {(name, 0): dict(_fake_record(name, 0, 1, 2, 3), wall_time_s=seconds)
+            for name, seconds in [("r50_c4", 5.0), ("r50_c4_roipool", 6.0), ("x101_fpn", 40.0)]}
+    assert ablations.earlier_durations(done, "cpu", planned) == {"ResNet-50-C4": [5.0, 6.0], "ResNeXt-101-FPN": [40.0]}
 
 
 def test_stop_at_deadline_lets_an_evaluating_training_finish_and_kills_the_rest_after_their_grace():

@@ -62,6 +62,11 @@ def predictions_to_coco_results(predictions: dict[int, dict], iou_type: str,
         if field not in pred:
             raise ValueError(f"image id {image_id}: predictions lack '{field}' needed for {iou_type}")
         labels = _numpy(pred["labels"]).reshape(-1)
+        counts = {"labels": labels.size, "boxes": _numpy(pred["boxes"]).reshape(-1, 4).shape[0]}
+        if field != "boxes":
+            counts[field] = len(_numpy(pred[field]))  # (N, ...)
+        if any(n != len(scores) for n in counts.values()):  # else rows pair up wrongly, silently
+            raise ValueError(f"image id {image_id}: {len(scores)} scores but {counts} rows")
         if label_to_cat_id is None:  # labels are the category ids (for every image, not the first's)
             cat_ids = [int(label) for label in labels]
         else:
@@ -138,9 +143,28 @@ def _empty_results(coco_gt: COCO) -> COCO:
     return coco_dt
 
 
+def _check_results_fit(coco_gt: COCO, results: list[dict], iou_type: str) -> None:
+    """ValueError, naming the image id, for results COCOeval would score as misses without a word:
+    a mask of another size than its image (mask IoU -1: e.g. masks of the resized or padded
+    image) or another number of keypoints than its category's (a bare numpy broadcast error)."""
+    kp_counts = {c["id"]: len(c["keypoints"]) for c in coco_gt.dataset["categories"] if c.get("keypoints")}
+    for res in results:
+        image, segm = coco_gt.imgs.get(res["image_id"], {}), res.get("segmentation")
+        if iou_type == "segm" and isinstance(segm, dict) and \
+                list(segm.get("size", [])) != [image.get("height"), image.get("width")]:
+            raise ValueError(f"image id {res['image_id']}: mask is {segm.get('size')} (h, w) but "
+                             f"the image is {[image.get('height'), image.get('width')]}: paste masks into "
+                             "the original image")
+        if iou_type == "keypoints" and res["category_id"] in kp_counts and \
+                len(res["keypoints"]) != 3 * kp_counts[res["category_id"]]:
+            raise ValueError(f"image id {res['image_id']}: {len(res['keypoints']) // 3} keypoints, but category "
+                             f"{res['category_id']} has {kp_counts[res['category_id']]}")
+
+
 def run_cocoeval(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int],
                  cat_ids: list[int] | None = None) -> COCOeval:
     """loadRes + evaluate + accumulate + summarize (prints the standard table)."""
+    _check_results_fit(coco_gt, results, iou_type)
     coco_dt = coco_gt.loadRes(results) if results else _empty_results(coco_gt)
     coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
     coco_eval.params.imgIds = sorted(image_ids)

@@ -232,3 +232,19 @@ def test_labels_read_as_category_ids_for_every_image_without_a_mapping():
     results = predictions_to_coco_results(predictions, "bbox", None)  # once: image 2's 7 was refused
     assert [(r["image_id"], r["category_id"]) for r in results] == [(1, 3), (2, 7)]
     assert results[1]["bbox"] == [1.0, 1.0, 3.0, 4.0]  # xyxy -> xywh
+
+
+def test_masks_keypoints_or_rows_that_do_not_fit_the_image_are_named_not_scored_as_misses(val_set):
+    ds, targets = val_set
+    preds = _ground_truth_predictions(targets)
+    image_id = next(iter(preds))
+    # masks of the padded batch (not pasted into the original image): COCOeval's mask IoU is -1, AP 0
+    padded = {k: dict(v, masks=torch.nn.functional.pad(v["masks"], (0, 32, 0, 32))) for k, v in preds.items()}
+    with pytest.raises(ValueError, match=rf"image id {image_id}: mask is \[96, 96\] .* the image is \[64, 64\]"):
+        evaluate_coco(ds.coco, padded, ("segm",))
+    five = {k: dict(v, keypoints=v["keypoints"][:, :5]) for k, v in preds.items()}
+    with pytest.raises(ValueError, match=r"image id \d+: 5 keypoints, but category \d+ has 17"):
+        evaluate_coco(ds.coco, five, ("keypoints",))
+    extra_box = {**preds, image_id: dict(preds[image_id], boxes=preds[image_id]["boxes"].repeat(2, 1))}
+    with pytest.raises(ValueError, match=rf"image id {image_id}: \d+ scores but .*'boxes'"):
+        evaluate_coco(ds.coco, extra_box, ("bbox",))

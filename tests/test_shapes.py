@@ -176,3 +176,10 @@ def test_bad_arguments_are_named():
         shapes.generate("/tmp/unused", preset="huge")
     with pytest.raises(ValueError, match="size"):
         shapes.generate("/tmp/unused", size=8, preset="tiny")
+
+
+@pytest.mark.parametrize("argument", ["n_train", "n_val", "seed"])
+def test_negative_counts_and_seeds_are_named_not_written_as_an_empty_split(tmp_path, argument):
+    with pytest.raises(ValueError, match=f"{argument} must be >= 0, got -1"):
+        shapes.generate(str(tmp_path), preset="tiny", **{argument: -1})
+    assert not (tmp_path / "annotations" / "instances_train.json").exists()

@@ -380,6 +380,9 @@ def generate(out_dir: str, n_train: int | None = None, n_val: int | None = None,
                                                  ("n_val", n_val)) if v is not None})
     if cfg.image_size < 32:
         raise ValueError(f"size must be >= 32 px, got {cfg.image_size}")
+    for name, value in (("n_train", cfg.n_train), ("n_val", cfg.n_val), ("seed", seed)):
+        if value < 0:  # a negative count would write an empty split; numpy refuses a negative seed unnamed
+            raise ValueError(f"{name} must be >= 0, got {value}")
     cat_ids = {c["name"]: c["id"] for c in categories()}
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
     paths = {}

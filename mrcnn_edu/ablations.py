@@ -351,9 +351,11 @@ def load_body(model, path: str | Path, run: str = "the model", state: dict | Non
         state, info = state["model"], state.get("info", {})
     res5 = model.box_branch.head.res5 if model.cfg.backbone.features == "C4" else None
     loaded = load_imagenet_state_dict(model.backbone.body, state, strict=False, res5_head=res5)
-    if not loaded.loaded or loaded.missing:
-        raise ValueError(f"{path} does not fit the body of {run}: missing "
-                         f"{loaded.missing[:5]}, loaded {len(loaded.loaded)} tensors")
+    # unexpected keys too: a deeper body's file (ResNet-101's 23 res4 blocks for ResNet-50's 6)
+    # would otherwise load its first blocks and drop the rest without a word
+    if not loaded.loaded or loaded.missing or loaded.unexpected:
+        raise ValueError(f"{path} does not fit the body of {run}: missing {loaded.missing[:5]}, "
+                         f"unexpected {loaded.unexpected[:5]}, loaded {len(loaded.loaded)} tensors")
     return {"weights": str(path), "tensors": len(loaded.loaded), "top1": info.get("top1"),
             "digest": weights_digest(state)}
 

@@ -105,7 +105,15 @@ def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     pointer = Path(output_dir) / LAST_CHECKPOINT_FILE
     if not pointer.is_file():
         return None
-    path = Path(output_dir) / pointer.read_text().strip()
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{pointer} is corrupt: it should hold one checkpoint file name "
+                         f"({err})") from err
+    if not name:  # save_checkpoint never leaves it empty; a cut-off copy of the folder can
+        raise ValueError(f"{pointer} is empty: it should name the newest checkpoint, e.g. "
+                         f"{checkpoint_path(output_dir, 0).name}")
+    path = Path(output_dir) / name
     if not path.is_file():
         raise FileNotFoundError(f"{pointer} names {path.name}, which does not exist")
     return path

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from mrcnn_edu.backbone import ResNet, ResNetConfig, mini_resnet
-from mrcnn_edu.checkpoint import atomic_save
+from mrcnn_edu.checkpoint import atomic_save, load_checkpoint
 from mrcnn_edu.data import shapes
 from mrcnn_edu.data.transforms import normalize
 from mrcnn_edu.distributed import get_dist_info
@@ -146,8 +146,8 @@ def top1_by_size(model: ResNet, cfg: PretrainConfig, sizes_px: tuple[int, ...] =
 
 def load_classifier(path: str | Path) -> tuple[ResNet, PretrainConfig]:
     """The classifier ``pretrain`` wrote to ``path``, and the config it was trained with."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    info = saved.get("info", {}) if isinstance(saved, dict) else {}
+    saved = load_checkpoint(path)  # a missing, cut-off or foreign file: an error naming it
+    info = saved.get("info", {})
     if not isinstance(saved, dict) or "model" not in saved or "resnet" not in info or "config" not in info:
         raise ValueError(f"{path}: not a file written by mrcnn_edu.pretrain (needs 'model' and info's "
                          f"'resnet' and 'config')")

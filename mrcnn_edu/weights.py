@@ -58,8 +58,10 @@ from mrcnn_edu.backbone import BackboneConfig, resnet50, torchvision_fpn_key_map
 from mrcnn_edu.config import AnchorConfig, MaskRCNNConfig, TransformConfig
 from mrcnn_edu.model import MaskRCNN
 from mrcnn_edu.roi_heads.box_head import BoxHeadConfig
-from mrcnn_edu.roi_heads.keypoint_head import KeypointHeadConfig, keypoint_head_state_from_torchvision
-from mrcnn_edu.roi_heads.mask_head import MaskHeadConfig, fcn_mask_head_state_from_torchvision
+from mrcnn_edu.roi_heads.keypoint_head import (KeypointHeadConfig, keypoint_head_state_from_torchvision,
+                                               torchvision_keypoint_key_map)
+from mrcnn_edu.roi_heads.mask_head import (MaskHeadConfig, fcn_mask_head_state_from_torchvision,
+                                           torchvision_mask_key_map)
 from mrcnn_edu.roi_heads.pooler import PoolerConfig
 from mrcnn_edu.rpn import fpn_rpn_config, rpn_state_dict_from_torchvision
 
@@ -166,13 +168,13 @@ def torchvision_state_dict_to_ours(state_dict: dict[str, Tensor],
         num_convs = len(model.cfg.mask_head.conv_dims)
         for mine, tensor in fcn_mask_head_state_from_torchvision(state_dict, num_convs).items():
             ours["mask_head." + mine] = tensor  # predictor rows 1..K: channel 0 (background) dropped
-        used.update(k for k in state_dict if k.startswith(("roi_heads.mask_head.", "roi_heads.mask_predictor.")))
+        # only the keys the key map read: a cfg with fewer convs than the file leaves the rest unused
+        used.update(torchvision_mask_key_map(num_convs, prefix="roi_heads.").values())
     if model.keypoint_head is not None:
         num_convs = len(model.cfg.keypoint_head.conv_dims)
         for mine, tensor in keypoint_head_state_from_torchvision(state_dict, num_convs).items():
             ours["keypoint_head." + mine] = tensor
-        used.update(k for k in state_dict
-                    if k.startswith(("roi_heads.keypoint_head.", "roi_heads.keypoint_predictor.")))
+        used.update(torchvision_keypoint_key_map(num_convs, prefix="roi_heads.").values())
 
     unused = [k for k in state_dict if k not in used and not k.endswith("num_batches_tracked")]
     return ours, unused

@@ -414,3 +414,27 @@ def test_torchvision_resnet50_fpn_backbone_gives_the_same_p2_to_p6():
 def test_bad_arguments_raise_value_error_naming_them(make, argument):
     with pytest.raises(ValueError, match=argument):
         make()
+
+
+def test_resnext_from_torchvision_gives_the_same_features_and_logits():
+    """ResNeXt's grouped 3x3 (with the stride on it) against torchvision's, at res2..res5."""
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.models.resnet import Bottleneck as TorchvisionBottleneck
+
+    torch.manual_seed(0)  # 4 groups of width 8 in res2: a miniature 4x8d
+    reference = torchvision.models.resnet.ResNet(TorchvisionBottleneck, [1, 2, 1, 1], num_classes=10,
+                                                 groups=4, width_per_group=8)
+    randomize_norm_statistics_(reference, seed=5)
+    reference.eval()
+    ours = ResNet(ResNetConfig(depth=(1, 2, 1, 1), groups=4, width_per_group=8, num_classes=10))
+    report = load_imagenet_state_dict(ours, reference.state_dict())  # strict
+    assert report.missing == [] and report.unexpected == []
+    assert ours.layer2[0].conv2.groups == 4 and ours.layer2[0].conv2.stride == (2, 2)
+    images = torch.randn(1, 3, 67, 101)
+    with torch.no_grad():
+        x = reference.maxpool(reference.relu(reference.bn1(reference.conv1(images))))
+        got = ours(images)
+        for stage in range(2, 6):
+            x = getattr(reference, f"layer{stage - 1}")(x)
+            torch.testing.assert_close(got[f"c{stage}"], x, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.classify(images), reference(images), rtol=1e-5, atol=1e-5)

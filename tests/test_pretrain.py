@@ -97,6 +97,12 @@ def test_a_short_pretraining_learns_and_writes_weights_that_load_into_c4_and_fpn
     with pytest.raises(ValueError, match=r"other\.pth does not fit the body of r50_c4: missing"):
         ablations.load_body(MaskRCNN(ablations.model_config(ablations.RUNS["r50_c4"], "shapes", quick=True)),
                             _save_state(tmp_path / "other.pth", {"fc.weight": torch.zeros(8, 4)}), "r50_c4")
+    # a deeper body's file (R-101's three res4 blocks for R-50's one) is refused, not cut to fit
+    deeper = ResNet(mini_resnet(width=8, blocks=ablations.MINI_BLOCKS[101], num_classes=8)).state_dict()
+    with pytest.raises(ValueError, match=r"ResNet-101\.pth does not fit the body of r50_c4: .*unexpected "
+                                         r"\['layer3\.1\."):
+        ablations.load_body(MaskRCNN(ablations.model_config(ablations.RUNS["r50_c4"], "shapes", quick=True)),
+                            _save_state(tmp_path / "ResNet-101.pth", deeper), "r50_c4")
 
 
 def test_every_run_maps_to_one_of_three_bodies_with_its_own_file_name():
@@ -179,3 +185,45 @@ def test_evaluation_counts_the_same_images_with_and_without_loader_workers():
     correct_alone = evaluate_classifier(model, alone)
     assert evaluate_classifier(model, dataclasses.replace(alone, num_workers=2)) == correct_alone
     assert 0 < correct_alone * 300 < 300  # an untrained body: some right, some wrong, so the count tells
+
+
+def test_pretraining_is_deterministic_given_its_seed():
+    """Same seed, same weights -- whatever the global RNG held before and however many loader
+    workers draw the images; another seed, other weights."""
+    torch.set_num_threads(1)
+    cfg = PretrainConfig(image_size=32, batch_size=8, iterations=3, warmup_iters=1, num_workers=0,
+                         device="cpu", eval_images=8, log_period=1)
+    first, _ = pretrain(mini_resnet(width=4), cfg, verbose=False)
+    torch.manual_seed(123)
+    again, _ = pretrain(mini_resnet(width=4), dataclasses.replace(cfg, num_workers=2), verbose=False)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    other, _ = pretrain(mini_resnet(width=4), dataclasses.replace(cfg, seed=1), verbose=False)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_a_cut_off_last_checkpoint_file_is_named_as_such(tmp_path):
+    """The pointer ``last_checkpoint`` is written atomically, but a folder copied from another
+    machine can arrive with it empty or garbled: say so, not "names <the folder>, missing"."""
+    from mrcnn_edu.checkpoint import checkpoint_path, last_checkpoint, save_checkpoint
+
+    saved = save_checkpoint(checkpoint_path(tmp_path, 10), {"iteration": 10})
+    assert last_checkpoint(tmp_path) == saved
+    (tmp_path / "last_checkpoint").write_text("")
+    with pytest.raises(ValueError, match=r"last_checkpoint is empty"):
+        last_checkpoint(tmp_path)
+    (tmp_path / "last_checkpoint").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ValueError, match=r"last_checkpoint is corrupt"):
+        last_checkpoint(tmp_path)
+    (tmp_path / "last_checkpoint").write_text("model_0000020.pth\n")
+    with pytest.raises(FileNotFoundError, match=r"last_checkpoint names model_0000020\.pth"):
+        last_checkpoint(tmp_path)
+
+
+def test_a_cut_off_pretrained_file_is_named_when_evaluated(tmp_path):
+    from mrcnn_edu.pretrain import load_classifier
+
+    path = tmp_path / "R-mini.pth"
+    torch.save({"model": {"conv1.weight": torch.zeros(4, 3, 7, 7)}, "info": {}}, path)
+    path.write_bytes(path.read_bytes()[:100])  # a copy or a download that stopped midway
+    with pytest.raises(ValueError, match=r"R-mini\.pth is not a checkpoint"):
+        load_classifier(path)

@@ -441,3 +441,16 @@ def test_torchvision_postprocess_matches_its_boxes_keypoints_and_pasted_masks():
         assert torch.equal(m["keypoints"][..., :2], t["keypoints"][..., :2])
         torch.testing.assert_close(m["masks"], t["masks"], rtol=0, atol=1e-5)
         assert torch.equal(m["masks"] >= 0.5, t["masks"] >= 0.5)
+
+
+def test_loader_with_a_given_cfg_names_head_convs_it_has_no_place_for():
+    """A cfg with fewer mask / keypoint convs than the state dict must not drop the rest silently."""
+    torch.manual_seed(0)
+    state = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3).state_dict()
+    cfg = torchvision_maskrcnn_config(num_classes=2, mask_conv_dims=(256,) * 3)  # theirs has 4
+    with pytest.raises(ValueError, match=r"unexpected .*roi_heads\.mask_head\.3\.0\.weight"):
+        load_torchvision_maskrcnn(state, cfg=cfg)
+    state = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    cfg = torchvision_keypointrcnn_config(keypoint_conv_dims=(512,) * 7)  # theirs has 8
+    with pytest.raises(ValueError, match=r"unexpected .*roi_heads\.keypoint_head\.14\.weight"):
+        load_torchvision_keypointrcnn(state, cfg=cfg)

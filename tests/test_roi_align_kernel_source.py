@@ -325,3 +325,20 @@ def test_kernel_on_a_hand_computed_case(kernel_path):
     rois = torch.tensor([[0.0, 0.0, 0.0, 2.0, 2.0]], dtype=torch.float64)
     assert kernel_path(x, rois, (1, 1), 1.0, 1, True, "avg").item() == 2.5
     assert kernel_path(x, rois, (1, 1), 1.0, 1, False, "avg").item() == 4.0
+
+
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_kernel_propagates_nan_as_the_pytorch_path_does(kernel_path, mode):
+    # A NaN in the features (a diverged step) must show in every bin that samples it, in
+    # either backend: torch's max and amax propagate NaN, and the gradient goes to the first
+    # NaN point. A kernel that kept `value > best` alone showed NaN only when a bin's *first*
+    # point was NaN, and otherwise hid the divergence behind the other points' maximum.
+    x, rois = make_case(torch.float64)
+    x[0, :, 4:6, 5:7] = float("nan")
+    x[1, 2, 0, 0] = float("nan")
+    args = ((7, 5), 0.25, 2, True, mode)
+    out_k, grad_k = forward_backward(lambda t, r: kernel_path(t, r, *args), x, rois)
+    out_t, grad_t = forward_backward(lambda t, r: roi_align(t, r, *args, backend="torch"), x, rois)
+    assert out_t.isnan().any() and not out_t.isnan().all()  # the case has bins of both kinds
+    torch.testing.assert_close(out_k, out_t, rtol=0, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(grad_k, grad_t, rtol=0, atol=1e-12, equal_nan=True)

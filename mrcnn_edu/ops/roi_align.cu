@@ -34,8 +34,9 @@
 //   * RoI start/size in the "sampling frame" where the value of cell j sits at j: multiply
 //     by spatial_scale and subtract 0.5 when aligned (the half-pixel shift);
 //   * a point outside [-1, H] x [-1, W] contributes 0; inside it is clamped to the map;
-//   * avg divides by max(gh * gw, 1); max keeps the best point (first one on ties) and stores
-//     its index in `argmax`, so that the backward pass need not search again.
+//   * avg divides by max(gh * gw, 1); max keeps the best point (first one on ties; the first
+//     NaN if there is one) and stores its index in `argmax`, so that the backward pass need
+//     not search again.
 
 #if defined(ROI_USE_FP16)
 #include <cuda_fp16.h>
@@ -197,7 +198,9 @@ extern "C" __global__ void roi_align_forward(
                           + (ty.w_hi * tx.w_hi) * to_acc(row_hi[col_hi]);
                 }
                 sum += value;
-                if (best_index < 0 || value > best) {
+                // the first NaN wins and stays (value != value: NaN), as torch's max and amax
+                // propagate NaN; `value > best` alone is false for NaN and would hide it
+                if (best_index < 0 || value > best || (value != value && best == best)) {
                     best = value;
                     best_index = iy * g.grid_w + ix;
                 }

@@ -189,8 +189,9 @@ def sampling_points(roi: Tensor, output_size: Union[int, Sequence[int]], samplin
     return torch.stack([x, y], dim=-1)  # (oh, ow, gh, gw, 2)
 
 
-def _bilinear_taps(coord: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-axis bilinear taps: indices ``lo, hi`` and weights ``w_lo, w_hi`` (0 if outside)."""
+def _bilinear_taps(coord: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-axis bilinear taps: indices ``lo, hi``, weights ``w_lo, w_hi`` (0 if outside) and
+    ``inside``, whether the coordinate is within ``[-1, size]``."""
     inside = (coord >= -1.0) & (coord <= size)
     c = coord.clamp(0, size - 1)
     lo = c.floor()
@@ -198,25 +199,31 @@ def _bilinear_taps(coord: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Te
     frac = c - lo
     w_lo = torch.where(inside, 1.0 - frac, torch.zeros_like(frac))
     w_hi = torch.where(inside, frac, torch.zeros_like(frac))
-    return lo.long(), hi.long(), w_lo, w_hi
+    return lo.long(), hi.long(), w_lo, w_hi, inside
 
 
 def _sample_group(features: Tensor, rois: Tensor, x1: Tensor, y1: Tensor, roi_w: Tensor,
                   roi_h: Tensor, size: tuple[int, int], gh: int, gw: int, height: int,
                   width: int, mode: str) -> Tensor:
-    """RoIAlign for RoIs that share one grid ``gh x gw``; ``features`` is ``(N*H*W, C)``."""
+    """RoIAlign for RoIs that share one grid ``gh x gw``; ``features`` is ``(N*H*W + 1, C)``,
+    its last row zeros."""
     oh, ow = size
     R, C = rois.shape[0], features.shape[1]
     ys = _axis_samples(y1, roi_h, oh, gh).reshape(R, oh * gh)  # (R, oh*gh)
     xs = _axis_samples(x1, roi_w, ow, gw).reshape(R, ow * gw)  # (R, ow*gw)
-    y_lo, y_hi, wy_lo, wy_hi = _bilinear_taps(ys, height)
-    x_lo, x_hi, wx_lo, wx_hi = _bilinear_taps(xs, width)
+    y_lo, y_hi, wy_lo, wy_hi, y_inside = _bilinear_taps(ys, height)
+    x_lo, x_hi, wx_lo, wx_hi, x_inside = _bilinear_taps(xs, width)
     row_base = rois[:, 0].long()[:, None] * height  # (R, 1)
     rows = torch.stack([y_lo, y_hi], -1) + row_base[..., None]  # (R, oh*gh, 2)
     wy = torch.stack([wy_lo, wy_hi], -1)  # (R, oh*gh, 2)
     cols, wx = torch.stack([x_lo, x_hi], -1), torch.stack([wx_lo, wx_hi], -1)  # (R, ow*gw, 2)
     # every (y tap, x tap) pair: flat index into the (N*H*W) rows of `features`
     index = rows[:, :, None, :, None] * width + cols[:, None, :, None, :]  # (R, oh*gh, ow*gw, 2, 2)
+    # A point outside the map is 0 (the CUDA kernel and torchvision skip it), whatever the
+    # clamped cells hold: a weight of 0 times a NaN or inf cell is NaN, not 0. So its taps
+    # read the zero row that roi_align_torch appends (64x cheaper than masking the samples).
+    outside = ~(y_inside[:, :, None] & x_inside[:, None, :])  # (R, oh*gh, ow*gw)
+    index = index.masked_fill(outside[..., None, None], features.shape[0] - 1)
     weight = wy[:, :, None, :, None] * wx[:, None, :, None, :]  # (R, oh*gh, ow*gw, 2, 2)
     values = features[index.reshape(-1)].reshape(*index.shape, C)  # (R, oh*gh, ow*gw, 2, 2, C)
     weight = weight.to(values.dtype)
@@ -232,7 +239,7 @@ def _max_over_points(samples: Tensor) -> Tensor:
     """Max mode's aggregation: ``samples (R, oh, ow, P, C)`` -> ``(R, oh, ow, C)``.
 
     The gradient of each bin goes to its first maximal point (``(iy, ix)`` row-major), as in
-    the CUDA kernel. Ties are common: on a flat region (a constant map, a ReLU's zeros, points
+    the CUDA kernel; a NaN point is the maximum (the first NaN: both propagate it). Ties are common: on a flat region (a constant map, a ReLU's zeros, points
     outside the map, which are 0) every point of a bin is a maximum, and ``amax``'s backward
     would split the gradient among them, i.e. among other cells than the kernel's.
     ``max(dim)`` returns the first maximal index (PyTorch documents it) and its backward
@@ -281,6 +288,8 @@ def roi_align_torch(input: Tensor, rois: Tensor, output_size: tuple[int, int],
     rois = rois.detach().to(compute_dtype)
     # channels-last rows: one (y, x) position's C values are contiguous for the gather
     features = input.permute(0, 2, 3, 1).reshape(N * H * W, C).to(compute_dtype)  # (N*H*W, C)
+    features = torch.cat([features, features.new_zeros(1, C)])  # (N*H*W + 1, C): the last row is
+    # what a sampling point outside the map reads (_sample_group)
     x1, y1, roi_w, roi_h = _roi_frame(rois, spatial_scale, aligned)
     pieces, order = [], []
     for members, g_h, g_w in _grid_groups(roi_h, roi_w, output_size, sampling_ratio):

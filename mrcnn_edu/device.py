@@ -41,11 +41,12 @@ def count_syncs(fn: Callable[[], Any]) -> tuple[Any, int]:
     (``.item()``, ``bool(tensor)``, ``nonzero``), blocking copies, stream synchronisations, as
     ``torch.cuda.set_sync_debug_mode("warn")`` reports them. CUDA only."""
     torch.cuda.synchronize()  # what was queued before is not fn's
+    before = torch.cuda.get_sync_debug_mode()  # restored after: the caller's, not "default"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             out = fn()
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.set_sync_debug_mode(before)
     return out, sum("synchroniz" in str(w.message) for w in caught)

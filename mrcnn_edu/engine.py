@@ -280,7 +280,14 @@ def _check_config(cfg: TrainConfig, device: torch.device, world_size: int) -> No
 def _pick_device(name: str, info: DistInfo) -> torch.device:
     if name not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():  # else torch fails at the first copy
+        raise ValueError("train.device='cuda' but this machine has no CUDA device (torch "
+                         f"{torch.__version__}, CUDA build: {torch.version.cuda}); use 'auto' or 'cpu'")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if info.local_rank >= torch.cuda.device_count():
+            raise ValueError(f"process of local rank {info.local_rank} has no GPU: this machine has "
+                             f"{torch.cuda.device_count()}; start at most that many per node (torchrun "
+                             "--nproc_per_node)")
         return torch.device("cuda", info.local_rank)
     return torch.device("cpu")
 

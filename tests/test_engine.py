@@ -481,3 +481,19 @@ print(applied, default, faults())
     pages = 10 * 64 * 2**20 // 4096  # every page of every tensor, at 4 KB pages
     assert int(default) >= pages // 2, (default, pages)  # faulted in again each time
     assert int(kept) < pages // 20, (kept, pages)  # reused: no new pages
+
+
+def test_asking_for_cuda_without_a_gpu_is_an_error_that_says_so(monkeypatch):
+    from mrcnn_edu.distributed import DistInfo
+    from mrcnn_edu.engine import _pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="train.device='cuda' but this machine has no CUDA device"):
+        _pick_device("cuda", DistInfo())
+    assert _pick_device("auto", DistInfo()) == torch.device("cpu")
+    # more processes on a node than GPUs: named, not a CUDA "invalid device ordinal" later
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _pick_device("auto", DistInfo(rank=1, local_rank=1, world_size=2)) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="local rank 2 has no GPU: this machine has 2"):
+        _pick_device("cuda", DistInfo(rank=2, local_rank=2, world_size=3))

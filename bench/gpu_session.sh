@@ -23,12 +23,13 @@
 # TABLE_BATCH=N runs the table in batches of N images (`ablate --images-per-batch`: the same
 # images, N/16 times the lr, 16/N times the steps); every session of one table must use the same
 # N (a record of another batch size is refused). The default, TABLE_BATCH=auto, keeps the N of
-# the committed results, or else the smallest one up to 32 that mini_step priced within 1.2x of
+# the committed results, or else of the trainings carried in (.carry, below), or else the
+# smallest one up to 32 that mini_step priced within 1.2x of
 # the cheapest in this session (bench/pick_batch.py), or else 16 (64 only when asked: on the CPU,
 # 4x fewer steps of 64 left C4 with a quarter of the AP); of mini_step's sizes it only takes one whose
 # TABLE_JOBS (8) trainings fit in the GPU's memory together, by the peaks mini_step measured.
 # PROBE_BATCH=N does the same for table_probe. TABLE_CHANNELS_LAST=yes|no|auto: NHWC convolutions
-# (`ablate --channels-last`); auto keeps the committed table's layout, else takes NHWC where
+# (`ablate --channels-last`); auto keeps the committed table's (or carried trainings') layout, else takes NHWC where
 # mini_step timed it 5 % faster at the chosen batch, else NCHW.
 #
 # The device image lacks pycocotools; carry its wheel. On the CPU machine, once:
@@ -52,6 +53,13 @@
 # before); the next lease resumes them first. TABLE_OVERRUN=K lets at most K trainings run that
 # are expected to end after the deadline (ablate --may-overrun); the default, auto, is the
 # number of file slots left for them.
+#
+# Time: the script ends within about BUDGET + 15 s (the table phase's last training stops 60 s
+# before BUDGET, its cap is 5 s before, `timeout` kills 10 s after that, then the packing). The
+# lease kills the whole command at its limit_s (timeout_s, or less where less device time is left
+# once the machine has started), and whatever is not yet under $OUT then is lost: keep
+# BUDGET <= limit_s - 45, i.e. 540 with timeout_s 600 and at least ~9.5 minutes of device time
+# left after the start (docs/gpu.md, "Before a lease").
 set -u
 OUT=${OUT:-runs/gpu_session}
 BUDGET=${BUDGET:-540}
@@ -67,9 +75,16 @@ START=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MPLBACKEND=Agg
 PY=${PYTHON:-python3}
 
+# the carried wheels; pip's answer goes to the log too (it is the file that comes back and is
+# kept), and a failed install stops nothing: the phases that need a wheel fail on their own
 if ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl >>"$LOG" 2>&1; then
+        export PYTHONPATH="$PYTHONPATH:/tmp/site"
+        echo "=== carried wheels installed: $(cd .whl && echo *.whl)" | tee -a "$LOG"
+    else
+        echo "=== carried wheels NOT installed (pip's error is in $LOG): $(cd .whl && echo *.whl)" | tee -a "$LOG"
+    fi
 fi
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
@@ -95,6 +110,10 @@ phase() {
 
 {
     echo "=== device"
+    # the code that ran: the tree travels with uncommitted changes, and maybe without .git; the
+    # same pipeline run from the repository's root on the CPU machine gives the same digest
+    echo "source $(git rev-parse HEAD 2>/dev/null || echo '(no git here)'), source digest $(find bench mrcnn_edu tests \
+        -type f \( -name '*.py' -o -name '*.cu' -o -name '*.sh' \) 2>/dev/null | LC_ALL=C sort | xargs -r sha256sum | sha256sum | cut -c1-16)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
     $PY -c "import cupy; print('cupy', cupy.__version__)" || echo "cupy: not importable"
@@ -141,14 +160,14 @@ for p in $PHASES; do
             done
         fi
         batch=$TABLE_BATCH
-        if [ "$batch" = auto ]; then  # the committed table's size, else from mini_step's timings, else 16
-            batch=$($PY bench/pick_batch.py --mini-step "$OUT/mini_step.json" \
+        if [ "$batch" = auto ]; then  # the committed table's size, else the carried trainings', else mini_step's, else 16
+            batch=$($PY bench/pick_batch.py --mini-step "$OUT/mini_step.json" --carried .carry \
                 --results results/table2_miniature.json --jobs "$TABLE_JOBS" 2>>"$LOG") || batch=""
             echo "=== TABLE_BATCH=auto: ${batch:-16, the schedule default}" | tee -a "$LOG"
         fi
         nhwc=$TABLE_CHANNELS_LAST
         if [ "$nhwc" = auto ]; then  # the committed table's layout, else mini_step's faster one
-            nhwc=$($PY bench/pick_batch.py --mini-step "$OUT/mini_step.json" \
+            nhwc=$($PY bench/pick_batch.py --mini-step "$OUT/mini_step.json" --carried .carry \
                 --results results/table2_miniature.json --channels-last-at "${batch:-16}" 2>>"$LOG") || nhwc=no
             echo "=== TABLE_CHANNELS_LAST=auto: $nhwc" | tee -a "$LOG"
         fi

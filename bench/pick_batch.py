@@ -6,7 +6,8 @@ where this script picks 32. A table keeps one N for all its trainings, over ever
 choice is made once:
 
 1. If the committed results already hold trainings, their N, read from the trainings' records
-   (the table refuses to mix sizes).
+   (the table refuses to mix sizes); else the N of the trainings carried into this lease
+   (``--carried``: their checkpoints), which the lease must resume as they ran.
 2. Otherwise, of the sizes up to ``--max-batch`` (32), the smallest N whose whole schedule
    ``bench/mini_step.py --json`` priced within
    ``--tolerance`` (1.2) of the cheapest, summed over the runs it timed (one training alone;
@@ -72,6 +73,33 @@ def trained_with(results: str | Path | None, key: str, default=None):
     return sessions[-1][key] if sessions else None
 
 
+def carried_with(carry: str | Path | None, key: str, default=None):
+    """The ``key`` of the schedule the trainings carried in ``carry`` (``table2_train_*.tar``, as
+    bench/gpu_session.sh packs them) ran with; None without any readable one. A lease that
+    resumes them must train as they did (gpu_session.sh drops a training of another schedule),
+    also when the report that recorded it was not committed: their checkpoints say it too."""
+    if not carry or not Path(carry).is_dir():
+        return None
+    import io
+    import tarfile
+
+    values = set()
+    for path in sorted(Path(carry).glob("table2_train_*.tar")):
+        try:
+            with tarfile.open(path) as tar:
+                pointer = next(m for m in tar.getmembers() if m.name.endswith("/last_checkpoint"))
+                name = tar.extractfile(pointer).read().decode().strip()
+                data = tar.extractfile(f"{pointer.name.rsplit('/', 1)[0]}/{name}").read()
+            import torch
+
+            values.add(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)["config"].get(key, default))
+        except Exception as error:  # unreadable: gpu_session.sh drops it anyway
+            print(f"pick_batch: {path} unreadable ({type(error).__name__}: {error})", file=sys.stderr)
+    if len(values) > 1:
+        raise ValueError(f"the trainings in {carry} mix {key} {sorted(values, key=str)}; a table keeps one")
+    return values.pop() if values else None
+
+
 def fits(by_run: list[dict], n: int, device_mib: float | None, jobs: int) -> bool:
     """Whether ``jobs`` trainings of ``n`` images fit on the device, by mini_step's peaks
     (unknown peaks, e.g. a CPU's timings, fit)."""
@@ -82,11 +110,13 @@ def fits(by_run: list[dict], n: int, device_mib: float | None, jobs: int) -> boo
 
 
 def pick_batch(mini_step: str | Path | None, results: str | Path | None, tolerance: float = 1.2,
-               jobs: int = 8, max_batch: int = MAX_BATCH) -> int | None:
-    """The images per batch for the table: the committed one, else the smallest timed within
-    ``tolerance`` of the cheapest schedule among those up to ``max_batch`` whose ``jobs``
-    trainings fit in memory, else None."""
+               jobs: int = 8, max_batch: int = MAX_BATCH, carried: str | Path | None = None) -> int | None:
+    """The images per batch for the table: the committed one, else that of the trainings
+    ``carried`` in, else the smallest timed within ``tolerance`` of the cheapest schedule among
+    those up to ``max_batch`` whose ``jobs`` trainings fit in memory, else None."""
     committed = trained_with(results, "images_per_batch")
+    if committed is None:
+        committed = carried_with(carried, "images_per_batch")
     if committed is not None:
         return committed
     if mini_step and Path(mini_step).is_file():
@@ -107,12 +137,14 @@ def pick_batch(mini_step: str | Path | None, results: str | Path | None, toleran
 
 
 def pick_channels_last(mini_step: str | Path | None, results: str | Path | None, batch: int | None,
-                       gain: float = 0.95) -> bool:
+                       gain: float = 0.95, carried: str | Path | None = None) -> bool:
     """Whether the table trains with NHWC convolutions (``ablate --channels-last``): as the
     committed trainings did, else where ``mini_step --channels-last`` timed the summed step at
     ``batch`` images under ``gain`` times NCHW's, else not. Both layouts compute the same
     numbers up to summation order; a table keeps one so that its timings compare."""
     committed = trained_with(results, "channels_last", default=False)
+    if committed is None:
+        committed = carried_with(carried, "channels_last", default=False)
     if committed is not None:
         return committed
     if batch and mini_step and Path(mini_step).is_file():
@@ -129,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default=None, help="the table's results JSON (ablate --out)")
     parser.add_argument("--tolerance", type=float, default=1.2,
                         help="take the smallest batch whose schedule costs at most this times the cheapest")
+    parser.add_argument("--carried", default=None, metavar="DIR",
+                        help="the trainings carried into this lease (gpu_session.sh's .carry): "
+                             "without committed trainings, their batch and layout")
     parser.add_argument("--jobs", type=int, default=8, help="trainings at once (ablate --jobs)")
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH,
                         help="take no larger size (fewer, larger steps cost AP; see above)")
@@ -136,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead: print yes if the table should train channels-last at N images, else no")
     args = parser.parse_args(argv)
     if args.channels_last_at is not None:
-        print("yes" if pick_channels_last(args.mini_step, args.results, args.channels_last_at) else "no")
+        print("yes" if pick_channels_last(args.mini_step, args.results, args.channels_last_at,
+                                               carried=args.carried) else "no")
         return 0
-    batch = pick_batch(args.mini_step, args.results, args.tolerance, args.jobs, args.max_batch)
+    batch = pick_batch(args.mini_step, args.results, args.tolerance, args.jobs, args.max_batch, args.carried)
     if batch is not None:
         print(batch)
     return 0

@@ -33,6 +33,10 @@ if [ "$1" = bench/mini_step.py ]; then
     while [ $# -gt 0 ]; do [ "$1" = --json ] && cp "$FAKE_MINI_STEP" "$2"; shift; done
     exit 0
 fi
+if [ "$1 $2" = "-m pip" ]; then  # installing the carried wheels: never this machine's pip
+    echo "${FAKE_PIP_ERROR:-installed}" >&2
+    [ -z "${FAKE_PIP_ERROR:-}" ]; exit
+fi
 if [ "$1 $2 $3" = "-m mrcnn_edu ablate" ]; then
     w=runs/table2_miniature
     mkdir -p $w/pretrain $w/logs $w/results results
@@ -225,3 +229,48 @@ def test_only_the_trainings_the_report_leaves_are_carried_out(lease, tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("table2_train_")) == [
         "table2_train_r50_c4__seed0.tar"]
     assert "=== carried out: r50_fpn__seed0" not in log
+
+
+def test_a_carried_wheel_that_does_not_install_is_in_the_log_and_the_phases_still_run(lease):
+    # pip's answer went to the terminal alone: session.log, the file that comes back and is kept
+    # in results/gpu/, said only "pycocotools missing", not why
+    wheels = lease.tree / ".whl"
+    wheels.mkdir()
+    (wheels / "pycocotools-2.0.10-cp312-abi3-manylinux_2_17_x86_64.whl").write_bytes(b"")
+    [argv], out, log = lease("mini_step", "table", timings=mini_step_json(260.0, 0.9),
+                             FAKE_PIP_ERROR="ERROR: not a supported wheel on this platform.")
+    assert "ERROR: not a supported wheel on this platform." in log
+    assert "=== carried wheels NOT installed" in log
+    assert (out / "mini_step.json").is_file() and option(argv, "--images-per-batch") == "32"
+
+
+def test_the_log_names_the_code_that_ran(lease):
+    # the device gets the working tree, often with uncommitted changes, and maybe no .git: the
+    # log carries a digest of the sources that the CPU machine can recompute (docs/gpu.md)
+    import hashlib
+
+    tree = lease.tree
+    (tree / "mrcnn_edu").mkdir()
+    (tree / "mrcnn_edu" / "x.py").write_text("print(1)\n")
+    (tree / "mrcnn_edu" / "k.cu").write_text("// kernel\n")
+    _, _, log = lease("table", timings=mini_step_json(260.0, 0.9), budget=10)
+    files = sorted(str(p.relative_to(tree)) for d in ("bench", "mrcnn_edu", "tests") if (tree / d).is_dir()
+                   for p in (tree / d).rglob("*") if p.suffix in (".py", ".cu", ".sh") and p.is_file())
+    listing = "".join(f"{hashlib.sha256((tree / f).read_bytes()).hexdigest()}  {f}\n" for f in files)
+    digest = hashlib.sha256(listing.encode()).hexdigest()[:16]
+    assert f"source digest {digest}" in log
+
+
+def test_a_lease_without_the_committed_report_keeps_the_batch_of_the_trainings_it_resumes(lease):
+    # the first lease trained in steps of 32 and carried two trainings out; its report was not
+    # copied into results/ (or it never wrote one): the batch came out as the schedule's 16, and
+    # both carried trainings were dropped as "another schedule", a lease's training thrown away
+    carried = lease.tree / ".carry"
+    carried.mkdir()
+    stopped_training(carried / "table2_train_r50_c4__seed0.tar", "r50_c4__seed0", 400, 32)
+    stopped_training(carried / "table2_train_r50_fpn__seed0.tar", "r50_fpn__seed0", 300, 32)
+    [argv], _, log = lease("table", timings=mini_step_json(390.0, 0.98))
+    assert option(argv, "--images-per-batch") == "32" and "--channels-last" not in argv
+    assert "=== carried training: r50_c4__seed0" in log and "=== carried training: r50_fpn__seed0" in log
+    found = (lease.tree.parent / "calls.txt.trainings_found").read_text().split()
+    assert found == ["r50_c4__seed0", "r50_fpn__seed0"]

@@ -77,14 +77,17 @@ def draw_boxes(boxes, ax=None, labels: Sequence[str] | None = None, color=None, 
 
 
 def draw_masks(masks, ax=None, alpha: float = 0.45, threshold: float = 0.5, color=None):
-    """Overlay ``(N, H, W)`` (or ``(N, 1, H, W)``) masks, each in its own colour."""
+    """Overlay ``(N, H, W)`` (or ``(N, 1, H, W)``) masks, each in its own colour.
+
+    Soft masks are drawn where they exceed ``threshold``: the pixels COCO evaluation scores
+    (``evaluation.predictions_to_coco_results`` binarises at > 0.5)."""
     ax = _axes(ax)
     masks = torch.as_tensor(masks).detach().cpu()
     if masks.dim() == 4:
         masks = masks[:, 0]
     palette = colors(len(masks))
     for i, m in enumerate(masks):
-        m = (m.float() >= threshold).numpy()
+        m = (m.float() > threshold).numpy()
         h, w = m.shape
         rgba = np.zeros((h, w, 4))
         rgba[..., :3] = color if color is not None else palette[i]

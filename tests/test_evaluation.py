@@ -248,3 +248,27 @@ def test_masks_keypoints_or_rows_that_do_not_fit_the_image_are_named_not_scored_
     extra_box = {**preds, image_id: dict(preds[image_id], boxes=preds[image_id]["boxes"].repeat(2, 1))}
     with pytest.raises(ValueError, match=rf"image id {image_id}: \d+ scores but .*'boxes'"):
         evaluate_coco(ds.coco, extra_box, ("bbox",))
+
+
+def test_drawn_masks_are_the_pixels_evaluation_scores():
+    # a soft mask with cells at exactly the threshold: the picture must not show pixels the
+    # score leaves out (draw_masks used >= 0.5 where the results use > 0.5)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pycocotools import mask as mask_utils
+
+    from mrcnn_edu.visualize import draw_masks
+
+    soft = torch.zeros(1, 6, 8)
+    soft[0, 1:3, 1:4] = 0.5  # 6 pixels at the threshold
+    soft[0, 3:5, 2:7] = 0.75  # 10 above it
+    pred = {7: {"scores": torch.tensor([0.9]), "labels": torch.tensor([1]),
+                "boxes": torch.tensor([[1.0, 1.0, 7.0, 5.0]]), "masks": soft}}
+    (result,) = predictions_to_coco_results(pred, "segm")
+    scored = int(mask_utils.area(result["segmentation"]))
+    fig, ax = plt.subplots()
+    draw_masks(soft, ax)
+    drawn = int((ax.images[0].get_array()[..., 3] > 0).sum())
+    plt.close(fig)
+    assert scored == drawn == 10

@@ -407,10 +407,14 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
     ``last_checkpoint``, so a crash at any point leaves a checkpoint to resume from."""
     if keep < 1:
         raise ValueError(f"keep={keep}: at least the newest checkpoint must stay")
+    # the one last_checkpoint names stays, whatever lies beside it: a file of a higher iteration
+    # can be left over from before a crash that the run resumed from an earlier checkpoint
+    current = last_checkpoint(output_dir)
     saved = sorted(Path(output_dir).glob("model_[0-9]*.pth"), key=lambda p: int(p.stem.split("_")[1]))
-    for path in saved[:-keep]:
+    deleted = [path for path in saved[:-keep] if current is None or path.name != current.name]
+    for path in deleted:
         path.unlink(missing_ok=True)
-    return saved[:-keep]
+    return deleted
 
 
 def _evaluate(evaluate_fn: Callable[[nn.Module], dict], model: nn.Module) -> dict:

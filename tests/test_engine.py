@@ -367,6 +367,14 @@ def test_keep_checkpoints_deletes_all_but_the_newest_and_resume_still_works(tmp_
         train(make_model(), dataset, replace(cfg, keep_checkpoints=-1), collate)
     with pytest.raises(ValueError, match="keep=0"):
         engine.prune_checkpoints(tmp_path / "k", 0)
+    # a file of a higher iteration left from before a crash never costs the one to resume from
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    for name in ("model_0000100.pth", "model_0000200.pth", "model_0000300.pth"):
+        (stale / name).write_bytes(b"x")
+    (stale / "last_checkpoint").write_text("model_0000200.pth")
+    assert [p.name for p in engine.prune_checkpoints(stale, 1)] == ["model_0000100.pth"]
+    assert last_checkpoint(stale).name == "model_0000200.pth"
 
 
 def test_metrics_file_cut_off_mid_line_by_a_crash_still_reads(tmp_path):

@@ -237,8 +237,8 @@ def _fake_record(run: str, seed: int, ap: float, ap50: float, ap75: float, box: 
 def test_welch_degrees_of_freedom_and_t_quantiles_by_hand():
     # two runs of 3 seeds with std 1: V = 1/3 + 1/3, df = V² / (2 (1/3)² / 2) = 4
     assert report.welch_df([(1, [30.0, 31.0, 32.0]), (-1, [24.0, 25.0, 26.0])]) == pytest.approx(4.0)
-    # stds 1 and 0.5: V = 1/3 + 1/12 = 5/12, df = (5/12)² / ((1/3)² / 2 + (1/12)² / 2) = 2.94
-    assert report.welch_df([(1, [30.0, 31.0, 32.0]), (-1, [30.5, 31.0, 31.5])]) == pytest.approx(2.941, abs=1e-3)
+    # stds 1 and 0.5: V = 1/3 + 1/12 = 5/12, df = (5/12)² / ((1/3)² / 2 + (1/12)² / 2) = 50/17 = 2.94
+    assert report.welch_df([(1, [30.0, 31.0, 32.0]), (-1, [30.5, 31.0, 31.5])]) == pytest.approx(50 / 17, rel=1e-12)
     assert math.isnan(report.welch_df([(1, [30.0]), (-1, [29.0, 30.0])]))  # one seed: no spread to count
     assert math.isnan(report.welch_df([(1, [30.0, 30.0]), (-1, [29.0, 29.0])]))  # no spread at all
     assert report.t_quantile(4) == 2.78 and report.t_quantile(4, 0.95) == 2.13
@@ -288,8 +288,9 @@ def test_claims_are_judged_against_the_spread_over_seeds():
     assert verdict("sigmoid", r50_c4=[math.nan], r50_c4_softmax=[24.0])["verdict"] == "no score"
     partial = verdict("sigmoid", r50_c4=[30, math.nan, 32], r50_c4_softmax=[20, 21, 22])
     assert partial["n"] == {"r50_c4": 2, "r50_c4_softmax": 3} and partial["delta"] == 10.0
-    # t = 10 / sqrt(2/2 + 1/3) = 8.7; df 1.68, where the table's line gives 6.99
-    assert partial["df"] == pytest.approx(1.684, abs=1e-3) and partial["verdict"] == "agrees"
+    # t = 10 / sqrt(2/2 + 1/3) = 8.7; df (4/3)² / (1² / 1 + (1/3)² / 2) = 32/19 = 1.68, where
+    # the table's line gives 6.99
+    assert partial["df"] == pytest.approx(32 / 19, rel=1e-12) and partial["verdict"] == "agrees"
 
 
 def test_every_claim_holds_on_the_papers_own_figures():

@@ -289,6 +289,42 @@ def test_box_branch_trains_its_head_and_hands_positive_rois_to_the_mask_branch()
     assert len(detections) == 2 and set(detections[0]) == {"boxes", "scores", "labels"}
 
 
+def test_box_branch_losses_are_fast_rcnn_eq3_on_the_rois_it_sampled(monkeypatch):
+    # The branch's own losses, recomputed from their definitions on the RoIs, labels and
+    # targets it sampled and the logits / deltas its predictor gave: cross-entropy over K + 1
+    # classes, plus smooth-L1 with Fast R-CNN's beta = 1 (eq. 3; BoxHeadConfig.smooth_l1_beta)
+    # on the true class's 4 deltas of each foreground RoI, summed and divided by all sampled RoIs.
+    from mrcnn_edu.roi_heads import box_head
+
+    features, proposals, targets = _two_image_batch()
+    cfg = BoxHeadConfig(batch_size_per_image=16, fc_dim=32)
+    assert cfg.smooth_l1_beta == 1.0
+    branch = BoxBranch(cfg, StandInPooler(7, 1 / 4), TwoFCHead(8, 7, 32), BoxPredictor(32, 3)).train()
+    seen = {}
+    real_sample = box_head.sample_rois_padded
+
+    def spy(*args, **kwargs):
+        seen["sampled"] = real_sample(*args, **kwargs)
+        return seen["sampled"]
+
+    monkeypatch.setattr(box_head, "sample_rois_padded", spy)
+    branch.predictor.register_forward_hook(lambda module, args, out: seen.update(out=out))
+    losses, _ = branch(features, proposals, [(64, 64)] * 2, targets, generator=torch.Generator().manual_seed(0))
+    padded, counts = seen["sampled"]
+    _, labels, regression_targets, _ = (torch.cat(x) for x in split_rows(padded, counts[0].tolist()))
+    class_logits, box_deltas = (t.detach() for t in seen["out"])
+    num_rois = len(labels)
+    foreground = labels > 0
+    assert 0 < int(foreground.sum()) < num_rois
+    log_probs = class_logits - class_logits.logsumexp(dim=1, keepdim=True)
+    want_cls = -log_probs[torch.arange(num_rois), labels].mean()
+    error = (box_deltas.view(num_rois, -1, 4)[torch.arange(num_rois), labels] - regression_targets)[foreground].abs()
+    assert float(error.max()) > 1.0 and float(error.min()) < 1 / 9  # both branches of smooth-L1, and beta matters
+    want_reg = torch.where(error < 1.0, 0.5 * error ** 2, error - 0.5).sum() / num_rois
+    torch.testing.assert_close(losses["loss_classifier"].detach(), want_cls)
+    torch.testing.assert_close(losses["loss_box_reg"].detach(), want_reg)
+
+
 def test_c4_branch_shares_res5_output_of_positive_rois_with_the_package_pooler():
     from mrcnn_edu.backbone.resnet import ResNetConfig, make_res5_head
     from mrcnn_edu.roi_heads.pooler import PoolerConfig, RoIPooler

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mrcnn_edu.boxes import (BoxCoder, batched_nms, box_area, box_iou, clip_boxes, greedy_keep, greedy_keep_in_rounds,
-                             matched_box_iou, nms, nms_in_images, remove_small_boxes)
+                             large_boxes_mask, matched_box_iou, nms, nms_in_images, remove_small_boxes)
 
 try:
     import torchvision
@@ -348,6 +348,11 @@ def test_clip_and_remove_small():
     boxes = torch.tensor([[-5.0, -3.0, 30.0, 12.0], [4.0, 4.0, 4.5, 9.0]])
     assert clip_boxes(boxes, (10, 20)).tolist() == [[0.0, 0.0, 20.0, 10.0], [4.0, 4.0, 4.5, 9.0]]
     assert remove_small_boxes(boxes, 1.0).tolist() == [0]
+    # "at least min_size" is inclusive, as torchvision's remove_small_boxes (ws >= min_size):
+    # widths 2.0, 2.0, 1.5 and heights 2.0, 1.5, 2.0 against min_size 2 keep only the first
+    edge = torch.tensor([[1.0, 1.0, 3.0, 3.0], [1.0, 1.0, 3.0, 2.5], [1.0, 1.0, 2.5, 3.0]])
+    assert remove_small_boxes(edge, 2.0).tolist() == [0]
+    assert large_boxes_mask(edge[None], 2.0).tolist() == [[True, False, False]]
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -101,10 +101,11 @@ def test_pooler_module_takes_boxes_per_image_and_matches_torchvision_multiscale(
 def test_pooler_gradients_reach_every_level():
     feats = [f.requires_grad_(True) for f in pyramid(n=1, c=1, image_hw=(64, 64))]
     rois = torch.tensor([[0, 1.0, 2.0, 20.0, 30.0], [0, 0.0, 0.0, 63.0, 60.0],
-                         [0, 5.0, 5.0, 9.0, 9.0]], dtype=torch.float64)
+                         [0, 5.0, 5.0, 9.0, 9.0], [0, 10.0, 10.0, 40.0, 40.0]], dtype=torch.float64)
     cfg = PoolerConfig()
-    cfg.canonical_size = 24.0  # small image: spread the three RoIs over the levels
-    assert fpn_level(rois[:, 1:], canonical_size=24.0).tolist() == [3, 5, 2]
+    cfg.canonical_size = 24.0  # small image: spread the four RoIs over the four levels
+    # floor(4 + log2(sqrt(wh) / 24)): sqrt(19 * 28) = 23.1 -> 3; 61.5 -> 5; 4 -> 2; 30 -> 4
+    assert fpn_level(rois[:, 1:], canonical_size=24.0).tolist() == [3, 5, 2, 4]
     assert torch.autograd.gradcheck(
         lambda *f: pool_rois(cfg, list(f), rois, 2, [1 / 4, 1 / 8, 1 / 16, 1 / 32]),
         tuple(feats), eps=1e-6, atol=1e-7, fast_mode=True)

@@ -151,6 +151,12 @@ def save_prediction_grid(images: Sequence[torch.Tensor], predictions: Sequence[d
     """One PNG with a panel per image (no pyplot: the caller's backend is left alone)."""
     from matplotlib.figure import Figure
 
+    if not images or len(predictions) != len(images) or (titles and len(titles) != len(images)):
+        raise ValueError(f"save_prediction_grid({path}): needs at least one image, and one prediction "
+                         f"(and title) per image; got {len(images)} images, {len(predictions)} predictions"
+                         + (f", {len(titles)} titles" if titles else ""))
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
     columns = min(columns, len(images))
     rows = math.ceil(len(images) / columns)
     fig = Figure(figsize=(3 * columns, 3 * rows))

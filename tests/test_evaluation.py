@@ -272,3 +272,15 @@ def test_drawn_masks_are_the_pixels_evaluation_scores():
     drawn = int((ax.images[0].get_array()[..., 3] > 0).sum())
     plt.close(fig)
     assert scored == drawn == 10
+
+
+def test_a_prediction_grid_of_nothing_or_of_unpaired_lists_is_named(tmp_path):
+    from mrcnn_edu.predict import save_prediction_grid
+
+    with pytest.raises(ValueError, match=r"grid\.png\): needs at least one image.*got 0 images"):
+        save_prediction_grid([], [], tmp_path / "grid.png")  # was a ZeroDivisionError
+    image = torch.zeros(3, 8, 8)
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+    with pytest.raises(ValueError, match="got 2 images, 1 predictions"):
+        save_prediction_grid([image, image], [empty], tmp_path / "grid.png")
+    assert save_prediction_grid([image], [empty], tmp_path / "grid.png").is_file()

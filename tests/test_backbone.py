@@ -352,6 +352,16 @@ def test_torchvision_fpn_key_map_renames_old_and_new_layouts():
 
 # --- torchvision as an independent oracle ----------------------------------------------------
 
+def assert_same_c2_to_c5(ours: nn.Module, reference: nn.Module, images: torch.Tensor) -> None:
+    """Our body's c2..c5 against a torchvision ResNet's stem and layer1..layer4, stage by stage."""
+    with torch.no_grad():
+        x = reference.maxpool(reference.relu(reference.bn1(reference.conv1(images))))
+        got = ours(images)
+        for stage in range(2, 6):
+            x = getattr(reference, f"layer{stage - 1}")(x)
+            torch.testing.assert_close(got[f"c{stage}"], x, rtol=1e-5, atol=1e-5)
+
+
 def test_imagenet_resnet50_from_torchvision_gives_the_same_c2_to_c5():
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
@@ -363,12 +373,7 @@ def test_imagenet_resnet50_from_torchvision_gives_the_same_c2_to_c5():
     assert report.missing == [] and report.unexpected == []
     assert set(report.ignored) >= {"fc.weight", "fc.bias"}
     images = torch.randn(1, 3, 67, 101)
-    with torch.no_grad():
-        x = reference.maxpool(reference.relu(reference.bn1(reference.conv1(images))))
-        got = ours(images)
-        for stage in range(2, 6):
-            x = getattr(reference, f"layer{stage - 1}")(x)
-            torch.testing.assert_close(got[f"c{stage}"], x, rtol=1e-5, atol=1e-5)
+    assert_same_c2_to_c5(ours, reference, images)
 
 
 def test_torchvision_resnet50_fpn_backbone_gives_the_same_p2_to_p6():
@@ -431,10 +436,6 @@ def test_resnext_from_torchvision_gives_the_same_features_and_logits():
     assert report.missing == [] and report.unexpected == []
     assert ours.layer2[0].conv2.groups == 4 and ours.layer2[0].conv2.stride == (2, 2)
     images = torch.randn(1, 3, 67, 101)
+    assert_same_c2_to_c5(ours, reference, images)
     with torch.no_grad():
-        x = reference.maxpool(reference.relu(reference.bn1(reference.conv1(images))))
-        got = ours(images)
-        for stage in range(2, 6):
-            x = getattr(reference, f"layer{stage - 1}")(x)
-            torch.testing.assert_close(got[f"c{stage}"], x, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours.classify(images), reference(images), rtol=1e-5, atol=1e-5)

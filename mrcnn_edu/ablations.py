@@ -467,7 +467,7 @@ def _child_command(run: str, seed: int, args: argparse.Namespace) -> list[str]:
     return command + (["--imagenet", args.imagenet] if args.imagenet else [])
 
 
-def pending(runs: list[str], seeds: int, done: dict, planned, pretrained: bool | None = None,
+def pending(runs: list[str], seeds: int, done: dict, planned: dict, pretrained: bool | None = None,
             input_size: int | None = None) -> list[tuple[str, int]]:
     """The (run, seed) pairs without a record: by body (R-50's runs, then R-101's, then
     ResNeXt's), and within a body seed-major.
@@ -475,9 +475,9 @@ def pending(runs: list[str], seeds: int, done: dict, planned, pretrained: bool |
     A session short of time then pre-trains only the bodies it reaches (the R-50 stand-in serves
     12 of the 15 runs), and every sub-table but 2a gets its first seed early.
 
-    A record made with another schedule than ``planned`` (a TrainConfig, or one per run name:
-    COCO's ResNeXt trains with its own), from scratch when ``pretrained`` (or the reverse), or on
-    other than ``input_size`` px inputs, is an error, not something to mix into the table.
+    A record made with another schedule than ``planned`` (run name -> TrainConfig: COCO's
+    ResNeXt trains with its own), from scratch when ``pretrained`` (or the reverse), or on other
+    than ``input_size`` px inputs, is an error, not something to mix into the table.
     """
     from mrcnn_edu.ablations_report import check_same_schedule
 
@@ -485,8 +485,7 @@ def pending(runs: list[str], seeds: int, done: dict, planned, pretrained: bool |
     for seed in range(seeds):
         for name in runs:
             if (name, seed) in done:
-                plan = planned[name] if isinstance(planned, dict) else planned
-                check_same_schedule(done[(name, seed)], plan, pretrained, input_size)
+                check_same_schedule(done[(name, seed)], planned[name], pretrained, input_size)
             else:
                 todo.append((name, seed))
     bodies = list(dict.fromkeys(body_name(RUNS[name]) for name in RUNS))  # ResNet-50 first
@@ -644,7 +643,7 @@ def checkpoint_mib(run: str, dataset: str = "shapes", quick: bool = False, input
     return (weights + momentum) / 2**20
 
 
-def next_to_start(todo: list[tuple[str, int]], saved: dict, total: int | dict[str, int], elapsed: float,
+def next_to_start(todo: list[tuple[str, int]], saved: dict, total: dict[str, int], elapsed: float,
                   deadline: float | None, durations: dict[str, list[float]], overrunning: int,
                   args: argparse.Namespace, overhead: float = 0.0,
                   min_start: float = 0.0) -> tuple[tuple[str, int], bool] | None:
@@ -657,7 +656,7 @@ def next_to_start(todo: list[tuple[str, int]], saved: dict, total: int | dict[st
     what will finish starts no more than it can carry. Elsewhere a stopped training resumes from
     its checkpoint on the same disk, and anything may start. Nothing starts with less than
     ``min_start`` seconds to the deadline: it would stop before saving a step. ``total``: the
-    iterations of a training, or of each run's (by name). ``durations``: per
+    iterations of each run's training (by name). ``durations``: per
     :func:`cost_family`, as :func:`expected_durations` reads them."""
     if deadline is not None and deadline - elapsed < min_start:
         return None
@@ -666,7 +665,7 @@ def next_to_start(todo: list[tuple[str, int]], saved: dict, total: int | dict[st
         unknown = not expected and args.overrun_max_mib is not None
         overruns = deadline is not None and (
             unknown or not may_start(elapsed, deadline, expected,
-                                     1 - saved[key] / (total[key[0]] if isinstance(total, dict) else total),
+                                     1 - saved[key] / total[key[0]],
                                      overhead))
         if not overruns:
             return key, False

@@ -103,8 +103,9 @@ def draw_keypoints(keypoints, ax=None, skeleton: Sequence[Sequence[int]] | None 
     A pair outside the K keypoints (COCO's 17-point skeleton on a 5-keypoint model) is a
     ValueError naming it, before anything is drawn.
     """
-    num_keypoints = torch.as_tensor(keypoints).shape[-2]
-    kps = torch.as_tensor(keypoints).detach().cpu().reshape(-1, num_keypoints, 3)  # (N, K, 3)
+    kps = torch.as_tensor(keypoints).detach().cpu()
+    num_keypoints = kps.shape[-2]
+    kps = kps.reshape(-1, num_keypoints, 3)  # (N, K, 3)
     first = 1 if one_based_skeleton else 0
     pairs = []  # 0-based
     for pair in [] if skeleton is None else skeleton:  # a list, tuple, array or tensor of pairs

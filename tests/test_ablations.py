@@ -156,7 +156,7 @@ def test_a_table_keeps_one_batch_size_and_times_trainings_by_their_own_schedule(
     planned4 = train_config("shapes", True, 0, "x", images_per_batch=4)  # 2 iterations of 4, lr x2
     record = _fake_record("r50_c4", 0, 1, 2, 3)  # finished with the quick schedule's 2 images
     with pytest.raises(ValueError, match="r50_c4 seed 0 finished with max_iter=3 but this command plans max_iter=2"):
-        pending(["r50_c4"], 1, {("r50_c4", 0): record}, planned4)
+        pending(["r50_c4"], 1, {("r50_c4", 0): record}, {"r50_c4": planned4})
     # every key of the schedule counts, the lr steps and the warm-up too (records hold steps as a list)
     planned = ablations.train_config("shapes", True, 0, "x")
     same = dict(record, train_config=dict(record["train_config"], steps=list(planned.steps),
@@ -222,6 +222,14 @@ def test_mean_std_and_standard_error_on_hand_made_numbers():
     runs = [(1, [3.0, 4.0, 5.0]), (-1, [0.0, 1.0, 2.0]), (-1, [2.0, 3.0, 4.0]), (1, [1.0, 2.0, 3.0])]
     delta, se = report.contrast(runs)
     assert delta == 2.0 and se == pytest.approx(math.sqrt(4 / 3), abs=1e-12)
+
+
+def every_run(value) -> dict:
+    """``value`` for every run name: the per-run plans and iteration counts the runner passes."""
+    return {name: value for name in ablations.RUNS}
+
+
+EVERY_RUN_3000 = every_run(3000)
 
 
 def _fake_record(run: str, seed: int, ap: float, ap50: float, ap75: float, box: float = 40.0) -> dict:
@@ -365,25 +373,25 @@ def test_weights_digest_tells_bit_identical_weights_apart_from_others():
 def test_resumption_skips_finished_entries_and_refuses_another_schedule():
     planned = train_config("shapes", True, 0, "x")
     done = {("r50_c4", 0): _fake_record("r50_c4", 0, 1, 2, 3), ("r50_c4_roipool", 1): _fake_record("r50_c4_roipool", 1, 1, 2, 3)}
-    todo = pending(["r50_c4", "r50_c4_roipool"], 2, done, planned)
+    todo = pending(["r50_c4", "r50_c4_roipool"], 2, done, every_run(planned))
     assert todo == [("r50_c4_roipool", 0), ("r50_c4", 1)]  # seed-major, finished ones left out
     # by body first, R-50's runs before R-101's and ResNeXt's, seed-major within each body
-    assert pending(["r101_c4", "r50_c4", "x101_fpn", "r50_fpn"], 2, {}, planned) == [
+    assert pending(["r101_c4", "r50_c4", "x101_fpn", "r50_fpn"], 2, {}, every_run(planned)) == [
         ("r50_c4", 0), ("r50_fpn", 0), ("r50_c4", 1), ("r50_fpn", 1),
         ("r101_c4", 0), ("r101_c4", 1), ("x101_fpn", 0), ("x101_fpn", 1)]
     other = _fake_record("r50_c4", 0, 1, 2, 3)
     other["train_config"]["max_iter"] = 999
     with pytest.raises(ValueError, match="max_iter=999"):
-        pending(["r50_c4"], 1, {("r50_c4", 0): other}, planned)
+        pending(["r50_c4"], 1, {("r50_c4", 0): other}, every_run(planned))
     # a table is all pre-trained or all from scratch
     scratch, pretrained = _fake_record("r50_c4", 0, 1, 2, 3), _fake_record("r50_c4", 0, 1, 2, 3)
     pretrained["init"] = {"weights": "runs/x/pretrain/ResNet-50.pth", "top1": 0.99}
-    assert pending(["r50_c4"], 1, {("r50_c4", 0): pretrained}, planned, pretrained=True) == []
-    assert pending(["r50_c4"], 1, {("r50_c4", 0): scratch}, planned, pretrained=False) == []
+    assert pending(["r50_c4"], 1, {("r50_c4", 0): pretrained}, every_run(planned), pretrained=True) == []
+    assert pending(["r50_c4"], 1, {("r50_c4", 0): scratch}, every_run(planned), pretrained=False) == []
     with pytest.raises(ValueError, match="from pre-trained weights but this command plans from scratch"):
-        pending(["r50_c4"], 1, {("r50_c4", 0): pretrained}, planned, pretrained=False)
+        pending(["r50_c4"], 1, {("r50_c4", 0): pretrained}, every_run(planned), pretrained=False)
     with pytest.raises(ValueError, match="from scratch but this command plans from pre-trained"):
-        pending(["r50_c4"], 1, {("r50_c4", 0): scratch}, planned, pretrained=True)
+        pending(["r50_c4"], 1, {("r50_c4", 0): scratch}, every_run(planned), pretrained=True)
 
 
 def test_quick_mode_trains_one_row_end_to_end_then_a_rerun_trains_nothing(tiny_shapes, tmp_path, capsys):
@@ -487,33 +495,33 @@ def test_trainings_longer_than_a_session_start_only_as_many_as_may_overrun_and_c
     # a lease of 500 s, trainings of 2000 s: none will finish; the first that may overrun and
     # whose checkpoint can come back (C5's 75 MiB cannot) starts
     assert ablations.checkpoint_mib("r50_c5_roialign") > 15 > ablations.checkpoint_mib("r50_c4")
-    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, {"ResNet-50-C4": [2000.0]}, 0, args) == (("r50_c4", 0), True)
-    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, {"ResNet-50-C4": [2000.0]}, 1,
+    assert ablations.next_to_start(todo, saved, EVERY_RUN_3000, 10.0, 500.0, {"ResNet-50-C4": [2000.0]}, 0, args) == (("r50_c4", 0), True)
+    assert ablations.next_to_start(todo, saved, EVERY_RUN_3000, 10.0, 500.0, {"ResNet-50-C4": [2000.0]}, 1,
                                    args) is None  # one at a time
     # one resumed 4/5 of the way (400 s left) is expected to finish: it starts whatever overruns
     saved[("r50_fpn", 0)] = 2400
-    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, {"ResNet-50-C4": [2000.0]}, 1,
+    assert ablations.next_to_start(todo, saved, EVERY_RUN_3000, 10.0, 500.0, {"ResNet-50-C4": [2000.0]}, 1,
                                    args) == (("r50_fpn", 0), False)
     # without --may-overrun (the default) nothing expected to overrun starts
     plain = ablations.build_parser().parse_args([])
-    assert ablations.next_to_start(todo[:2], saved, 3000, 10.0, 500.0, {"ResNet-50-C4": [2000.0]}, 0, plain) is None
-    assert ablations.next_to_start(todo, saved, 3000, 10.0, None, {"ResNet-50-C4": [2000.0]}, 0, plain) == (todo[0], False)
+    assert ablations.next_to_start(todo[:2], saved, EVERY_RUN_3000, 10.0, 500.0, {"ResNet-50-C4": [2000.0]}, 0, plain) is None
+    assert ablations.next_to_start(todo, saved, EVERY_RUN_3000, 10.0, None, {"ResNet-50-C4": [2000.0]}, 0, plain) == (todo[0], False)
 
 
 def test_a_lease_without_an_estimate_starts_only_what_it_can_carry_and_nothing_too_late():
     args = ablations.build_parser().parse_args(["--may-overrun", "1", "--overrun-max-mib", "15"])
     todo, saved = [("r50_c4", 0), ("r50_c4", 1)], {("r50_c4", 0): 0, ("r50_c4", 1): 0}
     # no duration yet in a first lease, whose checkpoints must travel: each counts as overrunning
-    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, {}, 0, args) == (("r50_c4", 0), True)
-    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, {}, 1, args) is None
-    assert ablations.next_to_start(todo, saved, 3000, 10.0, None, {}, 1, args) == (("r50_c4", 0), False)
+    assert ablations.next_to_start(todo, saved, EVERY_RUN_3000, 10.0, 500.0, {}, 0, args) == (("r50_c4", 0), True)
+    assert ablations.next_to_start(todo, saved, EVERY_RUN_3000, 10.0, 500.0, {}, 1, args) is None
+    assert ablations.next_to_start(todo, saved, EVERY_RUN_3000, 10.0, None, {}, 1, args) == (("r50_c4", 0), False)
     # on a machine that keeps its checkpoints, a stopped training loses nothing: anything may start
     local = ablations.build_parser().parse_args([])
-    assert ablations.next_to_start(todo, saved, 3000, 10.0, 500.0, {}, 0, local) == (("r50_c4", 0), False)
+    assert ablations.next_to_start(todo, saved, EVERY_RUN_3000, 10.0, 500.0, {}, 0, local) == (("r50_c4", 0), False)
     # under a minute to the deadline, nothing starts, whatever it would take
     quick = {"ResNet-50-C4": [10.0]}
-    assert ablations.next_to_start(todo, saved, 3000, 450.0, 500.0, quick, 0, args, min_start=60.0) is None
-    assert ablations.next_to_start(todo, saved, 3000, 430.0, 500.0, quick, 0, args, min_start=60.0) == (todo[0], False)
+    assert ablations.next_to_start(todo, saved, EVERY_RUN_3000, 450.0, 500.0, quick, 0, args, min_start=60.0) is None
+    assert ablations.next_to_start(todo, saved, EVERY_RUN_3000, 430.0, 500.0, quick, 0, args, min_start=60.0) == (todo[0], False)
     # a resumed training pays its start-up and evaluation in full: 20 + 40 + 0.4 x (50 - 40) > 60
     assert ablations.may_start(20.0, 60.0, [50.0], remaining=0.4)
     assert not ablations.may_start(20.0, 60.0, [50.0], remaining=0.4, overhead=40.0)
@@ -531,10 +539,10 @@ def test_each_training_is_expected_to_take_as_long_as_its_own_family_not_the_fas
     todo = [("x101_fpn", 0), ("r50_c4_roipool", 1)]
     saved = {key: 0 for key in todo}
     assert ablations.expected_durations(durations, "r50_c4_softmax") == [90.0, 100.0]
-    assert ablations.next_to_start(todo, saved, 3000, 300.0, 500.0, durations, 0, args) == (("r50_c4_roipool", 1), False)
+    assert ablations.next_to_start(todo, saved, EVERY_RUN_3000, 300.0, 500.0, durations, 0, args) == (("r50_c4_roipool", 1), False)
     # a family none of which has a duration yet goes by the slowest of all, not by C4's alone
     assert ablations.expected_durations(durations, "r101_fpn") == [90.0, 100.0, 400.0]
-    assert ablations.next_to_start([("r101_fpn", 0)], {("r101_fpn", 0): 0}, 3000, 300.0, 500.0, durations, 0,
+    assert ablations.next_to_start([("r101_fpn", 0)], {("r101_fpn", 0): 0}, EVERY_RUN_3000, 300.0, 500.0, durations, 0,
                                    args) is None
     # and a session's durations are read per family from the records of finished trainings
     planned = ablations.train_config("shapes", True, 0, "x")

@@ -78,10 +78,18 @@ def atomic_save(state: Any, path: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically and record it in ``last_checkpoint`` beside it."""
+    """Write ``state`` to ``path`` atomically and record it in ``last_checkpoint`` beside it.
+
+    A save killed outright (SIGKILL, the out-of-memory killer, a pre-empted node) runs no
+    clean-up and leaves its hidden temporary file, as big as a checkpoint. One process writes a
+    run's checkpoints, so once this save is whole such files beside it are leftovers: removed.
+    """
     path = atomic_save(state, path)
     pointer = path.parent / LAST_CHECKPOINT_FILE
     _atomic_write(pointer, lambda file: file.write(path.name.encode() + b"\n"))
+    for pattern in (".model_[0-9]*.pth.tmp[0-9]*", f".{LAST_CHECKPOINT_FILE}.tmp[0-9]*"):
+        for leftover in path.parent.glob(pattern):
+            leftover.unlink(missing_ok=True)
     return path
 
 

@@ -9,6 +9,7 @@ import math
 import os
 import random
 import signal
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -134,6 +135,27 @@ def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint_intact(t
     assert last_checkpoint(tmp_path) == good
     assert torch.equal(load_checkpoint(good)["weights"], torch.arange(5.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000001.pth"]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+def test_a_save_killed_outright_leaves_a_leftover_that_the_next_save_removes(tmp_path):
+    good = save_checkpoint(tmp_path / "model_0000001.pth", {"weights": torch.arange(5.0)})
+    # a process SIGKILLed in the middle of torch.save: no except clause, no clean-up runs
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, torch\n"
+        "from mrcnn_edu.checkpoint import save_checkpoint\n"
+        "def die(obj, file, *a, **k):\n"
+        "    file.write(b'half a checkpoint'); file.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "torch.save = die\n"
+        f"save_checkpoint({str(tmp_path / 'model_0000002.pth')!r}, {{}})\n")],
+        capture_output=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    leftovers = [p.name for p in tmp_path.glob(".model_0000002.pth.tmp*")]
+    assert len(leftovers) == 1 and last_checkpoint(tmp_path) == good  # the crash lost nothing
+    (tmp_path / ".notes.tmp1").write_text("not ours")  # other hidden files stay
+    save_checkpoint(tmp_path / "model_0000003.pth", {"weights": torch.ones(5)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".notes.tmp1", "last_checkpoint", "model_0000001.pth", "model_0000003.pth"]
 
 
 def test_rng_states_survive_a_round_trip_through_a_checkpoint_file(tmp_path):

@@ -64,13 +64,25 @@ def test_keypoint_flip_swaps_left_and_right_names():
                        hflip(image, target, KEYPOINT_FLIP_MAP)[1]["keypoints"])
 
 
+def test_flipping_keypoints_without_a_flip_map_is_an_error_not_a_silent_identity():
+    image, target = _example()
+    with pytest.raises(ValueError, match="flip_map"):
+        hflip(image, target)
+    with pytest.raises(ValueError, match="permutation"):
+        hflip(image, target, [])
+    no_keypoints = {k: v for k, v in target.items() if k != "keypoints"}
+    assert torch.equal(hflip(image, no_keypoints)[1]["boxes"], hflip(image, target, KEYPOINT_FLIP_MAP)[1]["boxes"])
+    identity = hflip(image, target, list(range(17)))[1]["keypoints"]  # an explicit identity is allowed
+    assert torch.equal(identity[..., 1], target["keypoints"][..., 1])
+
+
 def test_flip_agrees_with_torchvision_on_boxes():
     F = pytest.importorskip("torchvision.transforms.v2.functional")
     tv_tensors = pytest.importorskip("torchvision.tv_tensors")
     image, target = _example()
     theirs = F.horizontal_flip(tv_tensors.BoundingBoxes(target["boxes"], format="XYXY",
                                                         canvas_size=(40, 60)))
-    assert torch.equal(hflip(image, target)[1]["boxes"], theirs.as_subclass(torch.Tensor))
+    assert torch.equal(hflip(image, target, KEYPOINT_FLIP_MAP)[1]["boxes"], theirs.as_subclass(torch.Tensor))
 
 
 def test_resize_is_a_similarity_on_pixel_centres():

@@ -185,21 +185,32 @@ def resize_like_torchvision(image: torch.Tensor, target: dict | None, min_size: 
 
 
 def _flip_permutation(flip_map, num_keypoints: int) -> list[int]:
-    """Accept a permutation list or (i, j) pairs; return the permutation."""
-    flip_map = list(flip_map or [])
+    """Accept a permutation list or (i, j) pairs; return the permutation.
+
+    There is no default: mirroring a person turns the left eye into a right eye, so a missing
+    map would teach the keypoint head the wrong side without a word. Types with no sides
+    pass the identity (``list(range(K))``) explicitly.
+    """
+    if flip_map is None:
+        raise ValueError(f"hflip: the targets carry {num_keypoints} keypoint types but no flip_map was "
+                         "given; pass the dataset's keypoint_flip_map (the identity if no type has a side)")
+    flip_map = list(flip_map)
     if flip_map and isinstance(flip_map[0], (tuple, list)):
         perm = list(range(num_keypoints))
         for i, j in flip_map:
             perm[i], perm[j] = j, i
         return perm
-    if flip_map and sorted(flip_map) != list(range(num_keypoints)):
+    if sorted(flip_map) != list(range(num_keypoints)):
         raise ValueError(f"flip_map must be a permutation of range({num_keypoints}), got {flip_map}")
-    return flip_map or list(range(num_keypoints))
+    return flip_map
 
 
 def hflip(image: torch.Tensor, target: dict | None, flip_map=None
           ) -> tuple[torch.Tensor, dict | None]:
-    """Mirror left-right; swap left/right keypoint types (``flip_map``: permutation or pairs)."""
+    """Mirror left-right; swap left/right keypoint types (``flip_map``: permutation or pairs).
+
+    ``flip_map`` is needed only when ``target`` holds keypoints (a ``ValueError`` otherwise).
+    """
     width = image.shape[-1]
     image = image.flip(-1)
     if target is None:

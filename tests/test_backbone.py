@@ -407,6 +407,7 @@ def test_torchvision_resnet50_fpn_backbone_gives_the_same_p2_to_p6():
     (lambda: ResNetConfig(norm="layer_norm"), "norm"),
     (lambda: ResNetConfig(freeze_at=6), "freeze_at"),
     (lambda: ResNetConfig(zero_init_residual=True), "zero_init_residual"),
+    (lambda: mini_resnet(norm="bn", freeze_at=2, zero_init_residual=True), "freeze_at=2"),
     (lambda: ResNet(resnet50(num_classes=1000), last_stage=4), "num_classes"),
     (lambda: BackboneConfig(features="C3"), "features"),
     (lambda: FPN([8, 16], norm="bn"), "norm"),

@@ -92,6 +92,11 @@ class ResNetConfig:
         if self.zero_init_residual and self.norm == "frozen_bn":
             raise ValueError("zero_init_residual=True with norm='frozen_bn' would switch every "
                              "residual branch off for good; use norm='bn' or 'gn'")
+        if self.zero_init_residual and self.freeze_at >= 2:
+            # a frozen stage never learns its zeroed gains back: its blocks would stay identities
+            raise ValueError(f"zero_init_residual=True with freeze_at={self.freeze_at} would switch "
+                             f"the frozen res2..res{min(self.freeze_at, 5)} residual branches off for "
+                             "good; a from-scratch body freezes at most the stem (freeze_at <= 1)")
 
     def bottleneck_channels(self, stage: int) -> int:
         """Width of the 3x3 conv in stage ``stage`` (2..5)."""

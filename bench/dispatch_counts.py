@@ -1,7 +1,8 @@
 """Count what a training step and an inference ask of the device: ATen ops and host reads.
 
 On a GPU, each ATen op the CPU dispatches is at least one kernel launch, and each op that
-reads a device value on the host (``.item()``, ``bool(t)``, ``nonzero``, boolean masking,
+reads a device value on the host (``.item()``, ``bool(t)``, ``nonzero``, boolean masking
+(``x[mask]``, counted as ``index (boolean mask)``),
 ``unique``, ``.tolist()``) is a synchronisation: the CPU waits until the GPU has drained its
 queue. For small images (the Table 2 miniature) the time per iteration is set by these
 counts rather than by arithmetic, so they are the first thing to compare -- and they are the
@@ -42,6 +43,20 @@ roi_pool_module = sys.modules["mrcnn_edu.ops.roi_pool"]
 # ops that make the host wait for the device
 HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim",
               "unique_consecutive", "equal", "is_nonzero", "bincount"}
+# indexing ops that read the device when an index is a boolean mask (x[mask], x[mask] = v): the
+# result's size is the mask's count. They dispatch as one op, whose nonzero runs inside it.
+MASK_INDEXING = {"index", "index_put", "index_put_", "_index_put_impl_"}
+
+
+def host_read(func, args) -> str | None:
+    """The name under which ``func(*args)`` counts as a host read, or None if it reads nothing."""
+    name = func.__name__.split(".")[0]
+    if name in HOST_READS:
+        return name
+    if name in MASK_INDEXING and len(args) > 1 and any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ()):
+        return f"{name} (boolean mask)"
+    return None
 
 
 def is_view(func) -> bool:
@@ -61,8 +76,8 @@ class DispatchCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
         self.views += is_view(func)
-        name = func.__name__.split(".")[0]
-        if name in HOST_READS:
+        name = host_read(func, args)
+        if name is not None:
             self.reads[name] += 1
         return func(*args, **(kwargs or {}))
 
@@ -82,7 +97,7 @@ class SiteCounter(DispatchCounter):
                 site = f"{frame.filename.split('mrcnn_edu' + os.sep)[-1]}:{frame.name}"
                 break
         self.sites[site] += 1
-        if func.__name__.split(".")[0] in HOST_READS:
+        if host_read(func, args) is not None:
             self.site_reads[site] += 1
         return super().__torch_dispatch__(func, types, args, kwargs)
 

@@ -304,6 +304,8 @@ def select_runs(rows: str | None = None) -> tuple[list[Row], list[str]]:
             raise ValueError(f"--rows: unknown {token!r}; give sub-tables {list(SUBTABLES)} "
                              f"or run names {list(RUNS)}")
         chosen += [r for r in matches if r not in chosen]
+    if not chosen:
+        raise ValueError(f"--rows: no rows given in {rows!r}; give sub-tables {list(SUBTABLES)} or run names")
     runs = list(dict.fromkeys(r.run for r in chosen))
     return chosen, runs
 

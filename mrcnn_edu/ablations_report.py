@@ -461,10 +461,21 @@ def markdown_table(summary: dict) -> str:
 
 def write_report(rows: list[Row], runs: list[str], seeds: int, mode: str, dataset: str, records: dict,
                  summary_path: str | Path, session: dict | None = None) -> dict:
-    """Write ``table2_<mode>.json`` (everything) and ``.md`` (the tables) beside each other."""
+    """Write ``table2_<mode>.json`` (everything) and ``.md`` (the tables) beside each other.
+
+    The summary keeps every training it knows of, not only this session's selection: a session
+    run with ``--rows 2b`` or ``--seeds 1`` beside an earlier, fuller table must not drop that
+    table's other rows and seeds (the summary may be their only copy: a lease's per-run files
+    stay on its machine). So rows of other runs that have records, and seeds beyond ``seeds``,
+    stay in it.
+    """
     summary_path = Path(summary_path)
     previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    records = {key: r for key, r in records.items() if key[0] in runs and key[1] < seeds}  # this table's
+    known = {run for run, _ in records if run in RUNS}
+    rows = list(rows) + [row for row in ROWS if row.run in known and row not in rows]
+    runs = list(runs) + [run for run in RUNS if run in known and run not in runs]
+    seeds = max([seeds, *(seed + 1 for _, seed in records)])
+    records = {key: r for key, r in records.items() if key[0] in runs}
     sizes = {r.get("model_config", {}).get("transform", {}).get("min_size_test") for r in records.values()}
     # one schedule, unless --rows picked trainings made with another; steps are lists in JSON
     schedules = collections.Counter(

@@ -31,6 +31,7 @@ from mrcnn_edu.device import host_to_device
 
 __all__ = [
     "check_boxes",
+    "invalid_box_rows",
     "greedy_keep_in_rounds",
     "box_area",
     "box_iou",
@@ -52,7 +53,8 @@ __all__ = [
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 # above this many boxes batched_nms runs one NMS per category (memory N^2 -> sum N_c^2)
 _BATCHED_NMS_ONE_MATRIX_MAX = 4000
-# nms_in_images puts this many box pairs through box_iou at once (~1 GB of temporaries in fp32)
+# nms_in_images puts at most this many box pairs through box_iou at once (~1 GB of temporaries
+# in fp32: about 32 bytes a pair), splitting by images, then by rows of one image's matrix
 NMS_PAIRS_PER_CHUNK = 2 ** 25
 
 
@@ -86,10 +88,7 @@ def check_boxes(boxes: Tensor, name: str = "boxes", allow_empty_size: bool = Tru
         values = boxes.device.type == "cpu"
     if boxes.numel() == 0 or not values:
         return
-    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    bad = ~torch.isfinite(boxes).all(dim=1) | (widths < 0) | (heights < 0)
-    if not allow_empty_size:
-        bad |= (widths == 0) | (heights == 0)
+    bad = invalid_box_rows(boxes, allow_empty_size)
     if not bad.any():  # the one host read
         return
     row = int(bad.nonzero()[0, 0])
@@ -99,6 +98,16 @@ def check_boxes(boxes: Tensor, name: str = "boxes", allow_empty_size: bool = Tru
     if box[2] < box[0] or box[3] < box[1]:
         raise ValueError(f"{name} has a negative size at row {row}: {box} (expected x2 >= x1, y2 >= y1)")
     raise ValueError(f"{name} contains zero-area boxes, e.g. row {row}: {box}")
+
+
+def invalid_box_rows(boxes: Tensor, allow_empty_size: bool = True) -> Tensor:
+    """``(N, 4)`` -> ``(N,)`` bool: the rows :func:`check_boxes` refuses (non-finite, negative
+    size, or empty where ``allow_empty_size`` is False), computed on the boxes' device, unread."""
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    bad = ~torch.isfinite(boxes).all(dim=1) | (widths < 0) | (heights < 0)
+    if not allow_empty_size:
+        bad |= (widths == 0) | (heights == 0)
+    return bad
 
 
 def box_area(boxes: Tensor) -> Tensor:
@@ -277,7 +286,8 @@ def clip_boxes(boxes: Tensor, image_size: tuple[int, int] | list[tuple[int, int]
         x = boxes[:, 0::2].clamp(min=0, max=width)
         y = boxes[:, 1::2].clamp(min=0, max=height)
         return torch.stack([x, y], dim=2).reshape(boxes.shape)
-    limits = boxes.new_tensor(sizes)[:, None, :]  # (B, 1, 2) as (height, width)
+    # built on the host, queued to the device (a plain new_tensor from a list blocks on a GPU)
+    limits = host_to_device(torch.tensor(sizes, dtype=boxes.dtype), boxes.device)[:, None, :]  # (B, 1, 2) as (h, w)
     x = torch.minimum(boxes[..., 0::2].clamp(min=0), limits[..., 1:])
     y = torch.minimum(boxes[..., 1::2].clamp(min=0), limits[..., :1])
     return torch.stack([x, y], dim=-1).reshape(boxes.shape)
@@ -298,7 +308,7 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """Greedy non-maximum suppression (Fast R-CNN §2.4), returning kept indices (int64).
+    """Greedy non-maximum suppression (R-CNN's, as Fast R-CNN §3 uses it), returning kept indices (int64).
 
     Visit boxes by decreasing score; keep a box unless it overlaps an already *kept* box with
     IoU strictly greater than ``iou_threshold``. Equal scores are visited in index order (a
@@ -350,7 +360,9 @@ def nms_in_images(boxes: Tensor, scores: Tensor, iou_threshold: float, valid: Te
     ``valid: (B, N)`` bool, optional: boxes to leave out; they suppress nothing and are not kept.
     Images go through the ``(N, N)`` overlap matrices together, as many at a time as fit in
     :data:`NMS_PAIRS_PER_CHUNK` pairs (one image at a time above that; RPN training has 2000
-    boxes per FPN level, up to 12000 on C4).
+    boxes per FPN level, up to 12000 on C4). An image with more pairs than that (C4's 12000
+    boxes: 1.4e8) computes its overlap matrix in blocks of rows: the (N, N) bool matrix is a
+    byte a pair, box_iou's float temporaries would be ~32 (4.4 GB at 12000 boxes).
     """
     if boxes.dim() != 3 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:2]:
         raise ValueError(f"need boxes (B, N, 4) and scores (B, N), got {tuple(boxes.shape)} and {tuple(scores.shape)}")
@@ -365,7 +377,10 @@ def nms_in_images(boxes: Tensor, scores: Tensor, iou_threshold: float, valid: Te
     for start in range(0, num_images, chunk):
         order = torch.sort(scores[start:start + chunk], dim=1, descending=True, stable=True).indices  # (C, N)
         sorted_boxes = torch.gather(boxes[start:start + chunk], 1, order[..., None].expand(-1, -1, 4))
-        overlaps = box_iou(sorted_boxes, sorted_boxes) > iou_threshold  # (C, N, N)
+        overlaps = torch.empty((len(order), num_boxes, num_boxes), dtype=torch.bool, device=boxes.device)
+        rows = max(1, NMS_PAIRS_PER_CHUNK // (len(order) * num_boxes))  # every row at once but on C4
+        for row in range(0, num_boxes, rows):
+            overlaps[:, row:row + rows] = box_iou(sorted_boxes[:, row:row + rows], sorted_boxes) > iou_threshold
         keep[start:start + chunk].scatter_(1, order, greedy_keep(overlaps))  # back to the boxes' order
     return keep if valid is None else keep & valid
 

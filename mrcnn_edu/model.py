@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from mrcnn_edu.anchors import AnchorGenerator, TorchvisionStrideAnchorGenerator
 from mrcnn_edu.backbone import build_backbone, make_res5_head
-from mrcnn_edu.boxes import check_boxes
+from mrcnn_edu.boxes import check_boxes, invalid_box_rows
 from mrcnn_edu.config import MaskRCNNConfig
 from mrcnn_edu.data.transforms import (batch_images, draw_min_sizes, normalize, resize_images,
                                       resize_images_like_torchvision, size_ratios)
@@ -105,7 +105,8 @@ class MaskRCNN(nn.Module):
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         if self.training and targets is None:
             raise ValueError("targets are required in training mode: model(images, targets)")
-        _check_images(images, targets)
+        _check_images(images, targets, self.cfg.num_classes, self.mask_head is not None,
+                      None if self.keypoint_head is None else self.cfg.keypoint_head.num_keypoints)
         original_sizes = [tuple(im.shape[-2:]) for im in images]
         batch, image_sizes, targets, scales = self.preprocess(images, targets)
         feature_maps = self.backbone(batch)
@@ -195,19 +196,16 @@ class MaskRCNN(nn.Module):
     # --- the keypoint branch (§5) --------------------------------------------------------------
 
     def keypoint_loss(self, roi_features: list[Tensor], positives: PositiveRoIs, targets: list[dict]) -> Tensor:
-        """§5: cross-entropy over an m²-way softmax per visible keypoint, on positive RoIs whose
-        ground truth carries keypoints (other categories have none)."""
+        """§5: cross-entropy over an m²-way softmax per visible keypoint, on the positive RoIs.
+
+        A RoI whose object has no labelled keypoint (other categories, unannotated people) has
+        no valid target and adds nothing to the mean: the loss is torchvision's. It is still
+        pooled: leaving it out would ask the host which RoIs remain (a GPU sync per image)."""
         m = self.cfg.keypoint_head.resolution
-        rois, gt_targets, valid = [], [], []
-        for t, idx, image_rois in zip(targets, positives.matched_gt_idx, positives.rois):
-            keypoints = t["keypoints"][idx]  # (P_i, Kp, 3)
-            has_keypoints = (keypoints[..., 2] > 0).any(dim=1)
-            heatmap_idx, is_valid = keypoint_targets(keypoints[has_keypoints], image_rois[has_keypoints], m)
-            rois.append(image_rois[has_keypoints])
-            gt_targets.append(heatmap_idx)
-            valid.append(is_valid)
-        logits = self.keypoint_head(self.keypoint_pooler(roi_features, rois))  # (P, Kp, m, m)
-        return keypoint_loss(logits, torch.cat(gt_targets), torch.cat(valid))
+        keypoints = torch.cat([t["keypoints"][idx] for t, idx in zip(targets, positives.matched_gt_idx)])  # (P, Kp, 3)
+        heatmap_idx, valid = keypoint_targets(keypoints, torch.cat(positives.rois), m)
+        logits = self.keypoint_head(self.keypoint_pooler(roi_features, positives.rois))  # (P, Kp, m, m)
+        return keypoint_loss(logits, heatmap_idx, valid)
 
     def predict_keypoints(self, roi_features: list[Tensor], detections: list[dict]) -> None:
         boxes = [d["boxes"] for d in detections]
@@ -255,25 +253,49 @@ class MaskRCNN(nn.Module):
         return results
 
 
-def _check_images(images: list[Tensor], targets: list[dict] | None) -> None:
+def _check_images(images: list[Tensor], targets: list[dict] | None, num_classes: int,
+                  with_masks: bool = False, num_keypoints: int | None = None) -> None:
+    """Shapes per image (no host read); box coordinates and labels 1..K for the whole batch in
+    one host read -- a label out of range would otherwise be an index error deep in a loss, or a
+    device-side assert that kills the process on a GPU. Per image only to name the culprit."""
     if not isinstance(images, (list, tuple)) or len(images) == 0:
         raise ValueError("images must be a non-empty list of (3, H, W) float tensors in [0, 1]")
     for i, image in enumerate(images):
         if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
             shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
             raise ValueError(f"images[{i}] must be a (3, H, W) float tensor in [0, 1], got {shape}")
-    if targets is not None:
-        if len(targets) != len(images):
-            raise ValueError(f"got {len(targets)} targets for {len(images)} images")
-        for i, t in enumerate(targets):
-            if "boxes" not in t or "labels" not in t:
-                raise ValueError(f"targets[{i}] needs 'boxes' (G, 4) and 'labels' (G,); has {sorted(t)}")
-            check_boxes(t["boxes"], f"targets[{i}]['boxes']", values=False)
-        # the coordinates, once for the whole batch: one host read even on a GPU (the box
-        # functions downstream skip it there); per image only to name the culprit
-        try:
-            check_boxes(torch.cat([t["boxes"] for t in targets]), "target boxes", values=True)
-        except ValueError:
-            for i, t in enumerate(targets):
-                check_boxes(t["boxes"], f"targets[{i}]['boxes']", values=True)
-            raise
+        if image.shape[1] == 0 or image.shape[2] == 0:
+            raise ValueError(f"images[{i}] is empty: shape {tuple(image.shape)}")
+    if targets is None:
+        return
+    if len(targets) != len(images):
+        raise ValueError(f"got {len(targets)} targets for {len(images)} images")
+    for i, (t, image) in enumerate(zip(targets, images)):
+        if "boxes" not in t or "labels" not in t:
+            raise ValueError(f"targets[{i}] needs 'boxes' (G, 4) and 'labels' (G,); has {sorted(t)}")
+        check_boxes(t["boxes"], f"targets[{i}]['boxes']", values=False)
+        num_gt, (height, width) = t["boxes"].shape[0], image.shape[-2:]
+        labels = t["labels"]
+        if not isinstance(labels, Tensor) or labels.shape != (num_gt,) or labels.is_floating_point():
+            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f"targets[{i}]['labels'] must be ({num_gt},) integer class ids for its {num_gt} "
+                             f"boxes, got {shape}{'' if not isinstance(labels, Tensor) else ' ' + str(labels.dtype)}")
+        if with_masks and "masks" in t and tuple(t["masks"].shape) != (num_gt, height, width):
+            raise ValueError(f"targets[{i}]['masks'] must be (G, H, W) = {(num_gt, height, width)}, one per box "
+                             f"at the image's size, got {tuple(t['masks'].shape)}")
+        if num_keypoints is not None and "keypoints" in t \
+                and tuple(t["keypoints"].shape) != (num_gt, num_keypoints, 3):
+            raise ValueError(f"targets[{i}]['keypoints'] must be (G, Kp, 3) = {(num_gt, num_keypoints, 3)}, "
+                             f"got {tuple(t['keypoints'].shape)}")
+    boxes, labels = torch.cat([t["boxes"] for t in targets]), torch.cat([t["labels"] for t in targets])
+    if boxes.numel() == 0:
+        return
+    flags = torch.stack([invalid_box_rows(boxes).any(), ((labels < 1) | (labels > num_classes)).any()])
+    if not flags.any():  # the one host read (the box functions downstream skip it on a GPU)
+        return
+    for i, t in enumerate(targets):
+        check_boxes(t["boxes"], f"targets[{i}]['boxes']", values=True)
+        outside = (t["labels"] < 1) | (t["labels"] > num_classes)
+        if outside.any():
+            raise ValueError(f"targets[{i}]['labels'] holds {t['labels'][outside].tolist()}: class ids run "
+                             f"1..{num_classes} (0 is the background, never a target)")

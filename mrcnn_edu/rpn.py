@@ -12,7 +12,7 @@ smooth-L1 on the positive anchors' deltas. Proposals are then selected (top-k by
 per level, decode, clip, NMS at 0.7, top-k per image) and passed on *detached*: the box
 branch does not back-propagate into the proposal coordinates (approximate joint training).
 
-One departure, as in torchvision and Detectron2: Faster R-CNN §3.1.3 ignores anchors that
+One departure, as in torchvision and Detectron2: Faster R-CNN §3.3 ignores anchors that
 cross the image boundary during training; here every anchor takes part (proposals are clipped).
 
 Notation: ``N`` images, ``L`` feature levels, level ``l`` of size ``(H_l, W_l)`` with ``A``
@@ -176,12 +176,14 @@ def rpn_loss(objectness: Tensor, deltas: Tensor, labels: Tensor, regression_targ
     pos_mask, neg_mask = sampler.sample(labels == 1, labels == 0, generator)  # (N, N_a): 256 per image
     sampled = pos_mask | neg_mask  # (N, N_a)
     num_sampled = sampled.sum().clamp(min=1)  # a tensor: no host read (a GPU sync) per step
-    loss_objectness = F.binary_cross_entropy_with_logits(
-        objectness[sampled], labels[sampled].to(objectness.dtype), reduction="sum") / num_sampled
+    # Every anchor's loss, the unsampled ones zeroed: indexing by a boolean mask (objectness[sampled])
+    # would ask the host how many are True -- a GPU sync each -- for a few hundred thousand cheap terms.
+    bce = F.binary_cross_entropy_with_logits(objectness, labels.clamp(min=0).to(objectness.dtype), reduction="none")
+    loss_objectness = torch.where(sampled, bce, 0.0).sum() / num_sampled
     # in the wider of the two dtypes: bf16 deltas (mixed precision) must not round the targets
     dtype = torch.promote_types(deltas.dtype, regression_targets.dtype)
-    loss_box_reg = F.smooth_l1_loss(deltas[pos_mask].to(dtype), regression_targets[pos_mask].to(dtype),
-                                    beta=beta, reduction="sum") / num_sampled
+    l1 = F.smooth_l1_loss(deltas.to(dtype), regression_targets.to(dtype), beta=beta, reduction="none").sum(-1)
+    loss_box_reg = torch.where(pos_mask, l1, 0.0).sum() / num_sampled
     return {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_box_reg}
 
 
@@ -258,6 +260,12 @@ class RPN(nn.Module):
 
     def __init__(self, cfg: RPNConfig, anchor_generator: AnchorGenerator, head: RPNHead) -> None:
         super().__init__()
+        # one head serves every level (FPN §4.1), so every level needs its A anchors per cell
+        per_cell = anchor_generator.num_anchors_per_cell
+        if any(a != head.cls_logits.out_channels for a in per_cell):
+            raise ValueError(f"the anchor generator has {per_cell} anchors per cell on its levels, the "
+                             f"RPN head predicts {head.cls_logits.out_channels}: every level must carry as "
+                             "many anchors per cell as the head (set the anchor sizes and aspect_ratios so)")
         self.cfg = cfg
         self.anchor_generator = anchor_generator
         self.head = head

@@ -339,6 +339,27 @@ def test_markdown_table_puts_the_papers_figures_beside_mean_and_std(tmp_path):
     assert "Convolutions in NHWC (`--channels-last`) in 2 training(s)" in (tmp_path / "t.md").read_text()
 
 
+def test_a_session_on_fewer_rows_or_seeds_keeps_the_rest_of_the_table(tmp_path):
+    # the committed summary may be the only copy of a lease's results: a later `--rows 2b` or
+    # `--seeds 1` session rewrites it, and must keep what it did not run
+    records = {(run, seed): _fake_record(run, seed, 30.0 + seed, 50.0, 31.0)
+               for run in ("r50_c4", "r50_fpn") for seed in range(3)}
+    rows, runs = select_runs("2a,2b")
+    full = report.write_report(rows, runs, 3, "miniature", "shapes", records, tmp_path / "t.json")
+    for selection, seeds in (("r50_c4", 3), ("2a,2b", 1), ("r50_c4_softmax", 2)):
+        rows, runs = select_runs(selection)
+        again = report.write_report(rows, runs, seeds, "miniature", "shapes",
+                                    report.load_records(tmp_path / "no_workdir", tmp_path / "t.json"), tmp_path / "t.json")
+        assert {run: sorted(entry["seeds"]) for run, entry in again["runs"].items() if entry["seeds"]} == \
+            {"r50_c4": ["0", "1", "2"], "r50_fpn": ["0", "1", "2"]}, selection
+        kept = {(row["run"], row["ours"]["AP"]["n"]) for row in again["rows"]}
+        assert {("r50_c4", 3), ("r50_fpn", 3)} <= kept, selection
+    trained = {row["label"] for row in full["rows"] if row["ours"]["AP"]["n"]}
+    assert {"ResNet-50-C4", "ResNet-50-FPN", "sigmoid"} <= trained and trained <= {row["label"] for row in again["rows"]}
+    with pytest.raises(ValueError, match="no rows given"):
+        select_runs(" , ")
+
+
 def test_the_report_says_when_rows_started_from_different_bodies(tmp_path):
     records = {}
     for seed, digest in enumerate(["aaaa", "aaaa", "bbbb"]):  # seed 2: a session that re-made the body

@@ -234,14 +234,15 @@ def test_host_copies_counts_each_host_built_tensor_of_a_training_step_by_call_si
     c4, fpn = host_copies.count_host_copies("r50_c4"), host_copies.count_host_copies("r50_fpn")
     # pad_rows: the RPN's gt boxes, the box head's gt boxes, gt labels and candidates; preprocess:
     # the pixel mean and std; batch_mask_targets: the mask offsets and bounds of its one run of
-    # same-size images; boxes_to_rois: one per RoIPooler call, the box head's, and FPN's mask head's
-    common = {"pad_rows": 4, "preprocess": 2, "sample_rois_padded": 1, "batch_mask_targets": 2}
+    # same-size images; boxes_to_rois: one per RoIPooler call, the box head's, and FPN's mask head's;
+    # clip_boxes: the image sizes the RPN's proposals are clipped to
+    common = {"pad_rows": 4, "preprocess": 2, "sample_rois_padded": 1, "batch_mask_targets": 2, "clip_boxes": 1}
     assert c4 == {**common, "boxes_to_rois": 1}
     assert fpn == {**common, "boxes_to_rois": 2}
     assert all(sys.modules[name].host_to_device is host_copies.mrcnn_edu.device.host_to_device
                for name in host_copies.CALLERS)  # put back
     assert host_copies.main(["--runs", "r50_c4"]) == 0
-    assert "r50_c4: 10 host-to-device copies per training step" in capsys.readouterr().out
+    assert "r50_c4: 11 host-to-device copies per training step" in capsys.readouterr().out
 
 
 def test_profile_counts_each_kernel_once():
@@ -654,3 +655,35 @@ def test_cpu_malloc_trains_twice_with_identical_losses(tiny_shapes, capsys):
     assert set(usage) == {"glibc-default", "keep"}
     assert all(u["user_s"] > 0 and u["minor_faults"] > 0 for u in usage.values())
     assert "logged losses identical: True" in capsys.readouterr().out
+
+
+def test_dispatch_counter_counts_indexing_by_a_boolean_mask_as_a_host_read():
+    # x[mask] dispatches one aten.index whose result size is the mask's count: a sync on a GPU
+    counter_module = load("dispatch_counts")
+    x = torch.arange(6.0)
+    with counter_module.DispatchCounter() as counter:
+        x[x > 2]  # gt + index with a mask: one read
+        x[torch.tensor([0, 2])]  # index by positions: its size is known, no read
+        y = x.clone()
+        y[y > 4] = 0.0  # index_put with a mask: one read
+    assert counter.reads == {"index (boolean mask)": 1, "index_put_ (boolean mask)": 1}
+
+
+def test_the_rpn_and_keypoint_losses_read_nothing_on_the_host():
+    # both run every training step; a read each would stall the GPU's queue each step
+    from mrcnn_edu.matching import BalancedSampler
+    from mrcnn_edu.roi_heads.keypoint_head import keypoint_loss
+    from mrcnn_edu.rpn import rpn_loss
+
+    counter_module = load("dispatch_counts")
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(-1, 2, (2, 500), generator=g).float()
+    objectness = torch.randn(2, 500, generator=g, requires_grad=True)
+    deltas = torch.randn(2, 500, 4, generator=g, requires_grad=True)
+    logits = torch.randn(6, 5, 8, 8, generator=g, requires_grad=True)
+    valid = torch.rand(6, 5, generator=g) > 0.5
+    with counter_module.DispatchCounter() as counter:
+        rpn = rpn_loss(objectness, deltas, labels, torch.randn(2, 500, 4, generator=g), BalancedSampler(256, 0.5), generator=g)
+        kp = keypoint_loss(logits, torch.randint(0, 64, (6, 5), generator=g), valid)
+        (sum(rpn.values()) + kp).backward()
+    assert counter.ops > 20 and not counter.reads, counter.reads

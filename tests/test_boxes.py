@@ -139,7 +139,8 @@ def test_greedy_keep_on_a_batch_of_rows_in_rounds_and_by_loop_is_each_rows_greed
         assert order[row][by_loop[row]].tolist() == nms_ref(b, s, 0.5), row
 
 
-@pytest.mark.parametrize("pairs_per_chunk", [2 ** 25, 1])  # every image together; one at a time
+# every image together; one image at a time in blocks of 16 rows; one row at a time
+@pytest.mark.parametrize("pairs_per_chunk", [2 ** 25, 5000, 1])
 def test_nms_in_images_is_nms_image_by_image_leaving_out_the_invalid(monkeypatch, pairs_per_chunk):
     import mrcnn_edu.boxes as boxes_module
     monkeypatch.setattr(boxes_module, "NMS_PAIRS_PER_CHUNK", pairs_per_chunk)

@@ -20,15 +20,16 @@ def _load(tiny_shapes, n, with_keypoints=False):
     return ds, [image for image, _ in items], [target for _, target in items]
 
 
-def _overfit(model, images, targets, iterations, lr=2e-3):
-    """AdamW with a short warm-up: the quickest way to fit four images, which is all we ask."""
+def _overfit(model, images, targets, iterations, lr=2e-3, decay_at=None):
+    """AdamW with a short warm-up: the quickest way to fit four images, which is all we ask.
+    ``decay_at``: lr / 10 from that iteration on, so the last steps settle instead of jittering."""
     torch.manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     model.train()
     history = []
     for it in range(iterations):
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (it + 1) / 10)
+            group["lr"] = lr * min(1.0, (it + 1) / 10) * (0.1 if decay_at is not None and it >= decay_at else 1.0)
         losses = model(images, targets)
         total = sum(losses.values())
         optimizer.zero_grad()
@@ -99,9 +100,11 @@ def test_miniature_faster_rcnn_overfits_and_recovers_every_box(tiny_shapes, buil
 def test_miniature_mask_rcnn_with_keypoints_overfits_masks(tiny_shapes):
     ds, images, targets = _load(tiny_shapes, 4, with_keypoints=True)
     cfg = mini_fpn(num_classes=len(ds.class_names) - 1, image_size=64, keypoints=len(ds.keypoint_names))
-    # 200 iterations: at 150 the smallest-margin object (image 11) sat at mask IoU 0.77, its
-    # mask still growing; at 200 every object is at 0.88 or more (measured, this seed)
-    history, detections = _overfit(MaskRCNN(cfg), images, targets, iterations=200, lr=3e-3)
+    # 200 iterations, the last 50 at lr / 10: at a constant lr the smallest-margin object
+    # (image 11) ended anywhere between mask IoU 0.78 and 0.88, by rounding alone (the RPN loss
+    # summed in another order moved it so); the decay lets the last steps settle (it then ends
+    # at 0.85, the other objects at 0.92 or more; measured, this seed)
+    history, detections = _overfit(MaskRCNN(cfg), images, targets, iterations=200, lr=3e-3, decay_at=150)
     assert {"loss_mask", "loss_keypoint"} <= set(history[0])
     assert history[-1]["loss_mask"] < 0.3 * history[0]["loss_mask"]
     assert history[-1]["loss_keypoint"] < history[0]["loss_keypoint"]
@@ -246,6 +249,22 @@ def test_bad_input_gets_a_clear_error():
         # the image holding the bad box is named, whichever position it has in the batch
         with pytest.raises(ValueError, match=rf"targets\[1\]\['boxes'\].*{message}"):
             model([torch.rand(3, 64, 64)] * 2, [good, bad])
+    # class ids run 1..K: K + 1 would index past the box predictor's logits (a device-side
+    # assert on a GPU), 0 is the background, and a float label is a probability to cross_entropy
+    for labels, message in (([3], r"\[3\]: class ids run 1..2"), ([0], r"\[0\]: class ids run 1..2"),
+                            ([-1], r"\[-1\]"), ([1.0], "integer"), ([1, 2], r"must be \(1,\)")):
+        bad = {"boxes": good["boxes"], "labels": torch.tensor(labels)}
+        with pytest.raises(ValueError, match=rf"targets\[1\]\['labels'\].*{message}"):
+            model([torch.rand(3, 64, 64)] * 2, [good, bad])
+    masks = torch.zeros(1, 32, 32, dtype=torch.uint8)  # half the image's size: the wrong pixels
+    with pytest.raises(ValueError, match=r"targets\[0\]\['masks'\].*\(1, 64, 64\).*\(1, 32, 32\)"):
+        model([torch.rand(3, 64, 64)], [{**good, "masks": masks}])
+    with pytest.raises(ValueError, match=r"images\[1\] is empty"):
+        model([torch.rand(3, 64, 64), torch.rand(3, 0, 64)], [good, good])
+    keypoint_model = MaskRCNN(mini_fpn(num_classes=2, image_size=64, keypoints=5)).train()
+    with pytest.raises(ValueError, match=r"targets\[0\]\['keypoints'\].*\(1, 5, 3\)"):
+        keypoint_model([torch.rand(3, 64, 64)], [{**good, "masks": torch.zeros(1, 64, 64, dtype=torch.uint8),
+                                                   "keypoints": torch.zeros(1, 17, 3)}])
 
 
 def test_inference_under_bf16_autocast_returns_fp32_masks():

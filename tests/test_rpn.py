@@ -73,6 +73,16 @@ def test_rpn_loss_is_bce_over_sampled_plus_smooth_l1_over_positives_by_hand():
     torch.testing.assert_close(losses["loss_rpn_box_reg"], torch.tensor(want_l1))
 
 
+def test_rpn_refuses_levels_with_another_anchor_count_than_its_head():
+    # one shared head predicts A per cell on every level; a level of 2A anchors would pair half
+    # of them with no logit, and the others with another anchor's
+    uneven = AnchorGenerator([(32,), (64, 90), (128,)], [(0.5, 1.0, 2.0)] * 3, (4, 8, 16))
+    with pytest.raises(ValueError, match=r"\[3, 6, 3\] anchors per cell.*predicts 3"):
+        RPN(fpn_rpn_config(), uneven, RPNHead(8, 3))
+    with pytest.raises(ValueError, match="predicts 15"):
+        RPN(fpn_rpn_config(), fpn_anchor_generator(), RPNHead(8, 15))
+
+
 def test_rpn_loss_samples_at_most_the_budget_per_image():
     # 2 images x 1000 anchors, 300 positives each: with a budget of 256, 128 + 128 per image;
     # all logits 0 -> BCE log 2 per anchor whatever is sampled; deltas 1 vs targets 0 on every

@@ -127,10 +127,11 @@ def keypoint_loss(keypoint_logits: torch.Tensor, targets: torch.Tensor, valid: t
     if targets.shape != keypoint_logits.shape[:2] or valid.shape != keypoint_logits.shape[:2]:
         raise ValueError(f"targets and valid must be (P, Kp) = {tuple(keypoint_logits.shape[:2])}, "
                          f"got {tuple(targets.shape)} and {tuple(valid.shape)}")
-    if not valid.any():
-        return keypoint_logits.sum() * 0  # nothing labelled: a zero that keeps the graph
-    flat_logits = keypoint_logits.flatten(2)  # (P, Kp, m*m)
-    return F.cross_entropy(flat_logits[valid], targets[valid])  # (V, m*m) vs (V,)
+    # every (RoI, keypoint) pair's loss, the invalid ones zeroed: picking the valid ones by a
+    # boolean mask would ask the host how many there are (a GPU sync). With none valid the loss is
+    # a zero that keeps the graph.
+    losses = F.cross_entropy(keypoint_logits.flatten(2).flatten(0, 1), targets.flatten(), reduction="none")
+    return torch.where(valid.flatten(), losses, 0.0).sum() / valid.sum().clamp(min=1)  # mean over valid
 
 
 def heatmaps_to_keypoints(keypoint_logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

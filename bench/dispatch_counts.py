@@ -29,6 +29,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -65,13 +66,46 @@ def is_view(func) -> bool:
     return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
 
 
+# functions whose .tolist() reads a tensor the host itself made (a random draw from the CPU's
+# generator): no sync on a GPU either, though every tensor of this CPU run looks alike
+HOST_MADE_TOLIST = {"data/transforms.py:draw_min_sizes"}
+
+
+class _ToListCounter(TorchFunctionMode):
+    """``tensor.tolist()`` copies a device tensor to the host without dispatching an ATen op,
+    so the dispatch counter alone would not see it: caught here, one level up."""
+
+    def __init__(self, counter):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.tolist and _site() not in HOST_MADE_TOLIST:
+            self.counter.record_read("tolist")
+        return func(*args, **(kwargs or {}))
+
+
 class DispatchCounter(TorchDispatchMode):
     """Counts every ATen op dispatched inside the ``with`` block, the views among them, and
-    those that read values."""
+    those that read values (``.tolist()`` too, which dispatches no op)."""
 
     def __init__(self):
         super().__init__()
         self.ops, self.views, self.reads = 0, 0, collections.Counter()
+        self._tolist = _ToListCounter(self)
+
+    def record_read(self, name: str) -> None:
+        self.reads[name] += 1
+
+    def __enter__(self):
+        self._tolist.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._tolist.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
@@ -80,6 +114,14 @@ class DispatchCounter(TorchDispatchMode):
         if name is not None:
             self.reads[name] += 1
         return func(*args, **(kwargs or {}))
+
+
+def _site() -> str:
+    """The innermost ``mrcnn_edu`` function on the stack, as ``file.py:function``."""
+    for frame in reversed(traceback.extract_stack(limit=40)):
+        if "mrcnn_edu" + os.sep in frame.filename:
+            return f"{frame.filename.split('mrcnn_edu' + os.sep)[-1]}:{frame.name}"
+    return "<autograd>"
 
 
 class SiteCounter(DispatchCounter):
@@ -91,15 +133,15 @@ class SiteCounter(DispatchCounter):
         self.sites, self.site_reads = collections.Counter(), collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        site = "<autograd>"
-        for frame in reversed(traceback.extract_stack(limit=40)):
-            if "mrcnn_edu" + os.sep in frame.filename:
-                site = f"{frame.filename.split('mrcnn_edu' + os.sep)[-1]}:{frame.name}"
-                break
+        site = _site()
         self.sites[site] += 1
         if host_read(func, args) is not None:
             self.site_reads[site] += 1
         return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def record_read(self, name: str) -> None:
+        super().record_read(name)
+        self.site_reads[_site()] += 1
 
 
 def print_sites(run: str, batch: int, size: int, top: int = 15) -> None:
@@ -123,7 +165,8 @@ def as_on_a_gpu():
     - Our PyTorch RoIAlign becomes torchvision's single op (see the module docstring).
     - ``check_boxes`` reads coordinates on the host only for CPU tensors (on a GPU the model
       checks its targets once per batch); here every tensor is on the CPU, so the calls that
-      leave ``values`` to its default are made to skip it, as they would on a GPU.
+      leave ``values`` to its default are made to skip it, as they would on a GPU; so are the
+      mask head's value checks (``mask_head._check_values``).
     - NMS decides in rounds (``greedy_keep_in_rounds``, one host read per 4 rounds) as it does
       on CUDA tensors, instead of the CPU's loop over the overlap matrix copied to numpy.
     """
@@ -135,6 +178,7 @@ def as_on_a_gpu():
 
     boxes_module.check_boxes = check_boxes_as_on_a_gpu
     sys.modules["mrcnn_edu.model"].check_boxes = check_boxes_as_on_a_gpu
+    sys.modules["mrcnn_edu.roi_heads.mask_head"]._check_values = lambda tensor: False
     from torchvision.ops import roi_align as tv_roi_align
 
     def one_op(input, rois, output_size, spatial_scale, sampling_ratio, aligned, mode):

@@ -45,8 +45,10 @@ pre-trained its bodies anew, shows whether its rows started from the same weight
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -168,6 +170,7 @@ MINI_MLP_RATIO = 4
 GPU_BUDGET_MINUTES = 20
 DEFAULT_JOBS = 8
 DEFAULT_SEEDS = 3
+DEFAULT_MAX_FAILURES = 2  # sessions a training may fail in before ablate stops retrying it
 MINI_SCHEDULE = dict(base_lr=0.02, images_per_batch=16, reference_batch=16, max_iter=3000,
                      steps=(2250, 2750), warmup_iters=200, amp="bf16", num_workers=2,
                      checkpoint_period=500, log_period=50)
@@ -278,7 +281,10 @@ def train_config(dataset: str, quick: bool, seed: int, output_dir: str, max_iter
     from mrcnn_edu.recipes import coco_schedule
 
     if dataset == "coco":  # §3.1: 160k iterations, ÷10 at 120k; 16 images at 0.02, ResNeXt 8 at 0.01
-        values = dict(coco_schedule(model_config(RUNS[run or "r50_c4"], "coco")), checkpoint_period=5000)
+        # checkpoints every 5000 iterations, only the newest kept: 32 of them per training, 0.3 to
+        # 1.3 GB each, would be ~850 GB over the table's 45 trainings
+        values = dict(coco_schedule(model_config(RUNS[run or "r50_c4"], "coco")), checkpoint_period=5000,
+                      keep_checkpoints=1)
     else:
         values = dict(QUICK_SCHEDULE if quick else MINI_SCHEDULE)
     if max_iter is not None:  # keep the decay points at the same fractions of the schedule
@@ -414,7 +420,12 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
         if not path.is_file():
             raise ValueError(f"--imagenet {imagenet}: {path} not found (torchvision key layout)")
         init = load_body(model, path, run)
-    trained = train(model, train_set, train_cfg, collate_fn)  # resumes from its checkpoint, if any
+    group_ids = None
+    if dataset == "coco":  # batches of like-shaped images, as `train` does: less padding to ~1333²
+        from mrcnn_edu.data.coco import aspect_ratio_group_ids
+
+        group_ids = aspect_ratio_group_ids(train_set.coco, train_set.ids)
+    trained = train(model, train_set, train_cfg, collate_fn, group_ids=group_ids)  # resumes from its checkpoint, if any
     # a training resumed from an earlier session's checkpoint: that session's loop time counts too
     earlier = trained["earlier_train_seconds"]
     train_s = time.perf_counter() - tic + earlier
@@ -462,7 +473,7 @@ def _child_command(run: str, seed: int, args: argparse.Namespace) -> list[str]:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc_per_run}"]
     command = launcher + ["-m", "mrcnn_edu.ablations", "run-one", "--run", run, "--seed", str(seed),
                           "--dataset", args.dataset, "--workdir", args.workdir, "--data", args.data]
-    command += ["--quick"] * args.quick + (["--max-iter", str(args.max_iter)] if args.max_iter else [])
+    command += ["--quick"] * args.quick + (["--max-iter", str(args.max_iter)] if args.max_iter is not None else [])
     command += ["--input-size", str(args.input_size)] if args.input_size else []
     command += ["--images-per-batch", str(args.images_per_batch)] if args.images_per_batch else []
     command += ["--channels-last"] * args.channels_last
@@ -776,10 +787,22 @@ def run_table(args: argparse.Namespace) -> dict:
     size = model_config(RUNS[runs[0]], args.dataset, args.quick, args.input_size).transform.min_size_test
     done = report.load_records(args.workdir, summary_path)
     todo = pending(runs, args.seeds, done, plans, pretrained, size)
-    # trainings an earlier session stopped at its deadline resume from their checkpoints, first
+    # a training that failed in max_failures earlier sessions is not tried again (nor packed for
+    # the next lease) unless --retry-failed: a deterministic failure would take a job slot, and a
+    # lease's minutes, every session
+    earlier = json.loads(summary_path.read_text()).get("sessions", []) if summary_path.is_file() else []
+    failures = collections.Counter(tuple(key) for s in earlier for key in s.get("failed", []))
+    max_failures = getattr(args, "max_failures", DEFAULT_MAX_FAILURES)
+    given_up = [] if getattr(args, "retry_failed", False) else [key for key in todo if failures[key] >= max_failures]
+    todo = [key for key in todo if key not in given_up]
+    for name, seed in given_up:
+        print(f"{name} seed {seed}: failed in {failures[(name, seed)]} earlier sessions; not tried again "
+              f"(--retry-failed tries it; its log is in {args.workdir}/logs)", flush=True)
+    # trainings an earlier session stopped at its deadline resume from their checkpoints, first;
+    # those that failed before go after every other
     paces = {key: saved_progress(args.workdir, *key, plans[key[0]]) for key in todo}
     saved = {key: iteration for key, (iteration, _) in paces.items()}
-    todo.sort(key=lambda key: -saved[key])  # the furthest along first, then the new ones in order
+    todo.sort(key=lambda key: (failures[key] > 0, -saved[key]))
     totals = {name: scale_for_batch(plan).max_iter for name, plan in plans.items()}
     resuming = sum(iteration > 0 for iteration in saved.values())
     schedules = [f"schedule: {describe_scaling(plan)}" if len(distinct) == 1 else
@@ -805,7 +828,7 @@ def run_table(args: argparse.Namespace) -> dict:
         if cost_family(key[0]) not in finished:
             durations.setdefault(cost_family(key[0]), []).extend(
                 durations_at_pace([pace], totals[key[0]], overhead))
-    stopped, deferred, launched = [], [], 0
+    stopped, deferred, launched, never_launched, error = [], [], 0, 0, None
     if todo:
         prepare_data(args.dataset, args.quick, args.data)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
@@ -859,7 +882,16 @@ def run_table(args: argparse.Namespace) -> dict:
                             print(f"[{now:6.0f} s] {body}: too close to the deadline to pre-train; "
                                   f"{len(later)} training(s) left for the next session", flush=True)
                             continue
-                        args.imagenet = str(pretrain_bodies([name], args))  # a cached body is checked, not re-made
+                        try:
+                            args.imagenet = str(pretrain_bodies([name], args))  # a cached body is checked, not re-made
+                        except RuntimeError as err:  # e.g. out of memory beside the running trainings
+                            lost = [key for key in todo if body_name(RUNS[key[0]]) == body]
+                            todo = [key for key in todo if key not in lost]
+                            failed.extend(lost)
+                            never_launched += len(lost)
+                            print(f"[{now:6.0f} s] {err}: its {len(lost)} training(s) count as failed", flush=True)
+                            now = time.perf_counter() - tic
+                            continue
                         if fresh:  # pre-training took time: ask the deadline again
                             now = time.perf_counter() - tic
                             continue
@@ -899,6 +931,10 @@ def run_table(args: argparse.Namespace) -> dict:
                     print(f"[{now:6.0f} s] {key[0]} seed {key[1]}: {status}", flush=True)
     except _Terminated:  # a time limit around the table: stop quickly, then report below
         halt(time.perf_counter() - tic, "by SIGTERM to the table", grace=5.0, finish_grace=5.0)
+    except BaseException as err:  # a bug, Ctrl-C: no training is left running, what finished is reported
+        error = err
+        halt(time.perf_counter() - tic, f"after an error in the table ({type(err).__name__})", grace=5.0,
+             finish_grace=5.0)
     left = [list(key) for key in stopped] + [[name, seed] for name, seed in todo + deferred]
     if left:
         print(f"{len(left)} training(s) left for the next session "
@@ -907,7 +943,8 @@ def run_table(args: argparse.Namespace) -> dict:
                "init": ("pre-trained on single shapes (pretrain.py)" if args.pretrain
                         else f"ImageNet weights from {args.imagenet}" if args.imagenet else "from scratch"),
                "device": report.device_name(), "git_commit": report.git_commit(),
-               "trained": launched - len(failed) - len(stopped), "failed": [list(key) for key in failed],
+               "trained": launched - (len(failed) - never_launched) - len(stopped), "failed": [list(key) for key in failed],
+               "given_up": [list(key) for key in given_up],
                "left": left, "saved": {f"{name}__seed{seed}": saved[(name, seed)] for name, seed in stopped
                                        if saved[(name, seed)]},
                # what the next lease must train with to resume what this one left (pick_batch.py)
@@ -919,7 +956,9 @@ def run_table(args: argparse.Namespace) -> dict:
           f"({session['elapsed_s']:.0f} s this session)", flush=True)
     if failed:
         print(f"{len(failed)} training(s) failed: {failed}; their logs are in {logs}; "
-              "run the same command again to retry only those", file=sys.stderr)
+              f"the same command retries only those (up to --max-failures {max_failures} sessions)", file=sys.stderr)
+    if error is not None:
+        raise error
     return summary
 
 
@@ -973,6 +1012,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --deadline: let up to K trainings run that are expected to end after "
                              "it (trainings longer than a session; their checkpoints must reach the next "
                              "session, e.g. carried between GPU leases)")
+    parser.add_argument("--max-failures", type=int, default=DEFAULT_MAX_FAILURES, metavar="N",
+                        help="a training that failed in N earlier sessions is not tried again "
+                             f"(default {DEFAULT_MAX_FAILURES})")
+    parser.add_argument("--retry-failed", action="store_true", help="try them anyway")
     parser.add_argument("--overrun-max-mib", type=float, default=None, metavar="M",
                         help="with --may-overrun: only trainings whose checkpoint is at most M MiB "
                              "(what can be carried)")
@@ -986,8 +1029,15 @@ def main(argv: list[str] | None = None) -> int:
     mode = mode_name(args.dataset, args.quick)
     if args.quick and args.dataset == "coco":
         raise ValueError("--quick runs the miniature path; it cannot be combined with --dataset coco")
-    if args.seeds < 1 or (args.jobs is not None and args.jobs < 1):
-        raise ValueError(f"--seeds and --jobs must be >= 1, got {args.seeds} and {args.jobs}")
+    for flag, value in (("--seeds", args.seeds), ("--jobs", args.jobs), ("--max-iter", args.max_iter),
+                        ("--images-per-batch", args.images_per_batch), ("--input-size", args.input_size),
+                        ("--nproc-per-run", args.nproc_per_run), ("--max-failures", args.max_failures)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}")
+    if args.deadline is not None and args.deadline <= 0:
+        parser.error(f"--deadline must be > 0 seconds, got {args.deadline}")
+    if args.overrun_max_mib is not None and not args.may_overrun:
+        parser.error("--overrun-max-mib limits the trainings --may-overrun K lets run past the deadline; give K")
     if args.may_overrun < 0:
         raise ValueError(f"--may-overrun must be >= 0, got {args.may_overrun}")
     if args.deadline is not None and args.deadline_at is not None:

@@ -203,7 +203,9 @@ def check_same_schedule(record: dict, planned, pretrained: bool | None = None,
     trained on other than ``input_size`` px inputs (the model's ``min_size_test``)."""
     from mrcnn_edu.engine import scale_for_batch
 
-    where = f"use another --workdir/--out or delete {result_path('WORKDIR', record['run'], record['seed'])}"
+    where = (f"use another --workdir/--out, or delete its record from both places it is kept: "
+             f"{result_path('<--workdir>', record['run'], record['seed'])} and its entry under \"runs\" in the "
+             "summary JSON of --out (table2_<mode>.json)")
     done_size = record.get("model_config", {}).get("transform", {}).get("min_size_test", input_size)
     if input_size is not None and done_size != input_size:
         raise ValueError(f"{record['run']} seed {record['seed']} was trained on {done_size} px inputs "
@@ -398,6 +400,10 @@ def markdown_table(summary: dict) -> str:
     if summary.get("channels_last"):
         lines += [f"Convolutions in NHWC (`--channels-last`) in {summary['channels_last']} training(s): "
                   "the same arithmetic in another summation order.", ""]
+    if summary.get("dataset") == "coco":
+        lines += ["The RPN trains jointly with the heads, sharing the body's features (approximate joint "
+                  "training, as the released code); the paper's ablations trained it separately, not sharing "
+                  "features (§3.1, \"for convenient ablation\").", ""]
     if mode == "quick":
         lines += ["**Quick mode: a few CPU iterations on 64 px images. These numbers mean nothing;**",
                   "**they only show that the code path runs.**", ""]
@@ -450,6 +456,7 @@ def markdown_table(summary: dict) -> str:
             f"- {s['started']}: {s['trained']} trainings, {s['elapsed_s']:.0f} s wall, {s['jobs']} at a time "
             f"on {s['device']}, commit {s['git_commit']}" + (f", bodies {s['init']}" if s.get("init") else "")
             + (f", failed {s['failed']}" if s["failed"] else "")
+            + (f", given up after failing in earlier sessions {s['given_up']}" if s.get("given_up") else "")
             + (f", {len(s['left'])} left at the deadline" if s.get("left") else "")
             + (" (" + ", ".join(f"{name} saved at iteration {at}" for name, at in s["saved"].items())
                + ", resumed from there)" if s.get("saved") else "")

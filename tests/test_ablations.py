@@ -46,6 +46,7 @@ def test_the_101_stand_in_deepens_res4_only_and_the_resnext_one_groups_its_convo
 def test_coco_mode_uses_the_papers_recipe_160k_iterations_lr_002_16_images():
     cfg = train_config("coco", False, seed=1, output_dir="x")
     assert (cfg.base_lr, cfg.max_iter, cfg.steps, cfg.images_per_batch) == (0.02, 160_000, (120_000,), 16)
+    assert (cfg.checkpoint_period, cfg.keep_checkpoints) == (5000, 1)  # not 32 files of up to 1.3 GB each
     assert model_config(RUNS["r50_c4"], "coco").num_classes == 80
     with pytest.raises(ValueError, match="quick"):
         model_config(RUNS["r50_c4"], "coco", quick=True)
@@ -685,3 +686,79 @@ def test_input_size_resizes_the_miniature_and_a_table_keeps_one_size(tmp_path):
     with pytest.raises(ValueError, match="r50_c4 seed 0 was trained on 64 px inputs but this command plans 96 px"):
         ablations.main(args + ["--input-size", "96"])
     assert not (tmp_path / "data").exists()  # refused before anything was generated or trained
+
+
+def _quick_table(tiny_shapes, tmp_path, *extra):
+    return ["--table", "2", "--rows", "r50_c4_roipool", "--seeds", "1", "--quick", "--jobs", "1",
+            "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"),
+            "--data", str(tiny_shapes["root"]), *extra]
+
+
+def test_a_training_that_fails_in_two_sessions_is_not_tried_again_unless_asked(tiny_shapes, tmp_path,
+                                                                                monkeypatch, capsys):
+    # a deterministic failure would otherwise take a job slot (and be packed for the next lease)
+    # in every session
+    launched = []
+    monkeypatch.setattr(ablations, "_child_command", lambda run, seed, args: launched.append((run, seed)) or
+                        [sys.executable, "-c", "import sys; sys.exit(3)"])
+    args = _quick_table(tiny_shapes, tmp_path, "--no-pretrain")
+    assert ablations.main(args) == 1 and ablations.main(args) == 1  # two sessions, two failures
+    assert launched == [("r50_c4_roipool", 0)] * 2
+    capsys.readouterr()
+    assert ablations.main(args) == 0 and len(launched) == 2  # the third session does not start it
+    out = capsys.readouterr().out
+    assert "r50_c4_roipool seed 0: failed in 2 earlier sessions; not tried again" in out
+    summary = json.loads((tmp_path / "out" / "table2_quick.json").read_text())
+    assert summary["sessions"][-1]["given_up"] == [["r50_c4_roipool", 0]]
+    assert summary["sessions"][-1]["left"] == []  # so the lease script does not pack it
+    assert "given up after failing in earlier sessions" in (tmp_path / "out" / "table2_quick.md").read_text()
+    assert ablations.main(args + ["--retry-failed"]) == 1 and len(launched) == 3
+    assert ablations.main(args + ["--max-failures", "4"]) == 1 and len(launched) == 4
+
+
+def test_an_error_in_the_table_stops_its_trainings_and_still_writes_the_report(tiny_shapes, tmp_path, monkeypatch):
+    children = []
+
+    def sleeper(run, seed, args):
+        children.append(run)
+        return [sys.executable, "-c", "import time; time.sleep(120)"]
+
+    real_sleep = time.sleep
+
+    def interrupted(seconds):
+        if children and not interrupted.done:  # Ctrl-C, or any bug in the loop, while a training runs
+            interrupted.done = True
+            raise KeyboardInterrupt
+        real_sleep(seconds)
+    interrupted.done = False
+
+    monkeypatch.setattr(ablations, "_child_command", sleeper)
+    monkeypatch.setattr(ablations.time, "sleep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ablations.main(_quick_table(tiny_shapes, tmp_path, "--no-pretrain"))
+    monkeypatch.undo()
+    assert children == ["r50_c4_roipool"]
+    leftover = subprocess.run(["pgrep", "-f", "time.sleep\\(120\\)"], capture_output=True, text=True).stdout.split()
+    assert not leftover, f"training processes left running: {leftover}"
+    session = json.loads((tmp_path / "out" / "table2_quick.json").read_text())["sessions"][-1]
+    assert session["left"] == [["r50_c4_roipool", 0]]  # stopped, resumable by the next session
+
+
+def test_a_body_whose_pretraining_fails_fails_its_trainings_and_the_table_carries_on(tiny_shapes, tmp_path,
+                                                                                  monkeypatch, capsys):
+    def broken(names, args):
+        raise RuntimeError("pre-training ResNet-50 failed (exit 1); see pretrain_ResNet-50.log")
+
+    monkeypatch.setattr(ablations, "pretrain_bodies", broken)
+    assert ablations.main(_quick_table(tiny_shapes, tmp_path)) == 1
+    assert "its 1 training(s) count as failed" in capsys.readouterr().out
+    session = json.loads((tmp_path / "out" / "table2_quick.json").read_text())["sessions"][-1]
+    assert session["failed"] == [["r50_c4_roipool", 0]] and session["trained"] == 0
+
+
+@pytest.mark.parametrize("flag, value", [("--max-iter", "0"), ("--images-per-batch", "-2"), ("--nproc-per-run", "0"),
+                                         ("--input-size", "0"), ("--deadline", "0"), ("--max-failures", "0")])
+def test_ablate_refuses_non_positive_counts_naming_the_flag(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        ablations.main(["--table", "2", flag, value])
+    assert f"{flag} must be" in capsys.readouterr().err

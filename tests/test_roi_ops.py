@@ -510,3 +510,21 @@ def test_benchmark_script_runs_on_cpu(capsys, monkeypatch):
     runpy.run_path(str(script), run_name="__main__")
     printed = capsys.readouterr().out
     assert "forward" in printed and "torch" in printed
+
+
+def test_roiwarp_of_a_box_on_the_grid_is_roialign_of_that_box_one_cell_larger():
+    # RoIPool's inclusive end: [4, 24) x [8, 32) at stride 4 covers cells 1..6 x 2..8, so the warp
+    # samples [4, 28) x [8, 36) -- the docstring's example, and the whole of RoIWarp vs RoIAlign
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    warped = roi_warp(x, torch.tensor([[0, 4.0, 8.0, 24.0, 32.0]]), (2, 2), 0.25, 2, mode="avg")
+    assert torch.equal(warped, roi_align(x, torch.tensor([[0, 4.0, 8.0, 28.0, 36.0]]), (2, 2), 0.25, 2, True))
+    assert not torch.allclose(warped, roi_align(x, torch.tensor([[0, 4.0, 8.0, 24.0, 32.0]]), (2, 2), 0.25, 2, True))
+
+
+def test_adaptive_roialign_of_only_empty_rois_stays_on_the_graph():
+    # as an empty list of RoIs does: a loss over them is a zero whose backward runs
+    x = torch.rand(1, 3, 16, 16, requires_grad=True)
+    out = roi_align(x, torch.tensor([[0, 2.0, 2.0, 2.0, 2.0], [0, 5.0, 1.0, 5.0, 9.0]]), (2, 2), 1.0, 0, True)
+    assert out.shape == (2, 3, 2, 2) and not out.any()
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert not grad.any()

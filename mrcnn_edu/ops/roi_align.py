@@ -256,7 +256,8 @@ def _grid_groups(roi_h: Tensor, roi_w: Tensor, output_size: tuple[int, int],
     """``[(members (Rg,), gh, gw)]``: the RoIs sharing each sampling grid.
 
     A fixed ``sampling_ratio`` is one group of every RoI, found without reading a value (no
-    GPU sync); the adaptive grid reads the sizes to group the RoIs.
+    GPU sync); the adaptive grid reads the sizes to group the RoIs, in one host read: the RoIs
+    sorted by grid, then each grid's key and count (mask targets of a batch have ~100 grids).
     """
     R = roi_h.shape[0]
     if R == 0:
@@ -264,12 +265,11 @@ def _grid_groups(roi_h: Tensor, roi_w: Tensor, output_size: tuple[int, int],
     if sampling_ratio > 0:
         return [(torch.arange(R, device=roi_h.device), sampling_ratio, sampling_ratio)]
     gh, gw = _grid_sizes(roi_h, roi_w, output_size, sampling_ratio)
-    grid_key = gh * (int(gw.max()) + 1) + gw  # (R,) one key per (gh, gw)
-    groups = []
-    for key in torch.unique(grid_key).tolist():
-        members = (grid_key == key).nonzero()[:, 0]  # (Rg,)
-        groups.append((members, int(gh[members[0]]), int(gw[members[0]])))
-    return groups
+    grid_key = gh.long() * 2 ** 31 + gw.long()  # (R,) one key per (gh, gw); grids stay far below 2**31
+    order = torch.argsort(grid_key, stable=True)  # (R,) the RoIs of one grid together, in input order
+    keys, counts = torch.unique_consecutive(grid_key[order], return_counts=True)
+    keys, counts = torch.stack([keys, counts]).tolist()  # the one host read
+    return [(members, key >> 31, key & (2 ** 31 - 1)) for members, key in zip(order.split(counts), keys)]
 
 
 def roi_align_torch(input: Tensor, rois: Tensor, output_size: tuple[int, int],
@@ -293,8 +293,9 @@ def roi_align_torch(input: Tensor, rois: Tensor, output_size: tuple[int, int],
     x1, y1, roi_w, roi_h = _roi_frame(rois, spatial_scale, aligned)
     pieces, order = [], []
     for members, g_h, g_w in _grid_groups(roi_h, roi_w, output_size, sampling_ratio):
-        if g_h == 0 or g_w == 0:  # zero-size aligned RoIs: no sampling point, output 0
-            pieces.append(features.new_zeros(members.shape[0], oh, ow, C))
+        if g_h == 0 or g_w == 0:  # zero-size aligned RoIs: no sampling point, output 0 --
+            # the appended zero row, so that the output stays on the graph even if all are so
+            pieces.append(features[-1].expand(members.shape[0], oh, ow, C))
             order.append(members)
             continue
         per_roi = max(oh * g_h * ow * g_w * 4 * C, 1)

@@ -24,8 +24,10 @@ What is quantised, precisely (``s = spatial_scale``, ``round`` = half away from 
    ``-FLT_MAX`` rounds to it) and no gradient.
 RoIWarp then does *no* further quantisation: it is RoIAlign (``aligned=True``, bilinear
 sampling at ``sampling_ratio x sampling_ratio`` regular points per bin, max or avg) applied to the
-quantised box ``[start, start + size)``. So on a box already on the feature grid RoIWarp equals
-RoIAlign, and every difference between them is the RoI quantisation of step 1.
+quantised box ``[start, start + size)``. Step 1 rounds the end *inclusively*, as RoIPool does:
+a box whose corners lie on the feature grid, ``[x1, x2)`` on cell edges, becomes one cell larger
+to the right and bottom (``[4, 8, 24, 32]`` at stride 4 is warped as RoIAlign on
+``[4, 8, 28, 36]``). Every difference between RoIWarp and RoIAlign is that quantisation.
 
 Both ops are vectorised over RoIs and bins, differentiable with respect to ``input``, and match
 ``torchvision.ops.roi_pool`` exactly for RoIPool.

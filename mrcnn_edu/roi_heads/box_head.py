@@ -35,6 +35,7 @@ consumes without recomputing res5. At test time the mask branch runs on the dete
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -211,12 +212,17 @@ def box_loss(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, regressio
         return {"loss_classifier": zero, "loss_box_reg": zero}
     labels = labels.to(torch.int64)
     loss_classifier = F.cross_entropy(class_logits, labels)
-    foreground = torch.nonzero(labels > 0).flatten()
     deltas = box_deltas.view(num_rois, -1, 4)  # (R, K+1, 4) or (R, 1, 4)
-    column = labels[foreground] if deltas.shape[1] > 1 else torch.zeros_like(foreground)
+    column = labels if deltas.shape[1] > 1 else torch.zeros_like(labels)
+    picked = deltas[torch.arange(num_rois, device=labels.device), column]  # (R, 4): each RoI's class's deltas
+    # Background RoIs count as zero against zero: selecting the foreground rows instead (nonzero)
+    # would be a host read, a GPU sync per step. Masking the inputs, not the loss, keeps a
+    # background RoI's target (unused, possibly inf for a degenerate proposal) out of the gradient.
+    foreground = (labels > 0)[:, None]
     # in the wider of the two dtypes: bf16 deltas (mixed precision) must not round the targets
     dtype = torch.promote_types(deltas.dtype, regression_targets.dtype)
-    loss_box_reg = F.smooth_l1_loss(deltas[foreground, column].to(dtype), regression_targets[foreground].to(dtype),
+    loss_box_reg = F.smooth_l1_loss(torch.where(foreground, picked.to(dtype), 0.0),
+                                    torch.where(foreground, regression_targets.to(dtype), 0.0),
                                     beta=beta, reduction="sum") / num_rois
     return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
 
@@ -388,8 +394,10 @@ class BoxBranch(nn.Module):
         if isinstance(self.head, Res5Head):
             res5_map = self.head.features(roi_features)  # (sum S_i, C5, 7, 7)
             head_features = self.head.pool(res5_map)
-            is_positive = torch.cat(labels) > 0  # positives first within each image
-            positive_res5 = res5_map[is_positive]  # (sum P_i, C5, 7, 7)
+            # positives come first within each image, and their counts are on the host already:
+            # slices, not a boolean mask (whose count the GPU would have to send back)
+            starts = [0, *itertools.accumulate(num_sampled)][:-1]
+            positive_res5 = torch.cat([res5_map[s:s + p] for s, p in zip(starts, num_pos)])  # (sum P_i, C5, 7, 7)
         else:
             head_features = self.head(roi_features)
         class_logits, box_deltas = self.predictor(head_features)

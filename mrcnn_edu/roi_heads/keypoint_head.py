@@ -162,8 +162,10 @@ def _decode_heatmaps(keypoint_logits: torch.Tensor, boxes: torch.Tensor) -> torc
     widths_px, heights_px = widths.ceil(), heights.ceil()
     result = keypoint_logits.new_zeros((num_rois, num_kp, 3), dtype=torch.float32)
     kp_index = torch.arange(num_kp, device=keypoint_logits.device)
+    # every box's pixel size in one host read (two per box would be a GPU sync each)
+    sizes = torch.stack([widths_px, heights_px], dim=1).long().tolist()  # (P, 2)
     for i in range(num_rois):
-        out_w, out_h = int(widths_px[i].item()), int(heights_px[i].item())
+        out_w, out_h = sizes[i]
         roi_map = F.interpolate(keypoint_logits[i][:, None], size=(out_h, out_w), mode="bicubic",
                                 align_corners=False)[:, 0]  # (Kp, out_h, out_w)
         best = roi_map.flatten(1).argmax(dim=1)  # (Kp,) flat index

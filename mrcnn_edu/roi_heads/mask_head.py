@@ -222,7 +222,10 @@ def mask_targets(
         raise ValueError(f"proposals must be (P, 4), got shape {tuple(proposals.shape)}")
     if matched_gt_idx.shape != proposals.shape[:1]:
         raise ValueError(f"matched_gt_idx must be (P,) = ({proposals.shape[0]},), got {tuple(matched_gt_idx.shape)}")
-    if matched_gt_idx.numel() > 0 and bool(((matched_gt_idx < 0) | (matched_gt_idx >= gt_masks.shape[0])).any()):
+    # value checks read the device: on a GPU they would be a sync per step, and there the model's
+    # own matcher made these indices (as check_boxes, values are checked on the CPU only)
+    if matched_gt_idx.numel() > 0 and _check_values(matched_gt_idx) \
+            and bool(((matched_gt_idx < 0) | (matched_gt_idx >= gt_masks.shape[0])).any()):
         raise ValueError(f"matched_gt_idx must index the {gt_masks.shape[0]} gt masks, got {matched_gt_idx.tolist()}")
     if proposals.shape[0] == 0:
         return proposals.new_zeros((0, m, m))
@@ -259,7 +262,7 @@ def batch_mask_targets(gt_masks: list[torch.Tensor], matched_gt_idx: list[torch.
         shift = host_to_device((num_masks.cumsum(0) - num_masks).repeat_interleave(num_rois), proposals[start].device)
         bound = host_to_device(num_masks.repeat_interleave(num_rois), proposals[start].device)
         idx = torch.cat([matched_gt_idx[i] for i in run])
-        if idx.numel() > 0 and bool(((idx < 0) | (idx >= bound)).any()):  # one read for the run
+        if idx.numel() > 0 and _check_values(idx) and bool(((idx < 0) | (idx >= bound)).any()):  # CPU only, as above
             bad = next(i for i in run
                        if bool(((matched_gt_idx[i] < 0) | (matched_gt_idx[i] >= gt_masks[i].shape[0])).any()))
             raise ValueError(f"matched_gt_idx[{bad}] must index image {bad}'s {gt_masks[bad].shape[0]} gt masks, "
@@ -270,6 +273,12 @@ def batch_mask_targets(gt_masks: list[torch.Tensor], matched_gt_idx: list[torch.
     if not pieces:
         return torch.zeros(0, m, m)
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def _check_values(tensor: torch.Tensor) -> bool:
+    """Whether to check ``tensor``'s values: on the CPU only. On a GPU reading them is a sync per
+    step, and the model checks its targets once per batch (``model._check_images``)."""
+    return tensor.device.type == "cpu"
 
 
 def _check_logits_labels(mask_logits: torch.Tensor, labels: torch.Tensor, loss: str, class_agnostic: bool) -> None:
@@ -283,7 +292,9 @@ def _check_logits_labels(mask_logits: torch.Tensor, labels: torch.Tensor, loss: 
     if num_masks < 1 or mask_logits.shape[1] != mask_output_channels(num_masks, loss, class_agnostic):
         raise ValueError(f"mask_logits has {mask_logits.shape[1]} channels, which loss={loss!r}, "
                          f"class_agnostic={class_agnostic} cannot read")
-    if labels.numel() > 0 and bool(((labels < 1) | ((labels > num_masks) & (not class_agnostic))).any()):
+    # the values on the CPU only (a GPU sync otherwise); the model checks its targets' labels once per batch
+    if labels.numel() > 0 and _check_values(labels) \
+            and bool(((labels < 1) | ((labels > num_masks) & (not class_agnostic))).any()):
         raise ValueError(f"labels must be foreground classes 1..{num_masks}, got {labels.unique().tolist()}")
 
 

@@ -481,7 +481,7 @@ def _child_command(run: str, seed: int, args: argparse.Namespace) -> list[str]:
 
 
 def pending(runs: list[str], seeds: int, done: dict, planned: dict, pretrained: bool | None = None,
-            input_size: int | None = None) -> list[tuple[str, int]]:
+            input_size: int | None = None, models: dict | None = None) -> list[tuple[str, int]]:
     """The (run, seed) pairs without a record: by body (R-50's runs, then R-101's, then
     ResNeXt's), and within a body seed-major.
 
@@ -490,15 +490,18 @@ def pending(runs: list[str], seeds: int, done: dict, planned: dict, pretrained: 
 
     A record made with another schedule than ``planned`` (run name -> TrainConfig: COCO's
     ResNeXt trains with its own), from scratch when ``pretrained`` (or the reverse), or on other
-    than ``input_size`` px inputs, is an error, not something to mix into the table.
+    than ``input_size`` px inputs, or as another model than ``models[run]`` (its model config as
+    records hold it), is an error, not something to mix into the table.
     """
-    from mrcnn_edu.ablations_report import check_same_schedule
+    from mrcnn_edu.ablations_report import check_same_model, check_same_schedule
 
     todo = []
     for seed in range(seeds):
         for name in runs:
             if (name, seed) in done:
                 check_same_schedule(done[(name, seed)], planned[name], pretrained, input_size)
+                if models is not None:
+                    check_same_model(done[(name, seed)], models[name])
             else:
                 todo.append((name, seed))
     bodies = list(dict.fromkeys(body_name(RUNS[name]) for name in RUNS))  # ResNet-50 first
@@ -786,7 +789,10 @@ def run_table(args: argparse.Namespace) -> dict:
     pretrained = bool(args.pretrain or args.imagenet)
     size = model_config(RUNS[runs[0]], args.dataset, args.quick, args.input_size).transform.min_size_test
     done = report.load_records(args.workdir, summary_path)
-    todo = pending(runs, args.seeds, done, plans, pretrained, size)
+    models = {name: report.as_stored(dataclasses.asdict(model_config(RUNS[name], args.dataset, args.quick,
+                                                                     args.input_size)))
+              for name in runs}  # as a record holds its model_config
+    todo = pending(runs, args.seeds, done, plans, pretrained, size, models)
     # a training that failed in max_failures earlier sessions is not tried again (nor packed for
     # the next lease) unless --retry-failed: a deterministic failure would take a job slot, and a
     # lease's minutes, every session
@@ -1036,6 +1042,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{flag} must be >= 1, got {value}")
     if args.deadline is not None and args.deadline <= 0:
         parser.error(f"--deadline must be > 0 seconds, got {args.deadline}")
+    if args.nproc_per_run > 1 and (args.jobs or 1) > 1:
+        # each torchrun child would take GPUs 0..N-1: J jobs would share the same N GPUs
+        parser.error(f"--jobs {args.jobs} with --nproc-per-run {args.nproc_per_run}: every job would train on "
+                     "the same GPUs; run one multi-GPU job at a time (--jobs 1)")
     if args.overrun_max_mib is not None and not args.may_overrun:
         parser.error("--overrun-max-mib limits the trainings --may-overrun K lets run past the deadline; give K")
     if args.may_overrun < 0:

@@ -145,6 +145,11 @@ def _finite(obj):
     return obj
 
 
+def as_stored(obj):
+    """``obj`` as a results file holds it after reading back (nan as None, tuples as lists)."""
+    return json.loads(json.dumps(_finite(obj), sort_keys=True, default=str))
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -226,6 +231,28 @@ def check_same_schedule(record: dict, planned, pretrained: bool | None = None,
             raise ValueError(
                 f"{record['run']} seed {record['seed']} finished with {key}={done[key]} but this "
                 f"command plans {key}={getattr(planned, key)}; {where}")
+
+
+def config_differences(done, planned, where: str = "") -> list[str]:
+    """``key=value (planned value)`` for each setting in both nested dicts that differs. A key in
+    only one of them (a setting added to the code since) is not a difference: its default is."""
+    if isinstance(done, dict) and isinstance(planned, dict):
+        return [d for key in done.keys() & planned.keys()
+                for d in config_differences(done[key], planned[key], f"{where}.{key}" if where else str(key))]
+    return [] if done == planned else [f"{where}={done!r} (planned {planned!r})"]
+
+
+def check_same_model(record: dict, planned: dict) -> None:
+    """ValueError if a finished run's ``model_config`` differs from ``planned`` (the run's
+    ``dataclasses.asdict(model_config(...))`` through JSON, as records hold it): a changed
+    head, pooler or body must not be averaged with the rest of its row."""
+    differ = sorted(config_differences(record.get("model_config", {}), planned))
+    if differ:
+        raise ValueError(f"{record['run']} seed {record['seed']} was trained as another model: "
+                         f"{'; '.join(differ[:6])}{' ...' if len(differ) > 6 else ''}; use another "
+                         f"--workdir/--out, or delete its record from both places it is kept: "
+                         f"{result_path('<--workdir>', record['run'], record['seed'])} and its entry under "
+                         "\"runs\" in the summary JSON of --out (table2_<mode>.json)")
 
 
 # --- the paper's claims (§4.2), as contrasts between runs ---------------------------------------

@@ -1,6 +1,7 @@
 """Table 2's runner: every row a valid model, the paper's figures, the statistics, resumption."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -414,6 +415,15 @@ def test_resumption_skips_finished_entries_and_refuses_another_schedule():
         pending(["r50_c4"], 1, {("r50_c4", 0): pretrained}, every_run(planned), pretrained=False)
     with pytest.raises(ValueError, match="from scratch but this command plans from pre-trained"):
         pending(["r50_c4"], 1, {("r50_c4", 0): scratch}, every_run(planned), pretrained=True)
+    # and one model per row: a record of another pooler (or head, or body) is refused
+    models = {"r50_c4": report.as_stored(dataclasses.asdict(model_config(RUNS["r50_c4"], "shapes", True)))}
+    same = _fake_record("r50_c4", 0, 1, 2, 3)
+    same["model_config"] = json.loads(json.dumps(models["r50_c4"]))
+    same["model_config"]["a_setting_added_since"] = 1  # a key only one side has is no difference
+    assert pending(["r50_c4"], 1, {("r50_c4", 0): same}, every_run(planned), models=models) == []
+    same["model_config"]["pooler"]["kind"] = "roi_pool"
+    with pytest.raises(ValueError, match=r"another model: pooler.kind='roi_pool' \(planned 'roi_align'\)"):
+        pending(["r50_c4"], 1, {("r50_c4", 0): same}, every_run(planned), models=models)
 
 
 def test_quick_mode_trains_one_row_end_to_end_then_a_rerun_trains_nothing(tiny_shapes, tmp_path, capsys):
@@ -762,3 +772,9 @@ def test_ablate_refuses_non_positive_counts_naming_the_flag(flag, value, capsys)
     with pytest.raises(SystemExit):
         ablations.main(["--table", "2", flag, value])
     assert f"{flag} must be" in capsys.readouterr().err
+
+
+def test_ablate_refuses_several_multi_gpu_jobs_that_would_share_their_gpus(capsys):
+    with pytest.raises(SystemExit):
+        ablations.main(["--table", "2", "--dataset", "coco", "--from-scratch", "--jobs", "2", "--nproc-per-run", "4"])
+    assert "every job would train on the same GPUs" in capsys.readouterr().err

@@ -194,7 +194,12 @@ def stand_in(spec: RunSpec, mode: str = "miniature") -> str:
         return f"{spec.paper_name()} (the paper's)"
     blocks = ",".join(map(str, MINI_BLOCKS[spec.depth]))
     grouped = ", groups {groups}x{width_per_group}".format(**MINI_RESNEXT) if spec.resnext else ""
-    return f"R-mini-{spec.features}, blocks ({blocks}), width {8 if mode == 'quick' else MINI_WIDTH}{grouped}"
+    head = ""
+    if spec.mlp_dims:  # the paper's row names its fc widths and 80 classes; say what ours has
+        cfg = model_config(spec, "shapes", mode == "quick")
+        head = ", mask head fc " + " → ".join(map(str, cfg.mask_head.mlp_dims)) + \
+            f" → {cfg.num_classes}·{cfg.mask_head.resolution}²"
+    return f"R-mini-{spec.features}, blocks ({blocks}), width {8 if mode == 'quick' else MINI_WIDTH}{grouped}{head}"
 
 
 def _apply_heads(cfg, spec: RunSpec, mlp_dims: tuple[int, ...]):

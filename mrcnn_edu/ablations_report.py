@@ -150,12 +150,16 @@ def as_stored(obj):
     return json.loads(json.dumps(_finite(obj), sort_keys=True, default=str))
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_finite(data), indent=1, sort_keys=True, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(_finite(data), indent=1, sort_keys=True, default=str) + "\n")
 
 
 def result_path(workdir: str | Path, run: str, seed: int) -> Path:
@@ -524,5 +528,5 @@ def write_report(rows: list[Row], runs: list[str], seeds: int, mode: str, datase
                "sessions": previous.get("sessions", []) + ([session] if session else []),
                **summarise(rows, runs, records, seeds, mode)}
     write_json_atomic(summary_path, summary)
-    summary_path.with_suffix(".md").write_text(markdown_table(summary))
+    write_text_atomic(summary_path.with_suffix(".md"), markdown_table(summary))
     return summary

@@ -59,13 +59,17 @@ def load_image(path: str | Path) -> torch.Tensor:
 def predict_images(model: nn.Module, images: Sequence[torch.Tensor], batch_size: int = 2) -> list[dict]:
     """Eval-mode predictions for ``images``, moved to the CPU (masks stay (N, 1, H, W) floats)."""
     device = next(model.parameters()).device
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     was_training = model.training
     model.eval()
     outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = [image.to(device) for image in images[start:start + batch_size]]
-        outputs += [{k: v.cpu() for k, v in out.items()} for out in model(batch)]
-    model.train(was_training)
+    try:  # a bad image must not leave a training model in eval mode (its BN, its RoI sampling)
+        for start in range(0, len(images), batch_size):
+            batch = [image.to(device) for image in images[start:start + batch_size]]
+            outputs += [{k: v.cpu() for k, v in out.items()} for out in model(batch)]
+    finally:
+        model.train(was_training)
     return outputs
 
 
@@ -77,6 +81,8 @@ def evaluate_model(model: nn.Module, dataset: COCODataset, iou_types: Sequence[s
     Returns ``{iou_type: {AP, AP50, AP75, APs, APm, APl}}`` as fractions (nan where COCOeval
     has nothing to score); other ranks return ``{}``.
     """
+    if max_images is not None and max_images < 1:  # 0 would read as "no limit" below
+        raise ValueError(f"max_images must be None (every image) or >= 1, got {max_images}")
     iou_types = tuple(iou_types or iou_types_of(model))
     check_ground_truth(dataset.coco, iou_types, dataset.ann_file)  # before predicting, not after
     info = get_dist_info()

@@ -778,3 +778,11 @@ def test_ablate_refuses_several_multi_gpu_jobs_that_would_share_their_gpus(capsy
     with pytest.raises(SystemExit):
         ablations.main(["--table", "2", "--dataset", "coco", "--from-scratch", "--jobs", "2", "--nproc-per-run", "4"])
     assert "every job would train on the same GPUs" in capsys.readouterr().err
+
+
+def test_the_mlp_rows_say_what_head_the_miniature_trains_not_the_papers():
+    # the paper's row reads "fc 1024 → 1024 → 80·28²"; the miniature's FPN is 64 wide, 8 classes
+    cfg = model_config(RUNS["r50_fpn_mlp3"])
+    assert cfg.mask_head.mlp_dims == (256, 256, 256) and cfg.num_classes == 8
+    assert ablations.stand_in(RUNS["r50_fpn_mlp3"]).endswith(", mask head fc 256 → 256 → 256 → 8·28²")
+    assert "mask head" not in ablations.stand_in(RUNS["r50_fpn"])

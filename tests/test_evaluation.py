@@ -284,3 +284,32 @@ def test_a_prediction_grid_of_nothing_or_of_unpaired_lists_is_named(tmp_path):
     with pytest.raises(ValueError, match="got 2 images, 1 predictions"):
         save_prediction_grid([image, image], [empty], tmp_path / "grid.png")
     assert save_prediction_grid([image], [empty], tmp_path / "grid.png").is_file()
+
+
+def test_predict_images_puts_a_training_model_back_in_training_mode_even_after_an_error():
+    from mrcnn_edu.predict import predict_images
+
+    class Picky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, images):
+            if images[0].shape[0] != 3:
+                raise ValueError("images[0] must be (3, H, W)")
+            return [{"boxes": torch.zeros(0, 4)} for _ in images]
+
+    model = Picky().train()
+    assert predict_images(model, [torch.rand(3, 8, 8)] * 3)[2]["boxes"].shape == (0, 4) and model.training
+    with pytest.raises(ValueError, match="images"):
+        predict_images(model, [torch.rand(1, 8, 8)])
+    assert model.training  # not left in eval mode by the failed batch
+    with pytest.raises(ValueError, match="batch_size"):
+        predict_images(model, [torch.rand(3, 8, 8)], batch_size=0)
+
+
+def test_evaluating_zero_images_is_an_error_not_every_image(val_set):
+    from mrcnn_edu.predict import evaluate_model
+
+    with pytest.raises(ValueError, match="max_images"):
+        evaluate_model(torch.nn.Linear(1, 1), val_set, iou_types=("bbox",), max_images=0)

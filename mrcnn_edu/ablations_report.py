@@ -205,6 +205,13 @@ def load_records(workdir: str | Path, summary_path: str | Path | None = None) ->
 SCHEDULE_KEYS = ("max_iter", "images_per_batch", "base_lr", "steps", "warmup_iters")  # as the records hold it
 
 
+def _forget_advice(record: dict) -> str:
+    """How to drop a refused record: it is kept in two places, and load_records reads both."""
+    return (f"use another --workdir/--out, or delete its record from both places it is kept: "
+            f"{result_path('<--workdir>', record['run'], record['seed'])} and its entry under \"runs\" in the "
+            "summary JSON of --out (table2_<mode>.json)")
+
+
 def check_same_schedule(record: dict, planned, pretrained: bool | None = None,
                         input_size: int | None = None) -> None:
     """ValueError if a finished run used another schedule than ``planned`` (a TrainConfig),
@@ -212,9 +219,7 @@ def check_same_schedule(record: dict, planned, pretrained: bool | None = None,
     trained on other than ``input_size`` px inputs (the model's ``min_size_test``)."""
     from mrcnn_edu.engine import scale_for_batch
 
-    where = (f"use another --workdir/--out, or delete its record from both places it is kept: "
-             f"{result_path('<--workdir>', record['run'], record['seed'])} and its entry under \"runs\" in the "
-             "summary JSON of --out (table2_<mode>.json)")
+    where = _forget_advice(record)
     done_size = record.get("model_config", {}).get("transform", {}).get("min_size_test", input_size)
     if input_size is not None and done_size != input_size:
         raise ValueError(f"{record['run']} seed {record['seed']} was trained on {done_size} px inputs "
@@ -253,10 +258,7 @@ def check_same_model(record: dict, planned: dict) -> None:
     differ = sorted(config_differences(record.get("model_config", {}), planned))
     if differ:
         raise ValueError(f"{record['run']} seed {record['seed']} was trained as another model: "
-                         f"{'; '.join(differ[:6])}{' ...' if len(differ) > 6 else ''}; use another "
-                         f"--workdir/--out, or delete its record from both places it is kept: "
-                         f"{result_path('<--workdir>', record['run'], record['seed'])} and its entry under "
-                         "\"runs\" in the summary JSON of --out (table2_<mode>.json)")
+                         f"{'; '.join(differ[:6])}{' ...' if len(differ) > 6 else ''}; {_forget_advice(record)}")
 
 
 # --- the paper's claims (§4.2), as contrasts between runs ---------------------------------------

@@ -23,9 +23,11 @@ detectron2), because decaying a scale towards zero fights the normalisation.
 
 What one iteration does (:func:`train` reads top to bottom): fetch a batch whose content is a
 function of ``(seed, iteration)`` (``distributed.py``), set ``lr_at(iteration)``, forward under
-autocast, average the loss terms over processes, stop with :class:`NonFiniteLossError` if one
-is nan/inf (before the optimizer can spoil the weights), backward, SGD step; then log,
-checkpoint (``checkpoint.py``), evaluate. Resuming loads the model, optimizer, scaler and RNG
+autocast, backward, average the loss terms over processes, stop with :class:`NonFiniteLossError`
+if one is nan/inf, or :class:`NonFiniteGradientError` if the losses are finite but a gradient is
+not (both before the optimizer can spoil the weights), SGD step; then log, checkpoint
+(``checkpoint.py``), evaluate. The loss terms and the gradient norm reach the host in one read,
+after the backward pass has been queued: one synchronisation per step on a GPU. Resuming loads the model, optimizer, scaler and RNG
 states, and the run continues exactly as if it had never stopped.
 
 Stopped politely, a run loses nothing: on ``SIGTERM`` (what a scheduler, ``timeout`` or a lent
@@ -63,7 +65,8 @@ from .distributed import (DistInfo, InfiniteBatchSampler, SeededSamples, all_red
                           init_distributed)
 
 __all__ = [
-    "TrainConfig", "NonFiniteLossError", "TrainingStopped", "train", "lr_at", "scaled_lr",
+    "TrainConfig", "NonFiniteLossError", "NonFiniteGradientError", "TrainingStopped", "grad_norm", "train",
+    "lr_at", "scaled_lr",
     "scale_for_batch", "describe_scaling", "build_optimizer", "to_device", "seed_everything",
     "plot_loss_curves", "keep_freed_memory", "resume_mismatch", "prune_checkpoints",
 ]
@@ -115,9 +118,21 @@ class NonFiniteLossError(RuntimeError):
         where = (f"the last good checkpoint, {last_good}, is untouched; resume from it"
                  if last_good else "no checkpoint had been written yet")
         super().__init__(
-            f"non-finite loss at iteration {iteration} ({iteration} iterations had completed): "
+            f"{self.what} at iteration {iteration} ({iteration} iterations had completed): "
             f"{terms}. Training stopped before the optimizer step; {where}. Usual remedies: "
-            "a lower base_lr or longer warm-up, clip_grad, amp='none', or check the data.")
+            "clip_grad (a resume accepts it), or check the data; a lower base_lr, a longer "
+            "warm-up or amp='none' change the past a resume continues, so start a new run from "
+            "the checkpoint's weights (init_weights=PATH).")
+
+    what = "non-finite loss"
+
+
+class NonFiniteGradientError(NonFiniteLossError):
+    """Every loss term was finite but the gradient was not (a sqrt or log at 0 in some backward
+    pass, an overflow); the run stopped before the weights were touched. Not raised under
+    ``amp="fp16"``, whose loss scaler skips such a step by design (and lowers its scale)."""
+
+    what = "non-finite gradient (the loss terms were finite)"
 
 
 class TrainingStopped(RuntimeError):
@@ -310,11 +325,26 @@ def _build_loader(dataset: Dataset, cfg: TrainConfig, collate_fn: Callable, star
                       generator=torch.Generator().manual_seed(cfg.seed))
 
 
-def _reduced_losses(loss_dict: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Each loss term averaged over processes (what DDP's gradient corresponds to)."""
+def _reduced_losses(loss_dict: dict[str, torch.Tensor],
+                    grad_norm: torch.Tensor | None = None) -> tuple[dict[str, float], float]:
+    """Each loss term averaged over processes (what DDP's gradient corresponds to), and the
+    gradient norm (the same on every process: DDP averaged the gradients); one host read."""
     names = sorted(loss_dict)
-    values = torch.stack([loss_dict[name].detach().float() for name in names])  # (T,)
-    return dict(zip(names, all_reduce_mean(values).tolist()))
+    device = loss_dict[names[0]].device
+    norm = torch.zeros(()) if grad_norm is None else grad_norm
+    values = torch.stack([loss_dict[name].detach().float() for name in names] + [norm.detach().float().to(device)])
+    *losses, norm_value = all_reduce_mean(values).tolist()
+    return dict(zip(names, losses)), (math.nan if grad_norm is None else norm_value)
+
+
+def grad_norm(parameters) -> torch.Tensor:
+    """The 2-norm of all gradients together, as ``clip_grad_norm_`` computes it (nan or inf if
+    any gradient holds one); a 0-d tensor on the gradients' device, read by no one here."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    # one op for all the per-tensor norms (clip_grad_norm_ uses it too), not two per parameter
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
 
 
 # what, besides the learning rate, shaped the iterations a checkpoint has done
@@ -559,15 +589,21 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, collate_fn: Call
                 group["lr"] = lr
             with _autocast(device, cfg.amp):
                 loss_dict = trained_model(images, targets)
-            losses = _reduced_losses(loss_dict)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(sum(loss_dict.values())).backward()
+            norm = None
+            if cfg.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            elif not scaler.is_enabled():
+                norm = grad_norm(model.parameters())
+            # fp16's scaler skips a step with inf/nan gradients (it is how it finds its scale)
+            losses, norm_value = _reduced_losses(loss_dict, None if scaler.is_enabled() else norm)
             bad_terms = {name: value for name, value in losses.items() if not math.isfinite(value)}
             if bad_terms:
                 raise NonFiniteLossError(iteration, bad_terms, last_good)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(sum(loss_dict.values())).backward()
-            if cfg.clip_grad is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            if not scaler.is_enabled() and not math.isfinite(norm_value):
+                raise NonFiniteGradientError(iteration, {"gradient norm": norm_value}, last_good)
             scaler.step(optimizer)
             scaler.update()
 

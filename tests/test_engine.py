@@ -24,9 +24,9 @@ from _ddp_worker import TinyDetector, TinyShapes, collate, make_model  # noqa: E
 from mrcnn_edu import engine  # noqa: E402
 from mrcnn_edu.checkpoint import (capture_rng_state, last_checkpoint, load_checkpoint,  # noqa: E402
                                   restore_rng_state, save_checkpoint)
-from mrcnn_edu.engine import (NonFiniteLossError, TrainConfig, TrainingStopped, build_optimizer,  # noqa: E402
-                              describe_scaling, lr_at, scale_for_batch, scaled_lr, to_device,
-                              train)
+from mrcnn_edu.engine import (NonFiniteGradientError, NonFiniteLossError, TrainConfig,  # noqa: E402
+                              TrainingStopped, build_optimizer, describe_scaling, grad_norm, lr_at,
+                              scale_for_batch, scaled_lr, to_device, train)
 
 
 def tiny_config(output_dir: Path, **changes) -> TrainConfig:
@@ -457,6 +457,57 @@ def test_a_nan_loss_stops_the_run_naming_iteration_and_term_and_spares_the_check
     assert good.read_bytes() == written[0]  # untouched since it was written
     assert load_checkpoint(good)["iteration"] == 2
     assert not (tmp_path / "model_0000004.pth").exists()
+
+
+class GradientPoisonedDetector(TinyDetector):
+    """The stand-in with one more loss term, sqrt(|0 * w|): its value is 0 (finite) but its
+    gradient is 0 * inf = nan, from the iteration given on."""
+
+    def __init__(self, poisoned_iteration: int) -> None:
+        super().__init__()
+        self.poisoned_iteration, self.calls = poisoned_iteration, 0
+
+    def forward(self, images, targets=None):
+        losses = super().forward(images, targets)
+        weight = next(self.parameters())
+        poisoned = self.calls >= self.poisoned_iteration
+        losses["loss_sqrt"] = (weight * 0.0).abs().sqrt().sum() if poisoned else (weight * 0.0).sum()
+        self.calls += 1
+        return losses
+
+
+@pytest.mark.parametrize("clip_grad", [None, 1.0])
+def test_a_nan_gradient_behind_a_finite_loss_stops_the_run_before_the_step(tmp_path, clip_grad):
+    # without a loss scaler nothing else would stop it: SGD would write nan into every weight,
+    # the next checkpoint would hold them, and the next iteration's nan loss would call that
+    # checkpoint "good"
+    cfg = tiny_config(tmp_path, checkpoint_period=1, keep_checkpoints=1, clip_grad=clip_grad)
+    seen: list[dict] = []
+    torch.manual_seed(0)
+    model = GradientPoisonedDetector(poisoned_iteration=2)
+    with pytest.raises(NonFiniteGradientError) as caught:
+        train(model, TinyShapes(), cfg, collate,
+              hooks=[lambda done, state: seen.append({k: v.clone() for k, v in model.state_dict().items()})])
+    error = caught.value
+    assert isinstance(error, NonFiniteLossError)  # what callers that catch divergence catch
+    assert error.iteration == 2 and math.isnan(error.bad_terms["gradient norm"])
+    assert "non-finite gradient (the loss terms were finite) at iteration 2" in str(error)
+    assert "model_0000002.pth" in str(error) and last_checkpoint(tmp_path) == tmp_path / "model_0000002.pth"
+    saved = load_checkpoint(tmp_path / "model_0000002.pth")["model"]
+    assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
+    assert_same_tensors(model.state_dict(), seen[-1])  # no step was taken after iteration 2's
+
+
+def test_the_gradient_norm_is_clip_grad_norms_and_sees_nan_and_inf():
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5)),
+              torch.nn.Parameter(torch.randn(2))]  # the last one gets no gradient
+    for p in params[:2]:
+        p.grad = torch.randn_like(p)
+    by_hand = math.sqrt(sum(float((p.grad ** 2).sum()) for p in params[:2]))
+    assert grad_norm(params).item() == pytest.approx(by_hand, rel=1e-6)
+    for bad in (math.nan, math.inf):
+        params[1].grad[3] = bad
+        assert not math.isfinite(grad_norm(params).item())
 
 
 # --- mixed precision --------------------------------------------------------------------------

@@ -57,11 +57,12 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 __all__ = ["RunSpec", "Row", "RUNS", "ROWS", "SUBTABLES", "MINI_SCHEDULE", "DEFAULT_JOBS",
            "MINI_PRETRAIN", "MINI_INPUT_SIZE", "model_config", "train_config", "load_body",
            "select_runs", "stand_in", "run_one", "pending", "may_start", "cost_family",
-           "expected_durations", "pretrain_bodies", "run_table", "main"]
+           "expected_durations", "pretrain_command", "pretrain_bodies", "run_table", "main"]
 
 # --- the runs: one model each ---------------------------------------------------------------
 
@@ -324,17 +325,33 @@ def select_runs(rows: str | None = None) -> tuple[list[Row], list[str]]:
 # --- one training: the child process ----------------------------------------------------------
 
 
+def _data_files(dataset: str, data_dir: str) -> tuple[Path, Path, Path, Path]:
+    """(train image folder, train json, val image folder, val json) of the table's data."""
+    root = Path(data_dir)
+    if dataset == "coco":
+        return (root / "train2017", root / "annotations/instances_train2017.json",
+                root / "val2017", root / "annotations/instances_val2017.json")
+    return root / "train", root / "annotations/instances_train.json", root / "val", root / "annotations/instances_val.json"
+
+
+def data_digest(dataset: str, data_dir: str) -> str:
+    """16 hex digits of the md5 of the train and val annotation files: records made on other
+    data (another generator version or seed of the shapes, another COCO release) differ."""
+    import hashlib
+
+    md5 = hashlib.md5()
+    for path in _data_files(dataset, data_dir)[1::2]:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                md5.update(block)
+    return md5.hexdigest()[:16]
+
+
 def _datasets(dataset: str, data_dir: str):
     from mrcnn_edu.data.coco import COCODataset
     from mrcnn_edu.data.transforms import RandomHorizontalFlip
 
-    root = Path(data_dir)
-    if dataset == "coco":
-        train_dir, train_json = root / "train2017", root / "annotations/instances_train2017.json"
-        val_dir, val_json = root / "val2017", root / "annotations/instances_val2017.json"
-    else:
-        train_dir, train_json = root / "train", root / "annotations/instances_train.json"
-        val_dir, val_json = root / "val", root / "annotations/instances_val.json"
+    train_dir, train_json, val_dir, val_json = _data_files(dataset, data_dir)
     for path in (train_json, val_json):
         if not path.is_file():
             raise ValueError(f"--data {data_dir}: {path} not found"
@@ -416,7 +433,8 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
     model_cfg = model_config(RUNS[run], dataset, quick, input_size)
     train_cfg = train_config(dataset, quick, seed, str(Path(workdir) / "train" / f"{run}__seed{seed}"),
                              max_iter, images_per_batch, channels_last, run)
-    train_set, val_set = _datasets(dataset, data_dir or DATA_DIRS["quick" if quick else dataset])
+    data_dir = data_dir or DATA_DIRS["quick" if quick else dataset]
+    train_set, val_set = _datasets(dataset, data_dir)
     torch.manual_seed(seed)  # initial weights: one stream per seed
     model = MaskRCNN(model_cfg)
     init = {"weights": None}  # from scratch
@@ -445,7 +463,7 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
         "iterations": trained["iteration"], "wall_time_s": time.perf_counter() - tic + earlier,
         "train_time_s": train_s, "resumed_from": trained["start_iteration"], "init": init,
         "device": report.device_name(), "git_commit": report.git_commit(),
-        "torch": torch.__version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "data_digest": data_digest(dataset, data_dir), "torch": torch.__version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "model_config": dataclasses.asdict(model_cfg),
         "train_config": dataclasses.asdict(trained["config"]),
     }
@@ -513,32 +531,42 @@ def pending(runs: list[str], seeds: int, done: dict, planned: dict, pretrained: 
     return sorted(todo, key=lambda key: bodies.index(body_name(RUNS[key[0]])))  # stable: seed-major within
 
 
+def pretrain_command(name: str, args: argparse.Namespace) -> tuple[list[str], Path, Path]:
+    """The child command that pre-trains body ``name``, the file it writes and its log's path."""
+    out = Path(args.workdir) / "pretrain" / f"{name}.pth"
+    log_path = Path(args.workdir) / "logs" / f"pretrain_{name}.log"
+    command = [sys.executable, "-m", "mrcnn_edu.ablations", "pretrain-one", "--body", name,
+               "--out", str(out)] + ["--quick"] * args.quick
+    command += ["--input-size", str(args.input_size)] if args.input_size else []
+    return command, out, log_path
+
+
+def _pretrained(name: str, code: int, out: Path, log_path: Path) -> None:
+    """RuntimeError unless the pre-training child of ``name`` exited 0 having written ``out``."""
+    if code != 0 or not out.is_file():
+        raise RuntimeError(f"pre-training {name} failed (exit {code}); see {log_path}")
+    print(log_path.read_text().strip().splitlines()[-1], flush=True)
+
+
 def pretrain_bodies(runs: list[str], args: argparse.Namespace) -> Path:
     """Pre-train each body ``runs`` start from, unless ``WORKDIR/pretrain/NAME.pth`` exists.
 
     One child process per body, one after the other: drawing the shapes is the slow part,
     and each child spreads it over all CPU cores (``pretrain.py``'s data loader workers).
     Returns the folder, which the trainings then read as their ``--imagenet`` folder.
+    (:func:`run_table` runs the same children without waiting on them: its trainings go on.)
     """
-    folder = Path(args.workdir) / "pretrain"
-    names = list(dict.fromkeys(body_name(RUNS[run]) for run in runs))
-    for name in names:
-        out = folder / f"{name}.pth"
+    for name in dict.fromkeys(body_name(RUNS[run]) for run in runs):
+        command, out, log_path = pretrain_command(name, args)
         if out.is_file():
             check_pretrained_body(out, args.quick, args.input_size)
             continue
-        log_path = Path(args.workdir) / "logs" / f"pretrain_{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         print(f"pre-training the {name} stand-in on single shapes (log: {log_path}) ...", flush=True)
-        command = [sys.executable, "-m", "mrcnn_edu.ablations", "pretrain-one", "--body", name,
-                   "--out", str(out)] + ["--quick"] * args.quick
-        command += ["--input-size", str(args.input_size)] if args.input_size else []
         with open(log_path, "w") as log:
             code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
-        if code != 0 or not out.is_file():
-            raise RuntimeError(f"pre-training {name} failed (exit {code}); see {log_path}")
-        print(log_path.read_text().strip().splitlines()[-1], flush=True)
-    return folder
+        _pretrained(name, code, out, log_path)
+    return Path(args.workdir) / "pretrain"
 
 
 def pretrain_config(quick: bool = False, input_size: int | None = None):
@@ -842,6 +870,15 @@ def run_table(args: argparse.Namespace) -> dict:
     stopped, deferred, launched, never_launched, error = [], [], 0, 0, None
     if todo:
         prepare_data(args.dataset, args.quick, args.data)
+        # a table finished over several sessions must not mix data: e.g. a later lease's fresh
+        # machine generating the shapes with a newer generator (records without a digest: older)
+        digest = data_digest(args.dataset, args.data)
+        other = [f"{name} seed {seed}" for (name, seed), record in sorted(done.items())
+                 if record.get("data_digest", digest) != digest]
+        if other:
+            raise ValueError(f"{', '.join(other)} were trained on other data than {args.data} holds "
+                             f"(annotation digest {digest}): regenerate that data, or delete those results "
+                             f"({args.workdir}/results) and their rows in {summary_path}, or use another --workdir")
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
     logs = Path(args.workdir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -849,9 +886,30 @@ def run_table(args: argparse.Namespace) -> dict:
     if getattr(args, "deadline_at", None) is not None:  # a wall-clock time: the caller's clock, not ours
         deadline = args.deadline_at - wall_tic
 
+    # a body being pre-trained: body -> (child, its log); its trainings wait in todo meanwhile
+    pretraining: dict[str, tuple[subprocess.Popen, IO[str]]] = {}
+    checked: set[str] = set()  # cached bodies checked against the planned pre-training
+    if args.pretrain:
+        args.imagenet = str(Path(args.workdir) / "pretrain")
+
+    def body_ready(key: tuple[str, int]) -> bool:
+        return not args.pretrain or pretrain_command(body_name(RUNS[key[0]]), args)[1].is_file()
+
     def halt(now: float, why: str, grace: float = STOP_GRACE_S, finish_grace: float = FINISH_GRACE_S) -> None:
         """Stop every running training (each saves its step; one already evaluating gets
-        ``finish_grace`` to finish that); record which stopped where."""
+        ``finish_grace`` to finish that) and pre-training (its body is written whole or not at
+        all); record which stopped where."""
+        for body, (process, log) in pretraining.items():
+            process.terminate()
+            try:
+                process.wait(grace)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            log.close()
+            print(f"[{now:6.0f} s] pre-training {body}: stopped {why}; its trainings are left for the next session",
+                  flush=True)
+        pretraining.clear()
         finishing = {key for key in active if checkpoint_iteration(args.workdir, *key) >= totals[key[0]]}
         stop_at_deadline(active, grace, finishing, finish_grace)
         for (name, seed), (process, log, start, _) in active.items():
@@ -873,18 +931,22 @@ def run_table(args: argparse.Namespace) -> dict:
 
     try:
         with sigterm_handled_by(_raise_terminated):
-            while todo or active:
+            while todo or active or pretraining:
                 now = time.perf_counter() - tic
-                while todo and len(active) < args.jobs:
+                # a pre-training holds a job slot (it shares the device) while the trainings go on
+                while todo and len(active) + len(pretraining) < args.jobs:
                     overrunning = sum(entry[3] for entry in active.values())
-                    chosen = next_to_start(todo, saved, totals, now, deadline, durations, overrunning, args,
+                    # one pre-training at a time: it spreads its shape drawing over every CPU core
+                    candidates = [key for key in todo if body_ready(key)] if pretraining else todo
+                    chosen = next_to_start(candidates, saved, totals, now, deadline, durations, overrunning, args,
                                            overhead, min_start)
                     if chosen is None:
                         break
                     (name, seed), overruns = chosen
                     if args.pretrain:  # each body when its first training is due, not all up front
                         body = body_name(RUNS[name])
-                        fresh = not (Path(args.workdir) / "pretrain" / f"{body}.pth").is_file()
+                        command, out, log_path = pretrain_command(body, args)
+                        fresh = not out.is_file()
                         if fresh and deadline is not None and deadline - now < pretrain_min:
                             # too late to pre-train it: its trainings wait for the next session
                             later = [key for key in todo if body_name(RUNS[key[0]]) == body]
@@ -893,26 +955,24 @@ def run_table(args: argparse.Namespace) -> dict:
                             print(f"[{now:6.0f} s] {body}: too close to the deadline to pre-train; "
                                   f"{len(later)} training(s) left for the next session", flush=True)
                             continue
-                        try:
-                            args.imagenet = str(pretrain_bodies([name], args))  # a cached body is checked, not re-made
-                        except RuntimeError as err:  # e.g. out of memory beside the running trainings
-                            lost = [key for key in todo if body_name(RUNS[key[0]]) == body]
-                            todo = [key for key in todo if key not in lost]
-                            failed.extend(lost)
-                            never_launched += len(lost)
-                            print(f"[{now:6.0f} s] {err}: its {len(lost)} training(s) count as failed", flush=True)
-                            now = time.perf_counter() - tic
+                        if fresh:  # its trainings start once the loop below sees it written
+                            log_path.parent.mkdir(parents=True, exist_ok=True)
+                            print(f"[{now:6.0f} s] pre-training the {body} stand-in on single shapes "
+                                  f"(log: {log_path}) ...", flush=True)
+                            log = open(log_path, "w")
+                            pretraining[body] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT),
+                                                 log)
                             continue
-                        if fresh:  # pre-training took time: ask the deadline again
-                            now = time.perf_counter() - tic
-                            continue
+                        if body not in checked:  # a cached body: checked, not re-made
+                            check_pretrained_body(out, args.quick, args.input_size)
+                            checked.add(body)
                     todo.remove((name, seed))
                     log = open(logs / f"{name}__seed{seed}.log", "a" if saved[(name, seed)] else "w")
                     active[(name, seed)] = (subprocess.Popen(_child_command(name, seed, args), env=env,
                                                              stdout=log, stderr=subprocess.STDOUT),
                                             log, now, overruns)
                     launched += 1
-                if not active:  # what is left would not finish before the deadline
+                if not active and not pretraining:  # what is left would not finish before the deadline
                     break
                 time.sleep(0.2 if args.quick else 2.0)
                 now = time.perf_counter() - tic
@@ -940,6 +1000,21 @@ def run_table(args: argparse.Namespace) -> dict:
                             finished.add(family)
                         durations[family].append(now - start)
                     print(f"[{now:6.0f} s] {key[0]} seed {key[1]}: {status}", flush=True)
+                for body, (process, log) in list(pretraining.items()):
+                    if process.poll() is None:
+                        continue
+                    log.close()
+                    del pretraining[body]
+                    command, out, log_path = pretrain_command(body, args)
+                    try:
+                        _pretrained(body, process.returncode, out, log_path)
+                        checked.add(body)
+                    except RuntimeError as err:  # e.g. out of memory beside the running trainings
+                        lost = [key for key in todo if body_name(RUNS[key[0]]) == body]
+                        todo = [key for key in todo if key not in lost]
+                        failed.extend(lost)
+                        never_launched += len(lost)
+                        print(f"[{now:6.0f} s] {err}: its {len(lost)} training(s) count as failed", flush=True)
     except _Terminated:  # a time limit around the table: stop quickly, then report below
         halt(time.perf_counter() - tic, "by SIGTERM to the table", grace=5.0, finish_grace=5.0)
     except BaseException as err:  # a bug, Ctrl-C: no training is left running, what finished is reported

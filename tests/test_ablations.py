@@ -598,7 +598,7 @@ def test_stop_at_deadline_lets_an_evaluating_training_finish_and_kills_the_rest_
 def test_sigterm_to_the_table_stops_its_trainings_and_still_writes_the_report(tiny_shapes, tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     table = subprocess.Popen([sys.executable, "-m", "mrcnn_edu", "ablate", "--table", "2", "--rows", "r50_c4",
-                              "--seeds", "1", "--quick", "--jobs", "1", "--max-iter", "400", "--no-pretrain",
+                              "--seeds", "1", "--quick", "--jobs", "1", "--max-iter", "100000", "--no-pretrain",
                               "--out", str(out), "--workdir", str(work), "--data", str(tiny_shapes["root"])],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              cwd=Path(__file__).resolve().parents[1])
@@ -729,9 +729,11 @@ def test_a_training_that_fails_in_two_sessions_is_not_tried_again_unless_asked(t
 def test_an_error_in_the_table_stops_its_trainings_and_still_writes_the_report(tiny_shapes, tmp_path, monkeypatch):
     children = []
 
+    marker = f"sleeper {tmp_path}"  # pgrep must see this test's children only, not another run's
+
     def sleeper(run, seed, args):
         children.append(run)
-        return [sys.executable, "-c", "import time; time.sleep(120)"]
+        return [sys.executable, "-c", f"import time; time.sleep(120)  # {marker}"]
 
     real_sleep = time.sleep
 
@@ -748,22 +750,104 @@ def test_an_error_in_the_table_stops_its_trainings_and_still_writes_the_report(t
         ablations.main(_quick_table(tiny_shapes, tmp_path, "--no-pretrain"))
     monkeypatch.undo()
     assert children == ["r50_c4_roipool"]
-    leftover = subprocess.run(["pgrep", "-f", "time.sleep\\(120\\)"], capture_output=True, text=True).stdout.split()
+    leftover = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
     assert not leftover, f"training processes left running: {leftover}"
     session = json.loads((tmp_path / "out" / "table2_quick.json").read_text())["sessions"][-1]
     assert session["left"] == [["r50_c4_roipool", 0]]  # stopped, resumable by the next session
 
 
+def _fake_pretraining(monkeypatch, code: str):
+    """Pre-training children that run ``code`` instead, with the real file and log paths."""
+    real = ablations.pretrain_command
+
+    def fake(name, args):
+        command, out, log_path = real(name, args)
+        return [sys.executable, "-c", code], out, log_path
+    monkeypatch.setattr(ablations, "pretrain_command", fake)
+
+
 def test_a_body_whose_pretraining_fails_fails_its_trainings_and_the_table_carries_on(tiny_shapes, tmp_path,
                                                                                   monkeypatch, capsys):
-    def broken(names, args):
-        raise RuntimeError("pre-training ResNet-50 failed (exit 1); see pretrain_ResNet-50.log")
-
-    monkeypatch.setattr(ablations, "pretrain_bodies", broken)
+    _fake_pretraining(monkeypatch, "import sys; print('out of memory'); sys.exit(1)")
     assert ablations.main(_quick_table(tiny_shapes, tmp_path)) == 1
-    assert "its 1 training(s) count as failed" in capsys.readouterr().out
+    assert ("pre-training ResNet-50 failed (exit 1); see " in (out := capsys.readouterr().out)
+            and "pretrain_ResNet-50.log: its 1 training(s) count as failed" in out)
+    assert (tmp_path / "work" / "logs" / "pretrain_ResNet-50.log").read_text() == "out of memory\n"
     session = json.loads((tmp_path / "out" / "table2_quick.json").read_text())["sessions"][-1]
     assert session["failed"] == [["r50_c4_roipool", 0]] and session["trained"] == 0
+
+
+def test_a_table_refuses_to_add_trainings_on_other_data_than_its_records(tiny_shapes, tmp_path, monkeypatch):
+    # e.g. a later lease's fresh machine generating the shapes with a newer generator: its
+    # seeds would be averaged with the earlier ones as if they were one experiment
+    launched = []
+    monkeypatch.setattr(ablations, "_child_command", lambda run, seed, args: launched.append(run) or
+                        [sys.executable, "-c", "import sys; sys.exit(3)"])
+    data = str(tiny_shapes["root"])
+    digest = ablations.data_digest("shapes", data)
+    assert len(digest) == 16 and digest == ablations.data_digest("shapes", data)  # a pure function of the files
+    results = tmp_path / "work" / "results"
+    for seed, record_digest in ((0, digest), (1, "0123456789abcdef")):
+        record = dict(_fake_record("r50_c4", seed, 30.0, 50.0, 30.0), data_digest=record_digest)
+        report.write_json_atomic(report.result_path(tmp_path / "work", "r50_c4", seed), record)
+    assert len(list(results.glob("*.json"))) == 2
+    with pytest.raises(ValueError, match=rf"r50_c4 seed 1 were trained on other data than {data} holds "
+                                         rf"\(annotation digest {digest}\)"):
+        ablations.main(_quick_table(tiny_shapes, tmp_path, "--no-pretrain"))
+    assert launched == []
+    # the same records on the same data (seed 1's digest agreeing) let the table go on
+    record["data_digest"] = digest
+    report.write_json_atomic(report.result_path(tmp_path / "work", "r50_c4", 1), record)
+    assert ablations.main(_quick_table(tiny_shapes, tmp_path, "--no-pretrain")) == 1  # the stand-in child fails
+    assert launched == ["r50_c4_roipool"]
+
+
+def _cached_body(tmp_path, name):
+    """A body file that passes check_pretrained_body for the quick table (its weights unused)."""
+    path = tmp_path / "work" / "pretrain" / f"{name}.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {}, "info": {"config": dataclasses.asdict(ablations.pretrain_config(quick=True))}}, path)
+    return path
+
+
+def test_trainings_go_on_while_a_body_is_pre_trained_and_the_deadline_stops_both(tiny_shapes, tmp_path,
+                                                                                  monkeypatch, capsys):
+    # ResNet-50 is cached, ResNet-101's pre-training runs long: the R-50 training is started,
+    # and its end seen, while it runs (the loop once waited on the pre-training); at the
+    # deadline the pre-training is stopped too, writing no body, and nothing is left running
+    _cached_body(tmp_path, "ResNet-50")
+    _fake_pretraining(monkeypatch, f"import time; time.sleep(120)  # pretrain-one {tmp_path}")
+    monkeypatch.setattr(ablations, "_child_command",
+                        lambda run, seed, args: [sys.executable, "-c", "import sys; sys.exit(3)"])
+    args = _quick_table(tiny_shapes, tmp_path, "--jobs", "2", "--deadline", "4")
+    args[args.index("r50_c4_roipool")] = "r50_c4_roipool,r101_c4"
+    assert ablations.main(args) == 1  # the R-50 training failed
+    out = capsys.readouterr().out
+    order = [out.index(line) for line in ("pre-training the ResNet-101 stand-in", "r50_c4_roipool seed 0: FAILED",
+                                          "pre-training ResNet-101: stopped at the deadline")]
+    assert order == sorted(order), out
+    assert not (tmp_path / "work" / "pretrain" / "ResNet-101.pth").exists()
+    leftover = subprocess.run(["pgrep", "-f", f"pretrain-one {tmp_path}"], capture_output=True, text=True).stdout.split()
+    assert not leftover, f"pre-training left running: {leftover}"
+    session = json.loads((tmp_path / "out" / "table2_quick.json").read_text())["sessions"][-1]
+    assert session["failed"] == [["r50_c4_roipool", 0]] and session["left"] == [["r101_c4", 0]]
+
+
+def test_one_pre_training_at_a_time_and_it_holds_a_job_slot(tiny_shapes, tmp_path, monkeypatch, capsys):
+    # two bodies to make and two job slots: the second waits for the first (each spreads its
+    # shape drawing over every core), and no training of theirs starts before its body exists
+    launched = []
+    monkeypatch.setattr(ablations, "_child_command", lambda run, seed, args: launched.append(run) or
+                        [sys.executable, "-c", "import sys; sys.exit(3)"])
+    _fake_pretraining(monkeypatch, f"import time; time.sleep(120)  # pretrain-one {tmp_path}")
+    args = _quick_table(tiny_shapes, tmp_path, "--jobs", "2", "--deadline", "3")
+    args[args.index("r50_c4_roipool")] = "r50_c4_roipool,r101_c4"
+    assert ablations.main(args) == 0  # nothing failed: both left for the next session
+    out = capsys.readouterr().out
+    assert out.count("pre-training the ") == 1 and "pre-training the ResNet-50 stand-in" in out
+    assert launched == []
+    session = json.loads((tmp_path / "out" / "table2_quick.json").read_text())["sessions"][-1]
+    assert sorted(session["left"]) == [["r101_c4", 0], ["r50_c4_roipool", 0]]
 
 
 @pytest.mark.parametrize("flag, value", [("--max-iter", "0"), ("--images-per-batch", "-2"), ("--nproc-per-run", "0"),

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -79,6 +80,22 @@ def test_crowds_are_dropped_by_default(tiny_set):
         sum(len(with_crowd[i][1]["labels"]) for i in range(len(with_crowd))) - n_crowd
 
 
+def test_a_model_refuses_crowd_targets_rather_than_train_them_as_objects(tiny_set):
+    # nothing downstream reads iscrowd: kept crowds were positives for the RPN and the heads
+    from mrcnn_edu.model import _check_images
+
+    with_crowd = _dataset(tiny_set, drop_crowd=False)
+    index = next(i for i in range(len(with_crowd)) if with_crowd[i][1]["iscrowd"].any())
+    image, target = with_crowd[index]
+    num_classes = len(with_crowd.class_names) - 1
+    with pytest.raises(ValueError, match=rf"targets\[0\] \(image id {target['image_id']}\) holds crowd regions"):
+        _check_images([image], [target], num_classes, with_masks=True)
+    without = _dataset(tiny_set)  # the default drops them: the same image trains
+    image, target = without[without.ids.index(target["image_id"])]
+    assert not target["iscrowd"].any() and len(target["labels"]) > 0
+    _check_images([image], [target], num_classes, with_masks=True)
+
+
 def test_real_coco_style_json_with_integer_keypoints_and_crowd_rle(tmp_path):
     """A COCO-2017-like person_keypoints file: polygons, uncompressed crowd RLE, int keypoints."""
     (tmp_path / "img").mkdir()
@@ -146,6 +163,72 @@ def test_bad_annotations_are_skipped_counted_and_named(tiny_set, tmp_path):
     assert "unknown category id" in message
     n_objects = sum(len(ds[i][1]["labels"]) for i in range(len(ds)))  # iterates without error
     assert n_objects > 0 and 55 not in ds.ids and 56 not in ds.ids
+
+
+def test_keypoints_area_and_iscrowd_that_would_stop_training_later_are_skipped_by_name(tiny_set, tmp_path):
+    # they passed the constructor and then crashed __getitem__ (in a loader worker, mid-run)
+    # with a TypeError naming nothing
+    src = Path(tiny_set) / "annotations" / "instances_train.json"
+    data = json.loads(src.read_text())
+    people = [a for a in data["annotations"] if a.get("keypoints") and a["num_keypoints"] > 0][:4]
+    people[0]["keypoints"][4] = None
+    people[1]["keypoints"][2] = 3  # no such visibility
+    people[2]["area"] = None
+    people[3]["iscrowd"] = "no"
+    path = tmp_path / "bad_fields.json"
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="bad_fields.json"):
+        ds = COCODataset(os.path.join(tiny_set, "train"), str(path), with_keypoints=True)
+    assert ds.skipped["bad keypoints"] == 2 and ds.skipped["bad area or iscrowd"] == 2
+    problems = " ".join(ds.problems)
+    assert all(f"annotation id {a['id']} " in problems for a in people)
+    assert "a keypoint value is not a finite number" in problems
+    assert re.search(r"keypoint visibilities \[[0-2, ]*3\] \(COCO's v is 0, 1 or 2\)", problems)
+    for i in range(len(ds)):  # every kept annotation loads
+        ds[i]
+
+
+@pytest.mark.parametrize("names, expected", [
+    (["left_eye", "right_eye", "nose"], [1, 0, 2]),
+    (["eye_left", "eye_right"], [1, 0]),
+    (["L_Eye", "R_Eye", "Nose"], [1, 0, 2]),  # AP-10K's naming
+    (["Left eye", "Right eye"], [1, 0]),
+    (["leftHip", "rightHip", "r-ear", "l-ear"], [1, 0, 3, 2]),
+    (["nose", "tail", "rear"], [0, 1, 2]),  # "rear" names no side
+])
+def test_the_flip_map_pairs_left_and_right_however_they_are_spelled(names, expected):
+    from mrcnn_edu.data.coco import keypoint_flip_map
+
+    assert keypoint_flip_map(names) == expected
+    # COCO's 17 names: the map the shapes set writes by hand
+    assert keypoint_flip_map(list(shapes.KEYPOINT_NAMES)) == list(shapes.KEYPOINT_FLIP_MAP)
+
+
+def test_a_side_without_a_partner_is_an_error_unless_the_map_is_given(tmp_path):
+    # identity for it would teach a mirrored left eye as a left eye, on half the training images
+    from mrcnn_edu.data.coco import keypoint_flip_map
+
+    with pytest.raises(ValueError, match="'left_eye' names a side .* has no partner"):
+        keypoint_flip_map(["left_eye", "nose"])
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "img" / "a.png")
+    data = {"images": [{"id": 1, "file_name": "a.png", "height": 8, "width": 8}],
+            "categories": [{"id": 1, "name": "cat", "keypoints": ["left_eye", "right_ear", "nose"]}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "area": 16,
+                             "iscrowd": 0, "keypoints": [2, 2, 2, 4, 2, 2, 3, 3, 2], "num_keypoints": 3}]}
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"ann.json: keypoint 'left_eye'"):
+        COCODataset(str(tmp_path / "img"), str(tmp_path / "ann.json"), with_masks=False, with_keypoints=True)
+    # without keypoints nothing is flipped by type, so nothing to refuse
+    assert COCODataset(str(tmp_path / "img"), str(tmp_path / "ann.json"), with_masks=False).keypoint_flip_map \
+        == [0, 1, 2]
+    given = COCODataset(str(tmp_path / "img"), str(tmp_path / "ann.json"), with_masks=False, with_keypoints=True,
+                        keypoint_flip_map=[1, 0, 2])
+    assert given.keypoint_flip_map == [1, 0, 2]
+    for bad in ([0, 1], [1, 2, 0], [0, 0, 2]):  # wrong length, not its own inverse, not a permutation
+        with pytest.raises(ValueError, match="keypoint_flip_map must be a permutation of 0..2"):
+            COCODataset(str(tmp_path / "img"), str(tmp_path / "ann.json"), with_masks=False,
+                        with_keypoints=True, keypoint_flip_map=bad)
 
 
 def test_degenerate_polygon_parts_are_dropped_and_the_rest_kept(tmp_path):

@@ -163,6 +163,36 @@ def test_person_keypoints_follow_coco_and_mark_occlusion(mixed_set):
     assert n_persons > 0
 
 
+def test_crowd_members_pushed_off_the_image_are_dropped_not_piled_on_its_edge():
+    mask = np.zeros((4, 5), bool)
+    ys, xs = np.array([0, 1, 2, 3]), np.array([3, 3, 4, 1])
+    shapes.paste_shifted(mask, ys, xs, (1, -1))  # dx = 1, dy = -1
+    expected = np.zeros((4, 5), bool)
+    expected[0, 4] = expected[2, 2] = True  # (1, 3) -> (0, 4) and (3, 1) -> (2, 2); the rest leave
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_keypoint_visibility_is_read_where_the_stored_point_lies():
+    # a keypoint 0.0017 px left of a pixel edge, stored rounded to 0.01 px, lies in the next
+    # pixel: its v must be that pixel's (here the person's own: 2), not the unrounded point's
+    scene = shapes.render_scene(shapes.default_config(), shapes.scene_rng(1, "train", 1262))
+    cat_ids = {name: i + 1 for i, name in enumerate(shapes.SHAPE_NAMES)}
+    person = next(k for k, obj in enumerate(scene.objects) if obj.keypoints is not None)
+    x, y = scene.objects[person].keypoints[4]  # right_ear
+    assert int(np.floor(x)) != int(np.floor(round(x - 0.5, 2) + 0.5))  # the case: rounding crosses an edge
+    ann = shapes.scene_annotations(scene, 1, 1, cat_ids)[person]
+    kps = np.array(ann["keypoints"]).reshape(17, 3)
+    owner = scene.instance_map[np.floor(kps[:, 1] + 0.5).astype(int), np.floor(kps[:, 0] + 0.5).astype(int)]
+    np.testing.assert_array_equal(kps[:, 2], np.where(owner > person, 1, 2))
+    assert scene.instance_map[int(np.floor(y)), int(np.floor(x))] > person  # the old reading: hidden (1)
+
+
+def test_the_json_says_which_generator_wrote_it(tmp_path):
+    shapes.generate(str(tmp_path), n_train=1, n_val=1, seed=0, config=MIXED)
+    coco = _coco(os.path.join(tmp_path, "annotations", "instances_val.json"))
+    assert coco.dataset["info"]["generator_version"] == shapes.GENERATOR_VERSION == 2
+
+
 def test_cli_writes_a_coco_dataset(tmp_path):
     shapes.main(["--out", str(tmp_path), "--train", "2", "--val", "1", "--size", "48",
                  "--seed", "5", "--preset", "tiny", "--workers", "1"])

@@ -37,6 +37,7 @@ import io
 import json
 import math
 import os
+import re
 import warnings
 from collections import Counter, defaultdict
 from typing import Callable, Iterator
@@ -88,14 +89,54 @@ def load_coco(ann_file: str) -> COCO:
     return coco
 
 
+_SIDES = {"left": "right", "right": "left", "l": "r", "r": "l"}
+
+
+def _side_key(name: str) -> tuple[str | None, tuple[str, ...]]:
+    """``"Left_Eye"`` -> ``("left", ("", "eye"))``: the side word of a keypoint name (a whole
+    word between ``_``, ``-``, ``.``, spaces or a lower-to-upper case change, any case) and the
+    name's words with it blanked; ``(None, words)`` if no word names a side."""
+    words = tuple(w.lower() for w in re.split(r"[_\-.\s]+|(?<=[a-z])(?=[A-Z])", name) if w)
+    sides = [i for i, w in enumerate(words) if w in _SIDES]
+    if len(sides) != 1:
+        return None, words
+    return words[sides[0]], words[:sides[0]] + ("",) + words[sides[0] + 1:]
+
+
 def keypoint_flip_map(names: list[str]) -> list[int]:
-    """Permutation swapping ``left_*`` and ``right_*`` keypoints (identity for the rest)."""
+    """The permutation a horizontal flip applies to keypoint types: each left one swaps with its
+    right partner, the rest stay (COCO's ``left_eye`` / ``right_eye``; also ``eye_left``,
+    ``L_Eye``, ``leftEye``, ``r-ear``).
+
+    A name with a side and no partner raises ValueError: the flip would teach a mirrored left
+    eye as a left eye (pass ``COCODataset(keypoint_flip_map=...)`` for a naming it cannot read).
+    """
+    keys = [_side_key(name) for name in names]
     perm = list(range(len(names)))
-    for i, name in enumerate(names):
-        for a, b in (("left_", "right_"), ("right_", "left_")):
-            if name.startswith(a) and b + name[len(a):] in names:
-                perm[i] = names.index(b + name[len(a):])
+    for i, (side, rest) in enumerate(keys):
+        if side is None:
+            continue
+        partners = [j for j, (other, other_rest) in enumerate(keys)
+                    if other == _SIDES[side] and other_rest == rest]
+        if len(partners) != 1:
+            raise ValueError(f"keypoint {names[i]!r} names a side ({side!r}) but has "
+                             f"{'no' if not partners else 'more than one'} partner among {names}: "
+                             "pass keypoint_flip_map explicitly")
+        perm[i] = partners[0]
     return perm
+
+
+_inferred_flip_map = keypoint_flip_map  # COCODataset's argument of the same name hides it there
+
+
+def check_flip_map(flip_map: list[int], num_keypoints: int, what: str = "keypoint_flip_map") -> list[int]:
+    """``flip_map`` as a list, if it is a permutation of ``range(num_keypoints)`` that undoes
+    itself (flipping twice is no flip); else ValueError naming ``what``."""
+    flip_map = [int(i) for i in flip_map]
+    if sorted(flip_map) != list(range(num_keypoints)) or any(flip_map[j] != i for i, j in enumerate(flip_map)):
+        raise ValueError(f"{what} must be a permutation of 0..{num_keypoints - 1} that is its own inverse "
+                         f"(left <-> right pairs, the rest fixed), got {flip_map}")
+    return flip_map
 
 
 def _coordinate(value, bound: float) -> bool:
@@ -103,6 +144,19 @@ def _coordinate(value, bound: float) -> bool:
     or a huge value makes it allocate without limit, and the process dies)."""
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value) and -bound <= value <= bound)
+
+
+def _keypoints_problem(kps, num_keypoints: int) -> str | None:
+    """Why a COCO ``keypoints`` list is unusable -- not ``num_keypoints`` (x, y, v) triples of
+    finite numbers with v in {0, 1, 2} -- or None."""
+    if not isinstance(kps, list) or len(kps) != 3 * num_keypoints:
+        count = len(kps) if isinstance(kps, list) else type(kps).__name__
+        return f"{count} keypoint values, expected {3 * num_keypoints}"
+    if not all(_coordinate(v, math.inf) for v in kps):
+        return "a keypoint value is not a finite number"
+    if any(v not in (0, 1, 2) for v in kps[2::3]):
+        return f"keypoint visibilities {sorted(set(kps[2::3]))} (COCO's v is 0, 1 or 2)"
+    return None
 
 
 def rle_counts(counts: str) -> list[int]:
@@ -181,7 +235,7 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 class COCODataset(Dataset):
     def __init__(self, image_dir: str, ann_file: str, transforms: Callable | None = None,
                  train: bool = True, with_masks: bool = True, with_keypoints: bool = False,
-                 drop_crowd: bool = True):
+                 drop_crowd: bool = True, keypoint_flip_map: list[int] | None = None):
         self.image_dir, self.ann_file, self.transforms = image_dir, ann_file, transforms
         self.train, self.with_masks, self.with_keypoints = train, with_masks, with_keypoints
         self.drop_crowd = drop_crowd
@@ -194,9 +248,18 @@ class COCODataset(Dataset):
         kp_cats = [c for c in cats if c.get("keypoints")]
         self.keypoint_names = list(kp_cats[0]["keypoints"]) if kp_cats else []
         self.skeleton = [list(e) for e in kp_cats[0].get("skeleton", [])] if kp_cats else []
-        self.keypoint_flip_map = keypoint_flip_map(self.keypoint_names)
         if with_keypoints and not kp_cats:
             raise ValueError(f"with_keypoints=True but no category in {ann_file} has 'keypoints'")
+        # a naming the inference cannot read matters only where keypoints are loaded (and flipped)
+        if keypoint_flip_map is not None:
+            self.keypoint_flip_map = check_flip_map(keypoint_flip_map, len(self.keypoint_names))
+        elif with_keypoints:
+            try:
+                self.keypoint_flip_map = _inferred_flip_map(self.keypoint_names)
+            except ValueError as err:
+                raise ValueError(f"{ann_file}: {err}") from None
+        else:
+            self.keypoint_flip_map = list(range(len(self.keypoint_names)))
         self.skipped: Counter = Counter()
         self.problems: list[str] = []  # the first few messages, for the person reading logs
         self._segmentation: dict[int, object] = {}  # ann id -> cleaned, only where it changed
@@ -246,8 +309,16 @@ class COCODataset(Dataset):
                 if segm is not ann["segmentation"] and len(segm) != len(ann["segmentation"]):
                     self._segmentation[aid] = segm  # some degenerate polygons dropped
             kps = ann.get("keypoints")
-            if self.with_keypoints and kps is not None and len(kps) != 3 * n_kp:
-                self._skip("bad keypoints", f"{where}: {len(kps)} keypoint values, expected {3 * n_kp}")
+            if self.with_keypoints and kps is not None:
+                why = _keypoints_problem(kps, n_kp)
+                if why:
+                    self._skip("bad keypoints", f"{where}: {why}")
+                    continue
+            # load_target reads both for every annotation: a bad one would stop training there
+            area, crowd = ann.get("area", 0.0), ann.get("iscrowd", 0)
+            if not (_coordinate(area, math.inf) and area >= 0) or crowd not in (0, 1):
+                self._skip("bad area or iscrowd", f"{where}: area {area!r} (a number >= 0) or iscrowd "
+                           f"{crowd!r} (0 or 1)")
                 continue
             anns[iid].append(ann)
         return anns

@@ -71,6 +71,10 @@ SKELETON = [
     [16, 14], [14, 12], [17, 15], [15, 13], [12, 13], [6, 12], [7, 13], [6, 7], [6, 8],
     [7, 9], [8, 10], [9, 11], [2, 3], [1, 2], [1, 3], [2, 4], [3, 5], [4, 6], [5, 7],
 ]
+# the generator's version, written into every json's "info": the same seed gives other data
+# under another version. 2 (2026-12-01): crowd members pushed off the image are dropped, not
+# piled onto its edge; keypoint visibility is read at the stored (rounded) point
+GENERATOR_VERSION = 2
 KEYPOINT_FLIP_MAP = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]
 SPLITS = ("train", "val")
 
@@ -279,6 +283,14 @@ def _drop_occluded(objects: list[SceneObject], cfg: ShapesConfig, size: int) -> 
         objects.pop(int(np.argmin(np.where(ok, np.inf, visible / np.maximum(full, 1)))))
 
 
+def paste_shifted(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray, shift) -> None:
+    """Set ``mask`` at pixels ``(ys + dy, xs + dx)`` for ``shift = (dx, dy)``; a pixel moved off
+    the image is dropped (clipping it would pile it onto the image's edge)."""
+    ys, xs = ys + shift[1], xs + shift[0]
+    inside = (ys >= 0) & (ys < mask.shape[0]) & (xs >= 0) & (xs < mask.shape[1])
+    mask[ys[inside], xs[inside]] = True
+
+
 def render_scene(cfg: ShapesConfig, rng: np.random.Generator) -> Scene:
     """Sample and paint one image; deterministic in ``rng``."""
     size = cfg.image_size
@@ -294,8 +306,7 @@ def render_scene(cfg: ShapesConfig, rng: np.random.Generator) -> Scene:
             if ys.size == 0:  # a member too small to cover any pixel centre
                 continue
             shift = np.round(centre + rng.normal(0, spread, 2) - [xs.mean(), ys.mean()]).astype(int)
-            ys, xs = np.clip(ys + shift[1], 0, size - 1), np.clip(xs + shift[0], 0, size - 1)
-            union[ys, xs] = True
+            paste_shifted(union, ys, xs, shift)
         objects.append(SceneObject(category, [], [], union, iscrowd=1))
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     sizes = np.exp(rng.uniform(np.log(cfg.min_size_frac), np.log(cfg.max_size_frac), n)) * size
@@ -349,9 +360,13 @@ def scene_annotations(scene: Scene, image_id: int, first_ann_id: int,
             kps = []
             for x, y in obj.keypoints:  # COCO stores pixel indices: continuous x - 0.5
                 h, w = scene.instance_map.shape
-                ix, iy = min(max(int(np.floor(x)), 0), w - 1), min(max(int(np.floor(y)), 0), h - 1)
-                v = 1 if scene.instance_map[iy, ix] > k else 2  # 1: labelled, hidden by a later object
-                kps += [round(float(x) - 0.5, 2), round(float(y) - 0.5, 2), v]
+                # v from the pixel of the point as stored (rounded), the one a reader gets back
+                sx, sy = round(float(x) - 0.5, 2), round(float(y) - 0.5, 2)
+                ix, iy = min(max(int(np.floor(sx + 0.5)), 0), w - 1), min(max(int(np.floor(sy + 0.5)), 0), h - 1)
+                # 1: labelled, hidden by a later object; 2: not hidden (COCO's "visible"), which
+                # includes a limb's end just past its drawn pixels
+                v = 1 if scene.instance_map[iy, ix] > k else 2
+                kps += [sx, sy, v]
             ann["keypoints"], ann["num_keypoints"] = kps, len(KEYPOINT_NAMES)
         anns.append(ann)
     return anns
@@ -400,7 +415,8 @@ def generate(out_dir: str, n_train: int | None = None, n_val: int | None = None,
                 ann["id"] = len(anns) + 1
                 anns.append(ann)
             images.append(image)
-        data = {"info": {"description": f"mrcnn_edu synthetic shapes, seed {seed}, split {split}"},
+        data = {"info": {"description": f"mrcnn_edu synthetic shapes, seed {seed}, split {split}",
+                         "generator_version": GENERATOR_VERSION},
                 "licenses": [], "categories": categories(), "images": images, "annotations": anns}
         paths[split] = os.path.join(out_dir, "annotations", f"instances_{split}.json")
         _write_atomically(paths[split], json.dumps(data, sort_keys=True, separators=(",", ":")).encode())

@@ -92,12 +92,14 @@ def build_model(experiment, weights: str | None = None, strict: bool = True):
     With ``strict=False`` (a training's ``init_weights``) ``weights`` may also be an ImageNet
     ResNet in torchvision's layout (``conv1.weight``, ``layer1.0...``, ``fc.*``), or
     ``pretrain.py``'s file: its body goes into the backbone and, for C4, its ``layer4`` into
-    the res5 head (``ablations.load_body``). A file none of whose tensors fits is an error:
-    a run "initialised" from it would silently train from scratch."""
+    the res5 head (``ablations.load_body``). A torchvision Mask / Keypoint R-CNN state dict
+    (``roi_heads.*`` keys) is renamed to our keys first (``weights.torchvision_state_dict_to_ours``).
+    A file none of whose tensors fits is an error: a run "initialised" from it would silently
+    train from scratch; the keys left out of a partial fit are named."""
     import torch
 
     from mrcnn_edu.ablations import load_body
-    from mrcnn_edu.backbone.resnet import load_state_dict_by_key
+    from mrcnn_edu.backbone.resnet import _key_list, load_state_dict_by_key
     from mrcnn_edu.checkpoint import load_checkpoint
     from mrcnn_edu.model import MaskRCNN
 
@@ -111,6 +113,13 @@ def build_model(experiment, weights: str | None = None, strict: bool = True):
             print(f"loaded the ImageNet-layout ResNet {weights} into the backbone: "
                   f"{init['tensors']} tensors", file=sys.stderr)
             return model
+        if _is_torchvision_detector(state):  # its RPN conv, FPN and heads have other names
+            from mrcnn_edu.weights import torchvision_state_dict_to_ours
+
+            renamed, unused = torchvision_state_dict_to_ours(state, model)
+            state = {**renamed, **{key: state[key] for key in unused}}  # unused: reported below
+            print(f"{weights}: a torchvision detector's state dict, renamed to this model's keys",
+                  file=sys.stderr)
         report = load_state_dict_by_key(model, state, strict=strict, what=f"model ({weights})")
         if not report.loaded:
             raise ValueError(f"no tensor of {weights} fits the {experiment.name} model (its keys: "
@@ -118,8 +127,16 @@ def build_model(experiment, weights: str | None = None, strict: bool = True):
                              "this model nor an ImageNet ResNet in torchvision's layout")
         if report.missing or report.unexpected:
             print(f"loaded {len(report.loaded)} tensors from {weights}; {len(report.missing)} "
-                  f"missing, {len(report.unexpected)} unexpected", file=sys.stderr)
+                  f"missing (initialised afresh) [{_key_list(report.missing)}], {len(report.unexpected)} "
+                  f"unexpected (not used) [{_key_list(report.unexpected)}]", file=sys.stderr)
     return model
+
+
+def _is_torchvision_detector(state: dict) -> bool:
+    """Keys of a torchvision Mask / Keypoint R-CNN (``roi_heads.box_predictor``, ``backbone.body``)."""
+    keys = {key.removeprefix("module.") for key in state}
+    return (any(key.startswith("roi_heads.box_predictor.") for key in keys)
+            and any(key.startswith("backbone.body.") for key in keys))
 
 
 def _is_imagenet_resnet(state: dict) -> bool:

@@ -172,6 +172,9 @@ def pretrain(resnet: ResNetConfig, cfg: PretrainConfig, out: str | Path | None =
     ``{"model": state_dict, "info": info}`` there atomically -- ``load_imagenet_state_dict``
     takes either form's ``model``.
     """
+    if resnet.norm == "frozen_bn":  # its statistics never train: the body would have no normalisation
+        raise ValueError("pretrain needs a norm that trains (resnet.norm 'gn' or 'bn'), got 'frozen_bn': "
+                         "frozen BN keeps the unit statistics it starts with")
     device = _pick_device(cfg.device, get_dist_info())
     torch.manual_seed(cfg.seed)
     model = ResNet(dataclasses.replace(resnet, num_classes=len(shapes.SHAPE_NAMES), freeze_at=0)).to(device)

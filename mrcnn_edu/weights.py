@@ -70,18 +70,23 @@ __all__ = [
     "load_torchvision_maskrcnn", "load_torchvision_keypointrcnn",
 ]
 
+# torchvision's COCO_V1 Mask / Keypoint R-CNN weights came from Detectron, whose frozen BN was an
+# AffineChannel op without eps: torchvision sets eps 0 on loading them (overwrite_eps), and so do we
+COCO_V1_BN_EPS = 0.0
+
 _CLS_SCORE = "roi_heads.box_predictor.cls_score.weight"
 _FC6 = "roi_heads.box_head.fc6.weight"
 _MASK_CONV = re.compile(r"^roi_heads\.mask_head\.(\d+)\.0\.weight$")
 _KEYPOINT_CONV = re.compile(r"^roi_heads\.keypoint_head\.(\d+)\.weight$")
 
 
-def _torchvision_common(num_classes: int, fc_dim: int, min_size_train: tuple[int, ...]) -> MaskRCNNConfig:
+def _torchvision_common(num_classes: int, fc_dim: int, min_size_train: tuple[int, ...],
+                        bn_eps: float) -> MaskRCNNConfig:
     """The parts torchvision's maskrcnn_ and keypointrcnn_resnet50_fpn share."""
     return MaskRCNNConfig(
         num_classes=num_classes,
         # ResNet-50 v1.5 with frozen BN, stem + res2 frozen (torchvision: 3 trainable layers)
-        backbone=BackboneConfig(resnet=resnet50(), features="FPN"),
+        backbone=BackboneConfig(resnet=resnet50(bn_eps=bn_eps), features="FPN"),
         anchors=AnchorConfig(offset=0.0, round_cell=True, stride_mode="torchvision"),
         rpn=fpn_rpn_config(),  # torchvision's rpn_* defaults are the FPN ones
         pooler=PoolerConfig(kind="roi_align", mode="avg", sampling_ratio=2, aligned=False),
@@ -93,18 +98,24 @@ def _torchvision_common(num_classes: int, fc_dim: int, min_size_train: tuple[int
 
 
 def torchvision_maskrcnn_config(num_classes: int = 90, mask_conv_dims: tuple[int, ...] = (256,) * 4,
-                                 mask_deconv_dim: int = 256, fc_dim: int = 1024) -> MaskRCNNConfig:
-    """Our config for torchvision's ``maskrcnn_resnet50_fpn`` (COCO: 90 = 91 - background)."""
-    cfg = _torchvision_common(num_classes, fc_dim, min_size_train=(800,))
+                                 mask_deconv_dim: int = 256, fc_dim: int = 1024,
+                                 bn_eps: float = COCO_V1_BN_EPS) -> MaskRCNNConfig:
+    """Our config for torchvision's ``maskrcnn_resnet50_fpn`` (COCO: 90 = 91 - background).
+
+    ``bn_eps``: 0 as torchvision runs its COCO_V1 weights; 1e-5 for a torchvision model built
+    without them (``weights=None``, its FrozenBatchNorm2d's default)."""
+    cfg = _torchvision_common(num_classes, fc_dim, min_size_train=(800,), bn_eps=bn_eps)
     cfg.mask_head = MaskHeadConfig(head="fcn", loss="sigmoid", resolution=28, pooler_resolution=14,
                                    conv_dims=tuple(mask_conv_dims), deconv_dim=mask_deconv_dim)
     return cfg
 
 
 def torchvision_keypointrcnn_config(num_keypoints: int = 17, keypoint_conv_dims: tuple[int, ...] = (512,) * 8,
-                                    fc_dim: int = 1024, num_classes: int = 1) -> MaskRCNNConfig:
-    """Our config for torchvision's ``keypointrcnn_resnet50_fpn``: person only, no masks (§5)."""
-    cfg = _torchvision_common(num_classes, fc_dim, min_size_train=(640, 672, 704, 736, 768, 800))
+                                    fc_dim: int = 1024, num_classes: int = 1,
+                                    bn_eps: float = COCO_V1_BN_EPS) -> MaskRCNNConfig:
+    """Our config for torchvision's ``keypointrcnn_resnet50_fpn``: person only, no masks (§5).
+    ``bn_eps`` as in :func:`torchvision_maskrcnn_config`."""
+    cfg = _torchvision_common(num_classes, fc_dim, min_size_train=(640, 672, 704, 736, 768, 800), bn_eps=bn_eps)
     cfg.keypoint_head = KeypointHeadConfig(num_keypoints=num_keypoints, conv_dims=tuple(keypoint_conv_dims))
     return cfg
 
@@ -164,13 +175,16 @@ def torchvision_state_dict_to_ours(state_dict: dict[str, Tensor],
                 ours[mine + key[len(theirs):]] = tensor
                 used.add(key)
 
-    if model.mask_head is not None:
+    # a head the file lacks (a Faster R-CNN file for a Mask R-CNN) stays unfilled: the caller's
+    # check of missing keys names it
+    has = {head: any(k.startswith(f"roi_heads.{head}.") for k in state_dict) for head in ("mask_head", "keypoint_head")}
+    if model.mask_head is not None and has["mask_head"]:
         num_convs = len(model.cfg.mask_head.conv_dims)
         for mine, tensor in fcn_mask_head_state_from_torchvision(state_dict, num_convs).items():
             ours["mask_head." + mine] = tensor  # predictor rows 1..K: channel 0 (background) dropped
         # only the keys the key map read: a cfg with fewer convs than the file leaves the rest unused
         used.update(torchvision_mask_key_map(num_convs, prefix="roi_heads.").values())
-    if model.keypoint_head is not None:
+    if model.keypoint_head is not None and has["keypoint_head"]:
         num_convs = len(model.cfg.keypoint_head.conv_dims)
         for mine, tensor in keypoint_head_state_from_torchvision(state_dict, num_convs).items():
             ours["keypoint_head." + mine] = tensor
@@ -203,7 +217,7 @@ def _fc_dim(state_dict: dict[str, Tensor], what: str) -> int:
 
 
 def load_torchvision_maskrcnn(state_dict: dict[str, Tensor], num_classes: int | None = None,
-                              cfg: MaskRCNNConfig | None = None) -> MaskRCNN:
+                              cfg: MaskRCNNConfig | None = None, bn_eps: float = COCO_V1_BN_EPS) -> MaskRCNN:
     """Our :class:`MaskRCNN` configured as torchvision's ``maskrcnn_resnet50_fpn``, with its weights.
 
     ``state_dict``: ``torchvision.models.detection.maskrcnn_resnet50_fpn(...).state_dict()`` or
@@ -211,6 +225,8 @@ def load_torchvision_maskrcnn(state_dict: dict[str, Tensor], num_classes: int | 
     (foreground, K) is read from ``roi_heads.box_predictor.cls_score`` and only checked if given.
     ``cfg``: a config to use instead of :func:`torchvision_maskrcnn_config` with the widths read
     from the state dict (e.g. that config with a smaller ``transform.min_size_test``).
+    ``bn_eps`` (without ``cfg``): the frozen BN's eps, 0 for the COCO_V1 file as torchvision
+    runs it, 1e-5 for a model torchvision built without those weights (``weights=None``).
     Returns the model in eval mode; raises ValueError listing missing / unexpected keys.
     """
     what = "maskrcnn_resnet50_fpn"
@@ -222,18 +238,21 @@ def load_torchvision_maskrcnn(state_dict: dict[str, Tensor], num_classes: int | 
             raise ValueError("state_dict has no 'roi_heads.mask_head.<i>.0.weight' keys: not a torchvision "
                              "Mask R-CNN (torchvision >= 0.13 layout) state dict")
         deconv = _require(state_dict, "roi_heads.mask_predictor.conv5_mask.weight", what)  # (C_in, C_out, 2, 2)
-        cfg = torchvision_maskrcnn_config(num_classes, tuple(conv_dims), deconv.shape[1], _fc_dim(state_dict, what))
+        cfg = torchvision_maskrcnn_config(num_classes, tuple(conv_dims), deconv.shape[1], _fc_dim(state_dict, what),
+                                          bn_eps=bn_eps)
     elif cfg.num_classes != num_classes or cfg.mask_head is None:
         raise ValueError(f"cfg must have a mask head and num_classes={num_classes} (the state dict's), "
                          f"got num_classes={cfg.num_classes}, mask_head={cfg.mask_head}")
     return _load(MaskRCNN(cfg), state_dict, what)
 
 
-def load_torchvision_keypointrcnn(state_dict: dict[str, Tensor], cfg: MaskRCNNConfig | None = None) -> MaskRCNN:
+def load_torchvision_keypointrcnn(state_dict: dict[str, Tensor], cfg: MaskRCNNConfig | None = None,
+                                  bn_eps: float = COCO_V1_BN_EPS) -> MaskRCNN:
     """Our :class:`MaskRCNN` configured as torchvision's ``keypointrcnn_resnet50_fpn``, with its weights.
 
     Person detection (1 class) plus §5's keypoint head; the number of keypoints (17 on COCO) and
-    the head's widths are read from the state dict. ``cfg`` as in :func:`load_torchvision_maskrcnn`.
+    the head's widths are read from the state dict. ``cfg`` and ``bn_eps`` as in
+    :func:`load_torchvision_maskrcnn`.
     Eval mode; ``keypoints`` come out as ``(N, K, 3)`` rows ``(x, y, score)`` -- torchvision
     returns the same ``x, y`` with a 1 in the third column and the score in ``keypoints_scores``.
     """
@@ -246,7 +265,8 @@ def load_torchvision_keypointrcnn(state_dict: dict[str, Tensor], cfg: MaskRCNNCo
             raise ValueError("state_dict has no 'roi_heads.keypoint_head.<i>.weight' keys: not a torchvision "
                              "Keypoint R-CNN state dict")
         deconv = _require(state_dict, "roi_heads.keypoint_predictor.kps_score_lowres.weight", what)  # (C, K, 4, 4)
-        cfg = torchvision_keypointrcnn_config(deconv.shape[1], tuple(conv_dims), _fc_dim(state_dict, what), num_classes)
+        cfg = torchvision_keypointrcnn_config(deconv.shape[1], tuple(conv_dims), _fc_dim(state_dict, what), num_classes,
+                                              bn_eps=bn_eps)
     elif cfg.num_classes != num_classes or cfg.keypoint_head is None:
         raise ValueError(f"cfg must have a keypoint head and num_classes={num_classes} (the state dict's), "
                          f"got num_classes={cfg.num_classes}, keypoint_head={cfg.keypoint_head}")

@@ -113,6 +113,34 @@ def test_frozen_batch_norm_is_batch_norm_with_fixed_statistics():
     torch.testing.assert_close(x.grad, scale.detach().view(1, -1, 1, 1).expand_as(x))
 
 
+def test_bn_eps_reaches_every_batch_norm_of_body_and_res5_head():
+    # 0 for weights converted from Detectron (torchvision's COCO_V1 detectors), 1e-5 otherwise
+    for norm, kind in (("frozen_bn", FrozenBatchNorm2d), ("bn", nn.BatchNorm2d)):
+        cfg = mini_resnet(norm=norm, bn_eps=0.0, freeze_at=0)
+        modules = [*ResNet(cfg).modules(), *make_res5_head(cfg).modules()]
+        eps = {m.eps for m in modules if isinstance(m, kind)}
+        assert eps == {0.0}, (norm, eps)
+    assert {m.eps for m in ResNet(mini_resnet(norm="frozen_bn", freeze_at=0)).modules()
+            if isinstance(m, FrozenBatchNorm2d)} == {1e-5}
+    with pytest.raises(ValueError, match="bn_eps must be in"):
+        mini_resnet(bn_eps=-1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_frozen_batch_norm_keeps_the_activations_dtype(dtype):
+    # under autocast a conv hands it bf16 / fp16: fp32 buffers must not promote what follows
+    bn = nn.BatchNorm2d(4)
+    randomize_norm_statistics_(bn, seed=5)
+    frozen = FrozenBatchNorm2d(4)
+    frozen.load_state_dict(bn.state_dict())
+    x = torch.randn(2, 4, 3, 3)
+    out = frozen(x.to(dtype))
+    assert out.dtype == dtype
+    # the same map, to the input dtype's precision (bf16: 8 bits of mantissa)
+    tolerance = {torch.bfloat16: 3e-2, torch.float16: 3e-3, torch.float64: 1e-6}[dtype]
+    torch.testing.assert_close(out.double(), bn.eval()(x).detach().double(), rtol=tolerance, atol=tolerance)
+
+
 def test_group_norm_uses_32_groups_or_the_largest_divisor_for_narrow_layers():
     assert [group_norm_groups(c) for c in (256, 64, 48, 40, 16, 7)] == [32, 32, 24, 20, 16, 7]
     gn = make_norm("gn", 48)

@@ -216,11 +216,11 @@ def test_sigterm_saves_the_iteration_and_resume_ends_with_the_uninterrupted_weig
 
     reduced, calls = engine._reduced_losses, []
 
-    def sigterm_in_second_iteration(loss_dict):  # as `timeout` or a scheduler would, mid-step
+    def sigterm_in_second_iteration(*args):  # as `timeout` or a scheduler would, mid-step
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
-        return reduced(loss_dict)
+        return reduced(*args)
 
     monkeypatch.setattr(engine, "_reduced_losses", sigterm_in_second_iteration)
     settings = [f"train.output_dir={tmp_path}", *data_overrides(data_dir), "train.checkpoint_period=0",
@@ -316,3 +316,33 @@ def test_init_weights_take_an_imagenet_resnet_and_refuse_a_file_that_fits_nothin
     torch.save({"head.weight": torch.zeros(3)}, tmp_path / "unrelated.pth")
     with pytest.raises(ValueError, match=r"no tensor of .*unrelated.pth fits the tiny model"):
         build_model(experiment, str(tmp_path / "unrelated.pth"), strict=False)
+
+
+def test_init_weights_take_a_torchvision_mask_rcnn_state_dict_by_its_own_key_names(tmp_path, capsys):
+    # torchvision names its RPN conv, FPN and RoI heads otherwise: loaded by our keys alone,
+    # only the body and two RPN layers fitted, and the message gave counts, not names
+    models = pytest.importorskip("torchvision.models.detection")
+    from mrcnn_edu.__main__ import build_model
+    from mrcnn_edu.recipes import get_recipe
+    from mrcnn_edu.weights import load_torchvision_maskrcnn, torchvision_maskrcnn_config
+
+    torch.manual_seed(3)
+    theirs = models.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=4)
+    torch.save(theirs.state_dict(), tmp_path / "tv.pth")
+    experiment = dataclasses.replace(get_recipe("tiny"), model=torchvision_maskrcnn_config(num_classes=3))
+    model = build_model(experiment, str(tmp_path / "tv.pth"), strict=False)
+    assert "a torchvision detector's state dict, renamed" in capsys.readouterr().err
+    expected = load_torchvision_maskrcnn(theirs.state_dict()).state_dict()  # the strict loader's renaming
+    got = model.state_dict()
+    assert set(got) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+    # Faster R-CNN weights start a Mask R-CNN: all but the mask head, which is named
+    faster = models.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=4)
+    torch.save(faster.state_dict(), tmp_path / "faster.pth")
+    model = build_model(experiment, str(tmp_path / "faster.pth"), strict=False)
+    err = capsys.readouterr().err
+    assert "missing (initialised afresh) [mask_head." in err and "0 unexpected" in err
+    box = model.box_branch.predictor.cls_score.weight
+    torch.testing.assert_close(box, faster.roi_heads.box_predictor.cls_score.weight, rtol=0, atol=0)

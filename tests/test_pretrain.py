@@ -56,6 +56,10 @@ def test_bad_config_is_named():
         PretrainConfig(iterations=0)
     with pytest.raises(ValueError, match="min_size_frac"):
         PretrainConfig(min_size_frac=0.9, max_size_frac=0.5)
+    # frozen BN never learns its statistics: the body would train without normalisation
+    frozen = dataclasses.replace(mini_resnet(), norm="frozen_bn")
+    with pytest.raises(ValueError, match="resnet.norm 'gn' or 'bn'.*got 'frozen_bn'"):
+        pretrain(frozen, PretrainConfig(iterations=1))
 
 
 def test_a_short_pretraining_learns_and_writes_weights_that_load_into_c4_and_fpn_models(tmp_path):

@@ -62,7 +62,9 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()  # (C,)
         shift = self.bias - self.running_mean * scale  # (C,)
-        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+        # in x's dtype: fp32 buffers would promote a bf16 / fp16 (autocast) activation back to
+        # fp32, and every ReLU and residual add after it would run and be stored in fp32
+        return x * scale.to(x.dtype).reshape(1, -1, 1, 1) + shift.to(x.dtype).reshape(1, -1, 1, 1)
 
     @classmethod
     def from_batch_norm(cls, bn: nn.BatchNorm2d) -> "FrozenBatchNorm2d":
@@ -92,12 +94,13 @@ def group_norm_groups(num_channels: int, max_groups: int = GN_MAX_GROUPS) -> int
     return groups
 
 
-def make_norm(kind: str, num_channels: int) -> nn.Module:
-    """One normalisation layer of ``kind`` ("frozen_bn" | "bn" | "gn") over ``num_channels``."""
+def make_norm(kind: str, num_channels: int, bn_eps: float = 1e-5) -> nn.Module:
+    """One normalisation layer of ``kind`` ("frozen_bn" | "bn" | "gn") over ``num_channels``;
+    ``bn_eps``: the two batch norms' eps."""
     if kind == "frozen_bn":
-        return FrozenBatchNorm2d(num_channels)
+        return FrozenBatchNorm2d(num_channels, eps=bn_eps)
     if kind == "bn":
-        return nn.BatchNorm2d(num_channels)
+        return nn.BatchNorm2d(num_channels, eps=bn_eps)
     if kind == "gn":
         return nn.GroupNorm(group_norm_groups(num_channels), num_channels)
     raise ValueError(f"norm must be one of {NORM_KINDS}, got {kind!r}")

@@ -31,7 +31,9 @@ Compatibility decisions, made here:
   layout and its ImageNet weights). The original MSRA ResNets used by Detectron put it on
   the first 1x1 conv; ``stride_in_1x1=True`` gives that layout for such weights.
 - ``freeze_at`` follows Detectron: 0 freezes nothing, 1 the stem, 2 the stem and res2 (the
-  paper's default when fine-tuning ImageNet weights), ... 5 everything.
+  paper's default when fine-tuning ImageNet weights), ... 5 every stage of the body. In the C4
+  design res5 is not in the body but the per-RoI head (``make_res5_head``), which trains
+  whatever ``freeze_at`` says, as in Detectron.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class ResNetConfig:
     stride_in_1x1: bool = False  # False: torchvision v1.5 layout; True: MSRA/Detectron layout
     num_classes: int | None = None  # ImageNet classifier (1000) for parameter counts / loading
     zero_init_residual: bool = False  # zero each block's last norm gain: helps from-scratch GN/BN
+    # batch norm eps (norm.py): 1e-5 for torchvision's ImageNet weights; 0 for weights converted
+    # from Detectron's AffineChannel, e.g. torchvision's COCO_V1 detectors (its overwrite_eps)
+    bn_eps: float = 1e-5
     blocks: tuple[int, int, int, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -82,6 +87,8 @@ class ResNetConfig:
             self.blocks = blocks  # type: ignore[assignment]
         if self.norm not in NORM_KINDS:
             raise ValueError(f"norm must be one of {NORM_KINDS}, got {self.norm!r}")
+        if not (isinstance(self.bn_eps, (int, float)) and 0 <= self.bn_eps < 1):
+            raise ValueError(f"bn_eps must be in [0, 1), got {self.bn_eps!r}")
         if not 0 <= self.freeze_at <= 5:
             raise ValueError(f"freeze_at must be in 0..5, got {self.freeze_at}")
         for name in ("groups", "width_per_group", "stem_channels", "res2_out_channels"):
@@ -142,22 +149,22 @@ class Bottleneck(nn.Module):
     """1x1 reduce -> 3x3 (grouped for ResNeXt) -> 1x1 expand, plus the shortcut."""
 
     def __init__(self, in_channels: int, bottleneck_channels: int, out_channels: int,
-                 stride: int, groups: int, norm: str, stride_in_1x1: bool) -> None:
+                 stride: int, groups: int, norm: str, stride_in_1x1: bool, bn_eps: float = 1e-5) -> None:
         super().__init__()
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
         self.conv1 = nn.Conv2d(in_channels, bottleneck_channels, 1, stride_1x1, bias=False)
-        self.bn1 = make_norm(norm, bottleneck_channels)
+        self.bn1 = make_norm(norm, bottleneck_channels, bn_eps)
         self.conv2 = nn.Conv2d(bottleneck_channels, bottleneck_channels, 3, stride_3x3,
                                padding=1, groups=groups, bias=False)
-        self.bn2 = make_norm(norm, bottleneck_channels)
+        self.bn2 = make_norm(norm, bottleneck_channels, bn_eps)
         self.conv3 = nn.Conv2d(bottleneck_channels, out_channels, 1, bias=False)
-        self.bn3 = make_norm(norm, out_channels)
+        self.bn3 = make_norm(norm, out_channels, bn_eps)
         self.downsample: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
             # Projection shortcut (He et al. 2016, option B); index names match torchvision.
             self.downsample = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                make_norm(norm, out_channels))
+                make_norm(norm, out_channels, bn_eps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
@@ -174,7 +181,7 @@ def make_stage(cfg: ResNetConfig, stage: int, in_channels: int, first_stride: in
     for index in range(cfg.blocks[stage - 2]):
         blocks.append(Bottleneck(in_channels if index == 0 else out_channels, width,
                                  out_channels, first_stride if index == 0 else 1,
-                                 cfg.groups, cfg.norm, cfg.stride_in_1x1))
+                                 cfg.groups, cfg.norm, cfg.stride_in_1x1, cfg.bn_eps))
     return nn.Sequential(*blocks)
 
 
@@ -209,7 +216,7 @@ class ResNet(nn.Module):
                              f"reads C5), got last_stage={last_stage}")
         self.cfg, self.last_stage = cfg, last_stage
         self.conv1 = nn.Conv2d(3, cfg.stem_channels, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = make_norm(cfg.norm, cfg.stem_channels)
+        self.bn1 = make_norm(cfg.norm, cfg.stem_channels, cfg.bn_eps)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         in_channels = cfg.stem_channels
         for stage in range(2, last_stage + 1):

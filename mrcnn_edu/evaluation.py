@@ -39,6 +39,9 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 _STATS_INDEX = {"bbox": (0, 1, 2, 3, 4, 5), "segm": (0, 1, 2, 3, 4, 5),
                 "keypoints": (0, 1, 2, None, 3, 4)}
 _NEEDS = {"bbox": "boxes", "segm": "masks", "keypoints": "keypoints"}
+# §3 "Implementation Details", inference: "The m×m floating-number mask output is then resized to
+# the RoI size, and binarized at a threshold of 0.5"
+SEGM_MASK_THRESHOLD = 0.5
 
 
 def _numpy(x) -> np.ndarray:
@@ -82,7 +85,7 @@ def predictions_to_coco_results(predictions: dict[int, dict], iou_type: str,
         if iou_type == "segm":
             masks = _numpy(pred["masks"])
             masks = masks.reshape(len(scores), *masks.shape[-2:])  # (N, H, W)
-            binary = masks if masks.dtype == bool else masks > 0.5
+            binary = masks if masks.dtype == bool else masks > SEGM_MASK_THRESHOLD
             rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0).astype(np.uint8)))
             for res, rle in zip(results[-len(scores):], rles):
                 res["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}

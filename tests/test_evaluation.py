@@ -308,6 +308,31 @@ def test_predict_images_puts_a_training_model_back_in_training_mode_even_after_a
         predict_images(model, [torch.rand(3, 8, 8)], batch_size=0)
 
 
+def test_predict_images_can_binarise_masks_before_they_leave_the_device():
+    from mrcnn_edu.predict import predict_images
+
+    probabilities = torch.tensor([0.0, 0.25, 0.5, 0.5001, 0.75, 1.0]).reshape(1, 1, 2, 3)
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, images):
+            return [{"masks": probabilities.clone(), "scores": torch.ones(1)} for _ in images]
+
+    (soft,) = predict_images(Fixed(), [torch.rand(3, 2, 3)])
+    (hard,) = predict_images(Fixed(), [torch.rand(3, 2, 3)], mask_threshold=0.5)
+    assert soft["masks"].dtype == torch.float32 and torch.equal(soft["masks"], probabilities)
+    # §3: binarised at 0.5, strictly above it as the evaluation's own binarisation
+    assert hard["masks"].dtype == torch.bool
+    assert hard["masks"].flatten().tolist() == [False, False, False, True, True, True]
+    assert torch.equal(hard["scores"], torch.ones(1))
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="mask_threshold"):
+            predict_images(Fixed(), [torch.rand(3, 2, 3)], mask_threshold=bad)
+
+
 def test_evaluating_zero_images_is_an_error_not_every_image(val_set):
     from mrcnn_edu.predict import evaluate_model
 

@@ -26,6 +26,7 @@ import collections
 import os
 import sys
 import traceback
+import weakref
 from pathlib import Path
 
 import torch
@@ -66,23 +67,34 @@ def is_view(func) -> bool:
     return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
 
 
-# functions whose .tolist() reads a tensor the host itself made (a random draw from the CPU's
-# generator): no sync on a GPU either, though every tensor of this CPU run looks alike
-HOST_MADE_TOLIST = {"data/transforms.py:draw_min_sizes"}
+# random draws that land on the CPU whatever device the model is on, unless a device is named:
+# reading one (``.tolist()``, ``int()``) is no sync on a GPU either, though every tensor of this
+# CPU run looks alike (e.g. ``transforms.draw_min_sizes``'s scale jitter)
+HOST_DRAWS = {torch.randint, torch.rand, torch.randn, torch.randperm}
+
+
+def host_drawn(func, args, kwargs) -> bool:
+    """Whether ``func(*args, **kwargs)`` draws a tensor on the host's generator, on the CPU."""
+    return (func in HOST_DRAWS and (kwargs or {}).get("device") is None
+            and not any(isinstance(a, torch.Tensor) for a in args))
 
 
 class _ToListCounter(TorchFunctionMode):
     """``tensor.tolist()`` copies a device tensor to the host without dispatching an ATen op,
-    so the dispatch counter alone would not see it: caught here, one level up."""
+    so the dispatch counter alone would not see it: caught here, one level up. Also notes the
+    tensors the host drew itself (:func:`host_drawn`), whose reads are no sync."""
 
     def __init__(self, counter):
         super().__init__()
         self.counter = counter
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.tolist and _site() not in HOST_MADE_TOLIST:
+        if func is torch.Tensor.tolist and not self.counter.is_host_drawn(args[0]):
             self.counter.record_read("tolist")
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if host_drawn(func, args, kwargs) and isinstance(out, torch.Tensor):
+            self.counter.host_tensors[id(out)] = out
+        return out
 
 
 class DispatchCounter(TorchDispatchMode):
@@ -92,7 +104,16 @@ class DispatchCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops, self.views, self.reads = 0, 0, collections.Counter()
+        self.host_tensors: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> tensor
         self._tolist = _ToListCounter(self)
+
+    def is_host_drawn(self, tensor) -> bool:
+        return self.host_tensors.get(id(tensor)) is tensor
+
+    def read_of(self, func, args) -> str | None:
+        """:func:`host_read`, less ``int()`` / ``.item()`` of a tensor the host drew itself."""
+        name = host_read(func, args)
+        return None if name == "_local_scalar_dense" and self.is_host_drawn(args[0]) else name
 
     def record_read(self, name: str) -> None:
         self.reads[name] += 1
@@ -110,7 +131,7 @@ class DispatchCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
         self.views += is_view(func)
-        name = host_read(func, args)
+        name = self.read_of(func, args)
         if name is not None:
             self.reads[name] += 1
         return func(*args, **(kwargs or {}))
@@ -135,7 +156,7 @@ class SiteCounter(DispatchCounter):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         site = _site()
         self.sites[site] += 1
-        if host_read(func, args) is not None:
+        if self.read_of(func, args) is not None:
             self.site_reads[site] += 1
         return super().__torch_dispatch__(func, types, args, kwargs)
 

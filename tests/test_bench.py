@@ -38,6 +38,18 @@ def test_dispatch_counter_counts_ops_and_host_reads_exactly():
         c.tolist()  # a read that dispatches no op
     assert counter.ops == 5
     assert counter.reads == {"_local_scalar_dense": 1, "nonzero": 1, "tolist": 1}
+    # a random draw on the host's generator is read without a sync on a GPU too; one on a named
+    # device (the model's), or anything computed from it, is counted
+    with counter_module.DispatchCounter() as counter:
+        torch.randint(4, (3,)).tolist()
+        int(torch.randint(4, (), generator=torch.Generator().manual_seed(0)))
+        torch.rand(2).tolist()
+    assert counter.reads == {}
+    with counter_module.DispatchCounter() as counter:
+        torch.randint(4, (3,), device="cpu").tolist()
+        (torch.rand(2) + 1).tolist()
+        int(torch.randint(4, (), device=a.device))
+    assert counter.reads == {"tolist": 2, "_local_scalar_dense": 1}
 
 
 @pytest.fixture

@@ -345,6 +345,37 @@ def test_box_coder_clamps_huge_scale_deltas():
     torch.testing.assert_close(out[0, 2] - out[0, 0], torch.tensor(1000.0))
 
 
+def test_box_coder_clamps_the_weighted_scale_delta_with_box_head_weights():
+    # The clamp bounds dw / ww, not the raw delta: 100 / 5 = 20 > log(1000 / 16), so the 16 px
+    # anchor grows to exp(log(62.5)) * 16 = 1000 px about its unchanged centre (8, 8). Clamping
+    # the raw delta (then / 5) would give 16 * 62.5 ** (1 / 5) = 36.6 px.
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    anchor = torch.tensor([[0.0, 0.0, 16.0, 16.0]], dtype=torch.float64)
+    out = coder.decode(torch.tensor([[0.0, 0.0, 100.0, 100.0]], dtype=torch.float64), anchor)
+    torch.testing.assert_close(out, torch.tensor([[-492.0, -492.0, 508.0, 508.0]], dtype=torch.float64),
+                               rtol=0, atol=1e-9)
+
+
+@pytest.mark.skipif(torchvision is None, reason="torchvision not importable")
+def test_box_coder_decode_matches_torchvision_past_the_clamp():
+    # torchvision's decode_single (0.29: continuous xyxy, w = x2 - x1, no +1, clamp after
+    # dividing by the weights) is the same convention as ours, so the boxes agree to rounding.
+    from torchvision.models.detection._utils import BoxCoder as TorchvisionBoxCoder
+
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    xy = torch.rand(n, 2, generator=g, dtype=torch.float64) * 500
+    reference = torch.cat([xy, xy + 1 + torch.rand(n, 2, generator=g, dtype=torch.float64) * 300], 1)
+    shift = torch.randn(n, 2, generator=g, dtype=torch.float64) * 3
+    scale = torch.rand(n, 2, generator=g, dtype=torch.float64) * 50 - 10  # / 5: -2 .. 8, clamp at 4.14
+    deltas = torch.cat([shift, scale, -shift, scale.flip(1)], 1)  # (N, 8): two classes
+    clamped = deltas[:, 2::4] / 5 > math.log(1000 / 16)
+    assert 0.2 < clamped.double().mean() < 0.8  # both sides of the clamp are exercised
+    ours = BoxCoder((10.0, 10.0, 5.0, 5.0)).decode(deltas, reference)
+    theirs = TorchvisionBoxCoder((10.0, 10.0, 5.0, 5.0)).decode_single(deltas, reference)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-9)
+
+
 def test_clip_and_remove_small():
     boxes = torch.tensor([[-5.0, -3.0, 30.0, 12.0], [4.0, 4.0, 4.5, 9.0]])
     assert clip_boxes(boxes, (10, 20)).tolist() == [[0.0, 0.0, 20.0, 10.0], [4.0, 4.0, 4.5, 9.0]]

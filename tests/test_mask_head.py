@@ -189,11 +189,22 @@ def test_softmax_masks_compete_across_classes():
                                                                                loss="softmax").item()
 
 
-def test_mask_loss_without_positives_is_zero_and_keeps_the_graph():
-    logits = torch.randn(0, 3, 28, 28, requires_grad=True)
-    loss = mask_loss(logits, torch.zeros(0, dtype=torch.long), torch.zeros(0, 28, 28))
-    loss.backward()
-    assert loss.item() == 0 and logits.grad.shape == logits.shape
+@pytest.mark.parametrize("head, loss, agnostic", [("fcn", "sigmoid", False), ("fcn", "softmax", False),
+                                                  ("fcn", "sigmoid", True), ("mlp", "softmax", True)])
+def test_mask_loss_without_positives_gives_every_head_parameter_a_zero_gradient(head, loss, agnostic):
+    # A batch can have no positive RoI. Its mask loss must still be an exact 0 on the head's
+    # graph: detached, the head's grads stay None and DDP (find_unused_parameters=False) fails
+    # or hangs on them; a mean over no pixels is NaN, which would poison every weight.
+    cfg = MaskHeadConfig(head=head, loss=loss, class_agnostic=agnostic, conv_dims=(8, 8), deconv_dim=8, mlp_dims=(16,))
+    mask_head = build_mask_head(16, 3, cfg)
+    logits = mask_head(torch.randn(0, 16, 14, 14))
+    assert logits.shape == (0, mask_head.num_outputs, 28, 28)
+    value = mask_loss(logits, torch.zeros(0, dtype=torch.long), torch.zeros(0, 28, 28), loss, agnostic)
+    assert value.grad_fn is not None and value.item() == 0
+    params = dict(mask_head.named_parameters())
+    grads = torch.autograd.grad(value, list(params.values()))  # raises if one is off the graph
+    for (name, param), grad in zip(params.items(), grads):
+        assert grad is not None and grad.shape == param.shape and not grad.any(), name  # any() is True on NaN
 
 
 def test_mask_loss_rejects_bad_inputs_by_name():

@@ -1,9 +1,10 @@
 """The assembled model: its contract, and miniature models that overfit a handful of images.
 
 "A real test, not a smoke run": a miniature Faster R-CNN (FPN and C4) and a miniature Mask R-CNN
-with a keypoint head are trained on four synthetic images on the CPU, and must then find every
-ground-truth object again -- boxes at IoU > 0.8 (the C4 case: on average, and each above 0.6),
-masks at IoU > 0.8.
+are trained on four synthetic images on the CPU, and must then find every ground-truth object
+again -- boxes at IoU > 0.8 (the C4 case: on average, and each above 0.6), masks at IoU > 0.8.
+The keypoint branch is tested in test_head_wiring.py: its loss recomputed on a training step's
+own RoIs, and its head learning keypoint positions to a pixel.
 """
 import pytest
 import torch
@@ -97,17 +98,20 @@ def test_miniature_faster_rcnn_overfits_and_recovers_every_box(tiny_shapes, buil
 
 
 @pytest.mark.slow
-def test_miniature_mask_rcnn_with_keypoints_overfits_masks(tiny_shapes):
-    ds, images, targets = _load(tiny_shapes, 4, with_keypoints=True)
-    cfg = mini_fpn(num_classes=len(ds.class_names) - 1, image_size=64, keypoints=len(ds.keypoint_names))
-    # 200 iterations, the last 50 at lr / 10: at a constant lr the smallest-margin object
-    # (image 11) ended anywhere between mask IoU 0.78 and 0.88, by rounding alone (the RPN loss
-    # summed in another order moved it so); the decay lets the last steps settle (it then ends
-    # at 0.85, the other objects at 0.92 or more; measured, this seed)
+def test_miniature_mask_rcnn_overfits_masks(tiny_shapes):
+    # No keypoint head: it made each step 1.77 s instead of 1.47 s and was checked only for a
+    # falling loss and an output shape; test_head_wiring.py tests its loss and its positions.
+    ds, images, targets = _load(tiny_shapes, 4)  # images 1-4: nine objects, one image with three
+    cfg = mini_fpn(num_classes=len(ds.class_names) - 1, image_size=64)
+    assert cfg.keypoint_head is None
+    # 200 iterations, the last 50 at lr / 10: at a constant lr an object's final mask IoU moved
+    # by up to 0.1 by rounding alone (the RPN loss summed in another order moved it so); the
+    # decay lets the last steps settle. Measured, this seed: box IoUs 0.975-0.994, mask IoUs
+    # 0.937-0.995 (with a keypoint head, on the four keypoint images 1, 3, 7 and 11, the worst
+    # mask ended at 0.85)
     history, detections = _overfit(MaskRCNN(cfg), images, targets, iterations=200, lr=3e-3, decay_at=150)
-    assert {"loss_mask", "loss_keypoint"} <= set(history[0])
+    assert "loss_mask" in history[0] and "loss_keypoint" not in history[0]
     assert history[-1]["loss_mask"] < 0.3 * history[0]["loss_mask"]
-    assert history[-1]["loss_keypoint"] < history[0]["loss_keypoint"]
     for image, target, det in zip(images, targets, detections):
         best_iou, best, _ = _matches(det, target)
         assert (best_iou > 0.8).all(), f"image {target['image_id']}: box IoUs {best_iou.tolist()}"
@@ -116,7 +120,6 @@ def test_miniature_mask_rcnn_with_keypoints_overfits_masks(tiny_shapes):
         mask_iou = (predicted & truth).flatten(1).sum(1) / (predicted | truth).flatten(1).sum(1)
         assert (mask_iou > 0.8).all(), f"image {target['image_id']}: mask IoUs {mask_iou.tolist()}"
         assert det["masks"].shape[-2:] == image.shape[-2:]
-        assert det["keypoints"].shape == (len(det["boxes"]), len(ds.keypoint_names), 3)
 
 
 def test_eval_outputs_are_in_original_image_pixels():

@@ -2,6 +2,7 @@
 references: per-element Python loops written from the definitions, gradcheck, torchvision."""
 import importlib.util
 import math
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -333,6 +334,42 @@ def test_roialign_samples_exactly_at_the_returned_sampling_points():
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_sampling_points_are_the_hand_computed_ones():
+    # roi_align and sampling_points share _roi_frame / _axis_samples, so the test above cannot
+    # see a wrong offset in them. By hand, from §3 (continuous coordinates, no rounding): RoI
+    # [21, 13, 77, 55] at scale 1/4 is x [5.25, 19.25], y [3.25, 13.75] in feature cells; a cell's
+    # value sits at its centre, so aligned=True subtracts 0.5: x from 4.75, 14 wide, 3 bins of 14/3;
+    # y from 2.75, 10.5 high, 4 bins of 2.625. One point per bin sits at its bin's centre.
+    roi = torch.tensor([21.0, 13.0, 77.0, 55.0], dtype=torch.float64)
+    cases = {True: ([4.75 + 7 / 3, 11.75, 4.75 + 35 / 3], [4.0625, 6.6875, 9.3125, 11.9375]),
+             # legacy: no half-cell shift, x from 5.25 and y from 3.25 with the same bins
+             False: ([5.25 + 7 / 3, 12.25, 5.25 + 35 / 3], [4.5625, 7.1875, 9.8125, 12.4375])}
+    H, W = 20, 30  # a linear map f = 3x - 2y + 1, exact under bilinear interpolation inside it
+    yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
+    linear = (3 * xx - 2 * yy + 1)[None, None]
+    for aligned, (xs, ys) in cases.items():
+        want_x = torch.tensor(xs, dtype=torch.float64)[None, :].expand(4, 3)
+        want_y = torch.tensor(ys, dtype=torch.float64)[:, None].expand(4, 3)
+        pts = sampling_points(roi, (4, 3), 1, 0.25, aligned)
+        assert pts.shape == (4, 3, 1, 1, 2)
+        torch.testing.assert_close(pts[:, :, 0, 0], torch.stack([want_x, want_y], -1), rtol=0, atol=1e-12)
+        # and roi_align itself samples there, with no shared helper in between
+        got = roi_align(linear, torch.cat([roi.new_zeros(1), roi])[None], (4, 3), 0.25, 1, aligned)[0, 0]
+        torch.testing.assert_close(got, 3 * want_x - 2 * want_y + 1, rtol=0, atol=1e-12)
+    # adaptive grid: ceil(10.5 / 4) = 3 x ceil(14 / 3) = 5 points, at the centres of sub-bins
+    pts = sampling_points(roi, (4, 3), -1, 0.25, True)
+    assert pts.shape == (4, 3, 3, 5, 2)
+    bin_y0, bin_x0 = 2.75 + 1 * 2.625, 4.75 + 2 * 14 / 3  # bin (1, 2)
+    want = torch.tensor([[[bin_x0 + (ix + 0.5) * 14 / 15, bin_y0 + (iy + 0.5) * 0.875] for ix in range(5)]
+                         for iy in range(3)], dtype=torch.float64)
+    torch.testing.assert_close(pts[1, 2], want, rtol=0, atol=1e-12)
+    # a RoI under one cell, [8, 8, 9, 10] at 1/4 (0.25 x 0.5 cells): legacy stretches it to 1 x 1
+    # cell from (2, 2), so its one point is (2.5, 2.5); aligned keeps it: (1.5 + 0.125, 1.5 + 0.25)
+    tiny = torch.tensor([8.0, 8.0, 9.0, 10.0], dtype=torch.float64)
+    assert sampling_points(tiny, 1, 1, 0.25, False).reshape(2).tolist() == [2.5, 2.5]
+    assert sampling_points(tiny, 1, 1, 0.25, True).reshape(2).tolist() == [1.625, 1.75]
+
+
 def test_roialign_has_no_quantisation_error_and_roipool_does():
     # Shift a box by a fraction of the stride on a linear ramp f(x) = x (feature units):
     # RoIAlign's output moves by exactly shift * scale; RoIPool's and RoIWarp's stay put.
@@ -504,12 +541,56 @@ def test_pytorch_paths_on_cuda_sample_what_they_sample_on_the_cpu():
         torch.testing.assert_close(on_gpu, on_cpu, rtol=0, atol=1e-6)
 
 
-def test_benchmark_script_runs_on_cpu(capsys, monkeypatch):
-    script = Path(__file__).resolve().parents[1] / "bench" / "roi_align.py"
-    monkeypatch.setattr(sys, "argv", [str(script), "--quick", "--device", "cpu", "--iters", "1"])
-    runpy.run_path(str(script), run_name="__main__")
+_BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "roi_align.py"
+
+
+def test_benchmark_script_prints_a_timed_row_per_case_and_method(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [str(_BENCH_SCRIPT), "--quick", "--device", "cpu", "--iters", "1"])
+    bench = runpy.run_path(str(_BENCH_SCRIPT), run_name="__main__")
     printed = capsys.readouterr().out
-    assert "forward" in printed and "torch" in printed
+    methods = [name for name, _ in bench["candidates"](torch.device("cpu"), 2, True)]
+    row = re.compile(r"^(\d+) -> (\d+)x\2\s+(.+?)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$")
+    rows = {}
+    for line in printed.splitlines():
+        match = row.match(line)
+        if match:
+            n, size, name, *numbers = match.groups()
+            rows[int(n), int(size), name] = numbers
+    # --quick's two cases, each timed for every method the script benchmarks here
+    assert set(rows) == {(n, size, name) for n, size in [(64, 7), (32, 14)] for name in methods}
+    for key, (forward, both, forward_ratio, both_ratio) in rows.items():
+        times = [float(forward), float(both)]
+        assert all(math.isfinite(t) and t > 0 for t in times), (key, times)
+        if "torchvision" not in methods:  # no reference: the ratios are dashes
+            assert (forward_ratio, both_ratio) == ("-", "-"), key
+            continue
+        reference = [float(v) for v in rows[key[0], key[1], "torchvision"][:2]]
+        for t, ref, ratio in zip(times, reference, (float(forward_ratio), float(both_ratio))):
+            # ours / torchvision's, from times printed to 0.0005 ms and a ratio to 0.005
+            low, high = (t - 5e-4) / (ref + 5e-4), (t + 5e-4) / (ref - 5e-4)
+            assert low - 5e-3 <= ratio <= high + 5e-3, (key, t, ref, ratio)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_CUDA)])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_benchmarked_methods_compute_what_the_torch_path_computes(device, aligned):
+    # a timing is only comparable if every method computes the same RoIAlign: the script's own
+    # calls (scale, sampling ratio, aligned, RoI dtype) on its --quick inputs
+    bench = runpy.run_path(str(_BENCH_SCRIPT), run_name="bench_roi_align")
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 25, 42, generator=g).to(device)
+    rois = bench["make_rois"](64, (100, 168), 2, g).to(device)
+    methods = bench["candidates"](device, 2, aligned)
+    assert "ours torch" in [name for name, _ in methods]
+    want = roi_align(x, rois, 7, 0.25, 2, aligned, backend="torch")
+    assert want.abs().sum() > 0  # RoIs on the map, not a comparison of zeros
+    for name, fn in methods:
+        features = x
+        if fn == "channels_last":  # as the script: the first method on a channels-last input
+            features, fn = x.contiguous(memory_format=torch.channels_last), methods[0][1]
+        torch.testing.assert_close(fn(features, rois, 7), want, rtol=1e-5, atol=1e-5,
+                                   msg=lambda text, name=name: f"{name}: {text}")
 
 
 def test_roiwarp_of_a_box_on_the_grid_is_roialign_of_that_box_one_cell_larger():
@@ -528,3 +609,95 @@ def test_adaptive_roialign_of_only_empty_rois_stays_on_the_graph():
     assert out.shape == (2, 3, 2, 2) and not out.any()
     (grad,) = torch.autograd.grad(out.sum(), x)
     assert not grad.any()
+
+
+# ---- backend="auto" dispatch, without a GPU ---------------------------------------------------
+
+
+class _LooksCuda(torch.Tensor):
+    """A CPU tensor that answers ``is_cuda`` True: all roi_align's dispatch reads of the device."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+class _BrokenCupyFinder:
+    """Finds a ``cupy`` whose import raises, as on a machine with cupy but a broken CUDA install."""
+
+    def __init__(self, error):
+        self.error, self.imports = error, 0
+
+    def find_spec(self, name, path=None, target=None):
+        return importlib.util.spec_from_loader(name, self) if name == "cupy" else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        self.imports += 1
+        raise self.error
+
+
+@pytest.fixture
+def roi_align_module(monkeypatch):
+    """mrcnn_edu.ops.roi_align (the package re-exports a function of the same name), with
+    cupy_available's cached answer cleared before and after: the test changes what it finds."""
+    module = importlib.import_module("mrcnn_edu.ops.roi_align")
+    module.cupy_available.cache_clear()
+    yield module
+    monkeypatch.undo()  # the real import machinery back before the next probe
+    module.cupy_available.cache_clear()
+
+
+@pytest.fixture
+def stand_in_kernel(monkeypatch):
+    """Replaces the CuPy kernel module with one that records its calls (it needs no CUDA)."""
+    calls = []
+    kernel = type(sys)("mrcnn_edu.ops.roi_align_cupy")
+    kernel.roi_align_cupy = lambda *args: calls.append(args) or torch.full((1, 2, 2, 2), -7.0)
+    monkeypatch.setitem(sys.modules, "mrcnn_edu.ops.roi_align_cupy", kernel)
+    return calls
+
+
+@pytest.mark.parametrize("error", [None, ImportError("libcudart.so.12: cannot open shared object file"),
+                                   RuntimeError("CUDA driver version is insufficient"), OSError("libnvrtc")],
+                         ids=["missing", "ImportError", "RuntimeError", "OSError"])
+def test_a_missing_or_broken_cupy_sends_every_call_to_the_torch_path(roi_align_module, stand_in_kernel,
+                                                                     monkeypatch, error):
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)  # a real one imported earlier would be reused
+    if error is None:
+        monkeypatch.setitem(sys.modules, "cupy", None)  # how Python marks a module as not importable
+    else:
+        finder = _BrokenCupyFinder(error)
+        monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+    assert roi_align_module.cupy_available() is False
+    if error is not None:
+        assert finder.imports == 1  # the import was tried, and failed, rather than never found
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    rois = torch.tensor([[0, 1.0, 2.0, 27.0, 30.0]], dtype=torch.float64)
+    want = ref_roi_align(x, rois, (2, 2), 0.25, -1, True)
+    for inputs in [(x, rois), (x.as_subclass(_LooksCuda), rois.as_subclass(_LooksCuda))]:
+        torch.testing.assert_close(roi_align(*inputs, 2, 0.25, backend="auto").as_subclass(torch.Tensor), want,
+                                   rtol=0, atol=1e-12)
+    assert stand_in_kernel == []
+    with pytest.raises(ValueError, match="cupy is not importable"):  # forced, it says why, not crash
+        roi_align(x.as_subclass(_LooksCuda), rois.as_subclass(_LooksCuda), 2, backend="cupy")
+
+
+def test_auto_backend_uses_the_cupy_kernel_for_cuda_tensors_only(roi_align_module, stand_in_kernel, monkeypatch):
+    monkeypatch.setattr(roi_align_module, "cupy_available", lambda: True)
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    rois = torch.tensor([[0, 1.0, 2.0, 27.0, 30.0]], dtype=torch.float64)
+    # CPU tensors: the torch path, even with cupy importable (the kernel needs device memory)
+    torch.testing.assert_close(roi_align(x, rois, 2, 0.25, backend="auto"),
+                               ref_roi_align(x, rois, (2, 2), 0.25, -1, True), rtol=0, atol=1e-12)
+    assert stand_in_kernel == []
+    # CUDA tensors: the kernel, with the validated arguments
+    fake_x, fake_rois = x.as_subclass(_LooksCuda), rois.as_subclass(_LooksCuda)
+    out = roi_align(fake_x, fake_rois, (2, 2), 0.25, 3, False, "max", backend="auto")
+    assert (out == -7.0).all() and len(stand_in_kernel) == 1
+    assert stand_in_kernel[0][2:] == ((2, 2), 0.25, 3, False, "max")
+    # ... unless the torch path is asked for
+    roi_align(fake_x, fake_rois, 2, 0.25, backend="torch")
+    assert len(stand_in_kernel) == 1

@@ -80,6 +80,13 @@ def test_crowds_are_dropped_by_default(tiny_set):
         sum(len(with_crowd[i][1]["labels"]) for i in range(len(with_crowd))) - n_crowd
 
 
+def test_a_training_set_with_none_of_its_images_names_the_folder(tiny_set, tmp_path):
+    # it warned per image and training then stopped on "the dataset is empty", naming nothing
+    with pytest.raises(FileNotFoundError, match=rf"none of the 12 images of .*instances_train.json is in "
+                                                rf"{tmp_path}"):
+        COCODataset(str(tmp_path), os.path.join(tiny_set, "annotations", "instances_train.json"))
+
+
 def test_a_model_refuses_crowd_targets_rather_than_train_them_as_objects(tiny_set):
     # nothing downstream reads iscrowd: kept crowds were positives for the RPN and the heads
     from mrcnn_edu.model import _check_images

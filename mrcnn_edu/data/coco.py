@@ -342,6 +342,9 @@ class COCODataset(Dataset):
         if missing and not self.train:  # an evaluation on a subset would print AP for the whole json
             raise FileNotFoundError(f"{len(missing)} of {len(self.coco.imgs)} images of {self.ann_file} are "
                                     f"not in {self.image_dir}, e.g. {missing[:3]}")
+        if missing and len(missing) == len(self.coco.imgs):  # a wrong folder, not a partial download
+            raise FileNotFoundError(f"none of the {len(missing)} images of {self.ann_file} is in "
+                                    f"{self.image_dir} (e.g. {missing[0]}): is it the json's image folder?")
         return ids
 
     def _usable(self, anns: list[dict]) -> bool:

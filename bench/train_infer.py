@@ -60,7 +60,7 @@ def build_torchvision(min_size: int, max_size: int, all_classes: bool):
 
 def build_ours(theirs, min_size: int, max_size: int, all_classes: bool) -> MaskRCNN:
     """Ours, configured as ``theirs`` and holding its weights (``mrcnn_edu.weights``)."""
-    cfg = torchvision_maskrcnn_config(num_classes=80, bn_eps=1e-5)  # torchvision's FrozenBatchNorm2d default
+    cfg = torchvision_maskrcnn_config(num_classes=80)  # bn_eps 1e-5: torchvision's FrozenBatchNorm2d default
     cfg.transform.min_size_train, cfg.transform.min_size_test = (min_size,), min_size
     cfg.transform.max_size = max_size
     cfg.box_head.score_thresh = 0.0 if all_classes else 0.05

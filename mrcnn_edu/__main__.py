@@ -114,12 +114,20 @@ def build_model(experiment, weights: str | None = None, strict: bool = True):
                   f"{init['tensors']} tensors", file=sys.stderr)
             return model
         if _is_torchvision_detector(state):  # its RPN conv, FPN and heads have other names
-            from mrcnn_edu.weights import torchvision_state_dict_to_ours
+            from mrcnn_edu.weights import _strip_module_prefix, torchvision_state_dict_to_ours
 
+            state = _strip_module_prefix(state)
             renamed, unused = torchvision_state_dict_to_ours(state, model)
             state = {**renamed, **{key: state[key] for key in unused}}  # unused: reported below
             print(f"{weights}: a torchvision detector's state dict, renamed to this model's keys",
                   file=sys.stderr)
+        if not strict:  # fine-tuning: e.g. COCO's 91-way predictors into a model of other classes
+            own = model.state_dict()
+            reshaped = [key for key, value in state.items() if key in own and own[key].shape != value.shape]
+            if reshaped:
+                print(f"{weights}: {len(reshaped)} tensor(s) of another shape than the model's left out "
+                      f"(initialised afresh): [{_key_list(reshaped)}]", file=sys.stderr)
+                state = {key: value for key, value in state.items() if key not in reshaped}
         report = load_state_dict_by_key(model, state, strict=strict, what=f"model ({weights})")
         if not report.loaded:
             raise ValueError(f"no tensor of {weights} fits the {experiment.name} model (its keys: "

@@ -335,16 +335,34 @@ def _data_files(dataset: str, data_dir: str) -> tuple[Path, Path, Path, Path]:
 
 
 def data_digest(dataset: str, data_dir: str) -> str:
-    """16 hex digits of the md5 of the train and val annotation files: records made on other
-    data (another generator version or seed of the shapes, another COCO release) differ."""
+    """16 hex digits that differ for other data: COCO, the md5 of its train and val annotation
+    files (another release); the shapes, of what made them -- each json's ``info`` (generator
+    version, seed, split) and image count and sizes -- not of their bytes, which another
+    machine's float rounding could change in a last digit without changing the experiment."""
     import hashlib
 
     md5 = hashlib.md5()
     for path in _data_files(dataset, data_dir)[1::2]:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                md5.update(block)
+        if dataset == "coco":
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    md5.update(block)
+            continue
+        data = json.loads(Path(path).read_text())
+        sizes = sorted({(image["width"], image["height"]) for image in data["images"]})
+        md5.update(json.dumps([data.get("info", {}), len(data["images"]), sizes], sort_keys=True).encode())
     return md5.hexdigest()[:16]
+
+
+def check_data_digest(folder: str | Path, digest: str) -> None:
+    """Write ``digest`` into a training's folder when it starts; ValueError if the folder says
+    it started on other data (a resumed training must not finish on another set)."""
+    path = Path(folder) / "data_digest"
+    if path.is_file() and path.read_text().strip() != digest:
+        raise ValueError(f"{folder} was trained on other data (digest {path.read_text().strip()}) than "
+                         f"this command's (digest {digest}); regenerate that data, or delete the folder")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    path.write_text(digest + "\n")
 
 
 def _datasets(dataset: str, data_dir: str):
@@ -435,6 +453,8 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
                              max_iter, images_per_batch, channels_last, run)
     data_dir = data_dir or DATA_DIRS["quick" if quick else dataset]
     train_set, val_set = _datasets(dataset, data_dir)
+    digest = data_digest(dataset, data_dir)
+    check_data_digest(train_cfg.output_dir, digest)
     torch.manual_seed(seed)  # initial weights: one stream per seed
     model = MaskRCNN(model_cfg)
     init = {"weights": None}  # from scratch
@@ -463,7 +483,7 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
         "iterations": trained["iteration"], "wall_time_s": time.perf_counter() - tic + earlier,
         "train_time_s": train_s, "resumed_from": trained["start_iteration"], "init": init,
         "device": report.device_name(), "git_commit": report.git_commit(),
-        "data_digest": data_digest(dataset, data_dir), "torch": torch.__version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "data_digest": digest, "torch": torch.__version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "model_config": dataclasses.asdict(model_cfg),
         "train_config": dataclasses.asdict(trained["config"]),
     }
@@ -875,10 +895,15 @@ def run_table(args: argparse.Namespace) -> dict:
         digest = data_digest(args.dataset, args.data)
         other = [f"{name} seed {seed}" for (name, seed), record in sorted(done.items())
                  if record.get("data_digest", digest) != digest]
+        for name, seed in todo:  # stopped trainings too: one must not finish on other data
+            started = Path(args.workdir) / "train" / f"{name}__seed{seed}" / "data_digest"
+            if started.is_file() and started.read_text().strip() != digest:
+                other.append(f"{name} seed {seed} (stopped at iteration {saved[(name, seed)]})")
         if other:
             raise ValueError(f"{', '.join(other)} were trained on other data than {args.data} holds "
-                             f"(annotation digest {digest}): regenerate that data, or delete those results "
-                             f"({args.workdir}/results) and their rows in {summary_path}, or use another --workdir")
+                             f"(data digest {digest}): regenerate that data, or delete those results "
+                             f"({args.workdir}/results and train/) and their rows in {summary_path}, "
+                             "or use another --workdir")
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
     logs = Path(args.workdir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -900,15 +925,19 @@ def run_table(args: argparse.Namespace) -> dict:
         ``finish_grace`` to finish that) and pre-training (its body is written whole or not at
         all); record which stopped where."""
         for body, (process, log) in pretraining.items():
-            process.terminate()
-            try:
-                process.wait(grace)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            ended = process.poll() is not None  # it finished since the loop last looked
+            if not ended:
+                process.terminate()
+                try:
+                    process.wait(grace)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
             log.close()
-            print(f"[{now:6.0f} s] pre-training {body}: stopped {why}; its trainings are left for the next session",
-                  flush=True)
+            made = ended and process.returncode == 0 and pretrain_command(body, args)[1].is_file()
+            print(f"[{now:6.0f} s] pre-training {body}: "
+                  + ("done" if made else f"stopped {why}" if not ended else f"failed (exit {process.returncode})")
+                  + "; its trainings are left for the next session", flush=True)
         pretraining.clear()
         finishing = {key for key in active if checkpoint_iteration(args.workdir, *key) >= totals[key[0]]}
         stop_at_deadline(active, grace, finishing, finish_grace)
@@ -947,7 +976,8 @@ def run_table(args: argparse.Namespace) -> dict:
                         body = body_name(RUNS[name])
                         command, out, log_path = pretrain_command(body, args)
                         fresh = not out.is_file()
-                        if fresh and deadline is not None and deadline - now < pretrain_min:
+                        # the body, then at least one of its trainings must fit before the deadline
+                        if fresh and deadline is not None and deadline - now < pretrain_min + min_start:
                             # too late to pre-train it: its trainings wait for the next session
                             later = [key for key in todo if body_name(RUNS[key[0]]) == body]
                             todo = [key for key in todo if key not in later]

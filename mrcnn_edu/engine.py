@@ -331,7 +331,7 @@ def _reduced_losses(loss_dict: dict[str, torch.Tensor],
     gradient norm (the same on every process: DDP averaged the gradients); one host read."""
     names = sorted(loss_dict)
     device = loss_dict[names[0]].device
-    norm = torch.zeros(()) if grad_norm is None else grad_norm
+    norm = torch.zeros((), device=device) if grad_norm is None else grad_norm  # no host-to-device copy
     values = torch.stack([loss_dict[name].detach().float() for name in names] + [norm.detach().float().to(device)])
     *losses, norm_value = all_reduce_mean(values).tolist()
     return dict(zip(names, losses)), (math.nan if grad_norm is None else norm_value)

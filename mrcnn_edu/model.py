@@ -290,9 +290,9 @@ def _check_images(images: list[Tensor], targets: list[dict] | None, num_classes:
     boxes, labels = torch.cat([t["boxes"] for t in targets]), torch.cat([t["labels"] for t in targets])
     if boxes.numel() == 0:
         return
-    crowds = [t["iscrowd"] for t in targets if "iscrowd" in t]
+    crowds = [torch.as_tensor(t["iscrowd"], device=boxes.device).reshape(-1) for t in targets if "iscrowd" in t]
     no_crowd = torch.zeros((), dtype=torch.bool, device=boxes.device)
-    crowd = torch.cat(crowds).to(boxes.device).any() if crowds else no_crowd
+    crowd = torch.cat(crowds).any() if crowds else no_crowd
     flags = torch.stack([invalid_box_rows(boxes).any(), ((labels < 1) | (labels > num_classes)).any(), crowd])
     if not flags.any():  # the one host read (the box functions downstream skip it on a GPU)
         return
@@ -302,7 +302,7 @@ def _check_images(images: list[Tensor], targets: list[dict] | None, num_classes:
         if outside.any():
             raise ValueError(f"targets[{i}]['labels'] holds {t['labels'][outside].tolist()}: class ids run "
                              f"1..{num_classes} (0 is the background, never a target)")
-        if "iscrowd" in t and t["iscrowd"].any():
+        if "iscrowd" in t and torch.as_tensor(t["iscrowd"]).any():
             # Detectron ignores anchors and proposals on a crowd; our matchers have no such label
             raise ValueError(f"targets[{i}] (image id {t.get('image_id', '?')}) holds crowd regions (iscrowd=1): "
                              "they would train as objects; load the data with drop_crowd=True "

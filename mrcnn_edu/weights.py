@@ -99,11 +99,11 @@ def _torchvision_common(num_classes: int, fc_dim: int, min_size_train: tuple[int
 
 def torchvision_maskrcnn_config(num_classes: int = 90, mask_conv_dims: tuple[int, ...] = (256,) * 4,
                                  mask_deconv_dim: int = 256, fc_dim: int = 1024,
-                                 bn_eps: float = COCO_V1_BN_EPS) -> MaskRCNNConfig:
+                                 bn_eps: float = 1e-5) -> MaskRCNNConfig:
     """Our config for torchvision's ``maskrcnn_resnet50_fpn`` (COCO: 90 = 91 - background).
 
-    ``bn_eps``: 0 as torchvision runs its COCO_V1 weights; 1e-5 for a torchvision model built
-    without them (``weights=None``, its FrozenBatchNorm2d's default)."""
+    ``bn_eps``: 1e-5 (torchvision's FrozenBatchNorm2d default, and its ImageNet weights'); 0 as
+    torchvision runs its COCO_V1 weights (``COCO_V1_BN_EPS``, what the loaders below use)."""
     cfg = _torchvision_common(num_classes, fc_dim, min_size_train=(800,), bn_eps=bn_eps)
     cfg.mask_head = MaskHeadConfig(head="fcn", loss="sigmoid", resolution=28, pooler_resolution=14,
                                    conv_dims=tuple(mask_conv_dims), deconv_dim=mask_deconv_dim)
@@ -112,7 +112,7 @@ def torchvision_maskrcnn_config(num_classes: int = 90, mask_conv_dims: tuple[int
 
 def torchvision_keypointrcnn_config(num_keypoints: int = 17, keypoint_conv_dims: tuple[int, ...] = (512,) * 8,
                                     fc_dim: int = 1024, num_classes: int = 1,
-                                    bn_eps: float = COCO_V1_BN_EPS) -> MaskRCNNConfig:
+                                    bn_eps: float = 1e-5) -> MaskRCNNConfig:
     """Our config for torchvision's ``keypointrcnn_resnet50_fpn``: person only, no masks (§5).
     ``bn_eps`` as in :func:`torchvision_maskrcnn_config`."""
     cfg = _torchvision_common(num_classes, fc_dim, min_size_train=(640, 672, 704, 736, 768, 800), bn_eps=bn_eps)
@@ -217,7 +217,7 @@ def _fc_dim(state_dict: dict[str, Tensor], what: str) -> int:
 
 
 def load_torchvision_maskrcnn(state_dict: dict[str, Tensor], num_classes: int | None = None,
-                              cfg: MaskRCNNConfig | None = None, bn_eps: float = COCO_V1_BN_EPS) -> MaskRCNN:
+                              cfg: MaskRCNNConfig | None = None, bn_eps: float | None = None) -> MaskRCNN:
     """Our :class:`MaskRCNN` configured as torchvision's ``maskrcnn_resnet50_fpn``, with its weights.
 
     ``state_dict``: ``torchvision.models.detection.maskrcnn_resnet50_fpn(...).state_dict()`` or
@@ -225,8 +225,9 @@ def load_torchvision_maskrcnn(state_dict: dict[str, Tensor], num_classes: int | 
     (foreground, K) is read from ``roi_heads.box_predictor.cls_score`` and only checked if given.
     ``cfg``: a config to use instead of :func:`torchvision_maskrcnn_config` with the widths read
     from the state dict (e.g. that config with a smaller ``transform.min_size_test``).
-    ``bn_eps`` (without ``cfg``): the frozen BN's eps, 0 for the COCO_V1 file as torchvision
-    runs it, 1e-5 for a model torchvision built without those weights (``weights=None``).
+    ``bn_eps``: the frozen BN's eps; by default 0 (``COCO_V1_BN_EPS``) for the COCO_V1 file as
+    torchvision runs it, else ``cfg``'s; 1e-5 for a model torchvision built without those weights
+    (``weights=None``). Given with a ``cfg`` of another eps, it is an error.
     Returns the model in eval mode; raises ValueError listing missing / unexpected keys.
     """
     what = "maskrcnn_resnet50_fpn"
@@ -239,7 +240,9 @@ def load_torchvision_maskrcnn(state_dict: dict[str, Tensor], num_classes: int | 
                              "Mask R-CNN (torchvision >= 0.13 layout) state dict")
         deconv = _require(state_dict, "roi_heads.mask_predictor.conv5_mask.weight", what)  # (C_in, C_out, 2, 2)
         cfg = torchvision_maskrcnn_config(num_classes, tuple(conv_dims), deconv.shape[1], _fc_dim(state_dict, what),
-                                          bn_eps=bn_eps)
+                                          bn_eps=COCO_V1_BN_EPS if bn_eps is None else bn_eps)
+    elif bn_eps is not None and bn_eps != cfg.backbone.resnet.bn_eps:
+        raise ValueError(f"bn_eps={bn_eps} but cfg.backbone.resnet.bn_eps={cfg.backbone.resnet.bn_eps}: give one")
     elif cfg.num_classes != num_classes or cfg.mask_head is None:
         raise ValueError(f"cfg must have a mask head and num_classes={num_classes} (the state dict's), "
                          f"got num_classes={cfg.num_classes}, mask_head={cfg.mask_head}")
@@ -247,7 +250,7 @@ def load_torchvision_maskrcnn(state_dict: dict[str, Tensor], num_classes: int | 
 
 
 def load_torchvision_keypointrcnn(state_dict: dict[str, Tensor], cfg: MaskRCNNConfig | None = None,
-                                  bn_eps: float = COCO_V1_BN_EPS) -> MaskRCNN:
+                                  bn_eps: float | None = None) -> MaskRCNN:
     """Our :class:`MaskRCNN` configured as torchvision's ``keypointrcnn_resnet50_fpn``, with its weights.
 
     Person detection (1 class) plus §5's keypoint head; the number of keypoints (17 on COCO) and
@@ -266,7 +269,9 @@ def load_torchvision_keypointrcnn(state_dict: dict[str, Tensor], cfg: MaskRCNNCo
                              "Keypoint R-CNN state dict")
         deconv = _require(state_dict, "roi_heads.keypoint_predictor.kps_score_lowres.weight", what)  # (C, K, 4, 4)
         cfg = torchvision_keypointrcnn_config(deconv.shape[1], tuple(conv_dims), _fc_dim(state_dict, what), num_classes,
-                                              bn_eps=bn_eps)
+                                              bn_eps=COCO_V1_BN_EPS if bn_eps is None else bn_eps)
+    elif bn_eps is not None and bn_eps != cfg.backbone.resnet.bn_eps:
+        raise ValueError(f"bn_eps={bn_eps} but cfg.backbone.resnet.bn_eps={cfg.backbone.resnet.bn_eps}: give one")
     elif cfg.num_classes != num_classes or cfg.keypoint_head is None:
         raise ValueError(f"cfg must have a keypoint head and num_classes={num_classes} (the state dict's), "
                          f"got num_classes={cfg.num_classes}, keypoint_head={cfg.keypoint_head}")

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -786,15 +787,34 @@ def test_a_table_refuses_to_add_trainings_on_other_data_than_its_records(tiny_sh
     data = str(tiny_shapes["root"])
     digest = ablations.data_digest("shapes", data)
     assert len(digest) == 16 and digest == ablations.data_digest("shapes", data)  # a pure function of the files
+    # the shapes' digest is what made them (generator version, seed, counts, sizes), not bytes
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)
+    val = copy / "annotations" / "instances_val.json"
+    meta = json.loads(val.read_text())
+    meta["annotations"][0]["area"] += 0.01  # a last-digit change of another machine's rounding
+    val.write_text(json.dumps(meta))
+    assert ablations.data_digest("shapes", str(copy)) == digest
+    meta["info"]["generator_version"] -= 1
+    val.write_text(json.dumps(meta))
+    assert ablations.data_digest("shapes", str(copy)) != digest
     results = tmp_path / "work" / "results"
     for seed, record_digest in ((0, digest), (1, "0123456789abcdef")):
         record = dict(_fake_record("r50_c4", seed, 30.0, 50.0, 30.0), data_digest=record_digest)
         report.write_json_atomic(report.result_path(tmp_path / "work", "r50_c4", seed), record)
     assert len(list(results.glob("*.json"))) == 2
     with pytest.raises(ValueError, match=rf"r50_c4 seed 1 were trained on other data than {data} holds "
-                                         rf"\(annotation digest {digest}\)"):
+                                         rf"\(data digest {digest}\)"):
         ablations.main(_quick_table(tiny_shapes, tmp_path, "--no-pretrain"))
     assert launched == []
+    # a training stopped on other data is not resumed on this one either
+    started = tmp_path / "work" / "train" / "r50_c4_roipool__seed0"
+    ablations.check_data_digest(started, "fedcba9876543210")
+    with pytest.raises(ValueError, match="r50_c4 seed 1, r50_c4_roipool seed 0 \\(stopped at iteration 0\\)"):
+        ablations.main(_quick_table(tiny_shapes, tmp_path, "--no-pretrain"))
+    with pytest.raises(ValueError, match="was trained on other data \\(digest fedcba9876543210\\)"):
+        ablations.check_data_digest(started, digest)  # run-one's own check, in the child
+    (started / "data_digest").unlink()
     # the same records on the same data (seed 1's digest agreeing) let the table go on
     record["data_digest"] = digest
     report.write_json_atomic(report.result_path(tmp_path / "work", "r50_c4", 1), record)

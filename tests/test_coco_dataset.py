@@ -202,6 +202,7 @@ def test_keypoints_area_and_iscrowd_that_would_stop_training_later_are_skipped_b
     (["Left eye", "Right eye"], [1, 0]),
     (["leftHip", "rightHip", "r-ear", "l-ear"], [1, 0, 3, 2]),
     (["nose", "tail", "rear"], [0, 1, 2]),  # "rear" names no side
+    (["Neck", "RShoulder", "LShoulder", "LBigToe", "RBigToe"], [0, 2, 1, 4, 3]),  # OpenPose's BODY_25
 ])
 def test_the_flip_map_pairs_left_and_right_however_they_are_spelled(names, expected):
     from mrcnn_edu.data.coco import keypoint_flip_map
@@ -217,6 +218,8 @@ def test_a_side_without_a_partner_is_an_error_unless_the_map_is_given(tmp_path):
 
     with pytest.raises(ValueError, match="'left_eye' names a side .* has no partner"):
         keypoint_flip_map(["left_eye", "nose"])
+    with pytest.raises(ValueError, match="'lefteye' seems to name a side, but not as a word"):
+        keypoint_flip_map(["lefteye", "righteye"])
     (tmp_path / "img").mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "img" / "a.png")
     data = {"images": [{"id": 1, "file_name": "a.png", "height": 8, "width": 8}],
@@ -232,7 +235,7 @@ def test_a_side_without_a_partner_is_an_error_unless_the_map_is_given(tmp_path):
     given = COCODataset(str(tmp_path / "img"), str(tmp_path / "ann.json"), with_masks=False, with_keypoints=True,
                         keypoint_flip_map=[1, 0, 2])
     assert given.keypoint_flip_map == [1, 0, 2]
-    for bad in ([0, 1], [1, 2, 0], [0, 0, 2]):  # wrong length, not its own inverse, not a permutation
+    for bad in ([0, 1], [1, 2, 0], [0, 0, 2], [1.0, 0.0, 2.0]):  # length, inverse, permutation, integers
         with pytest.raises(ValueError, match="keypoint_flip_map must be a permutation of 0..2"):
             COCODataset(str(tmp_path / "img"), str(tmp_path / "ann.json"), with_masks=False,
                         with_keypoints=True, keypoint_flip_map=bad)

@@ -421,6 +421,8 @@ def test_the_loader_runs_frozen_bn_with_eps_0_as_torchvision_runs_its_coco_weigh
         got = list(ours.backbone(x).values())
         close = all(torch.allclose(g, e, rtol=1e-4, atol=1e-5) for g, e in zip(got, expected))
         assert close == same, (eps, [float((g - e).abs().max()) for g, e in zip(got, expected)])
+    with pytest.raises(ValueError, match=r"bn_eps=0.0 but cfg.backbone.resnet.bn_eps=1e-05: give one"):
+        load_torchvision_maskrcnn(theirs.state_dict(), cfg=torchvision_maskrcnn_config(num_classes=3), bn_eps=0.0)
 
 
 def test_loader_names_missing_and_unexpected_keys():

@@ -94,9 +94,11 @@ _SIDES = {"left": "right", "right": "left", "l": "r", "r": "l"}
 
 def _side_key(name: str) -> tuple[str | None, tuple[str, ...]]:
     """``"Left_Eye"`` -> ``("left", ("", "eye"))``: the side word of a keypoint name (a whole
-    word between ``_``, ``-``, ``.``, spaces or a lower-to-upper case change, any case) and the
-    name's words with it blanked; ``(None, words)`` if no word names a side."""
-    words = tuple(w.lower() for w in re.split(r"[_\-.\s]+|(?<=[a-z])(?=[A-Z])", name) if w)
+    word between ``_``, ``-``, ``.``, spaces or a case change: ``leftEye``, OpenPose's
+    ``RShoulder``; any case) and the name's words with it blanked; ``(None, words)`` if no word
+    names a side."""
+    words = tuple(w.lower() for w in re.split(r"[_\-.\s]+|(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", name)
+                  if w)
     sides = [i for i, w in enumerate(words) if w in _SIDES]
     if len(sides) != 1:
         return None, words
@@ -115,6 +117,9 @@ def keypoint_flip_map(names: list[str]) -> list[int]:
     perm = list(range(len(names)))
     for i, (side, rest) in enumerate(keys):
         if side is None:
+            if re.search("left|right", names[i], re.IGNORECASE):  # e.g. "lefteye": no word to swap
+                raise ValueError(f"keypoint {names[i]!r} seems to name a side, but not as a word of its own: "
+                                 "pass keypoint_flip_map explicitly")
             continue
         partners = [j for j, (other, other_rest) in enumerate(keys)
                     if other == _SIDES[side] and other_rest == rest]
@@ -132,8 +137,9 @@ _inferred_flip_map = keypoint_flip_map  # COCODataset's argument of the same nam
 def check_flip_map(flip_map: list[int], num_keypoints: int, what: str = "keypoint_flip_map") -> list[int]:
     """``flip_map`` as a list, if it is a permutation of ``range(num_keypoints)`` that undoes
     itself (flipping twice is no flip); else ValueError naming ``what``."""
-    flip_map = [int(i) for i in flip_map]
-    if sorted(flip_map) != list(range(num_keypoints)) or any(flip_map[j] != i for i, j in enumerate(flip_map)):
+    flip_map = list(flip_map)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in flip_map) \
+            or sorted(flip_map) != list(range(num_keypoints)) or any(flip_map[j] != i for i, j in enumerate(flip_map)):
         raise ValueError(f"{what} must be a permutation of 0..{num_keypoints - 1} that is its own inverse "
                          f"(left <-> right pairs, the rest fixed), got {flip_map}")
     return flip_map

@@ -701,3 +701,25 @@ def test_the_rpn_and_keypoint_losses_read_nothing_on_the_host():
         kp = keypoint_loss(logits, torch.randint(0, 64, (6, 5), generator=g), valid)
         (sum(rpn.values()) + kp).backward()
     assert counter.ops > 20 and not counter.reads, counter.reads
+
+
+def test_shapes_version_diff_finds_exactly_the_annotations_this_generator_writes_otherwise(tmp_path):
+    import json
+
+    from mrcnn_edu.data import shapes
+
+    diff = load("shapes_version_diff")
+    shapes.generate(str(tmp_path), preset="tiny", seed=4)
+    assert diff.compare_split(tmp_path, "val")["images changed"] == 0  # this version: nothing differs
+    path = tmp_path / "annotations" / "instances_val.json"
+    data = json.loads(path.read_text())
+    person = next(a for a in data["annotations"] if a.get("keypoints"))
+    person["keypoints"][2] = 3 - person["keypoints"][2]  # one visibility flipped (1 <-> 2)
+    crowd = next(a for a in data["annotations"] if a["iscrowd"])
+    crowd["area"] += 1.0
+    path.write_text(json.dumps(data))
+    counts = diff.compare_split(tmp_path, "val")
+    assert counts["keypoint annotations"] == 1 and counts["crowd annotations"] == 1
+    assert counts["images changed"] == len({person["image_id"], crowd["image_id"]})
+    assert counts["images"] == len(data["images"]) and counts["version then"] == shapes.GENERATOR_VERSION
+

@@ -500,10 +500,20 @@ def mode_name(dataset: str, quick: bool) -> str:
 
 
 def prepare_data(dataset: str, quick: bool, data_dir: str) -> None:
-    """Write the synthetic set once, before any child starts (children would race)."""
-    if dataset == "coco" or (Path(data_dir) / "annotations/instances_val.json").is_file():
-        return
+    """Write the synthetic set once, before any child starts (children would race). A set an
+    older generator wrote is kept (a table may have trained on it), with a warning."""
     from mrcnn_edu.data import shapes
+
+    if dataset == "coco":
+        return
+    val_json = Path(data_dir) / "annotations/instances_val.json"
+    if val_json.is_file():
+        version = json.loads(val_json.read_text()).get("info", {}).get("generator_version", 1)
+        if version != shapes.GENERATOR_VERSION:
+            print(f"WARNING: {data_dir} was written by shapes generator version {version}; this code writes "
+                  f"version {shapes.GENERATOR_VERSION} (data/README.md). Kept; delete the folder to write it anew "
+                  "(a table trained on it then refuses the new data: give it another --workdir)", flush=True)
+        return
 
     print(f"generating the synthetic shapes set in {data_dir} ...", flush=True)
     shapes.generate(data_dir, preset="tiny" if quick else "default",

@@ -822,6 +822,20 @@ def test_a_table_refuses_to_add_trainings_on_other_data_than_its_records(tiny_sh
     assert launched == ["r50_c4_roipool"]
 
 
+def test_a_shapes_set_of_an_older_generator_is_kept_with_a_warning(tiny_shapes, tmp_path, capsys):
+    root = tmp_path / "shapes"
+    shutil.copytree(tiny_shapes["root"], root)
+    ablations.prepare_data("shapes", True, str(root))
+    assert "WARNING" not in capsys.readouterr().out  # this version's set: nothing to say
+    val = root / "annotations" / "instances_val.json"
+    data = json.loads(val.read_text())
+    del data["info"]["generator_version"]  # as version 1 wrote it
+    val.write_text(json.dumps(data))
+    ablations.prepare_data("shapes", True, str(root))
+    assert "was written by shapes generator version 1; this code writes version 2" in capsys.readouterr().out
+    assert json.loads(val.read_text()) == data  # kept, not rewritten
+
+
 def _cached_body(tmp_path, name):
     """A body file that passes check_pretrained_body for the quick table (its weights unused)."""
     path = tmp_path / "work" / "pretrain" / f"{name}.pth"

@@ -45,12 +45,13 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ __all__ = [
     "TrainConfig", "NonFiniteLossError", "NonFiniteGradientError", "TrainingStopped", "grad_norm", "train",
     "lr_at", "scaled_lr",
     "scale_for_batch", "describe_scaling", "build_optimizer", "to_device", "seed_everything",
-    "plot_loss_curves", "keep_freed_memory", "resume_mismatch", "prune_checkpoints",
+    "plot_loss_curves", "keep_freed_memory", "resume_mismatch", "model_mismatch", "prune_checkpoints",
 ]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,6 +107,19 @@ class TrainConfig:
     resume: bool | str = False  # True: newest checkpoint in output_dir; or a path
     progress: bool | None = None  # tqdm bar; None: only when stderr is a terminal
     find_unused_parameters: bool = False  # DDP: set when some head gets no loss
+
+    def __post_init__(self) -> None:
+        # what needs no device or process count is checked when the config is made (an override
+        # typed wrong fails at once, not after the data and the model are built); train() checks
+        # the rest (_check_config)
+        if self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {list(AMP_DTYPES)}, got {self.amp!r}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {self.device!r}")
+        if self.images_per_batch < 1:
+            raise ValueError(f"images_per_batch={self.images_per_batch} must be >= 1")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed} must be >= 0")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -377,6 +391,37 @@ def resume_mismatch(saved: dict, cfg: TrainConfig, iteration: int) -> list[str]:
     return differ
 
 
+# MaskRCNNConfig settings read only at inference: a resumed training may change them
+INFERENCE_ONLY = ("transform.min_size_test", "transform.paste_mode", "rpn.pre_nms_top_n_test",
+                  "rpn.post_nms_top_n_test", "box_head.score_thresh", "box_head.nms_thresh",
+                  "box_head.detections_per_img", "mask_head.softmax_readout")
+
+
+def _model_config(model: nn.Module) -> dict | None:
+    """``asdict(model.cfg)`` as plain JSON values (tuples as lists), or None for a model without
+    a dataclass config (a stand-in in a test)."""
+    cfg = getattr(model, "cfg", None)
+    return json.loads(json.dumps(asdict(cfg))) if is_dataclass(cfg) else None
+
+
+def model_mismatch(saved: dict | None, model: nn.Module) -> list[str]:
+    """``["model.pooler.kind='roi_align' (now 'roi_pool')", ...]``: how ``model``'s config differs
+    from the one a checkpoint's iterations ran with (``saved``), outside :data:`INFERENCE_ONLY`. A
+    setting in one of them only (added to the code since) is not a difference."""
+    now = _model_config(model)
+    if saved is None or now is None:
+        return []
+
+    def walk(then, current, where: str) -> list[str]:
+        if isinstance(then, dict) and isinstance(current, dict):
+            return [d for key in then.keys() & current.keys()
+                    for d in walk(then[key], current[key], f"{where}.{key}" if where else key)]
+        if where in INFERENCE_ONLY or then == current:
+            return []
+        return [f"model.{where}={then!r} (now {current!r})"]
+    return sorted(walk(saved, now, ""))
+
+
 def _resume(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
             scaler: torch.amp.GradScaler, info: DistInfo) -> tuple[int, Path | None, float]:
     """Load the checkpoint ``cfg.resume`` asks for; return (iteration to start at, its path,
@@ -384,7 +429,9 @@ def _resume(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer
     path = Path(cfg.resume) if isinstance(cfg.resume, str) else None
     if cfg.resume is True:
         path = last_checkpoint(cfg.output_dir)
-    if path is None:
+    if path is None:  # say so: a mistyped output_dir would otherwise retrain from scratch unseen
+        if cfg.resume and info.is_main:
+            print(f"resume: no checkpoint in {cfg.output_dir}; starting at iteration 0", file=sys.stderr)
         return 0, None, 0.0
     state = load_checkpoint(path)
     try:
@@ -397,6 +444,7 @@ def _resume(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer
         raise ValueError(f"cannot resume from {path}: not a training checkpoint of this model "
                          f"and optimizer ({type(err).__name__}: {err})") from err
     differ = resume_mismatch(state.get("config", {}), cfg, int(state["iteration"]))
+    differ += model_mismatch(state.get("model_config"), model)  # same shapes, another model
     if differ:
         raise ValueError(f"cannot resume from {path}: its {state['iteration']} iterations ran with "
                          f"{'; '.join(differ)}. Resume with its settings, or start a new run from "
@@ -420,7 +468,7 @@ def _save(cfg: TrainConfig, iteration: int, model: nn.Module, optimizer, scaler,
         save_checkpoint(path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "iteration": iteration, "rng": rng_states,
-            "world_size": info.world_size, "config": asdict(cfg),
+            "world_size": info.world_size, "config": asdict(cfg), "model_config": _model_config(model),
             "train_seconds": train_seconds,  # the loop's time up to here, over every resume
         })
         plot_loss_curves(Path(cfg.output_dir) / "metrics.jsonl")
@@ -440,7 +488,9 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
     # the one last_checkpoint names stays, whatever lies beside it: a file of a higher iteration
     # can be left over from before a crash that the run resumed from an earlier checkpoint
     current = last_checkpoint(output_dir)
-    saved = sorted(Path(output_dir).glob("model_[0-9]*.pth"), key=lambda p: int(p.stem.split("_")[1]))
+    # only the run's own names: a stray "model_0000400 (copy).pth" must not stop the run here
+    saved = sorted((p for p in Path(output_dir).glob("model_*.pth") if re.fullmatch(r"model_\d+\.pth", p.name)),
+                   key=lambda p: int(p.stem.split("_")[1]))
     deleted = [path for path in saved[:-keep] if current is None or path.name != current.name]
     for path in deleted:
         path.unlink(missing_ok=True)

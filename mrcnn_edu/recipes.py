@@ -78,6 +78,14 @@ class DataConfig:
     eval_batch_size: int = 2  # images per forward pass when evaluating, per process
     synthetic: SyntheticData | None = None  # generate the set here if it is missing
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be a probability in [0, 1], got {self.flip_prob}")
+        if self.eval_images is not None and self.eval_images < 1:
+            raise ValueError(f"eval_images must be None (all) or >= 1, got {self.eval_images}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+
 
 @dataclass
 class Experiment:
@@ -348,7 +356,14 @@ def load_experiment(config: str, overrides: list[str] | dict[str, Any] = ()) -> 
             raise ValueError(f"config file {config} must be a JSON object with a 'recipe' key "
                              '(e.g. {"recipe": "mini_cpu", "overrides": {"train.max_iter": 100}})')
         config = spec["recipe"]
-        read.update(_read_overrides(flatten_overrides(spec.get("overrides", {}))))
+        given = spec.get("overrides", {})
+        if isinstance(given, list) and all(isinstance(text, str) for text in given):
+            read.update(_read_overrides(given))  # ["train.max_iter=100", ...], as on the command line
+        elif isinstance(given, dict):
+            read.update(_read_overrides(flatten_overrides(given)))
+        else:
+            raise ValueError(f"config file {path}: 'overrides' must be an object "
+                             f'{{"train.max_iter": 100}} or a list ["train.max_iter=100"], got {given!r}')
     read.update(_read_overrides(overrides))
     experiment, used = _apply(get_recipe(config), read)
     return experiment, {"recipe": config, "overrides": used}

@@ -210,6 +210,24 @@ def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(trained_ru
         assert torch.equal(resumed[key], uninterrupted[key]), key
 
 
+def test_resume_refuses_another_model_of_the_same_shapes_but_not_other_test_settings(data_dir, tmp_path, capsys):
+    # RoIPool instead of RoIAlign, another RPN NMS: every tensor still fits, so the checkpoint
+    # loaded and the run went on as a mix of two models
+    settings = [f"train.output_dir={tmp_path}", *data_overrides(data_dir), "train.checkpoint_period=1",
+                "data.eval_images=1", "train.max_iter=1"]
+    assert main(["train", "--config", "tiny", *settings]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny", "--resume", *settings, "train.max_iter=2",
+                 "model.pooler.kind=roi_pool", "model.rpn.nms_thresh=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume from" in err and "model.pooler.kind='roi_align' (now 'roi_pool')" in err
+    assert "model.rpn.nms_thresh=0.7 (now 0.5)" in err
+    # what only inference reads may change
+    assert main(["train", "--config", "tiny", "--resume", *settings, "train.max_iter=2",
+                 "model.box_head.score_thresh=0.3"]) == 0
+    assert load_checkpoint(tmp_path / "model_0000002.pth")["model_config"]["box_head"]["score_thresh"] == 0.3
+
+
 def test_sigterm_saves_the_iteration_and_resume_ends_with_the_uninterrupted_weights(
         trained_run, data_dir, tmp_path, capsys, monkeypatch):
     from mrcnn_edu import engine

@@ -397,6 +397,10 @@ def test_keep_checkpoints_deletes_all_but_the_newest_and_resume_still_works(tmp_
     (stale / "last_checkpoint").write_text("model_0000200.pth")
     assert [p.name for p in engine.prune_checkpoints(stale, 1)] == ["model_0000100.pth"]
     assert last_checkpoint(stale).name == "model_0000200.pth"
+    (stale / "model_0000100 (copy).pth").write_bytes(b"x")  # a user's copy: not ours to parse or delete
+    (stale / "model_0000050.pth").write_bytes(b"x")
+    assert [p.name for p in engine.prune_checkpoints(stale, 1)] == ["model_0000050.pth"]
+    assert (stale / "model_0000100 (copy).pth").exists()
 
 
 def test_metrics_file_cut_off_mid_line_by_a_crash_still_reads(tmp_path):

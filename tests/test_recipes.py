@@ -236,6 +236,11 @@ def test_json_config_file_gives_the_same_experiment_as_command_line_overrides(tm
     again.write_text(json.dumps(spec))
     assert load_experiment(str(again))[0] == from_file
     assert flatten_overrides({"a": {"b": {"c": 1}}, "d": 2}) == {"a.b.c": 1, "d": 2}
+    # the overrides as typed on the command line, a list, read the same (it was an AttributeError)
+    typed = tmp_path / "typed.json"
+    typed.write_text(json.dumps({"recipe": "tiny", "overrides": [
+        "train.base_lr=0.3", "train.steps=(1,2)", "model.pooler.kind=roi_warp", "train.max_iter=9"]}))
+    assert load_experiment(str(typed))[0] == from_words
 
 
 def test_bad_config_file_is_named(tmp_path):
@@ -245,4 +250,7 @@ def test_bad_config_file_is_named(tmp_path):
         load_experiment(str(path))
     path.write_text(json.dumps({"overrides": {}}))
     with pytest.raises(ValueError, match="'recipe'"):
+        load_experiment(str(path))
+    path.write_text(json.dumps({"recipe": "tiny", "overrides": "train.max_iter=3"}))
+    with pytest.raises(ValueError, match=r"broken.json: 'overrides' must be an object .* or a list"):
         load_experiment(str(path))

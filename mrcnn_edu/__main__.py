@@ -43,11 +43,24 @@ EXAMPLES = """examples:
 # --- building blocks shared by the commands (and notebooks 07, 08) -------------------------
 
 def prepare_data(experiment) -> None:
-    """Generate the synthetic set if the experiment names one and it is not there yet."""
-    synthetic = experiment.data.synthetic
-    if synthetic is None or Path(experiment.data.val_annotations).is_file():
+    """Generate the synthetic set if the experiment names one and it is not there yet; a set
+    already there must be the one asked for (another size, count or seed is an error, not a
+    silent training on the old one)."""
+    synthetic, data = experiment.data.synthetic, experiment.data
+    if synthetic is None:
         return
     from mrcnn_edu.data import shapes
+
+    paths = {"train_images": "train", "train_annotations": "annotations/instances_train.json",
+             "val_images": "val", "val_annotations": "annotations/instances_val.json"}
+    elsewhere = [f"data.{key}={getattr(data, key)}" for key, rel in paths.items()
+                 if Path(getattr(data, key)) != Path(synthetic.out_dir) / rel]
+    if elsewhere:  # the recipe fixed the paths from its own out_dir when it was built
+        raise ValueError(f"data.synthetic.out_dir={synthetic.out_dir} but {', '.join(elsewhere)}: "
+                         "give the paths inside it too (train, val, annotations/instances_*.json)")
+    if Path(data.val_annotations).is_file():
+        _check_synthetic_set(synthetic)
+        return
 
     tic = time.perf_counter()
     print(f"generating the synthetic shapes set in {synthetic.out_dir} ...", flush=True)
@@ -84,6 +97,33 @@ def build_datasets(experiment, train: bool = True):
     if data.flip_prob > 0:
         train_set.transforms = RandomHorizontalFlip(data.flip_prob, train_set.keypoint_flip_map)
     return train_set, val
+
+
+def _check_synthetic_set(synthetic) -> None:
+    """ValueError if the shapes set in ``synthetic.out_dir`` is not what ``synthetic`` asks for."""
+    import re
+
+    from mrcnn_edu.data import shapes
+
+    if synthetic.preset not in shapes.PRESETS:
+        raise ValueError(f"data.synthetic.preset must be one of {sorted(shapes.PRESETS)}, got {synthetic.preset!r}")
+    preset = shapes.PRESETS[synthetic.preset]()
+    def given(value, default):
+        return default if value is None else value
+    asked = {"n_train": given(synthetic.n_train, preset.n_train), "n_val": given(synthetic.n_val, preset.n_val),
+             "image_size": given(synthetic.image_size, preset.image_size), "seed": synthetic.seed}
+    found = {}
+    for split in ("train", "val"):
+        spec = json.loads((Path(synthetic.out_dir) / "annotations" / f"instances_{split}.json").read_text())
+        found[f"n_{split}"] = len(spec["images"])
+        found["image_size"] = spec["images"][0]["width"] if spec["images"] else asked["image_size"]
+        seed = re.search(r"seed (\d+)", spec.get("info", {}).get("description", ""))
+        found["seed"] = int(seed.group(1)) if seed else asked["seed"]
+    differ = [f"{key} {found[key]} (asked {asked[key]})" for key in asked if found[key] != asked[key]]
+    if differ:
+        raise ValueError(f"{synthetic.out_dir} holds another shapes set: {', '.join(differ)}; delete it to "
+                         "generate the one asked for, or give data.synthetic.out_dir another folder "
+                         "(and the data paths in it)")
 
 
 def build_model(experiment, weights: str | None = None, strict: bool = True):

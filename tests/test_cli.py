@@ -210,6 +210,26 @@ def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(trained_ru
         assert torch.equal(resumed[key], uninterrupted[key]), key
 
 
+def test_a_synthetic_set_already_there_must_be_the_one_asked_for(tmp_path, capsys):
+    # another n_train after an earlier run trained on the old set without a word; another
+    # out_dir generated into one folder and loaded from the recipe's
+    from mrcnn_edu.__main__ import prepare_data
+    from mrcnn_edu.recipes import load_experiment
+
+    root = tmp_path / "shapes"
+    paths = [f"data.synthetic.out_dir={root}", f"data.train_images={root}/train",
+             f"data.train_annotations={root}/annotations/instances_train.json", f"data.val_images={root}/val",
+             f"data.val_annotations={root}/annotations/instances_val.json"]
+    prepare_data(load_experiment("tiny", paths)[0])  # generates it
+    prepare_data(load_experiment("tiny", paths)[0])  # the same set: nothing to say
+    with pytest.raises(ValueError, match=rf"{root} holds another shapes set: n_train 12 \(asked 20\), "
+                                         r"seed 0 \(asked 3\)"):
+        prepare_data(load_experiment("tiny", [*paths, "data.synthetic.n_train=20", "data.synthetic.seed=3"])[0])
+    with pytest.raises(ValueError, match=rf"data.synthetic.out_dir={root} but data.train_images="
+                                         r"data/generated/shapes_tiny/train"):
+        prepare_data(load_experiment("tiny", [f"data.synthetic.out_dir={root}"])[0])
+
+
 def test_resume_refuses_another_model_of_the_same_shapes_but_not_other_test_settings(data_dir, tmp_path, capsys):
     # RoIPool instead of RoIAlign, another RPN NMS: every tensor still fits, so the checkpoint
     # loaded and the run went on as a mix of two models

@@ -20,6 +20,7 @@ from mrcnn_edu.roi_heads import box_head
 from mrcnn_edu.roi_heads.box_head import PositiveRoIs, split_rows
 from mrcnn_edu.roi_heads.keypoint_head import keypoint_loss, keypoint_targets
 from mrcnn_edu.roi_heads.mask_head import mask_loss, mask_targets
+from _brute import bilinear  # noqa: E402
 
 SIZE = 64  # the mini presets' train size for these images: the model resizes by s = 1
 NUM_KEYPOINTS = 5
@@ -139,23 +140,6 @@ def test_positives_are_sampled_proposals_paired_with_their_best_matching_gt(fpn_
 
 
 # ---------------------------------------------------------------- the mask loss (§3)
-def _bilinear(image, y, x):
-    """RoIAlign's bilinear read of one point (torchvision / Detectron2 rules), in plain Python."""
-    height, width = len(image), len(image[0])
-    if y < -1.0 or y > height or x < -1.0 or x > width:
-        return 0.0
-    y, x = max(y, 0.0), max(x, 0.0)
-    y0, x0 = int(y), int(x)
-    y1, x1 = min(y0 + 1, height - 1), min(x0 + 1, width - 1)
-    if y0 >= height - 1:
-        y0, y = height - 1, float(height - 1)
-    if x0 >= width - 1:
-        x0, x = width - 1, float(width - 1)
-    ly, lx = y - y0, x - x0
-    return ((1 - ly) * (1 - lx) * image[y0][x0] + (1 - ly) * lx * image[y0][x1]
-            + ly * (1 - lx) * image[y1][x0] + ly * lx * image[y1][x1])
-
-
 def _brute_force_mask_target(mask, box, m):
     """mask_targets' documented definition, one cell at a time: RoIAlign (aligned, average,
     adaptive ceil(bin) samples per bin) of the binary mask over the box's m x m grid, >= 0.5.
@@ -167,7 +151,7 @@ def _brute_force_mask_target(mask, box, m):
     target, closest = torch.zeros(m, m), 1.0
     for i in range(m):
         for j in range(m):
-            soft = sum(_bilinear(image, y1 + i * bin_h + (a + 0.5) * bin_h / grid_h,
+            soft = sum(bilinear(image, y1 + i * bin_h + (a + 0.5) * bin_h / grid_h,
                                  x1 + j * bin_w + (b + 0.5) * bin_w / grid_w)
                        for a in range(grid_h) for b in range(grid_w)) / (grid_h * grid_w)
             target[i, j] = float(soft >= 0.5)

@@ -16,6 +16,7 @@ from mrcnn_edu.roi_heads.mask_head import (
     mask_targets,
     paste_masks_in_image,
 )
+from _brute import bilinear  # noqa: E402
 
 
 def _sigmoid(z):
@@ -260,28 +261,6 @@ def test_softmax_readouts_differ_where_the_foreground_is_split_between_classes()
 
 
 # ---------------------------------------------------------------- mask targets (§3.1)
-def _bilinear(image, y, x):
-    """torchvision/Detectron2 RoIAlign's bilinear read of one point, in plain Python."""
-    height, width = len(image), len(image[0])
-    if y < -1.0 or y > height or x < -1.0 or x > width:
-        return 0.0
-    y, x = max(y, 0.0), max(x, 0.0)
-    y0, x0 = int(y), int(x)
-    if y0 >= height - 1:
-        y0 = y1 = height - 1
-        y = float(y0)
-    else:
-        y1 = y0 + 1
-    if x0 >= width - 1:
-        x0 = x1 = width - 1
-        x = float(x0)
-    else:
-        x1 = x0 + 1
-    ly, lx = y - y0, x - x0
-    return ((1 - ly) * (1 - lx) * image[y0][x0] + (1 - ly) * lx * image[y0][x1]
-            + ly * (1 - lx) * image[y1][x0] + ly * lx * image[y1][x1])
-
-
 def test_mask_targets_match_a_brute_force_roialign_loop():
     g = torch.Generator().manual_seed(1)
     gt_masks = (torch.rand(2, 12, 15, generator=g) > 0.4).to(torch.uint8)
@@ -298,7 +277,7 @@ def test_mask_targets_match_a_brute_force_roialign_loop():
         grid_w, grid_h = math.ceil(bin_w), math.ceil(bin_h)  # adaptive sampling
         for i in range(m):
             for j in range(m):
-                total = sum(_bilinear(image, y1 + i * bin_h + (a + 0.5) * bin_h / grid_h,
+                total = sum(bilinear(image, y1 + i * bin_h + (a + 0.5) * bin_h / grid_h,
                                       x1 + j * bin_w + (b + 0.5) * bin_w / grid_w)
                             for a in range(grid_h) for b in range(grid_w))
                 soft = total / (grid_h * grid_w)

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from mrcnn_edu.ablations import GAINS, ROWS, RUNS, SUBTABLES, Row, body_name, stand_in
+from mrcnn_edu.config import config_differences
 
 __all__ = ["write_json_atomic", "result_path", "git_commit", "device_name", "mean_std", "format_mean_std", "contrast",
            "format_gain", "percent_metrics", "load_records", "check_same_schedule", "CLAIMS", "judge_claims", "summarise",
@@ -240,15 +241,6 @@ def check_same_schedule(record: dict, planned, pretrained: bool | None = None,
             raise ValueError(
                 f"{record['run']} seed {record['seed']} finished with {key}={done[key]} but this "
                 f"command plans {key}={getattr(planned, key)}; {where}")
-
-
-def config_differences(done, planned, where: str = "") -> list[str]:
-    """``key=value (planned value)`` for each setting in both nested dicts that differs. A key in
-    only one of them (a setting added to the code since) is not a difference: its default is."""
-    if isinstance(done, dict) and isinstance(planned, dict):
-        return [d for key in done.keys() & planned.keys()
-                for d in config_differences(done[key], planned[key], f"{where}.{key}" if where else str(key))]
-    return [] if done == planned else [f"{where}={done!r} (planned {planned!r})"]
 
 
 def check_same_model(record: dict, planned: dict) -> None:

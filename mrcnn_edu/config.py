@@ -36,7 +36,19 @@ from mrcnn_edu.roi_heads.mask_head import MaskHeadConfig
 from mrcnn_edu.roi_heads.pooler import PoolerConfig
 from mrcnn_edu.rpn import RPNConfig, c4_rpn_config, fpn_rpn_config
 
-__all__ = ["AnchorConfig", "TransformConfig", "MaskRCNNConfig", "PRESETS", "get_preset"]
+__all__ = ["AnchorConfig", "TransformConfig", "MaskRCNNConfig", "PRESETS", "get_preset", "config_differences"]
+
+
+def config_differences(done, planned, where: str = "", skip: tuple[str, ...] = (),
+                       word: str = "planned") -> list[str]:
+    """``key=value (planned value)`` for each setting in both nested dicts (configs as
+    ``asdict`` and JSON give them) that differs, but those named in ``skip``. A key in only one of
+    them (a setting added to the code since) is not a difference: its default is."""
+    if isinstance(done, dict) and isinstance(planned, dict):
+        return [d for key in done.keys() & planned.keys()
+                for d in config_differences(done[key], planned[key], f"{where}.{key}" if where else str(key),
+                                            skip, word)]
+    return [] if done == planned or where in skip else [f"{where}={done!r} ({word} {planned!r})"]
 
 
 @dataclass

@@ -27,8 +27,9 @@ autocast, backward, average the loss terms over processes, stop with :class:`Non
 if one is nan/inf, or :class:`NonFiniteGradientError` if the losses are finite but a gradient is
 not (both before the optimizer can spoil the weights), SGD step; then log, checkpoint
 (``checkpoint.py``), evaluate. The loss terms and the gradient norm reach the host in one read,
-after the backward pass has been queued: one synchronisation per step on a GPU. Resuming loads the model, optimizer, scaler and RNG
-states, and the run continues exactly as if it had never stopped.
+after the backward pass has been queued: one synchronisation per step on a GPU. Resuming loads
+the model, optimizer, scaler and RNG states, and the run continues exactly as if it had never
+stopped.
 
 Stopped politely, a run loses nothing: on ``SIGTERM`` (what a scheduler, ``timeout`` or a lent
 machine's deadline sends before it kills) a single-process run finishes the iteration it is in,
@@ -408,18 +409,13 @@ def model_mismatch(saved: dict | None, model: nn.Module) -> list[str]:
     """``["model.pooler.kind='roi_align' (now 'roi_pool')", ...]``: how ``model``'s config differs
     from the one a checkpoint's iterations ran with (``saved``), outside :data:`INFERENCE_ONLY`. A
     setting in one of them only (added to the code since) is not a difference."""
+    from .config import config_differences
+
     now = _model_config(model)
     if saved is None or now is None:
         return []
-
-    def walk(then, current, where: str) -> list[str]:
-        if isinstance(then, dict) and isinstance(current, dict):
-            return [d for key in then.keys() & current.keys()
-                    for d in walk(then[key], current[key], f"{where}.{key}" if where else key)]
-        if where in INFERENCE_ONLY or then == current:
-            return []
-        return [f"model.{where}={then!r} (now {current!r})"]
-    return sorted(walk(saved, now, ""))
+    return sorted(config_differences(saved, now, "model", skip=tuple(f"model.{k}" for k in INFERENCE_ONLY),
+                                     word="now"))
 
 
 def _resume(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -134,15 +134,21 @@ def keypoint_flip_map(names: list[str]) -> list[int]:
 _inferred_flip_map = keypoint_flip_map  # COCODataset's argument of the same name hides it there
 
 
-def check_flip_map(flip_map: list[int], num_keypoints: int, what: str = "keypoint_flip_map") -> list[int]:
-    """``flip_map`` as a list, if it is a permutation of ``range(num_keypoints)`` that undoes
-    itself (flipping twice is no flip); else ValueError naming ``what``."""
-    flip_map = list(flip_map)
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in flip_map) \
-            or sorted(flip_map) != list(range(num_keypoints)) or any(flip_map[j] != i for i, j in enumerate(flip_map)):
+def check_flip_map(flip_map, num_keypoints: int, what: str = "keypoint_flip_map") -> list[int]:
+    """``flip_map`` (a permutation or (i, j) pairs, as ``transforms.hflip`` takes it) as a
+    permutation of ``range(num_keypoints)`` of integers that undoes itself (flipping twice is no
+    flip); else ValueError naming ``what``."""
+    from mrcnn_edu.data.transforms import _flip_permutation
+
+    try:
+        perm = _flip_permutation(flip_map, num_keypoints)
+    except (ValueError, IndexError, TypeError):
+        perm = None
+    if perm is None or not all(isinstance(i, int) and not isinstance(i, bool) for i in perm) \
+            or any(perm[j] != i for i, j in enumerate(perm)):
         raise ValueError(f"{what} must be a permutation of 0..{num_keypoints - 1} that is its own inverse "
-                         f"(left <-> right pairs, the rest fixed), got {flip_map}")
-    return flip_map
+                         f"(left <-> right pairs, the rest fixed), got {list(flip_map)}")
+    return perm
 
 
 def _coordinate(value, bound: float) -> bool:

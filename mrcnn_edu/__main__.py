@@ -334,7 +334,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     run_info = json.loads(run_info_path.read_text()) if run_info_path.is_file() else {}
     class_names = run_info.get("class_names")
     skeleton = keypoint_skeleton(experiment, run_info)
-    model = build_model(experiment, args.weights)
+    from mrcnn_edu.distributed import DistInfo
+    from mrcnn_edu.engine import _pick_device
+
+    # train.device (auto: the GPU when there is one), as eval does; --set train.device=cpu
+    model = build_model(experiment, args.weights).to(_pick_device(experiment.train.device, DistInfo()))
     out_dir = Path(args.out)
     for image_path in args.images:
         image = load_image(image_path)
@@ -361,7 +365,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _, val_set = build_datasets(experiment, train=False)
     images = [val_set.load_image(i) for i in val_set.ids[:8]]
     predictions = predict_images(result["model"], images, batch_size=4)
-    grid = save_prediction_grid(images, predictions, Path(args.out) / "predictions.png",
+    # beside the weights and curves: train.output_dir=... given after --out's default wins
+    grid = save_prediction_grid(images, predictions, Path(experiment.train.output_dir) / "predictions.png",
                                 val_set.class_names, score_threshold=0.3, skeleton=SKELETON)
     segm = result["eval"].get("segm", {}).get("AP", float("nan"))
     print(f"\nmask AP {100 * segm:.1f} (a from-scratch model after {result['iteration']} "
@@ -433,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "synthetic set, train the mini_cpu recipe with a progress bar, print "
                           "the COCO AP table, write runs/demo/predictions.png and loss_curves.png.",
                           epilog=EXAMPLES, formatter_class=formatter)
-    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); "
+                      "short for train.output_dir=OUT, which wins if also given")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     demo.set_defaults(func=_cmd_demo)
 

@@ -421,7 +421,50 @@ def model_mismatch(saved: dict | None, model: nn.Module) -> list[str]:
 def _resume(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
             scaler: torch.amp.GradScaler, info: DistInfo) -> tuple[int, Path | None, float]:
     """Load the checkpoint ``cfg.resume`` asks for; return (iteration to start at, its path,
-    the seconds of training loop that led to it)."""
+    the seconds of training loop that led to it).
+
+    Under DDP every process loads on its own, from its own view of ``output_dir``, and only
+    rank 0 writes checkpoints. On nodes that do not share that folder, rank 0 would resume at
+    iteration k and the others at 0 (or at a stale copy): DDP's broadcast of the weights hides
+    it, while their momentum, lr schedule and data stream run from another past. So the
+    processes compare what they loaded (:func:`_resume_agreement`) and all stop if they differ,
+    or if any of them failed to load."""
+    try:
+        loaded = _load_resume_state(cfg, model, optimizer, scaler, info)
+    except Exception as err:  # the other processes would wait for this one in the gather below
+        if info.world_size == 1:
+            raise
+        _resume_agreement(None, f"{type(err).__name__}: {err}", info)
+        raise
+    _resume_agreement(loaded, None, info)
+    return loaded
+
+
+def _resume_agreement(loaded: tuple[int, Path | None, float] | None, error: str | None,
+                      info: DistInfo) -> None:
+    """ValueError on every process unless every process loaded the same checkpoint (the same
+    iteration and training time; paths may differ between nodes) or all started afresh."""
+    if info.world_size == 1:
+        return
+    mine = (None, None, None, error) if loaded is None else (
+        loaded[0], None if loaded[1] is None else os.fspath(loaded[1]), loaded[2], None)
+    everyone: list = [None] * info.world_size
+    torch.distributed.all_gather_object(everyone, mine)
+    failed = [f"rank {rank}: {e[3]}" for rank, e in enumerate(everyone) if e[3] is not None]
+    if failed:
+        if error is None:  # the ranks that did fail raise their own error
+            raise ValueError("resume failed on other processes: " + "; ".join(failed))
+        return
+    if len({(e[0], e[2]) for e in everyone}) > 1:
+        told = "; ".join(f"rank {rank}: " + (f"iteration {e[0]} from {e[1]}" if e[1] else "no checkpoint, iteration 0")
+                         for rank, e in enumerate(everyone))
+        raise ValueError(f"the processes would resume from different checkpoints ({told}). Only "
+                         "rank 0 writes checkpoints: put train.output_dir on a file system every node "
+                         "sees, or copy rank 0's checkpoint and last_checkpoint to each node's output_dir")
+
+
+def _load_resume_state(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       scaler: torch.amp.GradScaler, info: DistInfo) -> tuple[int, Path | None, float]:
     path = Path(cfg.resume) if isinstance(cfg.resume, str) else None
     if cfg.resume is True:
         path = last_checkpoint(cfg.output_dir)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -119,11 +121,11 @@ def ddp_test_config(output_dir: str, iters: int, images_per_batch: int) -> Train
                        checkpoint_period=iters, log_period=1, progress=False, seed=1)
 
 
-def run(output_dir: str, iters: int, images_per_batch: int) -> dict:
+def run(output_dir: str, iters: int, images_per_batch: int, resume: bool = False) -> dict:
     """Train the stand-in; rank 0 writes the final weights and the evaluation it gathered."""
     dataset = TinyShapes()
-    result = train(make_model(), dataset, ddp_test_config(output_dir, iters, images_per_batch),
-                   collate, evaluate_fn=make_evaluate_fn(dataset))
+    cfg = replace(ddp_test_config(output_dir, iters, images_per_batch), resume=resume)
+    result = train(make_model(), dataset, cfg, collate, evaluate_fn=make_evaluate_fn(dataset))
     if get_dist_info().is_main:
         model_state = torch.load(result["checkpoint"], weights_only=True)["model"]
         torch.save(model_state, Path(output_dir) / "final_weights.pt")
@@ -136,6 +138,12 @@ if __name__ == "__main__":
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--iters", type=int, default=4)
     parser.add_argument("--images-per-batch", type=int, default=8)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--rank1-output-dir", help="rank 1's output_dir: a node that does not share "
+                        "rank 0's folder")
     args = parser.parse_args()
+    output_dir = args.output_dir
+    if args.rank1_output_dir and os.environ.get("RANK") == "1":  # torchrun's; before train() joins
+        output_dir = args.rank1_output_dir
     with leaving_process_group():  # at a barrier: rank 0 still writes files when rank 1 is done
-        run(args.output_dir, args.iters, args.images_per_batch)
+        run(output_dir, args.iters, args.images_per_batch, args.resume)

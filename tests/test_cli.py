@@ -100,6 +100,29 @@ def test_predict_writes_one_picture_per_image(trained_run, data_dir, tmp_path, c
     assert "detections with score >= 0.0" in capsys.readouterr().out
 
 
+def test_predict_runs_on_train_device_and_refuses_cuda_it_does_not_have(trained_run, data_dir, tmp_path,
+                                                                        capsys):
+    """predict ran on the CPU even with a GPU; it now moves the model to train.device as eval does."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal below cannot happen")
+    image = str(data_dir / "val" / "000000.png")
+    assert main(["predict", image, "--weights", str(trained_run / "model_0000003.pth"),
+                 "--out", str(tmp_path), "--set", "train.device=cuda"]) != 0
+    assert "train.device='cuda' but this machine has no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "000000.png").exists()
+
+
+def test_demo_draws_its_predictions_beside_the_weights_in_train_output_dir(data_dir, tmp_path, capsys):
+    """--out is train.output_dir's default: a train.output_dir given too moved the weights and
+    curves there but left predictions.png in --out."""
+    run = tmp_path / "run"
+    assert main(["demo", "--out", str(tmp_path / "default"), f"train.output_dir={run}",
+                 "train.max_iter=1", *data_overrides(data_dir)]) == 0
+    assert (run / "predictions.png").is_file() and (run / "model_0000001.pth").is_file()
+    assert not (tmp_path / "default").exists()
+    assert f"predictions: {run / 'predictions.png'}" in capsys.readouterr().out
+
+
 def _tiny_with_5_keypoints():
     """The tiny recipe with a keypoint head of K = 5 keypoints (not COCO's 17)."""
     from mrcnn_edu.recipes import tiny

@@ -151,6 +151,38 @@ def test_two_processes_under_torchrun_end_with_the_weights_of_one_process(tmp_pa
     assert ddp_eval["num_images"] == 24 and ddp_eval["labels"] == single_eval["labels"]
 
 
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_processes_that_would_resume_from_different_checkpoints_all_stop(tmp_path):
+    """Only rank 0 writes checkpoints: a node without rank 0's folder must not start afresh."""
+    iters, images_per_batch = 2, 4
+    _ddp_worker.run(str(tmp_path / "shared"), iters, images_per_batch)  # model_0000002.pth
+    (tmp_path / "other_node").mkdir()
+
+    def torchrun(*extra: str) -> subprocess.CompletedProcess:
+        python_path = [str(TESTS.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(python_path)}
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(name, None)
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                   str(TESTS / "_ddp_worker.py"), "--output-dir", str(tmp_path / "shared"),
+                   "--iters", str(iters), "--images-per-batch", str(images_per_batch), "--resume", *extra]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+    apart = torchrun("--rank1-output-dir", str(tmp_path / "other_node"))
+    assert apart.returncode != 0
+    told = apart.stdout + apart.stderr
+    assert "would resume from different checkpoints" in told, told[-3000:]
+    assert f"rank 0: iteration {iters} from {tmp_path / 'shared'}" in told
+    assert "rank 1: no checkpoint, iteration 0" in told
+    assert list((tmp_path / "other_node").glob("model_*.pth")) == []  # nothing trained there
+
+    together = torchrun()  # the same folder seen by both: the resume goes ahead
+    assert together.returncode == 0, together.stdout[-3000:] + together.stderr[-3000:]
+    assert f"training iterations {iters}..{iters} on cpu x2" in together.stdout
+
+
 def test_leaving_the_process_group_waits_at_a_barrier_unless_an_error_is_on_its_way(monkeypatch):
     from mrcnn_edu import distributed
 

@@ -395,7 +395,7 @@ def resume_mismatch(saved: dict, cfg: TrainConfig, iteration: int) -> list[str]:
 # MaskRCNNConfig settings read only at inference: a resumed training may change them
 INFERENCE_ONLY = ("transform.min_size_test", "transform.paste_mode", "rpn.pre_nms_top_n_test",
                   "rpn.post_nms_top_n_test", "box_head.score_thresh", "box_head.nms_thresh",
-                  "box_head.detections_per_img", "mask_head.softmax_readout")
+                  "box_head.detections_per_img", "mask_head.softmax_readout", "keypoint_head.coordinate_offset")
 
 
 def _model_config(model: nn.Module) -> dict | None:

@@ -52,7 +52,9 @@ def predictions_to_coco_results(predictions: dict[int, dict], iou_type: str,
                                 label_to_cat_id: dict[int, int] | None = None) -> list[dict]:
     """COCO results list (``loadRes`` format) of one iou type.
 
-    ``label_to_cat_id=None`` means the labels already are dataset category ids.
+    ``label_to_cat_id=None`` means the labels already are dataset category ids (not
+    :func:`evaluate_coco`'s default, which maps a model's 1..K onto the sorted ids);
+    :func:`run_cocoeval` refuses a category id the ground truth does not have.
     """
     if iou_type not in _NEEDS:
         raise ValueError(f"iou_type must be one of {tuple(_NEEDS)}, got {iou_type!r}")
@@ -152,6 +154,10 @@ def _check_results_fit(coco_gt: COCO, results: list[dict], iou_type: str) -> Non
     image) or another number of keypoints than its category's (a bare numpy broadcast error)."""
     kp_counts = {c["id"]: len(c["keypoints"]) for c in coco_gt.dataset["categories"] if c.get("keypoints")}
     for res in results:
+        if res["category_id"] not in coco_gt.cats:  # COCOeval drops it: a silent miss
+            raise ValueError(f"image id {res['image_id']}: category id {res['category_id']} is not in the "
+                             f"ground truth's {sorted(coco_gt.cats)[:10]}...: were model labels 1..K given "
+                             "without label_to_cat_id?")
         image, segm = coco_gt.imgs.get(res["image_id"], {}), res.get("segmentation")
         if iou_type == "segm" and isinstance(segm, dict) and \
                 list(segm.get("size", [])) != [image.get("height"), image.get("width")]:
@@ -189,6 +195,8 @@ def evaluate_coco(coco_gt: COCO, predictions: dict[int, dict],
     (e.g. "keypoints" for a detector without a keypoint head) or, for keypoints, when no
     ground-truth category defines keypoints.
     """
+    if not predictions:  # COCOeval would print a table of -1s, as if a model had been scored
+        raise ValueError("no predictions to evaluate: no image was predicted (is the val set empty?)")
     if label_to_cat_id is None:
         label_to_cat_id = {i + 1: cid for i, cid in enumerate(sorted(coco_gt.getCatIds()))}
     unknown = sorted(set(map(int, predictions)) - set(coco_gt.getImgIds()))
@@ -201,8 +209,9 @@ def evaluate_coco(coco_gt: COCO, predictions: dict[int, dict],
         field = _NEEDS.get(iou_type)
         if field is None:
             raise ValueError(f"iou_types must be from {tuple(_NEEDS)}, got {iou_type!r}")
-        non_empty = [p for p in predictions.values() if len(p["scores"]) > 0]
-        if non_empty and not any(field in p for p in non_empty):
+        # an image without detections still carries its model's fields (masks (0, 1, H, W)):
+        # a box-only model evaluated as segm would otherwise score 0.0 instead of being skipped
+        if not any(field in p for p in predictions.values()):
             warnings.warn(f"skipping {iou_type} evaluation: no prediction has '{field}'", stacklevel=2)
             continue
         if iou_type == "keypoints" and not kp_cat_ids:

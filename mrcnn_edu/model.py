@@ -248,6 +248,9 @@ class MaskRCNN(nn.Module):
                 keypoints = d["keypoints"].clone()
                 keypoints[..., 0] *= ratio_x
                 keypoints[..., 1] *= ratio_y
+                head = self.cfg.keypoint_head
+                if head is not None and head.coordinate_offset:  # weights trained on raw COCO indices
+                    keypoints[..., :2] += head.coordinate_offset
                 out["keypoints"] = keypoints
             results.append(out)
         return results

@@ -45,12 +45,15 @@ def iou_types_of(model: nn.Module) -> tuple[str, ...]:
 
 
 def load_image(path: str | Path) -> torch.Tensor:
-    """(3, H, W) float32 RGB in [0, 1] from an image file."""
+    """(3, H, W) float32 RGB in [0, 1] from an image file, turned upright as its EXIF
+    orientation says (a phone photo is stored sideways and tagged; viewers show it upright).
+    ``COCODataset`` reads its images raw instead: COCO's sizes and annotations are of the raw
+    pixels."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        pixels = read_rgb(path)  # (H, W, 3); 16-bit greyscale kept, not clipped to 8 bits
+        pixels = read_rgb(path, upright=True)  # (H, W, 3); 16-bit greyscale kept, not clipped to 8 bits
     except OSError as err:  # not an image, empty, truncated
         raise ValueError(f"image file {path} cannot be read: {err}") from err
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # (3, H, W)

@@ -34,6 +34,8 @@ box head                    score 0.05, NMS 0.5, 100 detections, weights (10, 10
                             smooth-L1 beta 1/9
 mask paste                  ``transform.paste_mode = "torchvision"``
 K+1 mask channels           channel 0 (background) dropped by the key map
+keypoints learned on COCO's ``keypoint_head.coordinate_offset = 0.5``: x, y + 0.5 px,
+raw pixel indices           so that ``evaluation.py``'s "- 0.5" gives torchvision's json
 ==========================  ========================================================
 
 Head widths (mask / keypoint convs, the box head's fc size) and the number of classes and
@@ -56,6 +58,7 @@ from torch import Tensor
 
 from mrcnn_edu.backbone import BackboneConfig, resnet50, torchvision_fpn_key_map
 from mrcnn_edu.config import AnchorConfig, MaskRCNNConfig, TransformConfig
+from mrcnn_edu.data.coco import COCO_KEYPOINT_OFFSET
 from mrcnn_edu.model import MaskRCNN
 from mrcnn_edu.roi_heads.box_head import BoxHeadConfig
 from mrcnn_edu.roi_heads.keypoint_head import (KeypointHeadConfig, keypoint_head_state_from_torchvision,
@@ -73,6 +76,10 @@ __all__ = [
 # torchvision's COCO_V1 Mask / Keypoint R-CNN weights came from Detectron, whose frozen BN was an
 # AffineChannel op without eps: torchvision sets eps 0 on loading them (overwrite_eps), and so do we
 COCO_V1_BN_EPS = 0.0
+# torchvision reads COCO keypoints as positions as they are, we as pixel centres (data/coco.py):
+# its models' points sit this much up-left of ours. Only for its weights as they are: a model
+# trained further here learns pixel centres, so set keypoint_head.coordinate_offset = 0 for it
+TORCHVISION_KEYPOINT_OFFSET = COCO_KEYPOINT_OFFSET
 
 _CLS_SCORE = "roi_heads.box_predictor.cls_score.weight"
 _FC6 = "roi_heads.box_head.fc6.weight"
@@ -116,7 +123,9 @@ def torchvision_keypointrcnn_config(num_keypoints: int = 17, keypoint_conv_dims:
     """Our config for torchvision's ``keypointrcnn_resnet50_fpn``: person only, no masks (§5).
     ``bn_eps`` as in :func:`torchvision_maskrcnn_config`."""
     cfg = _torchvision_common(num_classes, fc_dim, min_size_train=(640, 672, 704, 736, 768, 800), bn_eps=bn_eps)
-    cfg.keypoint_head = KeypointHeadConfig(num_keypoints=num_keypoints, conv_dims=tuple(keypoint_conv_dims))
+    # torchvision trains on COCO's raw keypoint indices, we on pixel centres (index + 0.5)
+    cfg.keypoint_head = KeypointHeadConfig(num_keypoints=num_keypoints, conv_dims=tuple(keypoint_conv_dims),
+                                           coordinate_offset=TORCHVISION_KEYPOINT_OFFSET)
     return cfg
 
 
@@ -256,8 +265,12 @@ def load_torchvision_keypointrcnn(state_dict: dict[str, Tensor], cfg: MaskRCNNCo
     Person detection (1 class) plus §5's keypoint head; the number of keypoints (17 on COCO) and
     the head's widths are read from the state dict. ``cfg`` and ``bn_eps`` as in
     :func:`load_torchvision_maskrcnn`.
-    Eval mode; ``keypoints`` come out as ``(N, K, 3)`` rows ``(x, y, score)`` -- torchvision
-    returns the same ``x, y`` with a 1 in the third column and the score in ``keypoints_scores``.
+    Eval mode; ``keypoints`` come out as ``(N, K, 3)`` rows ``(x, y, score)``. torchvision
+    returns ``x, y`` half a pixel less (``TORCHVISION_KEYPOINT_OFFSET``), with a 1 in the third
+    column and the score in ``keypoints_scores``: its model learned COCO's raw pixel indices as
+    positions, ours pixel centres (index + 0.5, ``data/coco.py``), and our evaluation subtracts
+    that 0.5 when it writes COCO results. The config's ``keypoint_head.coordinate_offset`` adds
+    it back, so these weights score on COCO what torchvision's own evaluation gives them.
     """
     what = "keypointrcnn_resnet50_fpn"
     state_dict = _strip_module_prefix(state_dict)

@@ -126,12 +126,39 @@ def test_figures_equal_a_direct_pycocotools_run(val_set):
 
 
 def test_empty_predictions_score_zero_not_crash(val_set):
+    """No detection anywhere: 0 for what the model predicts; what it cannot predict is skipped
+    (a box-only model once got segm and keypoints rows of 0.0 here, but no rows with one detection)."""
     ds, targets = val_set
     empty = {t["image_id"]: {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
-                             "scores": torch.zeros(0)} for t in targets}
+                             "scores": torch.zeros(0), "masks": torch.zeros(0, 1, *t["masks"].shape[-2:]),
+                             "keypoints": torch.zeros(0, 17, 3)} for t in targets}
     results = evaluate_coco(ds.coco, empty)
     for iou_type in ("bbox", "segm", "keypoints"):
         assert results[iou_type]["AP"] == 0.0 and results[iou_type]["AP50"] == 0.0
+    boxes_only = {k: {f: v[f] for f in ("boxes", "labels", "scores")} for k, v in empty.items()}
+    with pytest.warns(UserWarning, match="skipping segm"):
+        results = evaluate_coco(ds.coco, boxes_only)
+    assert set(results) == {"bbox"} and results["bbox"]["AP"] == 0.0
+
+
+def test_no_predictions_at_all_is_an_error_not_a_table_of_dashes(val_set):
+    ds, _ = val_set
+    with pytest.raises(ValueError, match="no predictions to evaluate"):
+        evaluate_coco(ds.coco, {})
+
+
+def test_category_ids_the_ground_truth_lacks_are_named_not_dropped(val_set):
+    """predictions_to_coco_results without a mapping takes labels as category ids: model labels
+    1..K on a json with gapped ids were scored as misses (or as another category) silently."""
+    from mrcnn_edu.evaluation import run_cocoeval
+
+    ds, targets = val_set
+    preds = _ground_truth_predictions(targets)
+    missing = max(ds.coco.cats) + 1
+    bad = {k: dict(v, labels=torch.full_like(v["labels"], missing)) for k, v in preds.items()}
+    results = predictions_to_coco_results(bad, "bbox")
+    with pytest.raises(ValueError, match=f"category id {missing} is not in the ground truth"):
+        run_cocoeval(ds.coco, results, "bbox", list(preds))
 
 
 def test_mask_probabilities_are_binarised_at_one_half(val_set):
@@ -338,3 +365,22 @@ def test_evaluating_zero_images_is_an_error_not_every_image(val_set):
 
     with pytest.raises(ValueError, match="max_images"):
         evaluate_model(torch.nn.Linear(1, 1), val_set, iou_types=("bbox",), max_images=0)
+
+
+def test_predict_loads_a_photo_upright_as_its_exif_says_and_a_dataset_image_raw(tmp_path):
+    """A phone photo is stored sideways with EXIF orientation 6 ("rotate 90° clockwise to show")."""
+    from PIL import Image
+
+    from mrcnn_edu.data.coco import read_rgb
+    from mrcnn_edu.predict import load_image
+
+    stored = np.zeros((40, 100, 3), np.uint8)  # (H, W): wide as stored
+    stored[0, 0] = 255  # the stored top-left pixel
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(stored).save(tmp_path / "phone.png", exif=exif)
+    upright = load_image(tmp_path / "phone.png")
+    assert upright.shape == (3, 100, 40)  # tall, as a viewer shows it
+    # rotating 90° clockwise takes the stored top-left corner to the top-right
+    assert upright[:, 0, -1].tolist() == [1.0, 1.0, 1.0] and upright.sum() == 3
+    assert read_rgb(tmp_path / "phone.png").shape == (40, 100, 3)  # COCO's annotations are of these

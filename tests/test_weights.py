@@ -336,7 +336,9 @@ def _run_keypointrcnn_parity(device, small: bool, shapes) -> None:
         # scores before positions: a score is its heatmap's maximum, so a mismatch there points
         # at the heatmaps themselves, where a moved argmax alone could be a near-tie
         torch.testing.assert_close(mine["keypoints"][..., 2], their["keypoints_scores"][partner], rtol=0, atol=1e-4)
-        _check_keypoint_positions(mine["keypoints"][..., :2], their_keypoints[..., :2], their["boxes"][partner],
+        # ours are pixel centres, theirs COCO's raw indices: the config's offset is the whole difference
+        assert ours.cfg.keypoint_head.coordinate_offset == 0.5
+        _check_keypoint_positions(mine["keypoints"][..., :2] - 0.5, their_keypoints[..., :2], their["boxes"][partner],
                                   (image.shape[-1] / width, image.shape[-2] / height))
 
 

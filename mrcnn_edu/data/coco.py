@@ -45,7 +45,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset, Sampler
 
@@ -235,10 +235,14 @@ def decode_mask(segm, h: int, w: int) -> np.ndarray:
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def read_rgb(path: str | os.PathLike) -> np.ndarray:
+def read_rgb(path: str | os.PathLike, upright: bool = False) -> np.ndarray:
     """The image at ``path`` as (H, W, 3) float32 in [0, 1]: 8-bit images ÷ 255, 16-bit
-    greyscale ÷ 65535 (repeated over the three channels), everything else via RGB."""
+    greyscale ÷ 65535 (repeated over the three channels), everything else via RGB.
+    ``upright``: apply the file's EXIF orientation, as viewers do (not for a dataset whose
+    annotations are of the stored pixels)."""
     with Image.open(path) as img:
+        if upright:
+            img = ImageOps.exif_transpose(img)
         if img.mode in _SIXTEEN_BIT_MODES:
             grey = np.asarray(img).astype(np.float32) / np.float32(65535.0)  # (H, W)
             return np.repeat(grey[:, :, None], 3, axis=2)

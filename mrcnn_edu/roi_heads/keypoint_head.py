@@ -32,6 +32,11 @@ class KeypointHeadConfig:
     conv_dims: tuple[int, ...] = (512,) * 8  # "a stack of eight 3×3 512-d conv layers" (§5)
     pooler_resolution: int = 14  # RoIAlign output, as the mask head's (Figure 4 right)
     resolution: int = 56  # m: "an output resolution of 56×56" = 14 → deconv ×2 → bilinear ×2
+    # pixels added to the decoded x and y in the original image. 0 for weights trained here (the
+    # targets are pixel centres, COCO index + 0.5: data/coco.py). 0.5 for torchvision's COCO
+    # weights: they trained on the raw indices, so their points land half a pixel up-left of
+    # ours, and evaluation.py's "- 0.5" back to indices would move them again (weights.py sets it)
+    coordinate_offset: float = 0.0
 
 
 class KeypointHead(nn.Module):

@@ -296,11 +296,15 @@ def _check_images(images: list[Tensor], targets: list[dict] | None, num_classes:
     crowds = [torch.as_tensor(t["iscrowd"], device=boxes.device).reshape(-1) for t in targets if "iscrowd" in t]
     no_crowd = torch.zeros((), dtype=torch.bool, device=boxes.device)
     crowd = torch.cat(crowds).any() if crowds else no_crowd
-    flags = torch.stack([invalid_box_rows(boxes).any(), ((labels < 1) | (labels > num_classes)).any(), crowd])
+    # a zero-area box has IoU 0 with everything: no anchor or RoI could learn it, and its own box,
+    # added to the proposals, would train as background on the object (torchvision refuses it too)
+    flags = torch.stack([invalid_box_rows(boxes, allow_empty_size=False).any(),
+                         ((labels < 1) | (labels > num_classes)).any(), crowd])
     if not flags.any():  # the one host read (the box functions downstream skip it on a GPU)
         return
     for i, t in enumerate(targets):
-        check_boxes(t["boxes"], f"targets[{i}]['boxes']", values=True)
+        check_boxes(t["boxes"], f"targets[{i}]['boxes'] (image id {t.get('image_id', '?')})",
+                    allow_empty_size=False, values=True)
         outside = (t["labels"] < 1) | (t["labels"] > num_classes)
         if outside.any():
             raise ValueError(f"targets[{i}]['labels'] holds {t['labels'][outside].tolist()}: class ids run "

@@ -98,6 +98,16 @@ def test_roi_is_foreground_at_iou_05_and_gt_boxes_are_added_as_proposals():
     assert torch.equal(targets[3:], torch.zeros(2, 4))
 
 
+def test_a_ground_truth_squeezed_to_no_area_is_not_sampled_as_a_background_roi():
+    """The resize's floor can leave a sliver-thin object at the image's edge with x1 == x2: its
+    own box, added to the proposals, matched nothing (IoU 0) and was sampled as a negative."""
+    gt = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [30.0, 10.0, 30.0, 40.0]]), "labels": torch.tensor([3, 1])}
+    proposals = torch.tensor([[20.0, 20.0, 30.0, 30.0]])
+    rois, labels, _, matched = sample_rois([proposals], [gt], ROI_MATCHER, BalancedSampler(512, 0.25), ROI_CODER)
+    assert sorted(map(tuple, rois[0].tolist())) == [(0.0, 0.0, 10.0, 10.0), (20.0, 20.0, 30.0, 30.0)]
+    assert labels[0].tolist() == [3, 0] and matched[0].tolist() == [0, -1]
+
+
 def test_rois_are_sampled_one_positive_to_three_negatives():
     generator = torch.Generator().manual_seed(0)
     gt = {"boxes": torch.tensor([[10.0, 10.0, 50.0, 50.0]]), "labels": torch.tensor([1])}

@@ -247,7 +247,8 @@ def test_bad_input_gets_a_clear_error():
     model.train()
     good = {"boxes": torch.tensor([[2.0, 2.0, 20.0, 30.0]]), "labels": torch.tensor([1])}
     for bad_box, message in (([5.0, 2.0, 1.0, 30.0], "negative size"),
-                             ([2.0, float("nan"), 20.0, 30.0], "non-finite")):
+                             ([2.0, float("nan"), 20.0, 30.0], "non-finite"),
+                             ([30.0, 10.0, 30.0, 40.0], "zero-area")):  # IoU 0 with any box: unlearnable
         bad = {"boxes": torch.tensor([bad_box]), "labels": torch.tensor([1])}
         # the image holding the bad box is named, whichever position it has in the batch
         with pytest.raises(ValueError, match=rf"targets\[1\]\['boxes'\].*{message}"):

@@ -164,6 +164,9 @@ def sample_rois_padded(proposals: list[Tensor], targets: list[dict[str, Tensor]]
     # padding rows are neither positive nor negative (built on the host: no device read, no sync)
     is_real = host_to_device(torch.arange(candidates.shape[1])[None, :] < torch.tensor(num_candidates)[:, None],
                              reference.device)
+    # nor are boxes of no area: a ground truth squeezed to nothing by the resize (it lay in the
+    # last fraction of a pixel that floor(H * s) drops) would otherwise be a negative on its object
+    is_real = is_real & (candidates[..., 2] > candidates[..., 0]) & (candidates[..., 3] > candidates[..., 1])
 
     matched_idx = matcher(box_iou(gt_boxes, candidates))  # (B, M)
     pos_mask, neg_mask = sampler.sample((matched_idx >= 0) & is_real, (matched_idx == BACKGROUND) & is_real,

@@ -7,7 +7,7 @@ state dict with ``load_torchvision_maskrcnn`` (which also adopts its settings: l
 ``aligned=False`` pooling, sampling ratio 2, anchors). So the ratios compare implementations,
 nothing else. fp32 unless ``--amp``.
 
-- inference: milliseconds per image on an 800 x 1066 image, 100 detections with masks. Random
+- inference: milliseconds per image on an 800 x 1067 image, 100 detections with masks. Random
   weights score every class alike; as a trained detector does, each proposal is made to score
   above the 0.05 threshold for a few classes (4 classifier biases raised, in both models), so
   NMS sees ~4 candidates per proposal. ``--all-classes`` is the stress case instead: score

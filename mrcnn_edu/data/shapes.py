@@ -101,7 +101,7 @@ def default_config() -> ShapesConfig:
 
 
 def tiny_config() -> ShapesConfig:
-    """64 px, 1-3 objects, 12/6 images: for CPU tests (generated in well under 2 s)."""
+    """64 px, 1-3 objects, 12/6 images: for CPU tests (generated in well under a second)."""
     return ShapesConfig(image_size=64, min_objects=1, max_objects=3, min_size_frac=0.25,
                         max_size_frac=0.7, tiny_prob=0.0, crowd_prob=0.3, n_train=12, n_val=6)
 

@@ -220,7 +220,7 @@ def mask_targets(
     foreground when the object covers at least half of it. An object thinner than about half a
     cell nowhere -- a 1-3 px diagonal stroke in a 150 px box, one cell being 5.4 px -- gets an
     all-zero target, and its positive RoIs learn "no mask here". The shapes set has no such
-    object (its thinnest class, person, crops and pastes back at IoU >= 0.85 at m = 28).
+    object (its thinnest class, person, crops and pastes back at IoU >= 0.84 at m = 28, 40 images measured).
     """
     if gt_masks.dim() != 3:
         raise ValueError(f"gt_masks must be (G, H, W), got shape {tuple(gt_masks.shape)}")

@@ -321,6 +321,7 @@ def keypoint_skeleton(experiment, run_info: dict) -> list | None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from mrcnn_edu.evaluation import SEGM_MASK_THRESHOLD
     from mrcnn_edu.predict import load_image, predict_images, save_prediction_grid
 
     stems = [Path(p).stem for p in args.images]
@@ -342,7 +343,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     for image_path in args.images:
         image = load_image(image_path)
-        (prediction,) = predict_images(model, [image], batch_size=1)
+        # drawn where > 0.5, as evaluation scores them: binarised on the device, a quarter of the copy
+        (prediction,) = predict_images(model, [image], batch_size=1, mask_threshold=SEGM_MASK_THRESHOLD)
         path = save_prediction_grid([image], [prediction], out_dir / f"{Path(image_path).stem}.png",
                                     class_names, args.score_threshold, columns=1, skeleton=skeleton)
         kept = int((prediction["scores"] >= args.score_threshold).sum())
@@ -352,6 +354,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mrcnn_edu.data.shapes import SKELETON
+    from mrcnn_edu.evaluation import SEGM_MASK_THRESHOLD
     from mrcnn_edu.predict import predict_images, save_prediction_grid
     from mrcnn_edu.recipes import load_experiment
 
@@ -364,7 +367,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = run_training(experiment, spec)
     _, val_set = build_datasets(experiment, train=False)
     images = [val_set.load_image(i) for i in val_set.ids[:8]]
-    predictions = predict_images(result["model"], images, batch_size=4)
+    predictions = predict_images(result["model"], images, batch_size=4, mask_threshold=SEGM_MASK_THRESHOLD)
     # beside the weights and curves: train.output_dir=... given after --out's default wins
     grid = save_prediction_grid(images, predictions, Path(experiment.train.output_dir) / "predictions.png",
                                 val_set.class_names, score_threshold=0.3, skeleton=SKELETON)

@@ -384,3 +384,21 @@ def test_predict_loads_a_photo_upright_as_its_exif_says_and_a_dataset_image_raw(
     # rotating 90° clockwise takes the stored top-left corner to the top-right
     assert upright[:, 0, -1].tolist() == [1.0, 1.0, 1.0] and upright.sum() == 3
     assert read_rgb(tmp_path / "phone.png").shape == (40, 100, 3)  # COCO's annotations are of these
+
+
+def test_a_prediction_drawn_from_binarised_masks_is_the_same_picture(tmp_path):
+    """predict and demo copy masks off the device binarised at 0.5 (predict_images(mask_threshold=)):
+    the picture must be byte for byte the one the soft masks give."""
+    from mrcnn_edu.evaluation import SEGM_MASK_THRESHOLD
+    from mrcnn_edu.predict import save_prediction_grid
+
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 24, 32, generator=generator)
+    soft = torch.rand(2, 1, 24, 32, generator=generator)
+    soft[0, 0, :4, :4] = SEGM_MASK_THRESHOLD  # at the threshold: not drawn, not scored
+    prediction = {"boxes": torch.tensor([[2.0, 2.0, 20.0, 15.0], [5.0, 6.0, 30.0, 22.0]]),
+                  "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.9, 0.7]), "masks": soft}
+    hard = dict(prediction, masks=soft > SEGM_MASK_THRESHOLD)
+    a = save_prediction_grid([image], [prediction], tmp_path / "soft.png", ["bg", "a", "b"])
+    b = save_prediction_grid([image], [hard], tmp_path / "hard.png", ["bg", "a", "b"])
+    assert a.read_bytes() == b.read_bytes()

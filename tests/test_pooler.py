@@ -123,3 +123,19 @@ def test_pooler_rejects_bad_configuration():
         pool_rois(PoolerConfig(), feats, rois, 7, [1 / 4])
     with pytest.raises(ValueError, match=r"\(R, 5\)"):
         pool_rois(PoolerConfig(), feats, rois[:, 1:], 7, [1 / 4, 1 / 8])
+
+
+def test_several_levels_name_a_bad_roi_by_its_row_as_given():
+    """fpn_level ran before any value check: a nan box became level INT64_MIN and bincount
+    failed with "Storage size calculation overflowed"; a bad batch index was named by its row in
+    the level-sorted subset."""
+    feats, rois = pyramid(), random_rois()
+    scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    nan_row = rois.clone()
+    nan_row[7, 2] = math.nan
+    with pytest.raises(ValueError, match=r"rois\[7\]"):
+        pool_rois(PoolerConfig(), feats, nan_row, 7, scales)
+    bad_index = rois.clone()
+    bad_index[11, 0] = 5  # two images in the batch
+    with pytest.raises(ValueError, match=r"rois\[11\]"):
+        pool_rois(PoolerConfig(), feats, bad_index, 7, scales)

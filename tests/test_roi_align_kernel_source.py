@@ -88,6 +88,7 @@ def test_index_bits_keeps_every_index_in_range():
     assert cupy_path.index_bits(2**30, 10) == 64  # i + stride could pass 2^31
     assert cupy_path.index_bits(2**30 - 1, 2**31 - 1) == 32
     assert cupy_path.index_bits(10, 2**31) == 64  # offsets into the features
+    assert cupy_path.index_bits(2**29, 10, 2**29) == 64  # 5 * r into the RoIs, with C * oh * ow = 1
 
 
 def test_nvrtc_reports_errors_with_the_line():
@@ -260,7 +261,7 @@ def test_the_64_bit_index_build_equals_the_32_bit_one(kernel_path, monkeypatch, 
         args = ((7, 5), 0.25, -1, True, mode)
         narrow = forward_backward(lambda t, r: kernel_path(t, r, *args), x, rois)
         with monkeypatch.context() as patch:
-            patch.setattr(cupy_path, "index_bits", lambda outputs, elements: 64)
+            patch.setattr(cupy_path, "index_bits", lambda outputs, elements, num_rois=0: 64)
             wide = forward_backward(lambda t, r: kernel_path(t, r, *args), x, rois)
         for a, b in zip(wide, narrow):
             torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -233,7 +233,9 @@ __device__ __forceinline__ void scatter_point(acc_t* plane, const Taps& ty, cons
 #pragma unroll
         for (int b = 0; b < 2; ++b) {
             const acc_t weight = wy[a] * wx[b];
-            if (weight != (acc_t)0) {  // integer coordinates and borders: skip the no-op atomics
+            // integer coordinates and borders: skip the no-op atomics. Unlike the PyTorch path and
+            // torchvision, an inf / nan incoming gradient then leaves these taps 0, not nan
+            if (weight != (acc_t)0) {
                 atomicAdd(plane + rows[a] * s.h + cols[b] * s.w, grad * weight);
             }
         }

@@ -71,14 +71,15 @@ def compile_options(dtype: torch.dtype, bits: int = 32) -> list[str]:
     return options + [f"-I{d}" for d in _cuda_include_dirs()]
 
 
-def index_bits(outputs: int, feature_elements: int) -> int:
+def index_bits(outputs: int, feature_elements: int, num_rois: int = 0) -> int:
     """32 when the kernel's indices fit in an ``int``, else 64 (see ``roi_align.cu``).
 
     ``outputs`` (R * C * oh * ow) bounds the flat thread index; under 2^30, the grid-stride
     loop's ``i + stride`` (at most twice that) stays below 2^31 too. ``feature_elements``
-    bounds every offset into the features and their gradient.
+    bounds every offset into the features and their gradient; ``num_rois`` (R) the offset
+    ``5 * r`` into the RoIs (above ``outputs`` only when C * oh * ow < 5).
     """
-    return 32 if outputs < 2**30 and feature_elements < 2**31 else 64
+    return 32 if outputs < 2**30 and feature_elements < 2**31 and 5 * num_rois < 2**31 else 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -153,7 +154,7 @@ class RoIAlignCuPy(torch.autograd.Function):
         argmax = torch.empty((R, C, oh, ow) if use_max else (1, 1, 1, 1), dtype=torch.int32, **kw)
         # kernel scalars as explicit numpy types (CuPy passes Python ints as 64-bit); the
         # total and the strides are the kernel's index_t
-        bits = index_bits(R * C * oh * ow, N * C * H * W)
+        bits = index_bits(R * C * oh * ow, N * C * H * W, R)
         np_index = np.int32 if bits == 32 else np.int64
         shape = [np_index(R * C * oh * ow), np.int32(H), np.int32(W), np.int32(C)]
         rest = [np.int32(channels_fastest), np.int32(oh), np.int32(ow), np_acc(spatial_scale),

@@ -29,6 +29,17 @@ a box whose corners lie on the feature grid, ``[x1, x2)`` on cell edges, becomes
 to the right and bottom (``[4, 8, 24, 32]`` at stride 4 is warped as RoIAlign on
 ``[4, 8, 28, 36]``). Every difference between RoIWarp and RoIAlign is that quantisation.
 
+This is RoIWarp as §3 describes it (RoIPool's quantised RoI, then bilinear resampling), not a
+port of MNC's Caffe layer (``roi_warping_layer.cu`` in daijifeng001/caffe-mnc), which differs in
+three details of its forward pass: its box is ``end - start`` cells, not ``end - start + 1``;
+it samples in the frame where cell ``j``'s value sits at ``j`` (``aligned=False``), on a grid
+of ``(ceil(size / out) + 1)²`` points per bin that includes the bin's edges; and it skips
+points outside ``[-0.5, H - 0.5]`` instead of reading them as 0. Its box has the same centre as
+ours and is one cell smaller. On a ramp (value = x), box ``[4, 8, 24, 32]`` at stride 4, 5
+bins, max: MNC gives 2, 3, 4, 5, 6 and this op 1.4, 2.6, 3.8, 5.0, 6.2. Both misalign the RoI
+by the same quantisation, which is what Table 2c's RoIWarp rows test; what the paper's own
+RoIWarp did in these details it does not say.
+
 Both ops are vectorised over RoIs and bins, differentiable with respect to ``input``, and match
 ``torchvision.ops.roi_pool`` exactly for RoIPool.
 """
@@ -146,7 +157,8 @@ def roi_pool(input: Tensor, rois: RoIs, output_size: Union[int, Sequence[int]],
 def roi_warp(input: Tensor, rois: RoIs, output_size: Union[int, Sequence[int]],
              spatial_scale: float = 1.0, sampling_ratio: int = 2, mode: str = "max",
              check_values: bool = True) -> Tensor:
-    """MNC's RoIWarp: RoIPool's quantised RoI, then RoIAlign's bilinear sampling inside it.
+    """RoIWarp as §3 describes MNC's: RoIPool's quantised RoI, then RoIAlign's bilinear
+    sampling inside it (how it differs from MNC's own Caffe layer: the module docstring).
 
     ``sampling_ratio``: points per bin each way (2 = the paper's four points; ``<= 0``
     adaptive); ``mode``: ``"max"`` or ``"avg"`` (both rows of Table 2c); ``check_values``:

@@ -25,7 +25,7 @@ from typing import Mapping, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from mrcnn_edu.ops.roi_align import boxes_to_rois, roi_align
+from mrcnn_edu.ops.roi_align import boxes_to_rois, check_roi_inputs, roi_align
 from mrcnn_edu.ops.roi_pool import roi_pool, roi_warp
 
 __all__ = ["PoolerConfig", "fpn_level", "pool_rois", "RoIPooler"]
@@ -112,6 +112,9 @@ def pool_rois(cfg: PoolerConfig, features: Sequence[Tensor], rois: Tensor,
     if not isinstance(rois, Tensor) or rois.dim() != 2 or rois.shape[1] != 5:
         shape = tuple(rois.shape) if isinstance(rois, Tensor) else type(rois).__name__
         raise ValueError(f"rois must have shape (R, 5), got {shape}")
+    if check_values:  # before fpn_level, which maps a nan box to a nonsense level; rows as given
+        check_roi_inputs(features[0], rois, output_size, scales[0], cfg.mode, check_values=True)
+        check_values = False
     level_of_roi = fpn_level(rois[:, 1:], levels[0], levels[-1], cfg.canonical_size,
                              cfg.canonical_level) - levels[0]  # (R,) index into features
     # RoIs sorted by level, then one slice per level: a single host read (the counts) for all

@@ -252,11 +252,15 @@ def test_welch_degrees_of_freedom_and_t_quantiles_by_hand():
     assert report.welch_df([(1, [30.0, 31.0, 32.0]), (-1, [30.5, 31.0, 31.5])]) == pytest.approx(50 / 17, rel=1e-12)
     assert math.isnan(report.welch_df([(1, [30.0]), (-1, [29.0, 30.0])]))  # one seed: no spread to count
     assert math.isnan(report.welch_df([(1, [30.0, 30.0]), (-1, [29.0, 29.0])]))  # no spread at all
-    assert report.t_quantile(4) == 2.78 and report.t_quantile(4, 0.95) == 2.13
+    # printed tables (4 decimals): 2.7764 and 2.1318 at 4 df, 12.7062 at 1, 4.3027 at 2; rounded up
+    assert report.t_quantile(4) == 2.78 and report.t_quantile(4, 0.95) == 2.14
+    assert report.t_quantile(2) == 4.31 and report.t_quantile(1) == 12.71
     # between entries: linear, above the true quantile (2.67 at 4.5 df) as the curve is convex
-    assert report.t_quantile(4.5) == pytest.approx((2.78 + 2.57) / 2) and report.t_quantile(4.5) > 2.67
+    assert report.t_quantile(4.5) == pytest.approx((2.78 + 2.58) / 2) and report.t_quantile(4.5) > 2.67
     assert report.t_quantile(9) == pytest.approx((2.31 + 2.23) / 2)
-    assert report.t_quantile(0.3) == 12.71 and report.t_quantile(500) == 2.00  # the table's ends
+    # two seeds per run: Welch df 1.6 (RoIWarp avg) asks for about 5.5, not a line from 1 to 2's 7.6
+    assert 5.46 < report.t_quantile(1.6) < 5.7
+    assert report.t_quantile(0.3) == 12.71 and report.t_quantile(500) == 2.01  # the table's ends
 
 
 def test_claims_are_judged_against_the_spread_over_seeds():
@@ -379,6 +383,28 @@ def test_the_report_says_when_rows_started_from_different_bodies(tmp_path):
         records[(run, 2)]["init"]["digest"] = "aaaa"
     report.write_report(rows, runs, 3, "miniature", "shapes", records, tmp_path / "t.json")
     assert "- ResNet-50: all 6 trainings started from the same weights (digest aaaa)." in (tmp_path / "t.md").read_text()
+
+
+def test_the_report_says_when_trainings_ran_on_different_data_even_with_nothing_left_to_train(tmp_path, capsys):
+    """run_table checks the data digest only of what it trains: a finished table merged from
+    sessions on different data was reported as one."""
+    records = {}
+    for seed, digest in enumerate(["d1", "d1", "d2"]):
+        for run in ("r50_c4", "r50_c4_softmax"):
+            records[(run, seed)] = dict(_fake_record(run, seed, 30.0, 50.0, 31.0), data_digest=digest)
+    rows, runs = select_runs("r50_c4_softmax,r50_c4")
+    summary = report.write_report(rows, runs, 3, "miniature", "shapes", records, tmp_path / "t.json")
+    assert summary["data"] == {"d1": ["r50_c4 seed 0", "r50_c4 seed 1", "r50_c4_softmax seed 0",
+                                      "r50_c4_softmax seed 1"], "d2": ["r50_c4 seed 2", "r50_c4_softmax seed 2"]}
+    assert "**The trainings ran on 2 different data sets**" in (tmp_path / "t.md").read_text()
+    assert "2 different data sets (digests d1, d2)" in capsys.readouterr().err
+    for run in ("r50_c4", "r50_c4_softmax"):
+        records[(run, 2)]["data_digest"] = "d1"
+    del records[("r50_c4", 0)]["data_digest"]  # a record from before the digest
+    report.write_report(rows, runs, 3, "miniature", "shapes", records, tmp_path / "t.json")
+    assert "All 5 trainings with a record of it saw the same data (digest d1); 1 older record(s) do not say." \
+        in (tmp_path / "t.md").read_text()
+    assert capsys.readouterr().err == ""
 
 
 def test_weights_digest_tells_bit_identical_weights_apart_from_others():

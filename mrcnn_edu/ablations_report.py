@@ -512,8 +512,9 @@ def markdown_table(summary: dict) -> str:
     elif recorded:
         (digest, trainings), = recorded.items()
         unrecorded = len(data.get("unrecorded", []))
-        lines += ["## Data", "", f"All {len(trainings)} trainings with a record of it saw the same data (digest "
-                  f"{digest})" + (f"; {unrecorded} older record(s) do not say." if unrecorded else "."), ""]
+        saw = (f"The training saw the data with digest {digest}" if len(trainings) == 1 else
+               f"All {len(trainings)} trainings with a record of it saw the same data (digest {digest})")
+        lines += ["## Data", "", saw + (f"; {unrecorded} older record(s) do not say." if unrecorded else "."), ""]
     sessions = summary.get("sessions", [])
     if sessions:
         lines += ["## Runs", ""] + [

@@ -723,3 +723,11 @@ def test_shapes_version_diff_finds_exactly_the_annotations_this_generator_writes
     assert counts["images changed"] == len({person["image_id"], crowd["image_id"]})
     assert counts["images"] == len(data["images"]) and counts["version then"] == shapes.GENERATOR_VERSION
 
+
+
+def test_roi_pool_windows_times_ours_against_torchvision_with_and_without_a_whole_image_roi(capsys):
+    pytest.importorskip("torchvision")
+    assert load("roi_pool_windows").main(["--rois", "6", "--repeat", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["6 RoIs, no whole-image RoI", "6 RoIs, one whole-image RoI"]
+    assert all(re.search(r"ours / torchvision \d+\.\d$", line) for line in lines)

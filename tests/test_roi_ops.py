@@ -422,6 +422,32 @@ def test_roipool_matches_torchvision():
                                    torch.autograd.grad(want, x, g)[0], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 5000])
+def test_roipool_gathers_rois_of_every_size_in_chunks_and_keeps_their_order(monkeypatch, chunk_elements):
+    """RoIs are pooled in chunks of similar window size (one whole-image RoI among small ones
+    once made every RoI gather at its size), and, with little memory, in many small chunks:
+    the output rows and the gradient must still be torchvision's, in the RoIs' order."""
+    tv = pytest.importorskip("torchvision")
+    module = sys.modules["mrcnn_edu.ops.roi_pool"]
+    monkeypatch.setattr(module, "_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(11)
+    x = torch.randn(2, 3, 40, 56, requires_grad=True)
+    whole = torch.tensor([[1, 0.0, 0.0, 223.0, 159.0], [0, 8.0, 8.0, 12.0, 12.0]])
+    rois = torch.cat([make_rois(extent=200.0, n=30, dtype=torch.float32), whole])
+    rois = rois[torch.randperm(len(rois))]
+    x_start, y_start, width, height = module.quantise_rois(rois, 0.25)
+    y_first, y_last = module._bin_edges(y_start, height, 7, 40)
+    x_first, x_last = module._bin_edges(x_start, width, 7, 56)
+    chunks = [c for c, _ in module._chunks_by_window(y_last - y_first, x_last - x_first, 7 * 7 * 3)]
+    assert len(chunks) > 1 and sorted(torch.cat(chunks).tolist()) == list(range(len(rois)))
+    got = roi_pool(x, rois, (7, 7), 0.25)
+    want = tv.ops.roi_pool(x, rois, (7, 7), 0.25)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    g = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0],
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_roipool_gives_a_tied_max_gradient_to_the_first_cell_as_torchvision():
     # Quantised features tie often (e.g. after a ReLU, whole bins of zeros). Each bin's
     # gradient goes to one cell, its first maximum in row-major order: here, a constant map

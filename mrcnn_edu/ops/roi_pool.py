@@ -103,55 +103,93 @@ def roi_pool(input: Tensor, rois: RoIs, output_size: Union[int, Sequence[int]],
     x_start, y_start, width, height = quantise_rois(rois.detach().to(coord_dtype), spatial_scale)
     y_first, y_last = _bin_edges(y_start, height, oh, H)  # (R, oh)
     x_first, x_last = _bin_edges(x_start, width, ow, W)  # (R, ow)
-    # largest bin extent over all RoIs: every bin is gathered as a kh x kw window, masked
-    kh = int((y_last - y_first).max()) if R else 1
-    kw = int((x_last - x_first).max()) if R else 1
-    kh, kw = max(kh, 1), max(kw, 1)
     features = input.permute(0, 2, 3, 1).reshape(N * H * W, C)  # (N*H*W, C)
-    dy = torch.arange(kh, device=input.device)
-    dx = torch.arange(kw, device=input.device)
     lowest = _lowest(input.dtype)
-    pieces = []
-    per_roi = oh * ow * kh * kw * max(C, 1)
-    for chunk in torch.arange(R, device=input.device).split(max(_CHUNK_ELEMENTS // per_roi, 1)):
-        ys = y_first[chunk][:, :, None] + dy  # (Rc, oh, kh)
-        xs = x_first[chunk][:, :, None] + dx  # (Rc, ow, kw)
-        y_ok = ys < y_last[chunk][:, :, None]
-        x_ok = xs < x_last[chunk][:, :, None]
-        rows = rois[chunk, 0].long()[:, None, None] * H + ys.clamp(max=H - 1)  # (Rc, oh, kh)
-        index = (rows[:, :, None, :, None] * W
-                 + xs.clamp(max=W - 1)[:, None, :, None, :]).flatten(3)  # (Rc, oh, ow, kh*kw)
-        valid = (y_ok[:, :, None, :, None] & x_ok[:, None, :, None, :]).flatten(3)  # (Rc, oh, ow, kh*kw)
-        # Which cell holds each bin's max is found without autograd; the output is then one
-        # gather from the map, whose backward keeps only that cell's index. Max-pooling the
-        # gathered windows with autograd would keep every window (kh*kw times the output) for
-        # the backward pass.
-        with torch.no_grad():
-            windows = features[index.reshape(-1)].reshape(*index.shape, C)  # (Rc, oh, ow, kh*kw, C)
-            # cells outside the bin, and NaN cells (torchvision's `cell > max` is false for NaN),
-            # take no part in the max
-            skipped = ~valid[..., None] | windows.isnan()
-            windows = windows.masked_fill(skipped, float("-inf"))
-            best = windows.amax(dim=3)  # (Rc, oh, ow, C)
-            # the first cell (row-major in the bin) holding the max, as torchvision's kernel
-            # picks it, so that tied cells give the gradient to the same one (argmax along a
-            # middle dimension is very slow on the CPU; kh*kw is small)
-            cell = index[:, :, :, :1].expand(best.shape)  # in range whatever the values
-            for k in reversed(range(kh * kw)):
-                cell = torch.where(windows[:, :, :, k] == best, index[:, :, :, k, None], cell)
-            # torchvision's running max starts at -FLT_MAX and only a cell above it replaces it
-            nothing_above = ~(best > lowest)  # (Rc, oh, ow, C)
-            del windows
-        out = features.gather(0, cell.reshape(-1, C)).reshape(cell.shape)  # (Rc, oh, ow, C)
-        # masked_fill passes no gradient to what it fills: such bins have no max cell
-        out = out.masked_fill(nothing_above, lowest)
-        empty = ~valid.any(dim=3)  # (Rc, oh, ow): bin clipped away entirely
-        pieces.append(out.masked_fill(empty[..., None], 0.0))
+    pieces, pooled = [], []  # outputs and the RoIs they are, chunk by chunk
+    for chunk, (kh, kw) in _chunks_by_window(y_last - y_first, x_last - x_first, oh * ow * max(C, 1)):
+        pieces.append(_pool_chunk(features, rois[chunk, 0].long(), y_first[chunk], y_last[chunk],
+                                  x_first[chunk], x_last[chunk], kh, kw, H, W, lowest))
+        pooled.append(chunk)
     if pieces:
-        out = torch.cat(pieces)  # (R, oh, ow, C)
+        out = torch.cat(pieces)[torch.argsort(torch.cat(pooled))]  # (R, oh, ow, C), the RoIs' order
     else:  # empty RoI set: keep the output attached to the graph
         out = features[:0, None, None, :].expand(0, oh, ow, C)
     return out.permute(0, 3, 1, 2)  # (R, C, oh, ow), channels-last strides
+
+
+def _chunks_by_window(bin_heights: Tensor, bin_widths: Tensor, per_cell: int):
+    """Yield ``(indices, (kh, kw))``: the RoIs in chunks of similar bin extent, each chunk
+    gathered as ``kh x kw`` windows (its largest bin) and holding at most ``_CHUNK_ELEMENTS``.
+
+    ``bin_heights (R, oh)``, ``bin_widths (R, ow)``: cells per bin. One window size for all RoIs
+    made one whole-image RoI among small proposals gather every RoI at its size: 128 RoIs on a
+    C4 map took 2.7-3.0 s with one such RoI and 0.35-0.48 s without (that version loaded beside
+    this one, same runs, 2026-12-01); now about the same either way (``bench/roi_pool_windows.py``
+    prints the ratios to torchvision's op). Sorted
+    by window area and cut where the window doubles, each RoI is gathered at most at twice its
+    own window. One host read (R pairs), as before (the largest extent was read for all RoIs).
+    """
+    extents = torch.stack([bin_heights.amax(dim=1), bin_widths.amax(dim=1)], 1).clamp(min=1) if len(bin_heights) \
+        else bin_heights.new_zeros((0, 2))
+    sizes = extents.tolist()  # the one host read
+    order = sorted(range(len(sizes)), key=lambda r: sizes[r][0] * sizes[r][1])
+    chunk, kh, kw, smallest = [], 1, 1, 1
+    for r in order:
+        h, w = max(kh, sizes[r][0]), max(kw, sizes[r][1])
+        # a new chunk when memory runs out, or when the window would more than double the
+        # chunk's first: every chunk's RoIs then cost at most twice their own window
+        if chunk and ((len(chunk) + 1) * h * w * per_cell > _CHUNK_ELEMENTS or h * w > 2 * smallest):
+            yield torch.tensor(chunk, device=bin_heights.device), (kh, kw)
+            chunk, h, w = [], sizes[r][0], sizes[r][1]
+        if not chunk:
+            smallest = h * w
+        chunk.append(r)
+        kh, kw = h, w
+    if chunk:
+        yield torch.tensor(chunk, device=bin_heights.device), (kh, kw)
+
+
+def _pool_chunk(features: Tensor, batch: Tensor, y_first: Tensor, y_last: Tensor, x_first: Tensor,
+                x_last: Tensor, kh: int, kw: int, H: int, W: int, lowest: float) -> Tensor:
+    """RoIPool's step 3 for a chunk of Rc RoIs whose bins fit ``kh x kw`` windows: the max over
+    each bin's cells, ``(Rc, oh, ow, C)``. ``features (N*H*W, C)``; ``batch (Rc,)``; the bins'
+    first and one-past-last cells ``(Rc, oh)`` / ``(Rc, ow)``."""
+    C = features.shape[1]
+    dy = torch.arange(kh, device=features.device)
+    dx = torch.arange(kw, device=features.device)
+    ys = y_first[:, :, None] + dy  # (Rc, oh, kh)
+    xs = x_first[:, :, None] + dx  # (Rc, ow, kw)
+    y_ok = ys < y_last[:, :, None]
+    x_ok = xs < x_last[:, :, None]
+    rows = batch[:, None, None] * H + ys.clamp(max=H - 1)  # (Rc, oh, kh)
+    index = (rows[:, :, None, :, None] * W
+             + xs.clamp(max=W - 1)[:, None, :, None, :]).flatten(3)  # (Rc, oh, ow, kh*kw)
+    valid = (y_ok[:, :, None, :, None] & x_ok[:, None, :, None, :]).flatten(3)  # (Rc, oh, ow, kh*kw)
+    # Which cell holds each bin's max is found without autograd; the output is then one
+    # gather from the map, whose backward keeps only that cell's index. Max-pooling the
+    # gathered windows with autograd would keep every window (kh*kw times the output) for
+    # the backward pass.
+    with torch.no_grad():
+        windows = features[index.reshape(-1)].reshape(*index.shape, C)  # (Rc, oh, ow, kh*kw, C)
+        # cells outside the bin, and NaN cells (torchvision's `cell > max` is false for NaN),
+        # take no part in the max
+        skipped = ~valid[..., None] | windows.isnan()
+        windows = windows.masked_fill(skipped, float("-inf"))
+        best = windows.amax(dim=3)  # (Rc, oh, ow, C)
+        # the first cell (row-major in the bin) holding the max, as torchvision's kernel
+        # picks it, so that tied cells give the gradient to the same one (argmax along a
+        # middle dimension is very slow on the CPU; kh*kw is small)
+        cell = index[:, :, :, :1].expand(best.shape)  # in range whatever the values
+        for k in reversed(range(kh * kw)):
+            cell = torch.where(windows[:, :, :, k] == best, index[:, :, :, k, None], cell)
+        # torchvision's running max starts at -FLT_MAX and only a cell above it replaces it
+        nothing_above = ~(best > lowest)  # (Rc, oh, ow, C)
+        del windows
+    out = features.gather(0, cell.reshape(-1, C)).reshape(cell.shape)  # (Rc, oh, ow, C)
+    # masked_fill passes no gradient to what it fills: such bins have no max cell
+    out = out.masked_fill(nothing_above, lowest)
+    empty = ~valid.any(dim=3)  # (Rc, oh, ow): bin clipped away entirely
+    return out.masked_fill(empty[..., None], 0.0)
 
 
 def roi_warp(input: Tensor, rois: RoIs, output_size: Union[int, Sequence[int]],

@@ -438,8 +438,9 @@ def test_roipool_gathers_rois_of_every_size_in_chunks_and_keeps_their_order(monk
     x_start, y_start, width, height = module.quantise_rois(rois, 0.25)
     y_first, y_last = module._bin_edges(y_start, height, 7, 40)
     x_first, x_last = module._bin_edges(x_start, width, 7, 56)
-    chunks = [c for c, _ in module._chunks_by_window(y_last - y_first, x_last - x_first, 7 * 7 * 3)]
-    assert len(chunks) > 1 and sorted(torch.cat(chunks).tolist()) == list(range(len(rois)))
+    order, chunks = module._chunks_by_window(y_last - y_first, x_last - x_first, 7 * 7 * 3)
+    assert len(chunks) > 1 and sorted(order.tolist()) == list(range(len(rois)))
+    assert [c[0] for c in chunks] == [0] + [c[1] for c in chunks[:-1]] and chunks[-1][1] == len(rois)
     got = roi_pool(x, rois, (7, 7), 0.25)
     want = tv.ops.roi_pool(x, rois, (7, 7), 0.25)
     torch.testing.assert_close(got, want, rtol=0, atol=0)

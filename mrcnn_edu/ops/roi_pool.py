@@ -50,6 +50,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
+from mrcnn_edu.device import host_to_device
 from mrcnn_edu.ops.roi_align import RoIs, check_roi_inputs, divide, roi_align_torch
 
 __all__ = ["roi_pool", "roi_warp", "quantise_rois"]
@@ -105,48 +106,53 @@ def roi_pool(input: Tensor, rois: RoIs, output_size: Union[int, Sequence[int]],
     x_first, x_last = _bin_edges(x_start, width, ow, W)  # (R, ow)
     features = input.permute(0, 2, 3, 1).reshape(N * H * W, C)  # (N*H*W, C)
     lowest = _lowest(input.dtype)
-    pieces, pooled = [], []  # outputs and the RoIs they are, chunk by chunk
-    for chunk, (kh, kw) in _chunks_by_window(y_last - y_first, x_last - x_first, oh * ow * max(C, 1)):
+    order, chunks = _chunks_by_window(y_last - y_first, x_last - x_first, oh * ow * max(C, 1))
+    pieces = []
+    for begin, end, kh, kw in chunks:
+        chunk = order[begin:end]  # a view: no copy to the device per chunk
         pieces.append(_pool_chunk(features, rois[chunk, 0].long(), y_first[chunk], y_last[chunk],
                                   x_first[chunk], x_last[chunk], kh, kw, H, W, lowest))
-        pooled.append(chunk)
     if pieces:
-        out = torch.cat(pieces)[torch.argsort(torch.cat(pooled))]  # (R, oh, ow, C), the RoIs' order
+        out = torch.cat(pieces)[torch.argsort(order)]  # (R, oh, ow, C), the RoIs' order
     else:  # empty RoI set: keep the output attached to the graph
         out = features[:0, None, None, :].expand(0, oh, ow, C)
     return out.permute(0, 3, 1, 2)  # (R, C, oh, ow), channels-last strides
 
 
-def _chunks_by_window(bin_heights: Tensor, bin_widths: Tensor, per_cell: int):
-    """Yield ``(indices, (kh, kw))``: the RoIs in chunks of similar bin extent, each chunk
-    gathered as ``kh x kw`` windows (its largest bin) and holding at most ``_CHUNK_ELEMENTS``.
+def _chunks_by_window(bin_heights: Tensor, bin_widths: Tensor, per_cell: int
+                      ) -> tuple[Tensor, list[tuple[int, int, int, int]]]:
+    """The RoIs in chunks of similar bin extent: ``order (R,)`` on the RoIs' device, and per
+    chunk ``(begin, end, kh, kw)``: the RoIs ``order[begin:end]``, gathered as ``kh x kw``
+    windows (the chunk's largest bin), at most ``_CHUNK_ELEMENTS`` at a time.
 
     ``bin_heights (R, oh)``, ``bin_widths (R, ow)``: cells per bin. One window size for all RoIs
     made one whole-image RoI among small proposals gather every RoI at its size: 128 RoIs on a
     C4 map took 2.7-3.0 s with one such RoI and 0.35-0.48 s without (that version loaded beside
     this one, same runs, 2026-12-01); now about the same either way (``bench/roi_pool_windows.py``
-    prints the ratios to torchvision's op). Sorted
-    by window area and cut where the window doubles, each RoI is gathered at most at twice its
-    own window. One host read (R pairs), as before (the largest extent was read for all RoIs).
+    prints the ratios to torchvision's op). Sorted by window area and cut where the window
+    doubles, each RoI is gathered at most at twice its own window. One host read (R pairs), as
+    before (the largest extent was read for all RoIs), and one queued copy back of the order:
+    chunks are slices of it, not a copy each (on a GPU, a copy from unpinned memory waits for
+    the queue).
     """
-    extents = torch.stack([bin_heights.amax(dim=1), bin_widths.amax(dim=1)], 1).clamp(min=1) if len(bin_heights) \
-        else bin_heights.new_zeros((0, 2))
+    if len(bin_heights) == 0:
+        return bin_heights.new_zeros(0, dtype=torch.long), []
+    extents = torch.stack([bin_heights.amax(dim=1), bin_widths.amax(dim=1)], 1).clamp(min=1)
     sizes = extents.tolist()  # the one host read
     order = sorted(range(len(sizes)), key=lambda r: sizes[r][0] * sizes[r][1])
-    chunk, kh, kw, smallest = [], 1, 1, 1
-    for r in order:
+    chunks, begin, kh, kw, smallest = [], 0, 1, 1, 1
+    for position, r in enumerate(order):
         h, w = max(kh, sizes[r][0]), max(kw, sizes[r][1])
         # a new chunk when memory runs out, or when the window would more than double the
         # chunk's first: every chunk's RoIs then cost at most twice their own window
-        if chunk and ((len(chunk) + 1) * h * w * per_cell > _CHUNK_ELEMENTS or h * w > 2 * smallest):
-            yield torch.tensor(chunk, device=bin_heights.device), (kh, kw)
-            chunk, h, w = [], sizes[r][0], sizes[r][1]
-        if not chunk:
+        if position > begin and ((position - begin + 1) * h * w * per_cell > _CHUNK_ELEMENTS or h * w > 2 * smallest):
+            chunks.append((begin, position, kh, kw))
+            begin, h, w = position, sizes[r][0], sizes[r][1]
+        if position == begin:
             smallest = h * w
-        chunk.append(r)
         kh, kw = h, w
-    if chunk:
-        yield torch.tensor(chunk, device=bin_heights.device), (kh, kw)
+    chunks.append((begin, len(order), kh, kw))
+    return host_to_device(torch.tensor(order), bin_heights.device), chunks
 
 
 def _pool_chunk(features: Tensor, batch: Tensor, y_first: Tensor, y_last: Tensor, x_first: Tensor,

@@ -161,6 +161,12 @@ def build_model(experiment, weights: str | None = None, strict: bool = True):
             state = {**renamed, **{key: state[key] for key in unused}}  # unused: reported below
             print(f"{weights}: a torchvision detector's state dict, renamed to this model's keys",
                   file=sys.stderr)
+            head = experiment.model.keypoint_head
+            if head is not None and not head.coordinate_offset and any(k.startswith("keypoint_head.") for k in renamed):
+                # its keypoints were learned on COCO's raw pixel indices, ours on pixel centres
+                print(f"{weights}: torchvision's keypoints sit half a pixel up-left of this package's; to "
+                      "evaluate or draw them as they are, add model.keypoint_head.coordinate_offset=0.5 "
+                      "(training on from them learns pixel centres: leave it 0)", file=sys.stderr)
         if not strict:  # fine-tuning: e.g. COCO's 91-way predictors into a model of other classes
             own = model.state_dict()
             reshaped = [key for key, value in state.items() if key in own and own[key].shape != value.shape]

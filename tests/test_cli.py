@@ -379,6 +379,23 @@ def test_init_weights_take_an_imagenet_resnet_and_refuse_a_file_that_fits_nothin
         build_model(experiment, str(tmp_path / "unrelated.pth"), strict=False)
 
 
+def test_a_torchvision_keypoint_rcnn_through_the_cli_is_told_its_half_pixel(tmp_path, capsys):
+    """eval / predict --weights keypointrcnn.pth load through build_model into the recipe's config,
+    whose keypoint_head.coordinate_offset is 0: its keypoints would be scored half a pixel off."""
+    models = pytest.importorskip("torchvision.models.detection")
+    from mrcnn_edu.__main__ import build_model
+    from mrcnn_edu.recipes import get_recipe
+    from mrcnn_edu.weights import torchvision_keypointrcnn_config
+
+    torch.save(models.keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict(), tmp_path / "kp.pth")
+    config = torchvision_keypointrcnn_config()
+    for offset, told in ((0.0, True), (0.5, False)):
+        config.keypoint_head = dataclasses.replace(config.keypoint_head, coordinate_offset=offset)
+        build_model(dataclasses.replace(get_recipe("tiny"), model=config), str(tmp_path / "kp.pth"))
+        err = capsys.readouterr().err
+        assert ("add model.keypoint_head.coordinate_offset=0.5" in err) == told, err
+
+
 def test_init_weights_take_a_torchvision_mask_rcnn_state_dict_by_its_own_key_names(tmp_path, capsys):
     # torchvision names its RPN conv, FPN and RoI heads otherwise: loaded by our keys alone,
     # only the body and two RPN layers fitted, and the message gave counts, not names

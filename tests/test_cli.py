@@ -100,6 +100,20 @@ def test_predict_writes_one_picture_per_image(trained_run, data_dir, tmp_path, c
     assert "detections with score >= 0.0" in capsys.readouterr().out
 
 
+def test_predict_copies_masks_off_the_device_binarised_as_evaluation_scores_them(trained_run, data_dir, tmp_path,
+                                                                                 monkeypatch):
+    import mrcnn_edu.predict
+    from mrcnn_edu.evaluation import SEGM_MASK_THRESHOLD
+
+    asked = []
+    real = mrcnn_edu.predict.predict_images
+    monkeypatch.setattr(mrcnn_edu.predict, "predict_images",
+                        lambda *a, **k: asked.append(k.get("mask_threshold")) or real(*a, **k))
+    assert main(["predict", str(data_dir / "val" / "000000.png"), "--weights", str(trained_run / "model_0000003.pth"),
+                 "--out", str(tmp_path)]) == 0
+    assert asked == [SEGM_MASK_THRESHOLD]
+
+
 def test_predict_runs_on_train_device_and_refuses_cuda_it_does_not_have(trained_run, data_dir, tmp_path,
                                                                         capsys):
     """predict ran on the CPU even with a GPU; it now moves the model to train.device as eval does."""

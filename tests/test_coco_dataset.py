@@ -306,6 +306,15 @@ def test_input_that_would_corrupt_or_crash_pycocotools_is_refused_or_skipped_by_
     with pytest.warns(UserWarning, match="box outside the image"):
         ds = COCODataset(os.path.join(tiny_set, "train"), str(outside))
     assert ds.skipped["box outside the image"] == 1 and f"annotation id {first['id']} " in " ".join(ds.problems)
+    # narrower than a float32 step at its coordinate: a box in float64, x1 == x2 in the float32
+    # target the model refuses (zero area); skipped the same way
+    width = data["images"][0]["width"]
+    first["bbox"] = [width - 1e-5, 2.0, 1e-6, 8.0]
+    assert first["bbox"][2] > 0 and np.float32(first["bbox"][0]) + np.float32(first["bbox"][2]) == np.float32(first["bbox"][0])
+    outside.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="box outside the image"):
+        ds = COCODataset(os.path.join(tiny_set, "train"), str(outside))
+    assert ds.skipped["box outside the image"] == 1
     # an unreadable image names its file and id
     (tmp_path / "train" / "000000.png").write_text("not an image")
     ds = COCODataset(str(tmp_path / "train"), os.path.join(tiny_set, "annotations", "instances_train.json"))

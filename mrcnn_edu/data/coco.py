@@ -310,8 +310,11 @@ class COCODataset(Dataset):
                 self._skip("zero-area box", f"{where}: zero-area or malformed bbox {bbox!r}")
                 continue
             img = self.coco.imgs[iid]
-            x, y, bw, bh = bbox
-            if min(x + bw, img["width"]) <= max(x, 0) or min(y + bh, img["height"]) <= max(y, 0):
+            # in float32, as load_target makes the target: a box narrower than a float32 step at
+            # its coordinate would pass in float64 and reach the model as x1 == x2, which it refuses
+            x, y, bw, bh = (np.float32(v) for v in bbox)
+            if min(x + bw, np.float32(img["width"])) <= max(x, np.float32(0)) or \
+                    min(y + bh, np.float32(img["height"])) <= max(y, np.float32(0)):
                 # clamped to the image (load_target), it would be a zero-area target
                 self._skip("box outside the image", f"{where}: bbox {bbox!r} lies outside the "
                            f"{img['width']} x {img['height']} image")

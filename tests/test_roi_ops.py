@@ -728,3 +728,69 @@ def test_auto_backend_uses_the_cupy_kernel_for_cuda_tensors_only(roi_align_modul
     # ... unless the torch path is asked for
     roi_align(fake_x, fake_rois, 2, 0.25, backend="torch")
     assert len(stand_in_kernel) == 1
+
+
+def _mnc_roi_warping_forward(x: torch.Tensor, rois: torch.Tensor, oh: int, ow: int, scale: float) -> torch.Tensor:
+    """MNC's Caffe RoIWarping forward pass (max), read from daijifeng001/caffe-mnc's
+    ``roi_warping_layer.cu`` and written as loops: the RoI rounded to cells with no "+1"; per
+    bin, the points ``bin + k / ceil(size / bins)`` for k = 0.. while inside the bin's closed
+    range (edges included); cell j's value at j; points outside [-0.5, H - 0.5] skipped; an
+    empty bin 0. (Caffe steps ``fph += 1 / ratio`` in the blob's dtype; here in float64.)"""
+    def c_round(v):
+        return math.floor(abs(v) + 0.5) * (1 if v >= 0 else -1)
+
+    def bilinear(plane, h, w):
+        H, W = plane.shape
+        if h < -0.5 or h > H - 0.5 or w < -0.5 or w > W - 0.5:
+            return None
+        h, w = max(h, 0.0), max(w, 0.0)
+        h_lo, w_lo = int(h), int(w)
+        h_hi, w_hi = h_lo + 1, w_lo + 1
+        if h_lo >= H - 1:  # at the last row: both taps on it
+            h_lo = h_hi = H - 1
+            h = float(h_lo)
+        if w_lo >= W - 1:
+            w_lo = w_hi = W - 1
+            w = float(w_lo)
+        dh, dw = h - h_lo, w - w_lo
+        return float((1 - dh) * (1 - dw) * plane[h_lo, w_lo] + (1 - dh) * dw * plane[h_lo, w_hi]
+                     + dh * (1 - dw) * plane[h_hi, w_lo] + dh * dw * plane[h_hi, w_hi])
+
+    out = torch.zeros(len(rois), x.shape[1], oh, ow, dtype=x.dtype)
+    for r, (b, x1, y1, x2, y2) in enumerate(rois.tolist()):
+        x_start, y_start = c_round(x1 * scale), c_round(y1 * scale)
+        width, height = max(c_round(x2 * scale) - x_start, 0), max(c_round(y2 * scale) - y_start, 0)
+        steps = [1 / math.ceil(height / oh) if height else 2.0, 1 / math.ceil(width / ow) if width else 2.0]
+        for c in range(x.shape[1]):
+            for i in range(oh):
+                for j in range(ow):
+                    values, fy = [], float(i)
+                    while fy <= i + 1:
+                        fx = float(j)
+                        while fx <= j + 1:
+                            values.append(bilinear(x[int(b), c], y_start + fy * height / oh, x_start + fx * width / ow))
+                            fx += steps[1]
+                        fy += steps[0]
+                    values = [v for v in values if v is not None]
+                    out[r, c, i, j] = max(values) if values else 0.0
+    return out
+
+
+def test_roi_warp_is_the_papers_description_and_differs_from_mncs_layer_as_documented():
+    """roi_pool.py's docstring: on a ramp (cell j holds j), box [4, 8, 24, 32] at stride 4, 5
+    bins, max, MNC's layer gives 2, 3, 4, 5, 6 and roi_warp 1.4, 2.6, 3.8, 5.0, 6.2: the same
+    centre, MNC's box one cell smaller. Both quantise the RoI as RoIPool does."""
+    ramp = torch.arange(12, dtype=torch.float64).expand(1, 1, 12, 12).contiguous()
+    rois = torch.tensor([[0, 4.0, 8.0, 24.0, 32.0]], dtype=torch.float64)
+    mnc = _mnc_roi_warping_forward(ramp, rois, 1, 5, 0.25).flatten()
+    ours = roi_warp(ramp, rois, (1, 5), 0.25, 2, "max").flatten()
+    torch.testing.assert_close(mnc, torch.tensor([2.0, 3.0, 4.0, 5.0, 6.0], dtype=torch.float64))
+    torch.testing.assert_close(ours, torch.tensor([1.4, 2.6, 3.8, 5.0, 6.2], dtype=torch.float64))
+    # the quantised RoI they share: RoIPool's, cells 1..6 -- both centred on x = 4 (cell centres)
+    assert roi_pool(ramp, rois, (1, 5), 0.25).flatten().tolist() == [2.0, 3.0, 4.0, 5.0, 6.0]
+    # and a random map: they differ by a fraction of the features' spread, not by a shift of cells
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 20, 20, dtype=torch.float64)
+    boxes = torch.tensor([[0, 13.0, 9.0, 61.0, 70.0], [0, 2.0, 2.0, 77.0, 50.0]], dtype=torch.float64)
+    gap = (_mnc_roi_warping_forward(x, boxes, 7, 7, 0.25) - roi_warp(x, boxes, 7, 0.25, 2, "max")).abs()
+    assert 0 < gap.mean() < x.abs().mean()

@@ -36,7 +36,8 @@ it samples in the frame where cell ``j``'s value sits at ``j`` (``aligned=False`
 of ``(ceil(size / out) + 1)²`` points per bin that includes the bin's edges; and it skips
 points outside ``[-0.5, H - 0.5]`` instead of reading them as 0. Its box has the same centre as
 ours and is one cell smaller. On a ramp (value = x), box ``[4, 8, 24, 32]`` at stride 4, 5
-bins, max: MNC gives 2, 3, 4, 5, 6 and this op 1.4, 2.6, 3.8, 5.0, 6.2. Both misalign the RoI
+bins, max: MNC gives 2, 3, 4, 5, 6 and this op 1.4, 2.6, 3.8, 5.0, 6.2
+(``tests/test_roi_ops.py`` runs MNC's forward pass as loops to check it). Both misalign the RoI
 by the same quantisation, which is what Table 2c's RoIWarp rows test; what the paper's own
 RoIWarp did in these details it does not say.
 

@@ -122,19 +122,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                    reason="torch.distributed with gloo is not available")
-def test_two_processes_under_torchrun_end_with_the_weights_of_one_process(tmp_path):
-    iters, images_per_batch = 4, 8  # 4 images per process vs 8 in one
+def torchrun_worker(output_dir, iters: int, images_per_batch: int, *extra: str) -> subprocess.CompletedProcess:
+    """``tests/_ddp_worker.py`` in two processes under torchrun, on the CPU (gloo)."""
     python_path = [str(TESTS.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(python_path)}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               str(TESTS / "_ddp_worker.py"), "--output-dir", str(tmp_path / "ddp"),
-               "--iters", str(iters), "--images-per-batch", str(images_per_batch)]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+               str(TESTS / "_ddp_worker.py"), "--output-dir", str(output_dir),
+               "--iters", str(iters), "--images-per-batch", str(images_per_batch), *extra]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_two_processes_under_torchrun_end_with_the_weights_of_one_process(tmp_path):
+    iters, images_per_batch = 4, 8  # 4 images per process vs 8 in one
+    finished = torchrun_worker(tmp_path / "ddp", iters, images_per_batch)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     assert "on cpu x2" in finished.stdout  # really two processes, not one
 
@@ -160,15 +165,7 @@ def test_processes_that_would_resume_from_different_checkpoints_all_stop(tmp_pat
     (tmp_path / "other_node").mkdir()
 
     def torchrun(*extra: str) -> subprocess.CompletedProcess:
-        python_path = [str(TESTS.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(python_path)}
-        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(name, None)
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                   str(TESTS / "_ddp_worker.py"), "--output-dir", str(tmp_path / "shared"),
-                   "--iters", str(iters), "--images-per-batch", str(images_per_batch), "--resume", *extra]
-        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        return torchrun_worker(tmp_path / "shared", iters, images_per_batch, "--resume", *extra)
 
     apart = torchrun("--rank1-output-dir", str(tmp_path / "other_node"))
     assert apart.returncode != 0

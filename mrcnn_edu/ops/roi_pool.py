@@ -130,30 +130,28 @@ def _chunks_by_window(bin_heights: Tensor, bin_widths: Tensor, per_cell: int
     made one whole-image RoI among small proposals gather every RoI at its size: 128 RoIs on a
     C4 map took 2.7-3.0 s with one such RoI and 0.35-0.48 s without (that version loaded beside
     this one, same runs, 2026-12-01); now about the same either way (``bench/roi_pool_windows.py``
-    prints the ratios to torchvision's op). Sorted by window area and cut where the window
-    doubles, each RoI is gathered at most at twice its own window. One host read (R pairs), as
-    before (the largest extent was read for all RoIs), and one queued copy back of the order:
-    chunks are slices of it, not a copy each (on a GPU, a copy from unpinned memory waits for
-    the queue).
+    prints the ratios to torchvision's op). RoIs are grouped by their bin extent rounded up to a
+    power of two on each axis, so each is gathered at most at twice its own extent each way,
+    and a group larger than memory allows is split. One host read (R pairs), as before (the
+    largest extent was read for all RoIs), and one queued copy back of the order: chunks are
+    slices of it, not a copy each (on a GPU, a copy from unpinned memory waits for the queue).
     """
     if len(bin_heights) == 0:
         return bin_heights.new_zeros(0, dtype=torch.long), []
-    extents = torch.stack([bin_heights.amax(dim=1), bin_widths.amax(dim=1)], 1).clamp(min=1)
-    sizes = extents.tolist()  # the one host read
-    order = sorted(range(len(sizes)), key=lambda r: sizes[r][0] * sizes[r][1])
-    chunks, begin, kh, kw, smallest = [], 0, 1, 1, 1
-    for position, r in enumerate(order):
-        h, w = max(kh, sizes[r][0]), max(kw, sizes[r][1])
-        # a new chunk when memory runs out, or when the window would more than double the
-        # chunk's first: every chunk's RoIs then cost at most twice their own window
-        if position > begin and ((position - begin + 1) * h * w * per_cell > _CHUNK_ELEMENTS or h * w > 2 * smallest):
-            chunks.append((begin, position, kh, kw))
-            begin, h, w = position, sizes[r][0], sizes[r][1]
-        if position == begin:
-            smallest = h * w
-        kh, kw = h, w
-    chunks.append((begin, len(order), kh, kw))
-    return host_to_device(torch.tensor(order), bin_heights.device), chunks
+    extents = torch.stack([bin_heights.amax(dim=1), bin_widths.amax(dim=1)], 1).clamp(min=1).cpu()  # one read
+    # (ceil(log2 h), ceil(log2 w)) per RoI, as one sortable key; RoIs of a group end up adjacent
+    groups = torch.ceil(torch.log2(extents.double())).long()  # (R, 2)
+    key = groups[:, 0] * 64 + groups[:, 1]
+    order = torch.argsort(key, stable=True)
+    _, counts = torch.unique_consecutive(key[order], return_counts=True)
+    chunks, begin = [], 0
+    for count in counts.tolist():  # a loop over groups (a handful), not over RoIs
+        members = order[begin:begin + count]
+        kh, kw = (int(v) for v in extents[members].amax(dim=0))
+        step = max(_CHUNK_ELEMENTS // (kh * kw * per_cell), 1)
+        chunks += [(start, min(start + step, begin + count), kh, kw) for start in range(begin, begin + count, step)]
+        begin += count
+    return host_to_device(order, bin_heights.device), chunks
 
 
 def _pool_chunk(features: Tensor, batch: Tensor, y_first: Tensor, y_last: Tensor, x_first: Tensor,

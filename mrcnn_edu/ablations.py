@@ -337,8 +337,11 @@ def _data_files(dataset: str, data_dir: str) -> tuple[Path, Path, Path, Path]:
 def data_digest(dataset: str, data_dir: str) -> str:
     """16 hex digits that differ for other data: COCO, the md5 of its train and val annotation
     files (another release); the shapes, of what made them -- each json's ``info`` (generator
-    version, seed, split) and image count and sizes -- not of their bytes, which another
-    machine's float rounding could change in a last digit without changing the experiment."""
+    version, seed, split and, from sets written since it is recorded, the generator's whole
+    config, so the tiny and default presets differ at the same size and counts) and image count
+    and sizes -- not of their bytes, which another machine's float rounding could change in a
+    last digit without changing the experiment. (A set on disk keeps its digest; one generated
+    anew by code that records the config digests unlike the same set from older code.)"""
     import hashlib
 
     md5 = hashlib.md5()

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import warnings
 
 import numpy as np
 import pytest
@@ -265,6 +266,57 @@ def test_a_synthetic_set_already_there_must_be_the_one_asked_for(tmp_path, capsy
     with pytest.raises(ValueError, match=rf"data.synthetic.out_dir={root} but data.train_images="
                                          r"data/generated/shapes_tiny/train"):
         prepare_data(load_experiment("tiny", [f"data.synthetic.out_dir={root}"])[0])
+
+
+def _synthetic_paths(root) -> list[str]:
+    return [f"data.synthetic.out_dir={root}", f"data.train_images={root}/train",
+            f"data.train_annotations={root}/annotations/instances_train.json", f"data.val_images={root}/val",
+            f"data.val_annotations={root}/annotations/instances_val.json"]
+
+
+def test_a_synthetic_set_of_another_preset_is_refused_and_one_without_its_config_warned_about(tmp_path):
+    # the tiny preset's set was taken for the default preset's at the same size and counts (only
+    # counts, size and seed were compared), and the Table 2 runner digested both alike
+    from mrcnn_edu.__main__ import prepare_data
+    from mrcnn_edu.ablations import data_digest
+    from mrcnn_edu.recipes import load_experiment
+
+    root, other = tmp_path / "shapes", tmp_path / "default_at_64"
+    paths = _synthetic_paths(root)
+    as_default = [*paths, "data.synthetic.preset=default", "data.synthetic.n_train=12", "data.synthetic.n_val=6",
+                  "data.synthetic.image_size=64"]
+    prepare_data(load_experiment("tiny", paths)[0])  # generates the tiny preset's
+    prepare_data(load_experiment("tiny", paths)[0])  # the same set: nothing to say
+    with pytest.raises(ValueError, match=rf"{root} holds another shapes set: generator config \['crowd_prob', "
+                                         r"'max_objects', 'max_size_frac', 'min_objects', 'min_size_frac', "
+                                         r"'tiny_prob'\] \(asked preset 'default'\)"):
+        prepare_data(load_experiment("tiny", as_default)[0])
+    shapes.generate(str(other), n_train=12, n_val=6, size=64, seed=0, preset="default")
+    assert data_digest("shapes", str(root)) != data_digest("shapes", str(other))
+    # a set from code that did not record its config cannot show which preset made it: kept, said
+    for split in ("train", "val"):
+        spec = root / "annotations" / f"instances_{split}.json"
+        older = json.loads(spec.read_text())
+        del older["info"]["config"]
+        spec.write_text(json.dumps(older))
+    with pytest.warns(UserWarning, match=rf"{root}: its json does not record the generator config"):
+        prepare_data(load_experiment("tiny", paths)[0])
+    with pytest.raises(ValueError, match=r"image_size 64 \(asked 80\)"):  # what it records is still checked
+        prepare_data(load_experiment("tiny", [*paths, "data.synthetic.image_size=80"])[0])
+
+
+def test_warnings_while_generating_the_synthetic_set_reach_the_user(tmp_path, monkeypatch):
+    # every RuntimeWarning was silenced for an empty crowd cluster that render_scene now skips
+    # (default and tiny presets, 300 images each, raise none under -W error::RuntimeWarning)
+    from mrcnn_edu.__main__ import prepare_data
+    from mrcnn_edu.recipes import load_experiment
+
+    def warning_generate(*args, **kwargs):
+        warnings.warn("overflow in a new code path", RuntimeWarning)
+
+    monkeypatch.setattr(shapes, "generate", warning_generate)
+    with pytest.warns(RuntimeWarning, match="overflow in a new code path"):
+        prepare_data(load_experiment("tiny", _synthetic_paths(tmp_path / "shapes"))[0])
 
 
 def test_resume_refuses_another_model_of_the_same_shapes_but_not_other_test_settings(data_dir, tmp_path, capsys):

@@ -385,3 +385,125 @@ def test_sixteen_bit_greyscale_keeps_its_levels_instead_of_saturating(tmp_path):
     (tmp_path / "junk.png").write_text("not an image")
     with pytest.raises(ValueError, match="junk.png cannot be read"):
         load_image(tmp_path / "junk.png")
+
+
+def test_the_json_is_read_as_utf8_whatever_the_platform_default_and_other_bytes_are_named(tmp_path, monkeypatch):
+    # open() without an encoding takes the locale's (cp1252 on Windows): "café" came back as
+    # "cafÃ©", and bytes that are not UTF-8 raised a bare UnicodeDecodeError naming no file
+    import builtins
+
+    import mrcnn_edu.data.coco as coco_module
+
+    path = tmp_path / "utf8.json"
+    path.write_text(json.dumps({"images": [], "categories": [{"id": 1, "name": "café"}]}, ensure_ascii=False),
+                    encoding="utf-8")
+    real_open = builtins.open
+
+    def latin1_locale_open(file, mode="r", *args, encoding=None, **kwargs):
+        if "b" not in mode and encoding is None:
+            encoding = "latin-1"  # what a non-UTF-8 locale gives open() by default
+        return real_open(file, mode, *args, encoding=encoding, **kwargs)
+
+    monkeypatch.setattr(coco_module, "open", latin1_locale_open, raising=False)
+    assert load_coco(str(path)).cats[1]["name"] == "café"
+    monkeypatch.undo()
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(ValueError, match=r"malformed json in .*bin\.json: 'utf-8' codec can't decode"):
+        load_coco(str(tmp_path / "bin.json"))
+
+
+def _one_image_json(**changes) -> dict:
+    """A valid one-image, one-annotation json; ``changes``: ``"images.height": "40"`` etc."""
+    data = {"images": [{"id": 1, "file_name": "a.png", "height": 40, "width": 60}],
+            "categories": [{"id": 1, "name": "thing"}],
+            "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "area": 25.0,
+                             "iscrowd": 0, "segmentation": [[1, 1, 6, 1, 6, 6, 1, 6]]}]}
+    for where, value in changes.items():
+        key, field = where.split(".")
+        data[key][0][field] = value
+    return data
+
+
+@pytest.mark.parametrize("where, value, message", [
+    ("images.height", "40", r"image id 1: height '40' is not a positive integer"),
+    ("images.height", None, r"image id 1: height None is not a positive integer"),
+    ("images.width", 0, r"image id 1: width 0 is not a positive integer"),
+    ("images.width", 60.5, r"image id 1: width 60.5 is not a positive integer"),
+    ("images.id", [1], r"image id \[1\] is not an integer"),
+    ("images.id", True, r"image id True is not an integer"),
+    ("images.file_name", None, r"image id 1: file_name None is not a file name"),
+    ("annotations.image_id", [1], r"annotation id 7 \(image id \[1\]\): image_id \[1\] is not an integer"),
+    ("annotations.category_id", [1], r"annotation id 7 \(image id 1\): category_id \[1\] is not an integer"),
+    ("annotations.id", "7", r"annotation id '7' \(image id 1\): id '7' is not an integer"),
+    ("categories.id", "1", r"category id '1' \('thing'\) is not an integer"),
+])
+def test_fields_of_the_wrong_type_are_named_where_the_json_is_read(tmp_path, where, value, message):
+    # they passed the key check and crashed later with a bare TypeError (a height of None in the
+    # box check, an unhashable id in pycocotools' index) or matched nothing without a word
+    path = tmp_path / "typed.json"
+    path.write_text(json.dumps(_one_image_json(**{where: value})))
+    with pytest.raises(ValueError, match=rf"typed\.json: {message}"):
+        load_coco(str(path))
+
+
+def test_a_malformed_rle_size_is_skipped_and_counted_like_other_bad_segmentations(tmp_path):
+    # list(5) raised a bare TypeError in the constructor; bad segmentations are skipped, by name
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(tmp_path / "img" / "a.png")
+    data = _one_image_json()
+    data["annotations"].append(dict(data["annotations"][0], id=8, segmentation={"counts": [2400], "size": 5}))
+    (tmp_path / "rle.json").write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="bad segmentation"):
+        ds = COCODataset(str(tmp_path / "img"), str(tmp_path / "rle.json"))
+    assert ds.skipped == {"bad segmentation": 1} and ds.ids == [1]
+    assert "annotation id 8 (image id 1): RLE size 5 is not [height, width]" in ds.problems
+    assert len(ds[0][1]["labels"]) == 1  # the good annotation of the image still loads
+    for size in ("40x60", [40], [None, 60], [40, 60, 1]):
+        assert clean_segmentation({"counts": [2400], "size": size}, 40, 60)[1].startswith("RLE size")
+    assert clean_segmentation({"counts": [2400], "size": [40.0, 60.0]}, 40, 60)[1] is None  # as before
+
+
+def test_a_training_set_left_with_no_image_names_the_file_and_why(tmp_path):
+    # it warned, gave len 0, and training stopped later on "the dataset is empty", naming nothing
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(tmp_path / "img" / "a.png")
+    (tmp_path / "flat.json").write_text(json.dumps(_one_image_json(**{"annotations.bbox": [1, 1, 0, 5]})))
+    with pytest.raises(ValueError, match=r"flat\.json: no image is left to train on \(skipped \{'zero-area box': 1, "
+                                         r"'no usable annotations': 1\}\); e\.g\. annotation id 7 \(image id 1\): "
+                                         r"zero-area or malformed bbox \[1, 1, 0, 5\]"):
+        COCODataset(str(tmp_path / "img"), str(tmp_path / "flat.json"))
+    with pytest.warns(UserWarning, match="zero-area box"):  # evaluation keeps the image: a false positive there
+        assert COCODataset(str(tmp_path / "img"), str(tmp_path / "flat.json"), train=False).ids == [1]
+
+
+def test_images_without_a_known_zero_to_one_reading_are_refused_by_name(tmp_path):
+    # a float image read as all zeros; 32-bit levels above 65535 reached the model far above 1
+    from mrcnn_edu.data.coco import read_rgb
+
+    Image.fromarray(np.full((4, 16), 0.5, np.float32)).save(tmp_path / "float.tif")
+    with Image.open(tmp_path / "float.tif") as img:
+        assert img.mode == "F" and not np.asarray(img.convert("RGB")).any()  # what convert made of it
+    with pytest.raises(ValueError, match=r"float\.tif has Pillow mode 'F', which is not read as RGB in \[0, 1\]"):
+        read_rgb(tmp_path / "float.tif")
+    deep = np.array([[0, 1000, 70000, 2_000_000_000]], np.int32)
+    Image.fromarray(deep).save(tmp_path / "deep32.tif")
+    with pytest.raises(ValueError, match=r"deep32\.tif holds levels 0\.\.2000000000 \(Pillow mode 'I'\); "
+                                         r"only 0\.\.65535"):
+        read_rgb(tmp_path / "deep32.tif")
+    within = np.array([[0, 1000, 65535]], np.int32)  # mode "I" that fits 16 bits: read as 16-bit
+    Image.fromarray(within).save(tmp_path / "i16.tif")
+    np.testing.assert_array_equal(read_rgb(tmp_path / "i16.tif")[..., 0],
+                                  within.astype(np.float32) / np.float32(65535.0))
+    # the 8-bit modes convert("RGB") reads exactly still load, in [0, 1]
+    rgb = Image.fromarray(np.arange(4 * 16 * 3, dtype=np.uint8).reshape(4, 16, 3))
+    for mode in ("1", "L", "LA", "P", "RGBA", "CMYK"):
+        rgb.convert(mode).save(tmp_path / f"m{mode}.{'jpg' if mode == 'CMYK' else 'png'}")
+        pixels = read_rgb(tmp_path / f"m{mode}.{'jpg' if mode == 'CMYK' else 'png'}")
+        assert pixels.shape == (4, 16, 3) and 0 <= pixels.min() and pixels.max() <= 1
+    # in a dataset the message names the image id too
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((40, 60), np.float32)).save(tmp_path / "img" / "a.tif")
+    (tmp_path / "f.json").write_text(json.dumps(_one_image_json(**{"images.file_name": "a.tif"})))
+    ds = COCODataset(str(tmp_path / "img"), str(tmp_path / "f.json"))
+    with pytest.raises(ValueError, match=r"a\.tif \(image id 1\) cannot be read: .*mode 'F'"):
+        ds[0]

@@ -213,3 +213,46 @@ def test_negative_counts_and_seeds_are_named_not_written_as_an_empty_split(tmp_p
     with pytest.raises(ValueError, match=f"{argument} must be >= 0, got -1"):
         shapes.generate(str(tmp_path), preset="tiny", **{argument: -1})
     assert not (tmp_path / "annotations" / "instances_train.json").exists()
+
+
+def test_a_run_killed_while_replacing_a_set_leaves_it_unfinished_not_mislabelled(tmp_path, monkeypatch):
+    """Regenerating over a finished set and killed after three images: the old jsons stayed and
+    described the new PNGs, and the folder loaded as a finished set."""
+    root, clean = str(tmp_path / "set"), str(tmp_path / "clean")
+    shapes.generate(root, seed=5, preset="tiny")
+    shapes.generate(clean, seed=6, preset="tiny")
+    real_write_image, written = shapes._write_image, []
+
+    def killed_after_three(job):
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        written.append(job)
+        return real_write_image(job)
+
+    monkeypatch.setattr(shapes, "_write_image", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        shapes.generate(root, seed=6, preset="tiny")
+    monkeypatch.undo()
+    left = _files(root)
+    # three new PNGs over the old ones, and no json: not marked finished, so callers regenerate
+    assert not [name for name in left if name.startswith("annotations/")]
+    assert [left[f"train/{i:06d}.png"] == _files(clean)[f"train/{i:06d}.png"] for i in range(4)] \
+        == [True, True, True, False]
+    shapes.generate(root, seed=6, preset="tiny")
+    assert _files(root) == _files(clean)
+
+
+def test_the_json_records_the_generator_config_so_presets_differ_at_the_same_size_and_counts(tmp_path):
+    # only seed, split and version were recorded: the tiny preset's set and the default preset's
+    # at 64 px and 12 / 6 images looked the same to every check
+    tiny = shapes.generate(str(tmp_path / "tiny"), seed=0, preset="tiny")
+    default = shapes.generate(str(tmp_path / "default"), n_train=12, n_val=6, size=64, seed=0, preset="default")
+    infos = {}
+    for name, paths in (("tiny", tiny), ("default", default)):
+        for split in shapes.SPLITS:
+            infos[name, split] = _coco(paths[split]).dataset["info"]
+    expected_default = replace(shapes.default_config(), image_size=64, n_train=12, n_val=6)
+    for split in shapes.SPLITS:
+        assert infos["tiny", split]["config"] == {**vars(shapes.tiny_config()), "tiny_size": [8.0, 14.0]}
+        assert infos["default", split]["config"] == {**vars(expected_default), "tiny_size": [8.0, 14.0]}
+    assert infos["tiny", "val"]["config"]["max_objects"] == 3 != infos["default", "val"]["config"]["max_objects"]

@@ -22,11 +22,13 @@ horizontal flip is exactly ``x' = W - x``. ``evaluation.py`` subtracts the offse
 writes results. Unlabelled keypoints (v = 0) are (0, 0, 0). Instances of categories without
 keypoints get all-zero keypoints.
 
-Bad input: malformed json, a missing image or a mismatched image size raise a message naming
-the file and image id; bad annotations (unknown image or category id, zero-area box, degenerate
-polygon, wrong keypoint count) are skipped, counted in ``skipped`` and summarised in one
+Bad input: malformed json (not UTF-8, or an id, file name or image size of the wrong type), a
+missing or unreadable image or a mismatched image size raise a message naming the file and
+image id; bad annotations (unknown image or category id, zero-area box, degenerate polygon,
+malformed RLE, wrong keypoint count) are skipped, counted in ``skipped`` and summarised in one
 warning, so they never stop a long training run. In training mode (``train=True``) images
-without a usable annotation are skipped and counted too. Masks are decoded per item, lazily.
+without a usable annotation are skipped and counted too, and a json left with no image to train
+on is an error naming the first reasons. Masks are decoded per item, lazily.
 """
 
 from __future__ import annotations
@@ -57,9 +59,10 @@ def load_coco(ann_file: str) -> COCO:
     if not os.path.isfile(ann_file):
         raise FileNotFoundError(f"annotation file not found: {ann_file}")
     try:
-        with open(ann_file) as f:
+        # json is UTF-8 (RFC 8259); the platform's default (cp1252 on Windows) would misread names
+        with open(ann_file, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"malformed json in {ann_file}: {err}") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(f"{ann_file} is not a COCO json (needs an 'images' list)")
@@ -76,6 +79,7 @@ def load_coco(ann_file: str) -> COCO:
         for entry in data[key]:
             if not isinstance(entry, dict) or not needs <= entry.keys():
                 raise ValueError(f"{ann_file}: {what} entry {entry!r:.120} lacks {'/'.join(sorted(needs))}")
+    _check_field_types(data, ann_file)
     # pycocotools indexes by id, one entry per id: a repeated id silently hands one entry's
     # segmentation to another's image (and mis-scores COCOeval)
     for key in ("images", "annotations", "categories"):
@@ -87,6 +91,36 @@ def load_coco(ann_file: str) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
     return coco
+
+
+def _is_int(value) -> bool:
+    """A json integer (``true`` is an int to Python, not to COCO)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_field_types(data: dict, ann_file: str) -> None:
+    """ValueError naming the file and the entry's id for a field of the wrong type that
+    pycocotools or the loader would otherwise trip over later with a bare TypeError: ids are
+    integers (``[1]`` cannot index, ``"1"`` matches no image), ``file_name`` a string, the
+    image's ``height`` / ``width`` positive integers (masks are decoded at that size)."""
+    for img in data["images"]:
+        if not _is_int(img["id"]):
+            raise ValueError(f"{ann_file}: image id {img['id']!r} is not an integer")
+        if not isinstance(img["file_name"], str) or not img["file_name"]:
+            raise ValueError(f"{ann_file}: image id {img['id']}: file_name {img['file_name']!r} "
+                             "is not a file name")
+        for side in ("height", "width"):
+            if not (_is_int(img[side]) and img[side] > 0):
+                raise ValueError(f"{ann_file}: image id {img['id']}: {side} {img[side]!r} "
+                                 "is not a positive integer")
+    for ann in data["annotations"]:
+        for key in ("id", "image_id", "category_id"):
+            if not _is_int(ann[key]):
+                raise ValueError(f"{ann_file}: annotation id {ann['id']!r} (image id {ann['image_id']!r}): "
+                                 f"{key} {ann[key]!r} is not an integer")
+    for cat in data["categories"]:
+        if not _is_int(cat["id"]):
+            raise ValueError(f"{ann_file}: category id {cat['id']!r} ({cat['name']!r}) is not an integer")
 
 
 _SIDES = {"left": "right", "right": "left", "l": "r", "r": "l"}
@@ -203,8 +237,12 @@ def clean_segmentation(segm, h: int, w: int) -> tuple[object | None, str | None]
             return None, "degenerate polygon (< 3 points)"
         return polys, None
     if isinstance(segm, dict) and "counts" in segm and "size" in segm:
-        if list(segm["size"]) != [h, w]:
-            return None, f"RLE size {segm['size']} != image size {[h, w]}"
+        size = segm["size"]
+        if not (isinstance(size, (list, tuple)) and len(size) == 2
+                and all(_coordinate(v, math.inf) for v in size)):  # e.g. 5: list(5) raised TypeError
+            return None, f"RLE size {size!r} is not [height, width]"
+        if list(size) != [h, w]:
+            return None, f"RLE size {size} != image size {[h, w]}"
         counts = segm["counts"]
         try:  # pycocotools decodes a corrupt RLE into uninitialised memory: check the runs first
             runs = rle_counts(counts.decode() if isinstance(counts, bytes) else counts) if isinstance(
@@ -229,24 +267,40 @@ def decode_mask(segm, h: int, w: int) -> np.ndarray:
     return mask_utils.decode(rle)
 
 
-
 # Pillow's modes for one 16-bit channel (a 16-bit greyscale PNG opens as one of them); its
-# convert("RGB") clips these to 8 bits, so every pixel above 255 would read as white
+# convert("RGB") clips these to 8 bits, so every pixel above 255 would read as white. "I" is
+# 32-bit signed: read only where its values fit in 16 bits (Pillow opens 16-bit PNGs so)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# 8-bit modes convert("RGB") turns into 0..255 RGB as a viewer shows them: bilevel, greyscale,
+# palette, colour, CMYK (JPEG), with or without alpha (dropped). Others -- "F" (float:
+# convert("RGB") makes it all zeros), LAB, HSV, signed 16-bit -- are refused by name
+_EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
 
 
 def read_rgb(path: str | os.PathLike, upright: bool = False) -> np.ndarray:
     """The image at ``path`` as (H, W, 3) float32 in [0, 1]: 8-bit images ÷ 255, 16-bit
-    greyscale ÷ 65535 (repeated over the three channels), everything else via RGB.
-    ``upright``: apply the file's EXIF orientation, as viewers do (not for a dataset whose
-    annotations are of the stored pixels)."""
+    greyscale ÷ 65535 (repeated over the three channels). ``upright``: apply the file's EXIF
+    orientation, as viewers do (not for a dataset whose annotations are of the stored pixels).
+
+    ValueError naming the file for a mode without a known [0, 1] reading (``_EIGHT_BIT_MODES``
+    and ``_SIXTEEN_BIT_MODES`` are read): a float image, or 32-bit integers beyond 0..65535,
+    would otherwise reach the model as all zeros or far outside [0, 1]."""
     with Image.open(path) as img:
         if upright:
             img = ImageOps.exif_transpose(img)
         if img.mode in _SIXTEEN_BIT_MODES:
-            grey = np.asarray(img).astype(np.float32) / np.float32(65535.0)  # (H, W)
+            levels = np.asarray(img)  # (H, W)
+            if levels.size and (levels.min() < 0 or levels.max() > 65535):
+                raise ValueError(f"image file {path} holds levels {levels.min()}..{levels.max()} "
+                                 f"(Pillow mode {img.mode!r}); only 0..65535 (16-bit) is read")
+            grey = levels.astype(np.float32) / np.float32(65535.0)  # (H, W)
             return np.repeat(grey[:, :, None], 3, axis=2)
+        if img.mode not in _EIGHT_BIT_MODES:
+            raise ValueError(f"image file {path} has Pillow mode {img.mode!r}, which is not read as RGB "
+                             f"in [0, 1] (modes read: {', '.join(_EIGHT_BIT_MODES + _SIXTEEN_BIT_MODES)}); "
+                             "convert it to 8-bit RGB or 16-bit greyscale")
         return np.asarray(img.convert("RGB")).astype(np.float32) / np.float32(255.0)
+
 
 class COCODataset(Dataset):
     def __init__(self, image_dir: str, ann_file: str, transforms: Callable | None = None,
@@ -281,6 +335,10 @@ class COCODataset(Dataset):
         self._segmentation: dict[int, object] = {}  # ann id -> cleaned, only where it changed
         self._anns = self._check_annotations()
         self.ids = self._select_images()
+        if train and not self.ids:  # else training stops later on "the dataset is empty", naming nothing
+            reasons = "; ".join(self.problems[:5]) or "it lists no images"
+            raise ValueError(f"{ann_file}: no image is left to train on (skipped {dict(self.skipped)}); "
+                             f"e.g. {reasons}")
         if self.skipped:
             warnings.warn(f"{ann_file}: skipped {dict(self.skipped)}; e.g. "
                           + "; ".join(self.problems[:5]), stacklevel=2)
@@ -383,7 +441,7 @@ class COCODataset(Dataset):
             raise FileNotFoundError(f"image file {path} (image id {image_id}) not found")
         try:
             pixels = read_rgb(path)
-        except OSError as err:  # not an image, empty, truncated
+        except (OSError, ValueError) as err:  # not an image, empty, truncated; a mode we cannot read
             raise ValueError(f"image file {path} (image id {image_id}) cannot be read: {err}") from err
         if pixels.shape[:2] != (info["height"], info["width"]):
             raise ValueError(f"image file {path} (image id {image_id}) is {pixels.shape[:2]}, "

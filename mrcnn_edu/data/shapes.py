@@ -34,13 +34,21 @@ COCO's pixel-index convention: a keypoint at continuous position ``x`` (pixel ``
 
 Determinism: image ``j`` of split ``s`` draws from ``numpy.random.default_rng([seed, s, j])``;
 PNGs are written by PIL with fixed parameters and the json with sorted keys and rounded floats,
-so the same arguments give byte-identical files.
+so the same arguments give byte-identical files with the same numpy and Pillow versions on the
+same machine (numpy keeps a generator's stream, and Pillow its resampling, only within a build;
+another build may change a pixel or a json digit here and there). Each json's ``info`` records
+what made it -- generator version, seed and the whole ``ShapesConfig`` -- so a reader can tell
+two sets apart without comparing pixels.
 
 Crash- and race-safety: every file is written under a temporary name and renamed into place, and
-``instances_val.json`` is written last, so its presence means the whole set is there. A killed
-generation leaves no half-written PNG or json (the next run starts again), and two processes
-that generate the same set at once (two trainings started side by side) write the same bytes and
-never read half a file of the other's.
+``instances_val.json`` is written last, so its presence means the whole set is there. Before the
+first image, both jsons of a set already in the folder are deleted (val first): its PNGs are
+about to be replaced, and an old json must not describe new pixels. So a killed generation
+leaves no half-written PNG or json and no set that looks finished (the next run starts again),
+and two processes that generate the same set at once (two trainings started side by side) write
+the same bytes and never read half a file of the other's. (The trade-off: one that starts just
+as its twin finishes removes the twin's jsons until it writes them again; a training opening
+them in that moment stops on a missing file, never trains on other data.)
 
 Usage: ``python -m mrcnn_edu.data.shapes --out data/generated/shapes --train 4000 --val 500
 --size 192 --seed 0 [--preset default|tiny]``.
@@ -49,11 +57,12 @@ Usage: ``python -m mrcnn_edu.data.shapes --out data/generated/shapes --train 400
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import multiprocessing
 import os
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -386,6 +395,7 @@ def generate(out_dir: str, n_train: int | None = None, n_val: int | None = None,
     Arguments left as None come from the preset (or ``config``); ``workers`` > 1 renders in
     parallel processes with identical output. Returns split -> json path. Each file appears
     whole or not at all, ``instances_val.json`` last: callers test it to skip a finished set.
+    A set already in ``out_dir`` loses both jsons before the first image is replaced.
     """
     if config is None:
         if preset not in PRESETS:
@@ -400,6 +410,7 @@ def generate(out_dir: str, n_train: int | None = None, n_val: int | None = None,
             raise ValueError(f"{name} must be >= 0, got {value}")
     cat_ids = {c["name"]: c["id"] for c in categories()}
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
+    _unmark_finished(out_dir)
     paths = {}
     for split, count in (("train", cfg.n_train), ("val", cfg.n_val)):
         os.makedirs(os.path.join(out_dir, split), exist_ok=True)
@@ -416,11 +427,20 @@ def generate(out_dir: str, n_train: int | None = None, n_val: int | None = None,
                 anns.append(ann)
             images.append(image)
         data = {"info": {"description": f"mrcnn_edu synthetic shapes, seed {seed}, split {split}",
-                         "generator_version": GENERATOR_VERSION},
+                         "generator_version": GENERATOR_VERSION, "config": asdict(cfg)},
                 "licenses": [], "categories": categories(), "images": images, "annotations": anns}
         paths[split] = os.path.join(out_dir, "annotations", f"instances_{split}.json")
         _write_atomically(paths[split], json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
     return paths
+
+
+def _unmark_finished(out_dir: str) -> None:
+    """Delete ``out_dir``'s ``instances_val.json`` (the mark of a finished set), then
+    ``instances_train.json``: a run killed while it replaces a set's PNGs must not leave the old
+    annotations over new pixels, looking finished."""
+    for split in ("val", "train"):  # val first: a kill between the two leaves no finished set
+        with contextlib.suppress(FileNotFoundError):  # none there, or a twin process took it
+            os.remove(os.path.join(out_dir, "annotations", f"instances_{split}.json"))
 
 
 def _write_atomically(path: str, data: bytes) -> None:

@@ -6,7 +6,9 @@ IoU." §5 reports keypoint AP (OKS-based) the same way.
 
 Predictions, per image id: {"boxes" (N, 4) xyxy in *original* image pixels, "labels" (N,)
 contiguous 1..K, "scores" (N,), "masks" (N, 1, H, W) or (N, H, W) float probabilities
-(binarised at > 0.5) or bool, "keypoints" (N, Kp, 3) continuous (x, y, v)}.
+(binarised at > 0.5) or bool, "keypoints" (N, Kp, 3) continuous (x, y, score): the model's
+third column is the heatmap's peak logit, written to the json where COCO puts v (COCOeval
+reads only x and y of a detection)}.
 
 Conversions: boxes xyxy -> COCO xywh; labels -> category ids with ``label_to_cat_id``
 (default: the sorted category ids of ``coco_gt``, as ``COCODataset`` numbers them); masks ->

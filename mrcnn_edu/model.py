@@ -106,7 +106,8 @@ class MaskRCNN(nn.Module):
         if self.training and targets is None:
             raise ValueError("targets are required in training mode: model(images, targets)")
         _check_images(images, targets, self.cfg.num_classes, self.mask_head is not None,
-                      None if self.keypoint_head is None else self.cfg.keypoint_head.num_keypoints)
+                      None if self.keypoint_head is None else self.cfg.keypoint_head.num_keypoints,
+                      training=self.training)
         original_sizes = [tuple(im.shape[-2:]) for im in images]
         batch, image_sizes, targets, scales = self.preprocess(images, targets)
         feature_maps = self.backbone(batch)
@@ -196,7 +197,8 @@ class MaskRCNN(nn.Module):
     # --- the keypoint branch (§5) --------------------------------------------------------------
 
     def keypoint_loss(self, roi_features: list[Tensor], positives: PositiveRoIs, targets: list[dict]) -> Tensor:
-        """§5: cross-entropy over an m²-way softmax per visible keypoint, on the positive RoIs.
+        """§5: cross-entropy over an m²-way softmax per labelled keypoint (v > 0, as in
+        torchvision and Detectron), on the positive RoIs.
 
         A RoI whose object has no labelled keypoint (other categories, unannotated people) has
         no valid target and adds nothing to the mean: the loss is torchvision's. It is still
@@ -257,10 +259,11 @@ class MaskRCNN(nn.Module):
 
 
 def _check_images(images: list[Tensor], targets: list[dict] | None, num_classes: int,
-                  with_masks: bool = False, num_keypoints: int | None = None) -> None:
+                  with_masks: bool = False, num_keypoints: int | None = None, training: bool = False) -> None:
     """Shapes per image (no host read); box coordinates and labels 1..K for the whole batch in
     one host read -- a label out of range would otherwise be an index error deep in a loss, or a
-    device-side assert that kills the process on a GPU. Per image only to name the culprit."""
+    device-side assert that kills the process on a GPU. Per image only to name the culprit.
+    ``training``: the heads' losses need every target's ``masks`` / ``keypoints``."""
     if not isinstance(images, (list, tuple)) or len(images) == 0:
         raise ValueError("images must be a non-empty list of (3, H, W) float tensors in [0, 1]")
     for i, image in enumerate(images):
@@ -290,6 +293,11 @@ def _check_images(images: list[Tensor], targets: list[dict] | None, num_classes:
                 and tuple(t["keypoints"].shape) != (num_gt, num_keypoints, 3):
             raise ValueError(f"targets[{i}]['keypoints'] must be (G, Kp, 3) = {(num_gt, num_keypoints, 3)}, "
                              f"got {tuple(t['keypoints'].shape)}")
+        for key, needed, hint in (("masks", with_masks, "with_masks=True"),
+                                  ("keypoints", num_keypoints is not None, "with_keypoints=True")):
+            if training and needed and key not in t:
+                raise ValueError(f"targets[{i}] has no '{key}', which the model's {key[:-1]} head trains on "
+                                 f"(a COCODataset gives them with {hint}); has {sorted(t)}")
     boxes, labels = torch.cat([t["boxes"] for t in targets]), torch.cat([t["labels"] for t in targets])
     if boxes.numel() == 0:
         return

@@ -52,6 +52,7 @@ pooled from a different level.
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 from torch import Tensor
@@ -288,4 +289,11 @@ def load_torchvision_keypointrcnn(state_dict: dict[str, Tensor], cfg: MaskRCNNCo
     elif cfg.num_classes != num_classes or cfg.keypoint_head is None:
         raise ValueError(f"cfg must have a keypoint head and num_classes={num_classes} (the state dict's), "
                          f"got num_classes={cfg.num_classes}, keypoint_head={cfg.keypoint_head}")
+    elif cfg.keypoint_head.coordinate_offset != TORCHVISION_KEYPOINT_OFFSET:
+        # right for fine-tuning on pixel centres; for using the weights as they are, half a pixel off
+        warnings.warn(f"cfg.keypoint_head.coordinate_offset is {cfg.keypoint_head.coordinate_offset}, not "
+                      f"{TORCHVISION_KEYPOINT_OFFSET}: these weights place keypoints at COCO's raw pixel indices, so "
+                      f"as they are their keypoints come out {TORCHVISION_KEYPOINT_OFFSET} px up and left of "
+                      f"what torchvision's evaluation gives them (torchvision_keypointrcnn_config sets it)",
+                      stacklevel=2)
     return _load(MaskRCNN(cfg), state_dict, what)

@@ -245,11 +245,15 @@ def test_bad_input_gets_a_clear_error():
         cfg.anchors.sizes = ((32,),)
         MaskRCNN(cfg)
     model.train()
-    good = {"boxes": torch.tensor([[2.0, 2.0, 20.0, 30.0]]), "labels": torch.tensor([1])}
+    good = {"boxes": torch.tensor([[2.0, 2.0, 20.0, 30.0]]), "labels": torch.tensor([1]),
+            "masks": torch.zeros(1, 64, 64, dtype=torch.uint8)}
+    # the mask head trains on every target's masks: without them, a KeyError deep in its loss
+    with pytest.raises(ValueError, match=r"targets\[1\] has no 'masks'.*with_masks=True"):
+        model([torch.rand(3, 64, 64)] * 2, [good, {"boxes": good["boxes"], "labels": good["labels"]}])
     for bad_box, message in (([5.0, 2.0, 1.0, 30.0], "negative size"),
                              ([2.0, float("nan"), 20.0, 30.0], "non-finite"),
                              ([30.0, 10.0, 30.0, 40.0], "zero-area")):  # IoU 0 with any box: unlearnable
-        bad = {"boxes": torch.tensor([bad_box]), "labels": torch.tensor([1])}
+        bad = {**good, "boxes": torch.tensor([bad_box])}
         # the image holding the bad box is named, whichever position it has in the batch
         with pytest.raises(ValueError, match=rf"targets\[1\]\['boxes'\].*{message}"):
             model([torch.rand(3, 64, 64)] * 2, [good, bad])
@@ -257,7 +261,7 @@ def test_bad_input_gets_a_clear_error():
     # assert on a GPU), 0 is the background, and a float label is a probability to cross_entropy
     for labels, message in (([3], r"\[3\]: class ids run 1..2"), ([0], r"\[0\]: class ids run 1..2"),
                             ([-1], r"\[-1\]"), ([1.0], "integer"), ([1, 2], r"must be \(1,\)")):
-        bad = {"boxes": good["boxes"], "labels": torch.tensor(labels)}
+        bad = {**good, "labels": torch.tensor(labels)}
         with pytest.raises(ValueError, match=rf"targets\[1\]\['labels'\].*{message}"):
             model([torch.rand(3, 64, 64)] * 2, [good, bad])
     masks = torch.zeros(1, 32, 32, dtype=torch.uint8)  # half the image's size: the wrong pixels
@@ -269,6 +273,11 @@ def test_bad_input_gets_a_clear_error():
     with pytest.raises(ValueError, match=r"targets\[0\]\['keypoints'\].*\(1, 5, 3\)"):
         keypoint_model([torch.rand(3, 64, 64)], [{**good, "masks": torch.zeros(1, 64, 64, dtype=torch.uint8),
                                                    "keypoints": torch.zeros(1, 17, 3)}])
+    # a dataset loaded without keypoints (COCODataset's with_keypoints=False)
+    with pytest.raises(ValueError, match=r"targets\[0\] has no 'keypoints'.*with_keypoints=True"):
+        keypoint_model([torch.rand(3, 64, 64)], [good])
+    keypoint_model.eval()  # inference reads no target
+    assert len(keypoint_model([torch.rand(3, 64, 64)], [good])) == 1
 
 
 def test_inference_under_bf16_autocast_returns_fp32_masks():

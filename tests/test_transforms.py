@@ -76,6 +76,15 @@ def test_flipping_keypoints_without_a_flip_map_is_an_error_not_a_silent_identity
     assert torch.equal(identity[..., 1], target["keypoints"][..., 1])
 
 
+@pytest.mark.parametrize("flip_map", [[(1, 2), (2, 3)],  # type 2 in two pairs: would duplicate type 3
+                                      [(1, 17)], [(1,)],  # out of range; not a pair
+                                      [1, 2, 0] + list(range(3, 17))])  # a cycle: flipping twice is no identity
+def test_a_flip_map_that_does_not_undo_itself_is_refused(flip_map):
+    image, target = _example()
+    with pytest.raises(ValueError, match="flip_map"):
+        hflip(image, target, flip_map)
+
+
 def test_flip_agrees_with_torchvision_on_boxes():
     F = pytest.importorskip("torchvision.transforms.v2.functional")
     tv_tensors = pytest.importorskip("torchvision.tv_tensors")

@@ -29,6 +29,8 @@ strides, resize, postprocess and mask paste) alone on non-square images.
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -248,6 +250,9 @@ def _pair_boxes(mine: torch.Tensor, their: torch.Tensor, forbidden: torch.Tensor
         best = int(row.argmin())
         assert row[best] < tolerance, f"no torchvision box within {tolerance} px of ours (nearest {float(row[best])})"
         partner.append(best)
+    if partner:  # the margin a GPU run leaves under its tolerance (the parity phase runs with -s)
+        largest = float(box_error[torch.arange(len(partner)), torch.tensor(partner)].max())
+        print(f"boxes on {mine.device.type}: largest error {largest:.2e} px (tolerance {tolerance})")
     return partner
 
 
@@ -524,4 +529,18 @@ def test_loader_with_a_given_cfg_names_head_convs_it_has_no_place_for():
     state = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
     cfg = torchvision_keypointrcnn_config(keypoint_conv_dims=(512,) * 7)  # theirs has 8
     with pytest.raises(ValueError, match=r"unexpected .*roi_heads\.keypoint_head\.14\.weight"):
+        load_torchvision_keypointrcnn(state, cfg=cfg)
+
+
+def test_loading_torchvision_keypoints_into_a_cfg_without_their_half_pixel_warns():
+    """torchvision's keypoint weights learned raw COCO indices: a cfg that does not add the 0.5
+    back (a user's own, say ``keypoint_r50_fpn``'s) would put every keypoint half a pixel off."""
+    torch.manual_seed(0)
+    state = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    cfg = torchvision_keypointrcnn_config()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_torchvision_keypointrcnn(state, cfg=cfg)  # its own config: no warning
+    cfg.keypoint_head.coordinate_offset = 0.0
+    with pytest.warns(UserWarning, match="coordinate_offset is 0.0, not 0.5"):
         load_torchvision_keypointrcnn(state, cfg=cfg)

@@ -189,20 +189,30 @@ def _flip_permutation(flip_map, num_keypoints: int) -> list[int]:
 
     There is no default: mirroring a person turns the left eye into a right eye, so a missing
     map would teach the keypoint head the wrong side without a word. Types with no sides
-    pass the identity (``list(range(K))``) explicitly.
+    pass the identity (``list(range(K))``) explicitly. The map must undo itself (flipping twice
+    is no flip): pairs that share a type, or a cycle such as ``[1, 2, 0]``, would silently
+    duplicate, drop or rotate keypoint types.
     """
     if flip_map is None:
         raise ValueError(f"hflip: the targets carry {num_keypoints} keypoint types but no flip_map was "
                          "given; pass the dataset's keypoint_flip_map (the identity if no type has a side)")
-    flip_map = list(flip_map)
-    if flip_map and isinstance(flip_map[0], (tuple, list)):
+    given = list(flip_map)
+    perm = given
+    if given and isinstance(given[0], (tuple, list)):
         perm = list(range(num_keypoints))
-        for i, j in flip_map:
+        for pair in given:
+            if len(pair) != 2 or not all(_is_index(k, num_keypoints) for k in pair):
+                raise ValueError(f"flip_map pairs must be (i, j) with 0 <= i, j < {num_keypoints}, got {given}")
+            i, j = pair
             perm[i], perm[j] = j, i
-        return perm
-    if sorted(flip_map) != list(range(num_keypoints)):
-        raise ValueError(f"flip_map must be a permutation of range({num_keypoints}), got {flip_map}")
-    return flip_map
+    if sorted(perm) != list(range(num_keypoints)) or any(perm[j] != i for i, j in enumerate(perm)):
+        raise ValueError(f"flip_map must be a permutation of range({num_keypoints}) that is its own inverse "
+                         f"(left <-> right pairs, the rest fixed), got {given}")
+    return perm
+
+
+def _is_index(k, size: int) -> bool:
+    return isinstance(k, int) and not isinstance(k, bool) and 0 <= k < size
 
 
 def hflip(image: torch.Tensor, target: dict | None, flip_map=None

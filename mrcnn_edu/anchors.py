@@ -12,10 +12,15 @@ Notation: ``A`` anchors per cell, ``(H, W)`` a feature map's size, ``s`` its str
 An anchor of size ``S`` and ratio ``r = height / width`` has area ``S**2``:
 ``w = S / sqrt(r)``, ``h = S * sqrt(r)``.
 
-Where a cell's anchors sit (the half pixel that matters): cell ``(i, j)`` of a stride-``s`` map
-sees image pixels ``[j*s, (j+1)*s)`` horizontally (pixel ``i`` covers ``[i, i+1)``, see
-``boxes.py``), so its centre is ``((j + 0.5) * s, (i + 0.5) * s)`` -- ``offset=0.5``, our
-default. Elsewhere:
+Where a cell's anchors sit: a stride-``s`` map is read as the image downsampled in ``s x s``
+blocks, cell ``(i, j)`` standing for pixels ``[j*s, (j+1)*s)`` horizontally (pixel ``i`` covers
+``[i, i+1)``, see ``boxes.py``), so its anchors are centred at ``((j + 0.5) * s, (i + 0.5) * s)``
+-- ``offset=0.5``, our default. RoIAlign's half-pixel shift (``aligned=True``, ``ops/roi_align.py``)
+reads a map the same way, so anchors and pooling agree on where a cell is. It is a convention,
+not the cell's receptive field: the ResNet's convolutions and max-pool pad by ``k // 2``, which
+centres cell ``j``'s receptive field on pixel ``j*s``, at ``j*s + 0.5``, ``(s - 1) / 2`` px
+up-left of its anchors (7.5 px at stride 16). The box regression learns a constant shift like
+that one; the conventions below differ from ours by such shifts. Elsewhere:
 
 - torchvision puts anchor centres at the cell's top-left corner ``(j*s, i*s)`` and rounds cell
   anchors to whole pixels: ``offset=0.0, round_cell=True`` reproduce its anchors exactly,

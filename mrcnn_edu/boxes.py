@@ -16,8 +16,9 @@ for both the RPN and the box branch (§3 "Implementation details"):
 ``tx = (x - xa) / wa, ty = (y - ya) / ha, tw = log(w / wa), th = log(h / ha)``
 where ``(x, y, w, h)`` is a box's centre and size and ``a`` denotes the anchor / proposal.
 
-NMS here is the greedy algorithm written so that one can read it; it matches
-``torchvision.ops.nms`` exactly (kept indices in decreasing score, ties broken by index).
+NMS here is the greedy algorithm written so that one can read it; it keeps what
+``torchvision.ops.nms`` keeps (kept indices in decreasing score, ties broken by index) except
+when an IoU equals the threshold: see :func:`nms`.
 """
 from __future__ import annotations
 
@@ -313,6 +314,14 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     Visit boxes by decreasing score; keep a box unless it overlaps an already *kept* box with
     IoU strictly greater than ``iou_threshold``. Equal scores are visited in index order (a
     stable sort), as ``torchvision.ops.nms`` does; the result is in visiting order.
+
+    An IoU exactly at the threshold does not suppress. The IoU is computed in the boxes' dtype
+    and compared with the threshold in that dtype, so for whole-pixel boxes (exact areas, one
+    rounded division) such a tie is decided as exact arithmetic decides it. torchvision compares
+    the float32 IoU with the threshold as a double instead: where float32 rounds the threshold
+    up (0.3, 0.4, 0.6), boxes ``[0, 0, 10, 10]`` and ``[0, 0, 10, 3]`` (IoU 30 / 100) are both
+    kept here and the second suppressed there. The package's thresholds, 0.7 and 0.5, round
+    down or not at all, and there the two agree.
 
     The O(N^2) part, every pairwise IoU, is one tensor operation on the boxes' device. What
     is left is inherently sequential -- each decision depends on the earlier ones

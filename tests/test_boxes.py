@@ -212,6 +212,21 @@ def test_batched_nms_suppresses_only_within_a_category():
         assert got.tolist() == want, f"case {case}"
 
 
+def test_an_iou_exactly_at_the_threshold_does_not_suppress():
+    # whole-pixel boxes whose IoU is exactly the threshold: 30 / 100, 50 / 100, 70 / 100
+    for thr, height in ((0.3, 3.0), (0.5, 5.0), (0.7, 7.0)):
+        boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, height]])
+        scores = torch.tensor([0.9, 0.8])
+        assert nms_ref(boxes.tolist(), scores.tolist(), thr) == [0, 1]  # float64: 0.3 > 0.3 is false
+        assert nms(boxes, scores, thr).tolist() == [0, 1]
+        assert batched_nms(boxes, scores, torch.zeros(2, dtype=torch.int64), thr).tolist() == [0, 1]
+        if torchvision is not None:
+            # torchvision compares the float32 IoU with the double threshold: 0.3 rounds up in
+            # float32, so there it suppresses (nms's docstring); 0.5 and 0.7 do not
+            expected = [0] if thr == 0.3 else [0, 1]
+            assert torchvision.ops.nms(boxes, scores, thr).tolist() == expected
+
+
 @pytest.mark.skipif(torchvision is None, reason="torchvision not importable")
 def test_nms_agrees_with_torchvision():
     g = torch.Generator().manual_seed(0)

@@ -53,11 +53,14 @@ def test_host_to_device_on_cuda_is_queued_without_a_sync():
     assert queued.is_cuda and torch.equal(queued.cpu(), host * 2) and torch.equal(plain, queued)
 
 
-# batch_mask_targets reads one value on purpose: whether any matched index is out of range
+# batch_mask_targets checks its indices on the CPU only (mask_head._check_values); its RoIAlign
+# (adaptive sampling) reads the RoIs' grid sizes once in the PyTorch path, not in the CuPy kernel
 @cuda
-@pytest.mark.parametrize("name, expected", [("pad_rows", 0), ("boxes_to_rois", 0), ("size_ratios", 0),
-                                            ("normalize", 0), ("batch_mask_targets", 1)])
-def test_host_built_tensors_reach_the_gpu_without_a_sync(name, expected):
+@pytest.mark.parametrize("name", ["pad_rows", "boxes_to_rois", "size_ratios", "normalize", "batch_mask_targets"])
+def test_host_built_tensors_reach_the_gpu_without_a_sync(name):
+    from mrcnn_edu.ops.roi_align import cupy_available
+
+    expected = 1 if name == "batch_mask_targets" and not cupy_available() else 0
     on_cpu = _host_built_cases("cpu")[name]()
     call = _host_built_cases("cuda")[name]
     call()  # the first call may initialise kernels and the pinned-memory pool

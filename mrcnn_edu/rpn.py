@@ -36,6 +36,10 @@ from .anchors import AnchorGenerator
 from .boxes import BoxCoder, box_iou, clip_boxes, large_boxes_mask, nms_in_images, pad_boxes
 from .matching import BACKGROUND, BalancedSampler, Matcher
 
+# rpn_targets matches at most this many (image, box, anchor) triples at once: box_iou and the
+# matcher hold ~32 bytes of temporaries per triple, so ~1 GB (as boxes.NMS_PAIRS_PER_CHUNK)
+RPN_PAIRS_PER_CHUNK = 2 ** 25
+
 __all__ = [
     "RPNConfig", "fpn_rpn_config", "c4_rpn_config", "RPNHead", "rpn_targets", "rpn_loss",
     "select_proposals", "RPN", "rpn_state_dict_from_torchvision",
@@ -138,11 +142,19 @@ def rpn_targets(anchors: Tensor, gt_boxes: Tensor, matcher: Matcher, box_coder: 
     positives, zeros elsewhere -- only positives enter the loss).
 
     ``gt_boxes: (B, G, 4)`` (``boxes.pad_boxes``: images with fewer boxes padded with empty ones)
-    -> ``(B, N_a)``, ``(B, N_a, 4)``: every image at once, in as many ops as one.
+    -> ``(B, N_a)``, ``(B, N_a, 4)``: every image at once, in as many ops as one -- or, where
+    ``B x G x N_a`` IoUs would pass ``RPN_PAIRS_PER_CHUNK`` (one crowded image pads every other
+    to its ``G``: COCO at 800 px has ~270k anchors and up to ~90 boxes an image), a few images at
+    a time, which bounds the IoU's temporaries at about a GB.
     """
     if gt_boxes.dim() not in (2, 3) or gt_boxes.shape[-1] != 4:
         raise ValueError(f"gt_boxes must have shape (G, 4) or (B, G, 4), got {tuple(gt_boxes.shape)}")
     gt_boxes = gt_boxes.to(anchors)
+    if gt_boxes.dim() == 3:
+        per_chunk = max(1, RPN_PAIRS_PER_CHUNK // max(1, gt_boxes.shape[1] * anchors.shape[0]))
+        if per_chunk < gt_boxes.shape[0]:
+            parts = [rpn_targets(anchors, chunk, matcher, box_coder) for chunk in gt_boxes.split(per_chunk)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     reference = anchors.expand(gt_boxes.shape[:-2] + anchors.shape)  # (N_a, 4) or (B, N_a, 4)
     matched_idx = matcher(box_iou(gt_boxes, reference))  # (N_a,) or (B, N_a)
     positive = matched_idx >= 0

@@ -291,8 +291,12 @@ def test_rpn_alone_overfits_one_image_on_fixed_features():
     assert bool((best_iou > 0.9).all()), best_iou
 
 
-def test_rpn_targets_for_a_padded_batch_equal_each_image_alone():
+@pytest.mark.parametrize("pairs_per_chunk", [None, 4 * 384, 1])  # the whole batch; 1 image; 1 image below the budget
+def test_rpn_targets_for_a_padded_batch_equal_each_image_alone(monkeypatch, pairs_per_chunk):
+    import mrcnn_edu.rpn as rpn_module
     from mrcnn_edu.boxes import pad_boxes
+    if pairs_per_chunk is not None:  # a crowded image pads every other to its G: images are matched a few at a time
+        monkeypatch.setattr(rpn_module, "RPN_PAIRS_PER_CHUNK", pairs_per_chunk)
     generator = torch.Generator().manual_seed(0)
     anchors = AnchorGenerator([(8, 16)], [(0.5, 1.0, 2.0)], [4])([(8, 8)])[0]  # (384, 4): 8 x 8 cells, 6 each
     gts = []

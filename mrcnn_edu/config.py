@@ -140,7 +140,11 @@ def r101_c4(num_classes: int = 80) -> MaskRCNNConfig:
 
 
 def r50_c5(num_classes: int = 80) -> MaskRCNNConfig:
-    """Table 2d: ResNet-50-C5, stride 32 ("features from a single large-stride map")."""
+    """Table 2d: ResNet-50-C5, stride 32 ("features from a single large-stride map").
+
+    §3.1 gives the RoIs sampled per image for C4 (64) and FPN (512), not for C5. Its heads here
+    are FPN's (two fc layers, four mask convs: ``BoxHeadConfig()``, ``MaskHeadConfig()``), and so
+    is its 512: our choice, not the paper's."""
     return MaskRCNNConfig(
         num_classes=num_classes,
         backbone=BackboneConfig(resnet=resnet50(), features="C5"),

@@ -348,13 +348,15 @@ def test_pasting_matches_a_per_pixel_brute_force_loop():
                 assert got[n, 0, y, x].item() == pytest.approx(value, abs=1e-12), (n, y, x)
 
 
-def test_a_full_mask_pastes_to_exactly_its_box():
-    boxes = torch.tensor([[3.0, 2.0, 17.0, 9.0], [0.0, 10.0, 6.0, 20.0]])
-    pasted = paste_masks_in_image(torch.ones(2, 28, 28), boxes, (24, 30)) >= 0.5
+def test_a_full_mask_pastes_to_exactly_its_box_bar_the_corners_of_a_large_one():
+    boxes = torch.tensor([[3.0, 2.0, 17.0, 9.0], [0.0, 10.0, 6.0, 20.0], [4.0, 3.0, 104.0, 53.0]])
+    pasted = paste_masks_in_image(torch.ones(3, 28, 28), boxes, (60, 110)) > 0.5  # evaluation's threshold
     for n, (x1, y1, x2, y2) in enumerate(boxes.long().tolist()):
-        expected = torch.zeros(24, 30, dtype=torch.bool)
+        expected = torch.zeros(60, 110, dtype=torch.bool)
         expected[y1:y2, x1:x2] = True
-        assert torch.equal(pasted[n, 0], expected)
+        if n == 2:  # 100 x 50 px: a corner pixel reads (0.5 + 14/100)(0.5 + 14/50) = 0.4992 of the mask
+            expected[[y1, y1, y2 - 1, y2 - 1], [x1, x2 - 1, x1, x2 - 1]] = False
+        assert torch.equal(pasted[n, 0], expected), n
 
 
 def test_pasting_in_chunks_gives_the_same_masks():

@@ -216,7 +216,7 @@ def mask_targets(
     One RoIAlign call for all positives: each gt mask is its own "image" of the batch, and the
     RoI's batch index is the index of the gt it is matched to.
 
-    Binarised at 0.5, as Detectron does (torchvision keeps the soft values): a cell is
+    Binarised at 0.5, as Detectron2 does (torchvision keeps the soft values): a cell is
     foreground when the object covers at least half of it. An object thinner than about half a
     cell nowhere -- a 1-3 px diagonal stroke in a 150 px box, one cell being 5.4 px -- gets an
     all-zero target, and its positive RoIs learn "no mask here". The shapes set has no such
@@ -378,7 +378,11 @@ def paste_masks_in_image(
     masks (N, m, m) in [0, 1]; boxes (N, 4) xyxy in image pixels. Binarise the result at 0.5.
     mode="exact": mask cell j covers box x1 + [j, j+1)·w/m; each image pixel centre x + 0.5 is
       read bilinearly in that frame, zero beyond the mask's edge cells — the same numbers as
-      `F.grid_sample(align_corners=False, padding_mode="zeros")` (Detectron2's paste).
+      `F.grid_sample(align_corners=False, padding_mode="zeros")` (Detectron2's paste). A pixel
+      between the box's edge and its edge cell's centre reads that cell blended with the zero
+      beyond; along an edge it stays above 0.5 (weight 0.5 + m/(2·size) on the cell), but at a
+      corner the two weights multiply: a box larger than about m·2.4 px a side loses its corner
+      pixels (an all-ones mask in a 100 × 50 px box, m = 28: 0.64 · 0.78 = 0.4992).
     mode="torchvision": reproduces torchvision's `paste_masks_in_image` — the mask padded by one
       zero cell, the box scaled by (m+2)/m and truncated to integers, resized to
       (y2-y1+1, x2-x1+1) pixels with `F.interpolate` — so that a model loaded from torchvision's

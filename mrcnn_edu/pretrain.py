@@ -247,14 +247,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         blocks = tuple(int(b) for b in args.blocks.split(","))
     except ValueError:
-        parser.error(f"--blocks must be 4 integers like 1,1,1,1, got {args.blocks!r}")
+        blocks = ()
+    if len(blocks) != 4 or min(blocks) < 1:
+        parser.error(f"--blocks must be 4 integers >= 1 like 1,1,1,1, got {args.blocks!r}")
+    if args.width < 1:
+        parser.error(f"--width must be >= 1, got {args.width}")
     extra = {"groups": args.groups} if args.groups != 1 else {}
     if args.width_per_group is not None:
         extra["width_per_group"] = args.width_per_group
-    resnet = mini_resnet(width=args.width, blocks=blocks, **extra)
-    cfg = PretrainConfig(image_size=args.image_size, batch_size=args.batch_size, iterations=args.iterations,
-                         base_lr=args.lr, seed=args.seed, device=args.device, num_workers=args.workers,
-                         min_size_frac=args.min_size_frac, max_size_frac=args.max_size_frac)
+    try:  # what the configs refuse, said as a usage error (the fields are the options' names)
+        resnet = mini_resnet(width=args.width, blocks=blocks, **extra)
+        cfg = PretrainConfig(image_size=args.image_size, batch_size=args.batch_size, iterations=args.iterations,
+                             base_lr=args.lr, seed=args.seed, device=args.device, num_workers=args.workers,
+                             min_size_frac=args.min_size_frac, max_size_frac=args.max_size_frac)
+    except ValueError as err:
+        parser.error(str(err))
     pretrain(resnet, cfg, args.out)
     return 0
 

@@ -132,9 +132,13 @@ def test_command_line_writes_the_file_and_names_a_bad_argument(tmp_path, capsys)
     assert main(["--evaluate", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"{out}: top-1 by object side (32 px images" in printed and "32 px" in printed and "40 px" not in printed
+    for blocks in ("1,1,x", "1,1,1", "1,0,1,1"):  # not integers; three stages; an empty stage
+        with pytest.raises(SystemExit):
+            main(["--blocks", blocks, "--out", str(out)])
+        assert "--blocks must be 4 integers" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["--blocks", "1,1,x", "--out", str(out)])
-    assert "--blocks must be 4 integers" in capsys.readouterr().err
+        main(["--width", "0", "--out", str(out)])
+    assert "--width must be >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--blocks", "1,1,1,1"])
     assert "--out is required" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from mrcnn_edu.data import shapes
-from mrcnn_edu.data.coco import (COCO_KEYPOINT_OFFSET, COCODataset, GroupedBatchSampler,
+from mrcnn_edu.data.coco import (COCO_KEYPOINT_OFFSET, COCODataset,
                                  aspect_ratio_group_ids, clean_segmentation, collate_fn, load_coco,
                                  rle_counts)
 
@@ -335,17 +335,6 @@ def test_malformed_json_and_missing_files_name_the_file(tiny_set, tmp_path):
     os.remove(tmp_path / "train" / "000002.png")  # vanishes after the dataset was built
     with pytest.raises(FileNotFoundError, match=r"000002\.png.*image id 3"):
         ds[2]
-
-
-def test_grouped_batches_share_a_group_and_cover_every_sample_once():
-    group_ids = [0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0]
-    sampler = [3, 1, 4, 0, 5, 9, 2, 6, 10, 8, 7]
-    batches = list(GroupedBatchSampler(sampler, group_ids, batch_size=3))
-    assert sorted(i for b in batches for i in b) == list(range(11))
-    assert len(batches) == len(GroupedBatchSampler(sampler, group_ids, 3)) == 4
-    # by hand: per-group queues emit when full; the leftover group-0 pair comes last
-    assert batches == [[3, 0, 5], [1, 4, 9], [2, 8, 7], [6, 10]]
-    assert all(len({group_ids[i] for i in b}) == 1 for b in batches)
 
 
 def test_aspect_ratio_groups_come_from_the_json(tmp_path):

@@ -42,14 +42,14 @@ import os
 import re
 import warnings
 from collections import Counter, defaultdict
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 from PIL import Image, ImageOps
 from pycocotools.coco import COCO
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 COCO_KEYPOINT_OFFSET = 0.5  # continuous x = COCO pixel index + 0.5
 
@@ -504,32 +504,3 @@ def aspect_ratio_group_ids(coco: COCO, image_ids: list[int],
     """
     ratios = [coco.imgs[i]["width"] / coco.imgs[i]["height"] for i in image_ids]
     return [bisect.bisect_right(sorted(bins), r) for r in ratios]
-
-
-class GroupedBatchSampler(Sampler):
-    """Batches whose images share a group id (e.g. aspect ratio), in the sampler's order.
-
-    Full batches are formed per group while the sampler runs; leftovers of all groups are
-    batched together at the end, so each sample appears exactly once per pass and
-    ``len() = ceil(len(sampler) / batch_size)``.
-    """
-
-    def __init__(self, sampler: Sampler | list[int], group_ids: list[int], batch_size: int):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.sampler, self.group_ids, self.batch_size = sampler, list(group_ids), batch_size
-
-    def __iter__(self) -> Iterator[list[int]]:
-        buffers: dict[int, list[int]] = defaultdict(list)
-        for idx in self.sampler:
-            group = buffers[self.group_ids[idx]]
-            group.append(idx)
-            if len(group) == self.batch_size:
-                yield list(group)
-                group.clear()
-        rest = [idx for group in buffers.values() for idx in group]
-        for start in range(0, len(rest), self.batch_size):
-            yield rest[start:start + self.batch_size]
-
-    def __len__(self) -> int:
-        return -(-len(self.sampler) // self.batch_size)

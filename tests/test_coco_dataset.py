@@ -496,3 +496,36 @@ def test_images_without_a_known_zero_to_one_reading_are_refused_by_name(tmp_path
     ds = COCODataset(str(tmp_path / "img"), str(tmp_path / "f.json"))
     with pytest.raises(ValueError, match=r"a\.tif \(image id 1\) cannot be read: .*mode 'F'"):
         ds[0]
+
+
+def test_the_skip_warning_names_a_missing_file_after_many_bad_annotations(tiny_set, tmp_path):
+    # the warning's examples were the first five problems: six bad boxes first, and the missing
+    # file was never named
+    spec = json.loads(open(os.path.join(tiny_set, "annotations", "instances_train.json")).read())
+    for ann in spec["annotations"][:6]:
+        ann["bbox"] = [1.0, 1.0, 0.0, 5.0]  # zero width
+    ann_file = tmp_path / "instances_train.json"
+    ann_file.write_text(json.dumps(spec))
+    shutil.copytree(os.path.join(tiny_set, "train"), tmp_path / "train")
+    last = max(spec["images"], key=lambda im: im["id"])
+    os.remove(tmp_path / "train" / last["file_name"])
+    with pytest.warns(UserWarning) as caught:
+        COCODataset(str(tmp_path / "train"), str(ann_file))
+    message = str(caught[0].message)
+    assert "'zero-area box': 6" in message and "'missing image file': 1" in message
+    assert f"image id {last['id']}: {tmp_path / 'train' / last['file_name']} not found" in message
+
+
+def test_an_image_in_a_subfolder_is_found_on_every_os(tiny_set, tmp_path, monkeypatch):
+    # COCO writes "/" whatever the OS; on Windows (os.sep "\\") "sub/a.png" was looked up in the
+    # folder's listing, where it cannot be, and reported missing
+    spec = json.loads(open(os.path.join(tiny_set, "annotations", "instances_val.json")).read())
+    (tmp_path / "val" / "sub").mkdir(parents=True)
+    for image in spec["images"]:
+        shutil.copy(os.path.join(tiny_set, "val", image["file_name"]), tmp_path / "val" / "sub")
+        image["file_name"] = "sub/" + image["file_name"]
+    ann_file = tmp_path / "instances_val.json"
+    ann_file.write_text(json.dumps(spec))
+    monkeypatch.setattr(os, "sep", "\\")
+    ds = COCODataset(str(tmp_path / "val"), str(ann_file), train=False)
+    assert len(ds) == len(spec["images"]) and not ds.skipped

@@ -332,21 +332,29 @@ class COCODataset(Dataset):
             self.keypoint_flip_map = list(range(len(self.keypoint_names)))
         self.skipped: Counter = Counter()
         self.problems: list[str] = []  # the first few messages, for the person reading logs
+        self._first: dict[str, str] = {}  # reason -> its first message
         self._segmentation: dict[int, object] = {}  # ann id -> cleaned, only where it changed
         self._anns = self._check_annotations()
         self.ids = self._select_images()
         if train and not self.ids:  # else training stops later on "the dataset is empty", naming nothing
-            reasons = "; ".join(self.problems[:5]) or "it lists no images"
+            reasons = "; ".join(self._examples()) or "it lists no images"
             raise ValueError(f"{ann_file}: no image is left to train on (skipped {dict(self.skipped)}); "
                              f"e.g. {reasons}")
         if self.skipped:
-            warnings.warn(f"{ann_file}: skipped {dict(self.skipped)}; e.g. "
-                          + "; ".join(self.problems[:5]), stacklevel=2)
+            warnings.warn(f"{ann_file}: skipped {dict(self.skipped)}; e.g. " + "; ".join(self._examples()),
+                          stacklevel=2)
 
     def _skip(self, reason: str, message: str) -> None:
         self.skipped[reason] += 1
+        self._first.setdefault(reason, message)
         if len(self.problems) < 20:
             self.problems.append(message)
+
+    def _examples(self, count: int = 5) -> list[str]:
+        """The first problem of each reason, then the next ones, ``count`` in all: a few missing
+        image files after many bad annotations are still named."""
+        firsts = list(self._first.values())
+        return (firsts + [p for p in self.problems if p not in firsts])[:max(count, len(firsts))]
 
     def _check_annotations(self) -> dict[int, list[dict]]:
         """Per image id: the annotations we can use (the COCO object's own dicts, not copies)."""
@@ -405,7 +413,8 @@ class COCODataset(Dataset):
         ids, missing = [], []
         for iid in sorted(self.coco.imgs):
             name = self.coco.imgs[iid]["file_name"]
-            found = name in listing if os.sep not in name else os.path.exists(
+            # a name in a subfolder ("sub/a.jpg": "/" on every OS) is not in the folder's listing
+            found = name in listing if "/" not in name and os.sep not in name else os.path.exists(
                 os.path.join(self.image_dir, name))
             if not found:
                 self._skip("missing image file",

@@ -227,11 +227,13 @@ def _set_threads(experiment) -> None:
 def run_training(experiment, spec: dict | None = None) -> dict:
     """Train ``experiment`` (under torchrun: with DDP); returns ``engine.train``'s result.
 
-    Writes ``experiment.json`` (a config file re-creating the run) beside the checkpoints,
-    and prints the AP table of the final evaluation.
+    Writes ``experiment.json`` (a config file re-creating the run) beside the checkpoints once
+    ``train`` has accepted the start (a refused resume or a refused fresh start leaves the run's
+    own file as it was), and prints the AP table of the final evaluation.
     """
     import torch.distributed as dist
 
+    from mrcnn_edu.checkpoint import atomic_write_text
     from mrcnn_edu.data.coco import aspect_ratio_group_ids, collate_fn
     from mrcnn_edu.distributed import init_distributed
     from mrcnn_edu.engine import train
@@ -246,14 +248,21 @@ def run_training(experiment, spec: dict | None = None) -> dict:
         dist.barrier()  # the other processes wait for the data rank 0 writes
     train_set, val_set = build_datasets(experiment)
     output_dir = Path(experiment.train.output_dir)
+    spec = spec or {"recipe": experiment.name, "overrides": {}}
+    # train.overwrite is what this call does to the folder, not part of the run: `--config
+    # experiment.json` without --resume must not delete the run it re-creates
+    spec = {**spec, "overrides": {k: v for k, v in spec["overrides"].items() if k != "train.overwrite"}}
+
+    def write_experiment(start_iter: int) -> None:
+        """train() calls it once the start is accepted; atomically, as the run's only config."""
+        if info.is_main:
+            # class names and the keypoint category's skeleton (1-based pairs, [] if none): what
+            # predict draws with
+            atomic_write_text(output_dir / "experiment.json", json.dumps(
+                {**spec, "class_names": val_set.class_names, "skeleton": val_set.skeleton,
+                 "resolved": asdict(experiment)}, indent=1, default=str))
+
     if info.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        spec = spec or {"recipe": experiment.name, "overrides": {}}
-        # class names and the keypoint category's skeleton (1-based pairs, [] if none): what
-        # predict draws with
-        (output_dir / "experiment.json").write_text(json.dumps(
-            {**spec, "class_names": val_set.class_names, "skeleton": val_set.skeleton,
-             "resolved": asdict(experiment)}, indent=1, default=str))
         print(f"experiment {experiment.name}: {len(train_set)} training images, "
               f"{len(val_set)} val images, output {output_dir}", flush=True)
     model = build_model(experiment, experiment.init_weights, strict=False)
@@ -261,7 +270,7 @@ def run_training(experiment, spec: dict | None = None) -> dict:
                                    experiment.data.eval_images)
     group_ids = aspect_ratio_group_ids(train_set.coco, train_set.ids)
     result = train(model, train_set, experiment.train, collate_fn, evaluate_fn,
-                   group_ids=group_ids if len(set(group_ids)) > 1 else None)
+                   group_ids=group_ids if len(set(group_ids)) > 1 else None, on_start=write_experiment)
     result["model"] = model
     if info.is_main and result["eval"]:
         print(f"COCO AP (%) on {experiment.data.val_annotations}, iteration {result['iteration']}:")
@@ -270,7 +279,12 @@ def run_training(experiment, spec: dict | None = None) -> dict:
 
 
 def experiment_for_weights(weights: str, config: str | None, overrides: list[str]):
-    """The experiment of a checkpoint: ``--config`` if given, else ``experiment.json`` beside it."""
+    """The experiment of a checkpoint: ``--config`` if given, else ``experiment.json`` beside it.
+
+    A training checkpoint records its model's config: if the experiment's differs (RoIPool for
+    RoIAlign: every tensor would still load), it is an error naming the settings; what only
+    inference reads (``engine.INFERENCE_ONLY``, e.g. the score threshold) may differ."""
+    from mrcnn_edu.engine import model_config_mismatch
     from mrcnn_edu.recipes import load_experiment
 
     if not Path(weights).is_file():
@@ -280,7 +294,25 @@ def experiment_for_weights(weights: str, config: str | None, overrides: list[str
         if not Path(config).is_file():
             raise ValueError(f"no experiment.json beside {weights}; pass --config NAME|FILE "
                              "(the recipe the checkpoint was trained with)")
-    return load_experiment(config, overrides)
+    experiment, spec = load_experiment(config, overrides)
+    differ = model_config_mismatch(_recorded_model_config(weights), experiment.model)
+    if differ:
+        raise ValueError(f"{weights} was trained with another model than {config} (with the overrides "
+                         f"given) builds: {'; '.join(differ)}. Pass the run's own --config, or "
+                         "overrides that give its settings")
+    return experiment, spec
+
+
+def _recorded_model_config(weights: str) -> dict | None:
+    """The ``model_config`` a training checkpoint records, or None (a bare state dict, an older
+    checkpoint, a file that is no checkpoint: ``build_model`` names what is wrong with it)."""
+    import torch
+
+    try:  # mmap: the tensors stay on disk, only the small config is read
+        saved = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    return saved.get("model_config") if isinstance(saved, dict) else None
 
 
 # --- the commands ------------------------------------------------------------------------------
@@ -383,7 +415,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from mrcnn_edu.recipes import load_experiment
 
     tic = time.perf_counter()
-    overrides = [f"train.output_dir={args.out}", "train.progress=True", *args.overrides]
+    # the demo retrains in the same folder each time it is run: afresh, explicitly
+    # (train.resume=True among the overrides continues the last demo instead)
+    overrides = [f"train.output_dir={args.out}", "train.progress=True", "train.overwrite=True", *args.overrides]
     experiment, spec = load_experiment("mini_cpu", overrides)
     print("mrcnn_edu demo: a miniature Mask R-CNN (R-mini-FPN, from scratch) on synthetic shapes, "
           "on the CPU.\nrecipe mini_cpu (mrcnn_edu/recipes.py); change it with key=value, "

@@ -32,6 +32,7 @@ import torch
 
 __all__ = [
     "atomic_save",
+    "atomic_write_text",
     "save_checkpoint",
     "load_checkpoint",
     "last_checkpoint",
@@ -74,6 +75,14 @@ def atomic_save(state: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, lambda file: torch.save(state, file))
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically: a crash leaves the old file or the new one, never a
+    cut-off one (``metrics.jsonl`` rewritten on a resume, ``experiment.json``)."""
+    path = Path(path)
+    _atomic_write(path, lambda file: file.write(text.encode("utf-8")))
     return path
 
 

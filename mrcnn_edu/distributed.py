@@ -16,7 +16,12 @@ Sampling (why it looks like this). We want three things at once:
 1. every process sees a different shard of the same global batch, like
    ``torch.utils.data.DistributedSampler`` (shard ``r`` takes positions ``r, r+W, r+2W ...``);
 2. the global batches do not depend on ``W``: one process with ``G`` images sees exactly the
-   images that ``W`` processes with ``G / W`` each see together (so their SGD steps agree);
+   images that ``W`` processes with ``G / W`` each see together. Their SGD steps agree where the
+   loss is a mean over images of equal weight (the stand-in model of ``tests/_ddp_worker.py``,
+   which ``tests/test_distributed.py`` checks to 1e-6). Mask R-CNN's losses are not: each is a
+   mean over the RoIs, anchors or positives *this process* sampled, and DDP averages those
+   per-process means, as Detectron does; a process with 10 positives weighs as much as one with
+   100, so W processes take a step close to, not equal to, one process's on the whole batch;
 3. a run resumed at iteration ``i`` sees exactly the batches an uninterrupted run would.
 
 So the data order is a pure function of ``(seed, iteration)``: an endless *stream* of

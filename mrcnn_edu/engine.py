@@ -16,10 +16,13 @@ Two additions the paper inherits from its code base rather than states:
   2 images: lr 0.0025, 1.28M iterations. :func:`scale_for_batch` applies it; turn it off
   with ``scale_schedule=False`` to use the numbers as written.
 
-Weight decay: on every trained parameter, biases included, as Detectron does; the parameters
-of normalisation layers (GroupNorm / BatchNorm scales and shifts, present only in miniature
-models: the paper's backbones use frozen BN) get ``weight_decay_norm`` (0 by default, as in
-detectron2), because decaying a scale towards zero fights the normalisation.
+Weight decay: on every trained parameter, biases included, as detectron2 does. Detectron (the
+paper's code base) and maskrcnn-benchmark exempt biases from it and give them twice the
+learning rate (Detectron's ``BIAS_WEIGHT_DECAY: False``, ``BIAS_DOUBLE_LR: True``;
+maskrcnn-benchmark's ``WEIGHT_DECAY_BIAS: 0``, ``BIAS_LR_FACTOR: 2``); we do neither. The
+parameters of normalisation layers (GroupNorm / BatchNorm scales and shifts, present only in
+miniature models: the paper's backbones use frozen BN) get ``weight_decay_norm`` (0 by default,
+as in detectron2), because decaying a scale towards zero fights the normalisation.
 
 What one iteration does (:func:`train` reads top to bottom): fetch a batch whose content is a
 function of ``(seed, iteration)`` (``distributed.py``), set ``lr_at(iteration)``, forward under
@@ -27,9 +30,16 @@ autocast, backward, average the loss terms over processes, stop with :class:`Non
 if one is nan/inf, or :class:`NonFiniteGradientError` if the losses are finite but a gradient is
 not (both before the optimizer can spoil the weights), SGD step; then log, checkpoint
 (``checkpoint.py``), evaluate. The loss terms and the gradient norm reach the host in one read,
-after the backward pass has been queued: one synchronisation per step on a GPU. Resuming loads
-the model, optimizer, scaler and RNG states, and the run continues exactly as if it had never
-stopped.
+after the backward pass has been queued: one synchronisation per step on a GPU in fp32 and bf16;
+under ``amp="fp16"`` there is a second, as ``GradScaler.step`` reads its ``found_inf`` flag to
+decide whether to skip the step. Resuming loads the model, optimizer, scaler and RNG states, and
+the run continues exactly as if it had never stopped; an evaluation the checkpoint came before
+but whose result never reached ``metrics.jsonl`` (it failed, or the run was stopped in it) runs
+first.
+
+A run never silently replaces another: a fresh run (``resume=False``) refuses an
+``output_dir`` that already holds checkpoints or a ``last_checkpoint`` file, unless
+``overwrite=True`` says to delete them and start afresh there.
 
 Stopped politely, a run loses nothing: on ``SIGTERM`` (what a scheduler, ``timeout`` or a lent
 machine's deadline sends before it kills) a single-process run finishes the iteration it is in,
@@ -61,8 +71,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import (capture_rng_state, checkpoint_path, last_checkpoint, load_checkpoint,
-                         preserved_rng, restore_rng_state, save_checkpoint)
+from .checkpoint import (LAST_CHECKPOINT_FILE, atomic_write_text, capture_rng_state, checkpoint_path,
+                         last_checkpoint, load_checkpoint, preserved_rng, restore_rng_state,
+                         save_checkpoint)
 from .distributed import (DistInfo, InfiniteBatchSampler, SeededSamples, all_reduce_mean,
                           init_distributed)
 
@@ -70,7 +81,8 @@ __all__ = [
     "TrainConfig", "NonFiniteLossError", "NonFiniteGradientError", "TrainingStopped", "grad_norm", "train",
     "lr_at", "scaled_lr",
     "scale_for_batch", "describe_scaling", "build_optimizer", "to_device", "seed_everything",
-    "plot_loss_curves", "keep_freed_memory", "resume_mismatch", "model_mismatch", "prune_checkpoints",
+    "plot_loss_curves", "keep_freed_memory", "resume_mismatch", "model_mismatch", "model_config_mismatch",
+    "prune_checkpoints",
 ]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,6 +118,10 @@ class TrainConfig:
     eval_period: int = 0  # iterations between evaluations (0: only at the end)
     log_period: int = 20  # iterations between metrics.jsonl lines
     resume: bool | str = False  # True: newest checkpoint in output_dir; or a path
+    # a fresh run (resume False) in an output_dir holding another run's checkpoints: False
+    # refuses (it would truncate that run's metrics and repoint its last_checkpoint); True
+    # deletes them first, so that no later resume or pruning can mix the two runs
+    overwrite: bool = False
     progress: bool | None = None  # tqdm bar; None: only when stderr is a terminal
     find_unused_parameters: bool = False  # DDP: set when some head gets no loss
 
@@ -121,6 +137,20 @@ class TrainConfig:
             raise ValueError(f"images_per_batch={self.images_per_batch} must be >= 1")
         if self.seed < 0:
             raise ValueError(f"seed={self.seed} must be >= 0")
+        # each would train without an error and wrongly: clip_grad=-1 scales every gradient by
+        # a negative factor (gradient ascent), gamma=0 sets the lr to 0 at the first step
+        for name, ok, rule in (
+                ("base_lr", self.base_lr > 0, "must be > 0"),
+                ("momentum", 0 <= self.momentum < 1, "must be in [0, 1): at 1 or above the velocity never decays"),
+                ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+                ("weight_decay_norm", self.weight_decay_norm >= 0, "must be >= 0"),
+                ("gamma", 0 < self.gamma <= 1, "must be in (0, 1]: the factor each lr step multiplies by"),
+                ("warmup_factor", 0 < self.warmup_factor <= 1, "must be in (0, 1]: the warm-up's first lr / base_lr"),
+                ("clip_grad", self.clip_grad is None or self.clip_grad > 0, "must be None (no clipping) or > 0"),
+                ("num_workers", self.num_workers >= 0, "must be >= 0 (0: load in the training process)"),
+                ("reference_batch", self.reference_batch >= 1, "must be >= 1")):
+            if not ok:
+                raise ValueError(f"train.{name}={getattr(self, name)!r} {rule}")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -302,6 +332,9 @@ def _check_config(cfg: TrainConfig, device: torch.device, world_size: int) -> No
     for name in ("log_period", "checkpoint_period", "eval_period", "keep_checkpoints"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name}={getattr(cfg, name)} must be >= 0")
+    if not cfg.output_dir.strip():  # checked here, not in __post_init__: a plan (ablations) may leave it empty
+        raise ValueError(f"train.output_dir={cfg.output_dir!r} must name a folder (empty: the current "
+                         "directory would take the run's files)")
     if cfg.images_per_batch <= 0 or cfg.images_per_batch % world_size:
         raise ValueError(f"images_per_batch={cfg.images_per_batch} must be a positive "
                          f"multiple of the number of processes ({world_size})")
@@ -409,11 +442,17 @@ def model_mismatch(saved: dict | None, model: nn.Module) -> list[str]:
     """``["model.pooler.kind='roi_align' (now 'roi_pool')", ...]``: how ``model``'s config differs
     from the one a checkpoint's iterations ran with (``saved``), outside :data:`INFERENCE_ONLY`. A
     setting in one of them only (added to the code since) is not a difference."""
+    return model_config_mismatch(saved, getattr(model, "cfg", None))
+
+
+def model_config_mismatch(saved: dict | None, model_cfg: Any) -> list[str]:
+    """:func:`model_mismatch` for a model config (a ``MaskRCNNConfig``) not yet built into a
+    model: what ``eval`` and ``predict`` check a checkpoint against before they build one."""
     from .config import config_differences
 
-    now = _model_config(model)
-    if saved is None or now is None:
+    if saved is None or not is_dataclass(model_cfg):  # a stand-in model in a test has no config
         return []
+    now = json.loads(json.dumps(asdict(model_cfg)))  # as the checkpoint holds it: tuples as lists
     return sorted(config_differences(saved, now, "model", skip=tuple(f"model.{k}" for k in INFERENCE_ONLY),
                                      word="now"))
 
@@ -465,11 +504,19 @@ def _resume_agreement(loaded: tuple[int, Path | None, float] | None, error: str 
 
 def _load_resume_state(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                        scaler: torch.amp.GradScaler, info: DistInfo) -> tuple[int, Path | None, float]:
-    path = Path(cfg.resume) if isinstance(cfg.resume, str) else None
-    if cfg.resume is True:
-        path = last_checkpoint(cfg.output_dir)
-    if path is None:  # say so: a mistyped output_dir would otherwise retrain from scratch unseen
-        if cfg.resume and info.is_main:
+    if not cfg.resume:
+        _check_fresh_start(cfg)
+        return 0, None, 0.0
+    path = Path(cfg.resume) if isinstance(cfg.resume, str) else last_checkpoint(cfg.output_dir)
+    if path is None:
+        orphans = _checkpoint_files(cfg.output_dir)
+        if orphans:  # starting at 0 would overwrite them one by one (a folder copied without its pointer)
+            raise ValueError(
+                f"resume: train.output_dir={cfg.output_dir} has no {LAST_CHECKPOINT_FILE} file but holds "
+                f"{_name_files(orphans)}; starting at iteration 0 would overwrite them. Resume from one "
+                f"of them explicitly: train.resume={orphans[-1]} (on the command line: --resume "
+                f"{orphans[-1]}), or choose another train.output_dir")
+        if info.is_main:  # say so: a mistyped output_dir would otherwise retrain from scratch unseen
             print(f"resume: no checkpoint in {cfg.output_dir}; starting at iteration 0", file=sys.stderr)
         return 0, None, 0.0
     state = load_checkpoint(path)
@@ -493,6 +540,53 @@ def _load_resume_state(cfg: TrainConfig, model: nn.Module, optimizer: torch.opti
               f"{info.world_size}; dropout/augmentation streams will differ", file=sys.stderr)
     restore_rng_state(rng_states[info.rank % len(rng_states)])
     return int(state["iteration"]), path, float(state.get("train_seconds", 0.0))
+
+
+def _checkpoint_files(output_dir: str | os.PathLike) -> list[Path]:
+    """The run's own ``model_NNNNNNN.pth`` files in ``output_dir``, oldest first; a user's
+    ``model_0000400 (copy).pth`` is none of them."""
+    saved = (p for p in Path(output_dir).glob("model_*.pth") if re.fullmatch(r"model_\d+\.pth", p.name))
+    return sorted(saved, key=lambda p: int(p.stem.split("_")[1]))
+
+
+def _name_files(paths: Sequence[Path]) -> str:
+    """``"model_0005000.pth, ..., model_0160000.pth (32 files)"``: a list short enough to read."""
+    names = [p.name for p in paths]
+    if len(names) <= 4:
+        return ", ".join(names)
+    return f"{names[0]}, {names[1]}, ..., {names[-1]} ({len(names)} files)"
+
+
+def _earlier_run_files(output_dir: str | os.PathLike) -> list[Path]:
+    """What marks ``output_dir`` as another run's: its ``last_checkpoint`` and checkpoints."""
+    pointer = Path(output_dir) / LAST_CHECKPOINT_FILE
+    return ([pointer] if pointer.is_file() else []) + _checkpoint_files(output_dir)
+
+
+def _check_fresh_start(cfg: TrainConfig) -> None:
+    """A fresh run may start in ``output_dir`` only if no other run's checkpoints are there, or
+    ``cfg.overwrite`` says to delete them (``train`` does, once every process agreed to start).
+
+    Starting beside them would truncate that run's ``metrics.jsonl``, point ``last_checkpoint``
+    at the new run's files and leave the old ones among them, where a resume or
+    :func:`prune_checkpoints` would take a higher-numbered file of the old run for this one's."""
+    found = _earlier_run_files(cfg.output_dir)
+    if found and not cfg.overwrite:
+        raise ValueError(
+            f"train.output_dir={cfg.output_dir} already holds a run ({_name_files(found)}); a new run "
+            "there would truncate its metrics.jsonl and take over its last_checkpoint. Pass --resume "
+            "(train.resume=True) to continue it, choose another train.output_dir, or set "
+            "train.overwrite=True to delete its checkpoints and start afresh there")
+
+
+def _clear_earlier_run(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete another run's ``last_checkpoint``, checkpoints and loss curves (``overwrite=True``;
+    rank 0). The pointer goes first: a crash half-way leaves checkpoints without one, which both a
+    fresh run and a resume refuse until this is done again, never a pointer to a deleted file."""
+    deleted = _earlier_run_files(output_dir) + [p for p in [Path(output_dir) / "loss_curves.png"] if p.is_file()]
+    for path in deleted:
+        path.unlink(missing_ok=True)
+    return deleted
 
 
 def _save(cfg: TrainConfig, iteration: int, model: nn.Module, optimizer, scaler,
@@ -528,8 +622,7 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
     # can be left over from before a crash that the run resumed from an earlier checkpoint
     current = last_checkpoint(output_dir)
     # only the run's own names: a stray "model_0000400 (copy).pth" must not stop the run here
-    saved = sorted((p for p in Path(output_dir).glob("model_*.pth") if re.fullmatch(r"model_\d+\.pth", p.name)),
-                   key=lambda p: int(p.stem.split("_")[1]))
+    saved = _checkpoint_files(output_dir)
     deleted = [path for path in saved[:-keep] if current is None or path.name != current.name]
     for path in deleted:
         path.unlink(missing_ok=True)
@@ -542,6 +635,34 @@ def _evaluate(evaluate_fn: Callable[[nn.Module], dict], model: nn.Module) -> dic
     with preserved_rng(), torch.no_grad():
         results = evaluate_fn(model)
     model.train()
+    return results
+
+
+def _evaluation_due(cfg: TrainConfig, done: int) -> bool:
+    """Whether the loop evaluates after ``done`` iterations: every ``eval_period``, and at the end."""
+    return done > 0 and (bool(cfg.eval_period and done % cfg.eval_period == 0) or done == cfg.max_iter)
+
+
+def _evaluation_missing(cfg: TrainConfig, start_iter: int, history: list[dict], info: DistInfo) -> bool:
+    """Whether a resumed run owes the evaluation of ``start_iter``: due there, but not in
+    ``history`` (``metrics.jsonl``). The checkpoint is saved before the evaluation, so an
+    evaluation that failed or was stopped would otherwise never run. Rank 0's file decides for
+    every process (each runs its share of the evaluation)."""
+    if not _evaluation_due(cfg, start_iter):
+        return False
+    missing = [not any(r["iteration"] == start_iter and "eval" in r for r in history)]
+    if info.world_size > 1:
+        torch.distributed.broadcast_object_list(missing, src=0)
+    return missing[0]
+
+
+def _evaluate_and_log(evaluate_fn: Callable[[nn.Module], dict], model: nn.Module, done: int,
+                      metrics_path: Path, progress, info: DistInfo) -> dict:
+    """:func:`_evaluate`, then rank 0 appends the results to ``metrics.jsonl`` and prints them."""
+    results = _evaluate(evaluate_fn, model)
+    if info.is_main:
+        _log(metrics_path, {"iteration": done, "eval": results})
+        progress.write(f"evaluation at iteration {done}: {results}")
     return results
 
 
@@ -621,13 +742,17 @@ def keep_freed_memory() -> bool:
 def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, collate_fn: Callable,
           evaluate_fn: Callable[[nn.Module], dict] | None = None,
           hooks: Sequence[Callable[[int, dict], None]] = (),
-          group_ids: Sequence[int] | None = None) -> dict:
+          group_ids: Sequence[int] | None = None,
+          on_start: Callable[[int], None] | None = None) -> dict:
     """Train ``model`` on ``dataset`` as ``cfg`` says; returns the final iteration, losses, eval.
 
     ``model(images, targets)`` returns a dict of scalar losses (summed for the gradient);
     ``evaluate_fn(model)`` runs on every process, gathers to rank 0 (``gather_predictions``)
     and returns a dict of metrics; each hook is called as ``hook(iterations_done, state)``
-    after every iteration. Under ``torchrun`` the same call trains with DDP.
+    after every iteration. Under ``torchrun`` the same call trains with DDP. ``on_start(iteration)``
+    is called on every process once the run's start is settled (a resume accepted, or a fresh
+    start allowed), before the first iteration: what the caller writes beside the checkpoints
+    (``experiment.json``) is then never the config of a run that was refused.
 
     ``train_seconds`` in the result is the training loop's time summed over this call and the
     ones whose checkpoints it resumed from (``earlier_train_seconds``, up to
@@ -663,13 +788,27 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, collate_fn: Call
                                  pin=device.type == "cuda"))
     show_bar = info.is_main and (sys.stderr.isatty() if cfg.progress is None else cfg.progress)
     progress = _progress_bar(cfg.max_iter, start_iter, show_bar)
+    history: list[dict] = []  # metrics.jsonl up to start_iter (rank 0 reads it)
     if info.is_main:
-        metrics_path.write_text("".join(json.dumps(r) + "\n"
-                                        for r in _read_metrics(metrics_path, start_iter)))
+        if not cfg.resume and cfg.overwrite:  # every process agreed to start afresh (_resume)
+            cleared = _clear_earlier_run(output_dir)
+            if cleared:
+                progress.write(f"train.overwrite: deleted {_name_files(cleared)} of an earlier run in {output_dir}")
+        history = _read_metrics(metrics_path, start_iter)
+        # the records past the checkpoint belong to iterations about to run again; atomically,
+        # as a kill in the middle of a plain rewrite would lose the whole history
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
         progress.write(f"{describe_scaling(requested)}\ntraining iterations {start_iter}..{cfg.max_iter}"
                        f" on {device} x{info.world_size}, amp={cfg.amp}, output {output_dir}")
+    if on_start is not None:
+        on_start(start_iter)
 
-    losses, results, tic, stop = {}, {}, time.perf_counter(), threading.Event()
+    results = {}
+    if evaluate_fn and _evaluation_missing(cfg, start_iter, history, info):
+        if info.is_main:
+            progress.write(f"iteration {start_iter} has no evaluation in {metrics_path}: evaluating it first")
+        results = _evaluate_and_log(evaluate_fn, model, start_iter, metrics_path, progress, info)
+    losses, tic, stop = {}, time.perf_counter(), threading.Event()  # the clock starts after it
     with _sigterm_sets(stop, info.world_size):  # SIGTERM: finish the iteration, save, stop
         for iteration in range(start_iter, cfg.max_iter):
             images, targets = to_device(next(batches), device)
@@ -706,16 +845,14 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, collate_fn: Call
                 progress.set_postfix_str(f"loss {sum(losses.values()):.3f} lr {lr:.2g}")
             elapsed = earlier_seconds + time.perf_counter() - tic
             # saved before the evaluation: a long evaluation that fails, or a SIGTERM during it,
-            # loses no training (the evaluation leaves every RNG as it was)
+            # loses no training (the evaluation leaves every RNG as it was), and a resume from
+            # this checkpoint runs the evaluation first (_evaluation_missing)
             if (cfg.checkpoint_period and done % cfg.checkpoint_period == 0) or finished:
                 last_good = _save(cfg, done, model, optimizer, scaler, info, elapsed)
                 if finished and info.world_size > 1:  # no rank returns before the file is whole
                     torch.distributed.barrier()
-            if evaluate_fn and ((cfg.eval_period and done % cfg.eval_period == 0) or finished):
-                results = _evaluate(evaluate_fn, model)
-                if info.is_main:
-                    _log(metrics_path, {"iteration": done, "eval": results})
-                    progress.write(f"evaluation at iteration {done}: {results}")
+            if evaluate_fn and _evaluation_due(cfg, done):
+                results = _evaluate_and_log(evaluate_fn, model, done, metrics_path, progress, info)
             for hook in hooks:
                 hook(done, {"model": model, "losses": losses, "lr": lr, "optimizer": optimizer})
             if stop.is_set() and not finished:  # SIGTERM: save this iteration (if not yet), leave

@@ -50,6 +50,9 @@ __all__ = ["DataConfig", "SyntheticData", "Experiment", "RECIPES", "coco_schedul
            "parse_override", "apply_overrides", "load_experiment", "flatten_overrides"]
 
 COCO_ROOT = "data/coco"  # data/README.md: where COCO 2017 goes
+# the keys of a JSON config file: what it is made of, and what run_training adds when it writes one
+# as experiment.json (read by predict, or for a person: the config as it ran)
+SPEC_KEYS = {"recipe", "overrides", "class_names", "skeleton", "resolved"}
 
 
 @dataclass
@@ -339,7 +342,8 @@ def load_experiment(config: str, overrides: list[str] | dict[str, Any] = ()) -> 
     """A recipe name or a JSON file, then ``overrides``; returns it and its JSON spec.
 
     A JSON file holds ``{"recipe": NAME, "overrides": {"train.base_lr": 0.01, ...}}``
-    (nested dicts are fine too); so is the spec returned, with each key's value as the
+    (nested dicts are fine too; any key but those of :data:`SPEC_KEYS` is an error naming
+    the file and the key); so is the spec returned, with each key's value as the
     experiment got it (``train.output_dir=2025`` as "2025"). ``train`` writes it to its output
     folder as ``experiment.json``, so a finished run can be re-created from it.
     """
@@ -355,6 +359,11 @@ def load_experiment(config: str, overrides: list[str] | dict[str, Any] = ()) -> 
         if not isinstance(spec, dict) or "recipe" not in spec:
             raise ValueError(f"config file {config} must be a JSON object with a 'recipe' key "
                              '(e.g. {"recipe": "mini_cpu", "overrides": {"train.max_iter": 100}})')
+        unknown = sorted(set(spec) - SPEC_KEYS)
+        if unknown:  # a misspelt "overides" would otherwise drop every override unseen
+            raise ValueError(f"config file {config}: unknown key {unknown[0]!r}"
+                             + (f" (and {unknown[1:]})" if unknown[1:] else "")
+                             + f"; it may hold {sorted(SPEC_KEYS)}")
         config = spec["recipe"]
         given = spec.get("overrides", {})
         if isinstance(given, list) and all(isinstance(text, str) for text in given):

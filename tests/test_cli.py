@@ -136,6 +136,10 @@ def test_demo_draws_its_predictions_beside_the_weights_in_train_output_dir(data_
     assert (run / "predictions.png").is_file() and (run / "model_0000001.pth").is_file()
     assert not (tmp_path / "default").exists()
     assert f"predictions: {run / 'predictions.png'}" in capsys.readouterr().out
+    # `make demo` again: the demo starts afresh in its folder, which a plain fresh run refuses
+    assert main(["demo", f"train.output_dir={run}", "train.max_iter=1", *data_overrides(data_dir)]) == 0
+    printed = capsys.readouterr()
+    assert "train.overwrite: deleted last_checkpoint, model_0000001.pth" in printed.out + printed.err
 
 
 def _tiny_with_5_keypoints():
@@ -335,6 +339,54 @@ def test_resume_refuses_another_model_of_the_same_shapes_but_not_other_test_sett
     assert main(["train", "--config", "tiny", "--resume", *settings, "train.max_iter=2",
                  "model.box_head.score_thresh=0.3"]) == 0
     assert load_checkpoint(tmp_path / "model_0000002.pth")["model_config"]["box_head"]["score_thresh"] == 0.3
+
+
+def test_a_refused_start_leaves_the_runs_experiment_json_as_it_was(data_dir, tmp_path, capsys):
+    """experiment.json was rewritten before train() judged the resume: a refused one left the
+    rejected config there, so `--config R/experiment.json --resume` failed ever after."""
+    settings = [f"train.output_dir={tmp_path}", *data_overrides(data_dir), "data.eval_images=1", "train.max_iter=1"]
+    assert main(["train", "--config", "tiny", *settings]) == 0
+    written = (tmp_path / "experiment.json").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny", "--resume", *settings, "train.max_iter=2",
+                 "model.pooler.kind=roi_pool"]) == 2
+    assert "model.pooler.kind='roi_align' (now 'roi_pool')" in capsys.readouterr().err
+    assert (tmp_path / "experiment.json").read_bytes() == written
+    # a fresh run into the same folder: refused too, the run there named
+    assert main(["train", "--config", "tiny", *settings, "model.pooler.kind=roi_pool"]) == 2
+    err = capsys.readouterr().err
+    assert f"train.output_dir={tmp_path} already holds a run (last_checkpoint, model_0000001.pth)" in err
+    assert "--resume" in err and "train.overwrite=True" in err
+    assert (tmp_path / "experiment.json").read_bytes() == written
+    assert not list(tmp_path.glob(".experiment.json.tmp*"))
+    # the documented way on still works
+    assert main(["train", "--config", str(tmp_path / "experiment.json"), "--resume", "train.max_iter=2"]) == 0
+    assert load_checkpoint(tmp_path / "model_0000002.pth")["model_config"]["pooler"]["kind"] == "roi_align"
+    # afresh, when asked: the old run's files go; experiment.json does not keep the request, so
+    # that re-creating the run from it without --resume is refused, not a second deletion
+    assert main(["train", "--config", "tiny", *settings, "train.overwrite=True"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == ["model_0000001.pth"]
+    assert "train.overwrite" not in json.loads((tmp_path / "experiment.json").read_text())["overrides"]
+
+
+def test_eval_and_predict_refuse_an_experiment_of_another_model_than_the_checkpoints(
+        trained_run, data_dir, tmp_path, capsys):
+    """RoIPool for RoIAlign loads every tensor: eval scored, predict drew, a model never trained."""
+    weights = str(trained_run / "model_0000003.pth")
+    capsys.readouterr()
+    assert main(["eval", "--weights", weights, "--config", "tiny", *data_overrides(data_dir),
+                 "model.pooler.kind=roi_pool", "model.rpn.nms_thresh=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert f"{weights} was trained with another model than tiny" in err
+    assert "model.pooler.kind='roi_align' (now 'roi_pool')" in err and "model.rpn.nms_thresh=0.7 (now 0.5)" in err
+    image = str(data_dir / "val" / "000000.png")
+    assert main(["predict", image, "--weights", weights, "--out", str(tmp_path),
+                 "--set", "model.pooler.kind=roi_pool"]) == 2
+    assert "model.pooler.kind='roi_align' (now 'roi_pool')" in capsys.readouterr().err
+    assert not (tmp_path / "000000.png").exists()
+    # what only inference reads may differ
+    assert main(["predict", image, "--weights", weights, "--out", str(tmp_path),
+                 "--set", "model.box_head.score_thresh=0.3"]) == 0
 
 
 def test_sigterm_saves_the_iteration_and_resume_ends_with_the_uninterrupted_weights(

@@ -105,6 +105,35 @@ def test_bad_settings_are_refused_with_the_setting_named(tmp_path):
         train(make_model(), TinyShapes(), tiny_config(tmp_path, steps=(6, 2)), collate)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"base_lr": -0.1}, r"train.base_lr=-0.1 must be > 0"),
+    ({"base_lr": 0.0}, r"train.base_lr=0.0 must be > 0"),
+    ({"clip_grad": -1.0}, r"train.clip_grad=-1.0 must be None \(no clipping\) or > 0"),  # was gradient ascent
+    ({"momentum": 1.5}, r"train.momentum=1.5 must be in \[0, 1\)"),
+    ({"momentum": -0.1}, r"train.momentum=-0.1 must be in \[0, 1\)"),
+    ({"weight_decay": -1.0}, r"train.weight_decay=-1.0 must be >= 0"),
+    ({"weight_decay_norm": -1e-4}, r"train.weight_decay_norm=-0.0001 must be >= 0"),
+    ({"gamma": 0.0}, r"train.gamma=0.0 must be in \(0, 1\]"),
+    ({"gamma": 10.0}, r"train.gamma=10.0 must be in \(0, 1\]"),
+    ({"warmup_factor": 0.0}, r"train.warmup_factor=0.0 must be in \(0, 1\]"),
+    ({"warmup_factor": 2.0}, r"train.warmup_factor=2.0 must be in \(0, 1\]"),
+    ({"num_workers": -1}, r"train.num_workers=-1 must be >= 0"),
+    ({"reference_batch": 0}, r"train.reference_batch=0 must be >= 1"),
+])
+def test_settings_that_would_train_wrongly_are_refused_with_the_field_named(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        replace(tiny_config(tmp_path), **change)  # when the config is made: before any data or model
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_empty_output_dir_is_refused_not_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the run's files went
+    with pytest.raises(ValueError, match=r"train.output_dir='' must name a folder"):
+        train(make_model(), TinyShapes(), tiny_config(""), collate)
+    assert not any(tmp_path.iterdir())
+    tiny_config(tmp_path, momentum=0.0, weight_decay=0.0, gamma=1.0, warmup_factor=1.0, clip_grad=1.0)  # the edges
+
+
 def test_to_device_moves_every_tensor_and_keeps_the_structure():
     batch = ([torch.zeros(2)], [{"boxes": torch.ones(1, 4), "name": "a", "ids": (torch.ones(1),)}])
     moved = to_device(batch, "meta")
@@ -338,8 +367,10 @@ def test_config_edge_cases_fail_clearly_or_train(tmp_path):
     scaled = engine.scale_for_batch(TrainConfig(max_iter=3, steps=(2,), warmup_iters=0, images_per_batch=16,
                                                 reference_batch=2))
     assert scaled.max_iter == 1 and scaled.steps == (1,)
-    with pytest.raises(ValueError, match="batch sizes must be positive"):
+    with pytest.raises(ValueError, match="train.reference_batch=0 must be >= 1"):
         engine.scale_for_batch(TrainConfig(images_per_batch=4, reference_batch=0))
+    with pytest.raises(ValueError, match="batch sizes must be positive"):
+        engine.scaled_lr(0.02, 0, 4)
     # paths as Path objects: saved, and resumed from
     first = train(make_model(), dataset, tiny_config(tmp_path / "p", max_iter=4, checkpoint_period=2), collate)
     cfg = replace(tiny_config(tmp_path / "p"), output_dir=tmp_path / "p", resume=tmp_path / "p" / "model_0000002.pth")
@@ -401,6 +432,105 @@ def test_keep_checkpoints_deletes_all_but_the_newest_and_resume_still_works(tmp_
     (stale / "model_0000050.pth").write_bytes(b"x")
     assert [p.name for p in engine.prune_checkpoints(stale, 1)] == ["model_0000050.pth"]
     assert (stale / "model_0000100 (copy).pth").exists()
+
+
+def test_a_fresh_run_refuses_a_folder_holding_another_run_unless_told_to_overwrite_it(tmp_path):
+    """A fresh run there truncated the other run's metrics.jsonl and took over its last_checkpoint;
+    pruning then kept the other run's model_0000008.pth and deleted this run's model_0000004.pth."""
+    dataset = TinyShapes()
+    cfg = tiny_config(tmp_path / "a")  # checkpoints at 4 and 8
+    train(make_model(), dataset, cfg, collate)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    other = replace(cfg, max_iter=6, checkpoint_period=2, keep_checkpoints=2)
+    with pytest.raises(ValueError, match=rf"train.output_dir={tmp_path / 'a'} already holds a run "
+                                         r"\(last_checkpoint, model_0000004.pth, model_0000008.pth\).*--resume.*"
+                                         r"another train.output_dir.*train.overwrite=True"):
+        train(make_model(), dataset, other, collate)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before  # nothing touched
+    # told to: the other run's files go, and this run's are all there is
+    train(make_model(), dataset, replace(other, overwrite=True), collate)
+    assert sorted(p.name for p in (tmp_path / "a").glob("model_*.pth")) == ["model_0000004.pth", "model_0000006.pth"]
+    assert last_checkpoint(tmp_path / "a").name == "model_0000006.pth"
+    assert [r["iteration"] for r in engine._read_metrics(tmp_path / "a" / "metrics.jsonl")] == list(range(1, 7))
+    # overwrite does not stop a resume: it only matters to a fresh start
+    resumed = train(make_model(), dataset, replace(other, overwrite=True, resume=True, max_iter=7), collate)
+    assert resumed["start_iteration"] == 6
+
+
+def test_a_resume_that_finds_checkpoints_but_no_last_checkpoint_file_refuses_to_start_over(tmp_path):
+    """It warned, started at 0, truncated metrics.jsonl and overwrote the checkpoints one by one."""
+    dataset = TinyShapes()
+    cfg = tiny_config(tmp_path)
+    train(make_model(), dataset, cfg, collate)
+    (tmp_path / "last_checkpoint").unlink()  # e.g. `cp model_* metrics.jsonl` to another machine
+    metrics = (tmp_path / "metrics.jsonl").read_bytes()
+    newest = tmp_path / "model_0000008.pth"
+    with pytest.raises(ValueError, match=rf"no last_checkpoint file but holds model_0000004.pth, model_0000008.pth.*"
+                                         rf"train.resume={newest} \(on the command line: --resume {newest}\)"):
+        train(make_model(), dataset, replace(cfg, resume=True), collate)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
+    with pytest.raises(ValueError, match="already holds a run"):  # nor may a fresh run start there
+        train(make_model(), dataset, cfg, collate)
+    # the way the message gives
+    again = train(make_model(), dataset, replace(cfg, resume=str(tmp_path / "model_0000004.pth")), collate)
+    assert again["start_iteration"] == 4 and last_checkpoint(tmp_path).name == "model_0000008.pth"
+
+
+def test_an_evaluation_that_failed_after_its_checkpoint_runs_first_when_the_run_resumes(tmp_path):
+    """The checkpoint is saved before the evaluation: a resume started after the iteration and
+    its evaluation never ran. It runs first now, leaving every RNG as the loop's evaluation does."""
+    dataset = TinyShapes()
+    calls = []
+
+    def evaluate(model):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("evaluation crashed")
+        torch.rand(3), np.random.rand(), random.random()  # draws nothing from the training's streams
+        return {"accuracy": 1.0}
+
+    cfg = tiny_config(tmp_path / "e", eval_period=4)
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        train(make_model(dropout=0.5), dataset, cfg, collate, evaluate_fn=evaluate)
+    assert last_checkpoint(cfg.output_dir).name == "model_0000004.pth"
+    resumed = train(make_model(dropout=0.5), dataset, replace(cfg, resume=True), collate, evaluate_fn=evaluate)
+    records = engine._read_metrics(tmp_path / "e" / "metrics.jsonl")
+    assert [r["iteration"] for r in records if "eval" in r] == [4, 8] and len(calls) == 3
+    whole = train(make_model(dropout=0.5), dataset, tiny_config(tmp_path / "whole", eval_period=4), collate,
+                  evaluate_fn=lambda model: {"accuracy": 1.0})
+    assert_same_tensors(final_state(tmp_path / "whole")["model"], final_state(tmp_path / "e")["model"])
+    assert resumed["eval"] == whole["eval"]
+    # the final evaluation failed: the resume has nothing left to train but still evaluates, once
+    calls.clear()
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        train(make_model(), dataset, tiny_config(tmp_path / "f"), collate, evaluate_fn=evaluate)
+    done = train(make_model(), dataset, tiny_config(tmp_path / "f", resume=True), collate, evaluate_fn=evaluate)
+    assert done["start_iteration"] == 8 and done["eval"] == {"accuracy": 1.0} and len(calls) == 2
+    train(make_model(), dataset, tiny_config(tmp_path / "f", resume=True), collate, evaluate_fn=evaluate)
+    assert len(calls) == 2  # recorded now: not again
+
+
+def test_a_kill_while_metrics_jsonl_is_rewritten_on_resume_leaves_the_history_whole(tmp_path, monkeypatch):
+    """A resume rewrites metrics.jsonl without the records past its checkpoint; written in place,
+    a kill in the middle left it truncated. The kill is simulated where an atomic write has
+    written the new file but not yet put it in the old one's place."""
+    dataset = TinyShapes()
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(Killed):
+        train(make_model(), dataset, cfg, collate, hooks=[kill_at(6)])  # checkpoint 4, metrics 1..6
+    history = (tmp_path / "metrics.jsonl").read_text()
+
+    def killed(fd):
+        raise Killed("killed while writing")
+
+    monkeypatch.setattr(os, "fsync", killed)
+    with pytest.raises(Killed):
+        train(make_model(), dataset, replace(cfg, resume=True), collate)
+    assert (tmp_path / "metrics.jsonl").read_text() == history
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    monkeypatch.undo()
+    train(make_model(), dataset, replace(cfg, resume=True), collate)
+    assert [r["iteration"] for r in engine._read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 9))
 
 
 def test_metrics_file_cut_off_mid_line_by_a_crash_still_reads(tmp_path):

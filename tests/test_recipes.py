@@ -254,3 +254,15 @@ def test_bad_config_file_is_named(tmp_path):
     path.write_text(json.dumps({"recipe": "tiny", "overrides": "train.max_iter=3"}))
     with pytest.raises(ValueError, match=r"broken.json: 'overrides' must be an object .* or a list"):
         load_experiment(str(path))
+
+
+def test_a_misspelt_key_in_a_config_file_is_named_not_dropped(tmp_path):
+    """{"overides": ...} was read as the bare recipe: every override silently gone."""
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps({"recipe": "tiny", "overides": {"train.max_iter": 100}}))
+    with pytest.raises(ValueError, match=r"typo.json: unknown key 'overides'"):
+        load_experiment(str(path))
+    # what run_training adds to experiment.json is no typo: the file re-creates the run
+    path.write_text(json.dumps({"recipe": "tiny", "overrides": {"train.max_iter": 100}, "class_names": ["_bg", "a"],
+                                "skeleton": [], "resolved": {"name": "tiny"}}))
+    assert load_experiment(str(path))[0].train.max_iter == 100

@@ -731,3 +731,14 @@ def test_roi_pool_windows_times_ours_against_torchvision_with_and_without_a_whol
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["6 RoIs, no whole-image RoI", "6 RoIs, one whole-image RoI"]
     assert all(re.search(r"ours / torchvision \d+\.\d$", line) for line in lines)
+
+
+def test_worker_memory_measures_each_run_in_its_own_process(tmp_path, capsys):
+    # a few MB of annotations: the figures are noise at this size; the script's path is what runs
+    from bench.worker_memory import main
+
+    results = main(["--out", str(tmp_path), "--objects-mb", "2", "--images", "20", "--workers", "1",
+                    "--batches", "6", "--gc-every", "2", "--main-gc-every", "2", "--runs", "objects,buffer"])
+    assert set(results) == {"objects", "buffer"}
+    printed = capsys.readouterr().out
+    assert "per-worker USS, mean" in printed and "reading the buffer" in printed

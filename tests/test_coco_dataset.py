@@ -420,6 +420,7 @@ def _one_image_json(**changes) -> dict:
     ("images.width", 60.5, r"image id 1: width 60.5 is not a positive integer"),
     ("images.id", [1], r"image id \[1\] is not an integer"),
     ("images.id", True, r"image id True is not an integer"),
+    ("images.id", 2**63, r"image id 9223372036854775808 does not fit in 64 bits"),  # the record ids' int64
     ("images.file_name", None, r"image id 1: file_name None is not a file name"),
     ("annotations.image_id", [1], r"annotation id 7 \(image id \[1\]\): image_id \[1\] is not an integer"),
     ("annotations.category_id", [1], r"annotation id 7 \(image id 1\): category_id \[1\] is not an integer"),
@@ -529,3 +530,126 @@ def test_an_image_in_a_subfolder_is_found_on_every_os(tiny_set, tmp_path, monkey
     monkeypatch.setattr(os, "sep", "\\")
     ds = COCODataset(str(tmp_path / "val"), str(ann_file), train=False)
     assert len(ds) == len(spec["images"]) and not ds.skipped
+
+
+# --- items read one byte buffer, not the json's objects (fork workers would copy those) ------
+
+def _target_from_json(coco, image_id: int, skipped_ann_ids: set[int], with_masks: bool,
+                      with_keypoints: bool, drop_crowd: bool) -> dict:
+    """The target as ``load_target`` built it from the COCO object's dicts and lists, before
+    the records were serialised: the reference the buffer must reproduce bit for bit."""
+    info = coco.imgs[image_id]
+    h, w = info["height"], info["width"]
+    cat_ids = sorted(coco.cats)
+    anns = [a for a in coco.imgToAnns.get(image_id, [])
+            if a["id"] not in skipped_ann_ids and not (drop_crowd and a.get("iscrowd", 0))]
+    boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    target = {"boxes": boxes,
+              "labels": torch.tensor([cat_ids.index(a["category_id"]) + 1 for a in anns], dtype=torch.int64),
+              "image_id": image_id,
+              "iscrowd": torch.tensor([a.get("iscrowd", 0) for a in anns], dtype=torch.int64),
+              "area": torch.tensor([a.get("area", 0.0) for a in anns], dtype=torch.float32),
+              "orig_size": (h, w)}
+    if with_masks:
+        masks = [mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(
+            clean_segmentation(a["segmentation"], h, w)[0], h, w))) if isinstance(a["segmentation"], list)
+            else coco.annToMask(a) for a in anns]
+        target["masks"] = (torch.from_numpy(np.stack(masks)) if masks
+                           else torch.zeros((0, h, w), dtype=torch.uint8))
+    if with_keypoints:
+        n_kp = len(shapes.KEYPOINT_NAMES)
+        kps = torch.zeros((len(anns), n_kp, 3), dtype=torch.float32)
+        for i, a in enumerate(anns):
+            if a.get("keypoints") is not None:
+                kps[i] = torch.tensor(a["keypoints"], dtype=torch.float32).reshape(n_kp, 3)
+        labelled = kps[..., 2] > 0
+        kps[..., :2] += COCO_KEYPOINT_OFFSET * labelled[..., None]
+        kps[~labelled] = 0.0
+        target["keypoints"] = kps
+    return target
+
+
+def _assert_same_target(ours: dict, reference: dict) -> None:
+    assert ours.keys() == reference.keys()
+    for key, value in reference.items():
+        if isinstance(value, torch.Tensor):
+            assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
+        else:
+            assert type(ours[key]) is type(value) and ours[key] == value, key
+
+
+def _cleaned_copy(root, tmp_path, with_missing_image: bool) -> tuple[str, set[int]]:
+    """The tiny train set with a polygon that needs cleaning, a skipped annotation, an image
+    without annotations and (optionally) one whose file is missing; and the skipped ids."""
+    data = json.loads((Path(root) / "annotations" / "instances_train.json").read_text())
+    polygon = next(a for a in data["annotations"] if isinstance(a["segmentation"], list) and not a["iscrowd"])
+    # a degenerate part, dropped by cleaning: left first, pycocotools reads the lists as boxes
+    polygon["segmentation"].insert(0, [1.0, 1.0, 2.0, 2.0])
+    skipped = next(a for a in data["annotations"] if a is not polygon)
+    skipped["category_id"] = 999
+    data["images"].append({"id": 56, "file_name": "000000.png", "height": 64, "width": 64})
+    if with_missing_image:
+        data["images"].append({"id": 55, "file_name": "missing.png", "height": 64, "width": 64})
+    path = tmp_path / "cleaned.json"
+    path.write_text(json.dumps(data))
+    return str(path), {skipped["id"]}
+
+
+@pytest.mark.parametrize("with_masks, with_keypoints, drop_crowd, train", [
+    (True, False, True, True), (True, True, False, False), (False, True, True, True),
+    (False, False, False, False), (True, True, True, True)])
+def test_targets_from_the_serialised_records_are_bit_identical_to_the_json_objects(
+        tiny_set, tmp_path, with_masks, with_keypoints, drop_crowd, train):
+    path, skipped = _cleaned_copy(tiny_set, tmp_path, with_missing_image=train)
+    with pytest.warns(UserWarning, match="unknown category id"):
+        ds = COCODataset(os.path.join(tiny_set, "train"), path, train=train, with_masks=with_masks,
+                         with_keypoints=with_keypoints, drop_crowd=drop_crowd)
+    coco = load_coco(path)  # a fresh copy of the json's objects, not the dataset's
+    assert ds.skipped["unknown category id"] == 1
+    assert ds.skipped["bad segmentation"] == 0  # the degenerate part is dropped, the rest kept
+    for image_id in sorted(coco.imgs):  # every id of the json, also those not in ds.ids (55, 56)
+        reference = _target_from_json(coco, image_id, skipped, with_masks, with_keypoints, drop_crowd)
+        _assert_same_target(ds.load_target(image_id), reference)
+    for index in range(len(ds)):
+        _assert_same_target(ds[index][1], ds.load_target(ds.ids[index]))
+    assert (56 in ds.ids) != train and 55 not in ds.ids
+
+
+class _Untouchable:
+    """Stands in for an object items must not read: any attribute access fails."""
+
+    def __getattribute__(self, name):
+        raise AssertionError(f"an item read .{name} of an object a fork worker would copy")
+
+    def __len__(self):
+        raise AssertionError("an item took the length of an object a fork worker would copy")
+
+    def __getitem__(self, key):
+        raise AssertionError(f"an item indexed [{key!r}] an object a fork worker would copy")
+
+
+def test_items_read_none_of_the_json_objects_a_fork_worker_would_copy(tiny_set):
+    # reading a Python object writes its reference count: each page read in a forked worker is
+    # copied into it (bench/worker_memory.py); items read one numpy byte buffer instead
+    with pytest.warns(UserWarning, match="no usable annotations"):  # keypoint training: not every id
+        ds = _dataset(tiny_set, with_keypoints=True)
+    outside = next(i for i in range(1, 13) if i not in ds.ids)
+    expected_item, expected_target = ds[1], ds.load_target(outside)
+    assert not hasattr(ds, "_anns") and not hasattr(ds, "_segmentation")  # no per-image objects kept
+    ds.coco, ds._ids = _Untouchable(), _Untouchable()  # the json's objects; the list of ids' ints
+    image, target = ds[1]
+    torch.testing.assert_close(image, expected_item[0], rtol=0, atol=0)
+    _assert_same_target(target, expected_item[1])
+    _assert_same_target(ds.load_target(outside), expected_target)
+    assert ds.load_image(outside).shape == (3, 64, 64)
+    with pytest.raises(KeyError, match="image id 999 is not in .*instances_train.json"):
+        ds.load_target(999)
+
+
+def test_the_ids_items_read_follow_the_public_list(tiny_set):
+    ds = _dataset(tiny_set)
+    ds.ids = ds.ids[::-1][:3]  # a subset, as a user might take
+    assert len(ds) == 3 and [ds[i][1]["image_id"] for i in range(3)] == [12, 11, 10]

@@ -550,6 +550,24 @@ def test_augmentation_does_not_depend_on_the_number_of_loader_workers(tmp_path):
     assert_same_tensors(final_state(tmp_path / "w0")["model"], final_state(tmp_path / "w2")["model"])
 
 
+def test_objects_are_frozen_for_the_worker_fork_only(tmp_path, monkeypatch):
+    # frozen before the fork, the workers' collections leave the shared pages alone
+    # (bench/worker_memory.py); unfrozen after it, later train() calls here still collect
+    import gc
+
+    frozen_when_forked = []
+    build_loader = engine._build_loader
+
+    def spy(*args, **kwargs):
+        frozen_when_forked.append(gc.get_freeze_count())  # iter() on the loader forks just after
+        return build_loader(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_build_loader", spy)
+    train(make_model(), TinyShapes(), tiny_config(tmp_path / "w1", max_iter=1, num_workers=1), collate)
+    train(make_model(), TinyShapes(), tiny_config(tmp_path / "w0", max_iter=1, num_workers=0), collate)
+    assert frozen_when_forked[0] > 0 and frozen_when_forked[1] == 0 and gc.get_freeze_count() == 0
+
+
 # --- non-finite losses ----------------------------------------------------------------------
 
 class PoisonedDetector(TinyDetector):

@@ -29,6 +29,16 @@ malformed RLE, wrong keypoint count) are skipped, counted in ``skipped`` and sum
 warning, so they never stop a long training run. In training mode (``train=True``) images
 without a usable annotation are skipped and counted too, and a json left with no image to train
 on is an error naming the first reasons. Masks are decoded per item, lazily.
+
+Memory: the loader's workers are forked and share the main process's pages until they write to
+one, and CPython writes to every object it reads (its reference count). Items that read the
+json's per-image dicts and lists would so copy nearly all of them into every worker
+(``bench/worker_memory.py``: ~520 MB of 626 MB per worker after 4,000 items; several GB per
+worker at COCO scale, times workers, times GPUs). So, as detectron2's
+``DatasetFromList(serialize=True)``, ``__init__`` ends by pickling each image's record (file name,
+size, its usable annotations with their cleaned segmentations) into one numpy byte buffer, found by
+a sorted numpy array of image ids; an item unpickles its own record and reads nothing else that is
+big. ``self.coco`` stays, for the main process (evaluation, aspect-ratio groups, categories).
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import io
 import json
 import math
 import os
+import pickle
 import re
 import warnings
 from collections import Counter, defaultdict
@@ -106,6 +117,8 @@ def _check_field_types(data: dict, ann_file: str) -> None:
     for img in data["images"]:
         if not _is_int(img["id"]):
             raise ValueError(f"{ann_file}: image id {img['id']!r} is not an integer")
+        if not -2**63 <= img["id"] < 2**63:  # COCODataset finds records by an int64 array of ids
+            raise ValueError(f"{ann_file}: image id {img['id']} does not fit in 64 bits")
         if not isinstance(img["file_name"], str) or not img["file_name"]:
             raise ValueError(f"{ann_file}: image id {img['id']}: file_name {img['file_name']!r} "
                              "is not a file name")
@@ -333,9 +346,8 @@ class COCODataset(Dataset):
         self.skipped: Counter = Counter()
         self.problems: list[str] = []  # the first few messages, for the person reading logs
         self._first: dict[str, str] = {}  # reason -> its first message
-        self._segmentation: dict[int, object] = {}  # ann id -> cleaned, only where it changed
-        self._anns = self._check_annotations()
-        self.ids = self._select_images()
+        anns, cleaned = self._check_annotations()
+        self.ids = self._select_images(anns)
         if train and not self.ids:  # else training stops later on "the dataset is empty", naming nothing
             reasons = "; ".join(self._examples()) or "it lists no images"
             raise ValueError(f"{ann_file}: no image is left to train on (skipped {dict(self.skipped)}); "
@@ -343,6 +355,18 @@ class COCODataset(Dataset):
         if self.skipped:
             warnings.warn(f"{ann_file}: skipped {dict(self.skipped)}; e.g. " + "; ".join(self._examples()),
                           stacklevel=2)
+        self._serialise_records(anns, cleaned)
+
+    @property
+    def ids(self) -> list[int]:
+        """The image id of each item, in order (for the main process: items read ``_item_ids``)."""
+        return self._ids
+
+    @ids.setter
+    def ids(self, ids: list[int]) -> None:
+        self._ids = list(ids)
+        # a list's int objects would take a reference count write per item (see the module docstring)
+        self._item_ids = np.array(self._ids, dtype=np.int64)  # (len(ids),)
 
     def _skip(self, reason: str, message: str) -> None:
         self.skipped[reason] += 1
@@ -356,9 +380,10 @@ class COCODataset(Dataset):
         firsts = list(self._first.values())
         return (firsts + [p for p in self.problems if p not in firsts])[:max(count, len(firsts))]
 
-    def _check_annotations(self) -> dict[int, list[dict]]:
-        """Per image id: the annotations we can use (the COCO object's own dicts, not copies)."""
-        anns = defaultdict(list)
+    def _check_annotations(self) -> tuple[dict[int, list[dict]], dict[int, object]]:
+        """Per image id, the annotations we can use (the COCO object's own dicts, not copies); and
+        per annotation id, its cleaned segmentation where cleaning changed it (the gt stays as is)."""
+        anns, cleaned = defaultdict(list), {}
         n_kp = len(self.keypoint_names)
         for ann in self.coco.dataset["annotations"]:
             aid, iid = ann.get("id"), ann.get("image_id")
@@ -392,7 +417,7 @@ class COCODataset(Dataset):
                     self._skip("bad segmentation", f"{where}: {why}")
                     continue
                 if segm is not ann["segmentation"] and len(segm) != len(ann["segmentation"]):
-                    self._segmentation[aid] = segm  # some degenerate polygons dropped
+                    cleaned[aid] = segm  # some degenerate polygons dropped
             kps = ann.get("keypoints")
             if self.with_keypoints and kps is not None:
                 why = _keypoints_problem(kps, n_kp)
@@ -406,9 +431,9 @@ class COCODataset(Dataset):
                            f"{crowd!r} (0 or 1)")
                 continue
             anns[iid].append(ann)
-        return anns
+        return anns, cleaned
 
-    def _select_images(self) -> list[int]:
+    def _select_images(self, anns: dict[int, list[dict]]) -> list[int]:
         listing = set(os.listdir(self.image_dir)) if os.path.isdir(self.image_dir) else set()
         ids, missing = [], []
         for iid in sorted(self.coco.imgs):
@@ -421,7 +446,7 @@ class COCODataset(Dataset):
                            f"image id {iid}: {os.path.join(self.image_dir, name)} not found")
                 missing.append(os.path.join(self.image_dir, name))
                 continue
-            if self.train and not self._usable(self._anns.get(iid, [])):
+            if self.train and not self._usable(anns.get(iid, [])):
                 self._skip("no usable annotations", f"image id {iid}: no usable annotations")
                 continue
             ids.append(iid)
@@ -439,52 +464,89 @@ class COCODataset(Dataset):
             return any(any(v > 0 for v in (a.get("keypoints") or [])[2::3]) for a in objects)
         return bool(objects)
 
+    def _serialise_records(self, anns: dict[int, list[dict]], cleaned: dict[int, object]) -> None:
+        """Pickle each image of the json (not only ``ids``: ``load_target`` takes any) into one
+        buffer, I images in id order:
+
+            _record_ids      (I,) int64, sorted
+            _record_offsets  (I + 1,) int64: record i is _records[offsets[i]:offsets[i + 1]]
+            _records         (offsets[-1],) uint8, one pickle per image
+
+        A record is ``{"id", "file_name", "height", "width", "annotations"}``, each annotation
+        only what ``load_target`` reads: ``bbox``, ``label``, ``iscrowd``, ``area``, and
+        ``segmentation`` (cleaned) with masks, ``keypoints`` (or None) with keypoints."""
+        image_ids = sorted(self.coco.imgs)
+        pickles = []
+        for image_id in image_ids:
+            info = self.coco.imgs[image_id]
+            record = {key: info[key] for key in ("id", "file_name", "height", "width")}
+            record["annotations"] = []
+            for ann in anns.get(image_id, []):
+                kept = {"bbox": ann["bbox"], "label": self.cat_id_to_label[ann["category_id"]],
+                        "iscrowd": ann.get("iscrowd", 0), "area": ann.get("area", 0.0)}
+                if self.with_masks:
+                    kept["segmentation"] = cleaned.get(ann["id"], ann["segmentation"])
+                if self.with_keypoints:
+                    kept["keypoints"] = ann.get("keypoints")
+                record["annotations"].append(kept)
+            pickles.append(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
+        lengths = np.array([len(p) for p in pickles], dtype=np.int64)  # (I,)
+        self._record_offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])  # (I + 1,)
+        self._records = np.frombuffer(b"".join(pickles), dtype=np.uint8)  # read-only, never written
+        self._record_ids = np.array(image_ids, dtype=np.int64)  # (I,)
+
+    def _record(self, image_id: int) -> dict:
+        """The image's record (``_serialise_records``), unpickled from the buffer; KeyError for
+        an id the json does not list, as ``coco.imgs[image_id]`` did."""
+        position = int(np.searchsorted(self._record_ids, image_id))
+        if position == len(self._record_ids) or self._record_ids[position] != image_id:
+            raise KeyError(f"image id {image_id!r} is not in {self.ann_file}")
+        start, end = self._record_offsets[position], self._record_offsets[position + 1]
+        return pickle.loads(self._records[start:end])
+
     def __len__(self) -> int:
         return len(self.ids)
 
     def load_image(self, image_id: int) -> torch.Tensor:
         """(3, H, W) float32 in [0, 1]; checks the file against the json's height/width."""
-        info = self.coco.imgs[image_id]
-        path = os.path.join(self.image_dir, info["file_name"])
+        record = self._record(image_id)
+        path = os.path.join(self.image_dir, record["file_name"])
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image file {path} (image id {image_id}) not found")
         try:
             pixels = read_rgb(path)
         except (OSError, ValueError) as err:  # not an image, empty, truncated; a mode we cannot read
             raise ValueError(f"image file {path} (image id {image_id}) cannot be read: {err}") from err
-        if pixels.shape[:2] != (info["height"], info["width"]):
+        if pixels.shape[:2] != (record["height"], record["width"]):
             raise ValueError(f"image file {path} (image id {image_id}) is {pixels.shape[:2]}, "
-                             f"but {self.ann_file} says {(info['height'], info['width'])}")
+                             f"but {self.ann_file} says {(record['height'], record['width'])}")
         return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # (3, H, W)
 
     def load_target(self, image_id: int) -> dict:
-        info = self.coco.imgs[image_id]
-        h, w = info["height"], info["width"]
-        anns = [a for a in self._anns.get(image_id, [])
-                if not (self.drop_crowd and a.get("iscrowd", 0))]
+        record = self._record(image_id)
+        h, w = record["height"], record["width"]
+        anns = [a for a in record["annotations"] if not (self.drop_crowd and a["iscrowd"])]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
         target = {
             "boxes": boxes,
-            "labels": torch.tensor([self.cat_id_to_label[a["category_id"]] for a in anns],
-                                   dtype=torch.int64),
+            "labels": torch.tensor([a["label"] for a in anns], dtype=torch.int64),
             "image_id": int(image_id),
-            "iscrowd": torch.tensor([a.get("iscrowd", 0) for a in anns], dtype=torch.int64),
-            "area": torch.tensor([a.get("area", 0.0) for a in anns], dtype=torch.float32),
+            "iscrowd": torch.tensor([a["iscrowd"] for a in anns], dtype=torch.int64),
+            "area": torch.tensor([a["area"] for a in anns], dtype=torch.float32),
             "orig_size": (h, w),
         }
         if self.with_masks:
-            masks = [decode_mask(self._segmentation.get(a["id"], a["segmentation"]), h, w)
-                     for a in anns]
+            masks = [decode_mask(a["segmentation"], h, w) for a in anns]
             target["masks"] = (torch.from_numpy(np.stack(masks)) if masks
                                else torch.zeros((0, h, w), dtype=torch.uint8))  # (N, H, W)
         if self.with_keypoints:
             n_kp = len(self.keypoint_names)
             kps = torch.zeros((len(anns), n_kp, 3), dtype=torch.float32)
             for i, a in enumerate(anns):
-                if a.get("keypoints") is not None:
+                if a["keypoints"] is not None:
                     kps[i] = torch.tensor(a["keypoints"], dtype=torch.float32).reshape(n_kp, 3)
             labelled = kps[..., 2] > 0
             kps[..., :2] += COCO_KEYPOINT_OFFSET * labelled[..., None]  # index -> pixel centre
@@ -493,7 +555,8 @@ class COCODataset(Dataset):
         return target
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        image_id = self.ids[index]
+        image_id = int(self._item_ids[index])
+        # each unpickles the image's record: tens of microseconds, next to decoding the image
         image, target = self.load_image(image_id), self.load_target(image_id)
         if self.transforms is not None:
             image, target = self.transforms(image, target)

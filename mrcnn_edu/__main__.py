@@ -283,8 +283,9 @@ def experiment_for_weights(weights: str, config: str | None, overrides: list[str
 
     A training checkpoint records its model's config: if the experiment's differs (RoIPool for
     RoIAlign: every tensor would still load), it is an error naming the settings; what only
-    inference reads (``engine.INFERENCE_ONLY``, e.g. the score threshold) may differ."""
-    from mrcnn_edu.engine import model_config_mismatch
+    inference or only training reads (``engine.WEIGHTS_FREE``: the test scale, NMS, thresholds,
+    the samplers) may differ."""
+    from mrcnn_edu.engine import WEIGHTS_FREE, model_config_mismatch
     from mrcnn_edu.recipes import load_experiment
 
     if not Path(weights).is_file():
@@ -295,7 +296,7 @@ def experiment_for_weights(weights: str, config: str | None, overrides: list[str
             raise ValueError(f"no experiment.json beside {weights}; pass --config NAME|FILE "
                              "(the recipe the checkpoint was trained with)")
     experiment, spec = load_experiment(config, overrides)
-    differ = model_config_mismatch(_recorded_model_config(weights), experiment.model)
+    differ = model_config_mismatch(_recorded_model_config(weights), experiment.model, free=WEIGHTS_FREE)
     if differ:
         raise ValueError(f"{weights} was trained with another model than {config} (with the overrides "
                          f"given) builds: {'; '.join(differ)}. Pass the run's own --config, or "

@@ -430,6 +430,14 @@ def resume_mismatch(saved: dict, cfg: TrainConfig, iteration: int) -> list[str]:
 INFERENCE_ONLY = ("transform.min_size_test", "transform.paste_mode", "rpn.pre_nms_top_n_test",
                   "rpn.post_nms_top_n_test", "box_head.score_thresh", "box_head.nms_thresh",
                   "box_head.detections_per_img", "mask_head.softmax_readout", "keypoint_head.coordinate_offset")
+# ... and those that change neither the weights nor what they mean: evaluating or predicting with a
+# checkpoint may set these freely too (another test scale, NMS, the training-only samplers)
+WEIGHTS_FREE = INFERENCE_ONLY + (
+    "transform.max_size", "transform.min_size_train", "transform.resize_mode", "transform.size_divisible",
+    "rpn.nms_thresh", "rpn.min_size", "rpn.score_thresh", "rpn.pre_nms_top_n_train", "rpn.post_nms_top_n_train",
+    "rpn.fg_iou_thresh", "rpn.bg_iou_thresh", "rpn.batch_size_per_image", "rpn.positive_fraction",
+    "rpn.smooth_l1_beta", "box_head.min_size", "box_head.fg_iou_thresh", "box_head.bg_iou_thresh",
+    "box_head.batch_size_per_image", "box_head.positive_fraction", "box_head.smooth_l1_beta")
 
 
 def _model_config(model: nn.Module) -> dict | None:
@@ -446,15 +454,16 @@ def model_mismatch(saved: dict | None, model: nn.Module) -> list[str]:
     return model_config_mismatch(saved, getattr(model, "cfg", None))
 
 
-def model_config_mismatch(saved: dict | None, model_cfg: Any) -> list[str]:
+def model_config_mismatch(saved: dict | None, model_cfg: Any, free: Sequence[str] = INFERENCE_ONLY) -> list[str]:
     """:func:`model_mismatch` for a model config (a ``MaskRCNNConfig``) not yet built into a
-    model: what ``eval`` and ``predict`` check a checkpoint against before they build one."""
+    model, leaving out the settings in ``free``: ``eval`` and ``predict`` check a checkpoint
+    against it before they build one, with ``free=WEIGHTS_FREE``."""
     from .config import config_differences
 
     if saved is None or not is_dataclass(model_cfg):  # a stand-in model in a test has no config
         return []
     now = json.loads(json.dumps(asdict(model_cfg)))  # as the checkpoint holds it: tuples as lists
-    return sorted(config_differences(saved, now, "model", skip=tuple(f"model.{k}" for k in INFERENCE_ONLY),
+    return sorted(config_differences(saved, now, "model", skip=tuple(f"model.{k}" for k in free),
                                      word="now"))
 
 
@@ -785,17 +794,19 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, collate_fn: Call
         trained_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=cfg.find_unused_parameters)
-    if cfg.num_workers > 0:
-        # the workers fork in iter() and share this process's pages until they write to them; a
-        # full collection in a worker writes the GC header of every object it traverses, so move
-        # them all to the permanent generation first (~40 MB less per worker, bench/worker_memory.py)
+    # the workers fork in iter() and share this process's pages until they write to them; a full
+    # collection in a worker writes the GC header of every object it traverses, so move them all to
+    # the permanent generation first (~40 MB less per worker, bench/worker_memory.py). Not where
+    # the caller froze objects itself: unfreezing after the fork would unfreeze theirs too
+    freeze = cfg.num_workers > 0 and gc.get_freeze_count() == 0
+    if freeze:
         gc.collect()
         gc.freeze()
     try:
         batches = iter(_build_loader(dataset, cfg, collate_fn, start_iter, info, group_ids,
                                      pin=device.type == "cuda"))
     finally:
-        if cfg.num_workers > 0:
+        if freeze:
             gc.unfreeze()  # the workers keep theirs frozen; this process collects as before
     show_bar = info.is_main and (sys.stderr.isatty() if cfg.progress is None else cfg.progress)
     progress = _progress_bar(cfg.max_iter, start_iter, show_bar)

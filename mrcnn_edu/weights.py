@@ -293,7 +293,8 @@ def load_torchvision_keypointrcnn(state_dict: dict[str, Tensor], cfg: MaskRCNNCo
         # right for fine-tuning on pixel centres; for using the weights as they are, half a pixel off
         warnings.warn(f"cfg.keypoint_head.coordinate_offset is {cfg.keypoint_head.coordinate_offset}, not "
                       f"{TORCHVISION_KEYPOINT_OFFSET}: these weights place keypoints at COCO's raw pixel indices, so "
-                      f"as they are their keypoints come out {TORCHVISION_KEYPOINT_OFFSET} px up and left of "
+                      f"as they are their keypoints come out "
+                      f"{TORCHVISION_KEYPOINT_OFFSET - cfg.keypoint_head.coordinate_offset:g} px up and left of "
                       f"what torchvision's evaluation gives them (torchvision_keypointrcnn_config sets it)",
                       stacklevel=2)
     return _load(MaskRCNN(cfg), state_dict, what)

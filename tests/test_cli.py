@@ -375,10 +375,14 @@ def test_eval_and_predict_refuse_an_experiment_of_another_model_than_the_checkpo
     weights = str(trained_run / "model_0000003.pth")
     capsys.readouterr()
     assert main(["eval", "--weights", weights, "--config", "tiny", *data_overrides(data_dir),
-                 "model.pooler.kind=roi_pool", "model.rpn.nms_thresh=0.5"]) == 2
+                 "model.pooler.kind=roi_pool", "model.mask_head.class_agnostic=True"]) == 2
     err = capsys.readouterr().err
     assert f"{weights} was trained with another model than tiny" in err
-    assert "model.pooler.kind='roi_align' (now 'roi_pool')" in err and "model.rpn.nms_thresh=0.7 (now 0.5)" in err
+    assert "model.pooler.kind='roi_align' (now 'roi_pool')" in err and "model.mask_head.class_agnostic" in err
+    # another test scale, NMS and the training-only samplers leave the weights' meaning alone
+    assert main(["eval", "--weights", weights, "--config", "tiny", *data_overrides(data_dir),
+                 "model.transform.min_size_test=96", "model.transform.max_size=192", "model.rpn.nms_thresh=0.6",
+                 "model.box_head.batch_size_per_image=32", "data.eval_images=1"]) == 0
     image = str(data_dir / "val" / "000000.png")
     assert main(["predict", image, "--weights", weights, "--out", str(tmp_path),
                  "--set", "model.pooler.kind=roi_pool"]) == 2

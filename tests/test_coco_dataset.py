@@ -639,7 +639,7 @@ def test_items_read_none_of_the_json_objects_a_fork_worker_would_copy(tiny_set):
     outside = next(i for i in range(1, 13) if i not in ds.ids)
     expected_item, expected_target = ds[1], ds.load_target(outside)
     assert not hasattr(ds, "_anns") and not hasattr(ds, "_segmentation")  # no per-image objects kept
-    ds.coco, ds._ids = _Untouchable(), _Untouchable()  # the json's objects; the list of ids' ints
+    ds.coco = _Untouchable()  # the json's objects
     image, target = ds[1]
     torch.testing.assert_close(image, expected_item[0], rtol=0, atol=0)
     _assert_same_target(target, expected_item[1])
@@ -653,3 +653,5 @@ def test_the_ids_items_read_follow_the_public_list(tiny_set):
     ds = _dataset(tiny_set)
     ds.ids = ds.ids[::-1][:3]  # a subset, as a user might take
     assert len(ds) == 3 and [ds[i][1]["image_id"] for i in range(3)] == [12, 11, 10]
+    ds.ids.reverse()  # or edited in place
+    assert [ds[i][1]["image_id"] for i in range(3)] == [10, 11, 12]

@@ -566,6 +566,12 @@ def test_objects_are_frozen_for_the_worker_fork_only(tmp_path, monkeypatch):
     train(make_model(), TinyShapes(), tiny_config(tmp_path / "w1", max_iter=1, num_workers=1), collate)
     train(make_model(), TinyShapes(), tiny_config(tmp_path / "w0", max_iter=1, num_workers=0), collate)
     assert frozen_when_forked[0] > 0 and frozen_when_forked[1] == 0 and gc.get_freeze_count() == 0
+    gc.freeze()  # a caller's own freeze is left as it was, not unfrozen with ours
+    try:
+        train(make_model(), TinyShapes(), tiny_config(tmp_path / "w2", max_iter=1, num_workers=1), collate)
+        assert gc.get_freeze_count() > 0  # our unfreeze would have emptied the permanent generation
+    finally:
+        gc.unfreeze()
 
 
 # --- non-finite losses ----------------------------------------------------------------------

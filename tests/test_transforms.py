@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,6 +62,9 @@ def test_keypoint_flip_swaps_left_and_right_names():
     pairs = [(i, j) for i, j in enumerate(KEYPOINT_FLIP_MAP) if i < j]
     image, target = _example()
     assert torch.equal(hflip(image, target, pairs)[1]["keypoints"],
+                       hflip(image, target, KEYPOINT_FLIP_MAP)[1]["keypoints"])
+    numpy_pairs = [tuple(np.array(pair)) for pair in pairs]  # np.int64 entries, as a map read from an array
+    assert torch.equal(hflip(image, target, numpy_pairs)[1]["keypoints"],
                        hflip(image, target, KEYPOINT_FLIP_MAP)[1]["keypoints"])
 
 

@@ -347,7 +347,9 @@ class COCODataset(Dataset):
         self.problems: list[str] = []  # the first few messages, for the person reading logs
         self._first: dict[str, str] = {}  # reason -> its first message
         anns, cleaned = self._check_annotations()
-        self.ids = self._select_images(anns)
+        # ints made anew, together: the json's own id objects sit among its other objects, and an
+        # item reading one would copy that page into a forked worker (module docstring, "Memory")
+        self.ids = np.array(self._select_images(anns), dtype=np.int64).tolist()
         if train and not self.ids:  # else training stops later on "the dataset is empty", naming nothing
             reasons = "; ".join(self._examples()) or "it lists no images"
             raise ValueError(f"{ann_file}: no image is left to train on (skipped {dict(self.skipped)}); "
@@ -356,17 +358,6 @@ class COCODataset(Dataset):
             warnings.warn(f"{ann_file}: skipped {dict(self.skipped)}; e.g. " + "; ".join(self._examples()),
                           stacklevel=2)
         self._serialise_records(anns, cleaned)
-
-    @property
-    def ids(self) -> list[int]:
-        """The image id of each item, in order (for the main process: items read ``_item_ids``)."""
-        return self._ids
-
-    @ids.setter
-    def ids(self, ids: list[int]) -> None:
-        self._ids = list(ids)
-        # a list's int objects would take a reference count write per item (see the module docstring)
-        self._item_ids = np.array(self._ids, dtype=np.int64)  # (len(ids),)
 
     def _skip(self, reason: str, message: str) -> None:
         self.skipped[reason] += 1
@@ -555,7 +546,7 @@ class COCODataset(Dataset):
         return target
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        image_id = int(self._item_ids[index])
+        image_id = self.ids[index]  # a fresh int (see __init__), not one of the json's objects
         # each unpickles the image's record: tens of microseconds, next to decoding the image
         image, target = self.load_image(image_id), self.load_target(image_id)
         if self.transforms is not None:

@@ -23,7 +23,9 @@ Geometry (pixel ``i`` covers ``[i, i+1)``, so a continuous point ``x`` maps exac
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -203,7 +205,7 @@ def _flip_permutation(flip_map, num_keypoints: int) -> list[int]:
         for pair in given:
             if len(pair) != 2 or not all(_is_index(k, num_keypoints) for k in pair):
                 raise ValueError(f"flip_map pairs must be (i, j) with 0 <= i, j < {num_keypoints}, got {given}")
-            i, j = pair
+            i, j = (int(k) for k in pair)
             perm[i], perm[j] = j, i
     if sorted(perm) != list(range(num_keypoints)) or any(perm[j] != i for i, j in enumerate(perm)):
         raise ValueError(f"flip_map must be a permutation of range({num_keypoints}) that is its own inverse "
@@ -212,7 +214,8 @@ def _flip_permutation(flip_map, num_keypoints: int) -> list[int]:
 
 
 def _is_index(k, size: int) -> bool:
-    return isinstance(k, int) and not isinstance(k, bool) and 0 <= k < size
+    """An integer in ``range(size)``: a Python or numpy one, not a bool."""
+    return isinstance(k, numbers.Integral) and not isinstance(k, (bool, np.bool_)) and 0 <= k < size
 
 
 def hflip(image: torch.Tensor, target: dict | None, flip_map=None

@@ -69,6 +69,11 @@ class MaskRCNN(nn.Module):
         scales = [1.0 / s for s in strides[: self.num_roi_levels]]
 
         torchvision_strides = cfg.anchors.stride_mode == "torchvision"
+        if torchvision_strides and cfg.transform.size_divisible % 32:
+            # the generator rebuilds the padded size as finest map x its stride: exact only when
+            # every stride up to 32 divides it, as in torchvision (its size_divisible is 32)
+            raise ValueError(f"anchors.stride_mode='torchvision' needs transform.size_divisible to be a "
+                             f"multiple of 32 (torchvision's own: 32), got {cfg.transform.size_divisible}")
         generator_class = TorchvisionStrideAnchorGenerator if torchvision_strides else AnchorGenerator
         anchor_generator = generator_class(cfg.anchors.sizes, [cfg.anchors.aspect_ratios] * len(names), strides,
                                            offset=cfg.anchors.offset, round_cell=cfg.anchors.round_cell)
@@ -280,6 +285,11 @@ def _check_images(images: list[Tensor], targets: list[dict] | None, num_classes:
         if "boxes" not in t or "labels" not in t:
             raise ValueError(f"targets[{i}] needs 'boxes' (G, 4) and 'labels' (G,); has {sorted(t)}")
         check_boxes(t["boxes"], f"targets[{i}]['boxes']", values=False)
+        for key in ("boxes", "labels", "masks", "keypoints"):
+            # else a device error deep in a head's targets (the RoI labels, the mask crops)
+            if isinstance(t.get(key), Tensor) and t[key].device != image.device:
+                raise ValueError(f"targets[{i}]['{key}'] is on {t[key].device}, images[{i}] on {image.device}: "
+                                 "move the targets with the images (engine.to_device does both)")
         num_gt, (height, width) = t["boxes"].shape[0], image.shape[-2:]
         labels = t["labels"]
         if not isinstance(labels, Tensor) or labels.shape != (num_gt,) or labels.is_floating_point():

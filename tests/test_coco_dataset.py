@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -639,7 +640,7 @@ def test_items_read_none_of_the_json_objects_a_fork_worker_would_copy(tiny_set):
     outside = next(i for i in range(1, 13) if i not in ds.ids)
     expected_item, expected_target = ds[1], ds.load_target(outside)
     assert not hasattr(ds, "_anns") and not hasattr(ds, "_segmentation")  # no per-image objects kept
-    ds.coco = _Untouchable()  # the json's objects
+    ds._coco = _Untouchable()  # the json's objects (what ds.coco returns)
     image, target = ds[1]
     torch.testing.assert_close(image, expected_item[0], rtol=0, atol=0)
     _assert_same_target(target, expected_item[1])
@@ -655,3 +656,19 @@ def test_the_ids_items_read_follow_the_public_list(tiny_set):
     assert len(ds) == 3 and [ds[i][1]["image_id"] for i in range(3)] == [12, 11, 10]
     ds.ids.reverse()  # or edited in place
     assert [ds[i][1]["image_id"] for i in range(3)] == [10, 11, 12]
+
+
+def test_a_spawned_worker_receives_the_records_without_the_coco_object(tiny_set):
+    # spawn / forkserver workers get the dataset pickled: the COCO object would double it
+    ds = _dataset(tiny_set)
+    expected = ds[2]
+    blob = pickle.dumps(ds)
+    assert len(blob) < len(pickle.dumps(ds.coco))  # the whole json's objects are not in it
+    copy = pickle.loads(blob)
+    assert copy.__dict__["_coco"] is None and ds.__dict__["_coco"] is not None  # the original keeps its own
+    image, target = copy[2]
+    torch.testing.assert_close(image, expected[0], rtol=0, atol=0)
+    _assert_same_target(target, expected[1])
+    assert copy.__dict__["_coco"] is None  # items never asked for it
+    assert copy.coco.imgs.keys() == ds.coco.imgs.keys()  # read again from the json when asked
+    assert copy.class_names == ds.class_names

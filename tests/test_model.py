@@ -244,12 +244,23 @@ def test_bad_input_gets_a_clear_error():
         cfg = mini_fpn(num_classes=2)
         cfg.anchors.sizes = ((32,),)
         MaskRCNN(cfg)
+    # torchvision's strides come from the padded size, rebuilt as P2's size x 4: exact only
+    # when the padding is to a multiple of 32 (801 px padded to 804: P2 stride 4, not 801 // 201 = 3)
+    cfg = mini_fpn(num_classes=2)
+    cfg.anchors.stride_mode, cfg.transform.size_divisible = "torchvision", 4
+    with pytest.raises(ValueError, match="stride_mode='torchvision' needs transform.size_divisible.*got 4"):
+        MaskRCNN(cfg)
     model.train()
     good = {"boxes": torch.tensor([[2.0, 2.0, 20.0, 30.0]]), "labels": torch.tensor([1]),
             "masks": torch.zeros(1, 64, 64, dtype=torch.uint8)}
     # the mask head trains on every target's masks: without them, a KeyError deep in its loss
     with pytest.raises(ValueError, match=r"targets\[1\] has no 'masks'.*with_masks=True"):
         model([torch.rand(3, 64, 64)] * 2, [good, {"boxes": good["boxes"], "labels": good["labels"]}])
+    # targets left behind on another device than the images: named before any head reads them
+    for key in ("boxes", "labels", "masks"):
+        elsewhere = {**good, key: good[key].to("meta")}
+        with pytest.raises(ValueError, match=rf"targets\[1\]\['{key}'\] is on meta, images\[1\] on cpu"):
+            model([torch.rand(3, 64, 64)] * 2, [good, elsewhere])
     for bad_box, message in (([5.0, 2.0, 1.0, 30.0], "negative size"),
                              ([2.0, float("nan"), 20.0, 30.0], "non-finite"),
                              ([30.0, 10.0, 30.0, 40.0], "zero-area")):  # IoU 0 with any box: unlearnable

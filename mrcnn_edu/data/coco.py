@@ -38,7 +38,8 @@ worker at COCO scale, times workers, times GPUs). So, as detectron2's
 ``DatasetFromList(serialize=True)``, ``__init__`` ends by pickling each image's record (file name,
 size, its usable annotations with their cleaned segmentations) into one numpy byte buffer, found by
 a sorted numpy array of image ids; an item unpickles its own record and reads nothing else that is
-big. ``self.coco`` stays, for the main process (evaluation, aspect-ratio groups, categories).
+big. ``self.coco`` stays, for the main process (evaluation, aspect-ratio groups, categories), and
+is left out of the pickle that spawned workers receive (``__getstate__``).
 """
 
 from __future__ import annotations
@@ -322,7 +323,7 @@ class COCODataset(Dataset):
         self.image_dir, self.ann_file, self.transforms = image_dir, ann_file, transforms
         self.train, self.with_masks, self.with_keypoints = train, with_masks, with_keypoints
         self.drop_crowd = drop_crowd
-        self.coco = load_coco(ann_file)
+        self._coco: COCO | None = load_coco(ann_file)
         cats = self.coco.dataset["categories"]
         self.cat_ids = sorted(c["id"] for c in cats)
         self.cat_id_to_label = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}
@@ -358,6 +359,23 @@ class COCODataset(Dataset):
             warnings.warn(f"{ann_file}: skipped {dict(self.skipped)}; e.g. " + "; ".join(self._examples()),
                           stacklevel=2)
         self._serialise_records(anns, cleaned)
+
+    @property
+    def coco(self) -> COCO:
+        """The json as pycocotools reads it, for the main process: categories, evaluation,
+        aspect-ratio groups. Items never read it (the records, module docstring "Memory")."""
+        if self._coco is None:  # a pickled copy (__getstate__) that is asked for it after all
+            self._coco = load_coco(self.ann_file)
+        return self._coco
+
+    def __getstate__(self) -> dict:
+        """Everything but ``coco``: a loader whose workers are *spawned* (macOS's and Windows'
+        default start method; forkserver, Python 3.14's on Linux) pickles the dataset into each,
+        and the COCO object is as big as the records again and more. A copy reads the json
+        again if something asks it for ``coco``."""
+        state = self.__dict__.copy()
+        state["_coco"] = None
+        return state
 
     def _skip(self, reason: str, message: str) -> None:
         self.skipped[reason] += 1
@@ -500,7 +518,10 @@ class COCODataset(Dataset):
 
     def load_image(self, image_id: int) -> torch.Tensor:
         """(3, H, W) float32 in [0, 1]; checks the file against the json's height/width."""
-        record = self._record(image_id)
+        return self._load_image(self._record(image_id))
+
+    def _load_image(self, record: dict) -> torch.Tensor:
+        image_id = record["id"]
         path = os.path.join(self.image_dir, record["file_name"])
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image file {path} (image id {image_id}) not found")
@@ -514,7 +535,13 @@ class COCODataset(Dataset):
         return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # (3, H, W)
 
     def load_target(self, image_id: int) -> dict:
-        record = self._record(image_id)
+        """The image's usable annotations as a target: ``boxes`` (N, 4) xyxy in pixels, clamped
+        to the image; ``labels`` (N,) contiguous 1..K; ``iscrowd``, ``area`` (N,); ``masks`` (N, H, W)
+        uint8 with masks; ``keypoints`` (N, K, 3) at pixel centres with keypoints."""
+        return self._load_target(self._record(image_id))
+
+    def _load_target(self, record: dict) -> dict:
+        image_id = record["id"]
         h, w = record["height"], record["width"]
         anns = [a for a in record["annotations"] if not (self.drop_crowd and a["iscrowd"])]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
@@ -546,9 +573,8 @@ class COCODataset(Dataset):
         return target
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        image_id = self.ids[index]  # a fresh int (see __init__), not one of the json's objects
-        # each unpickles the image's record: tens of microseconds, next to decoding the image
-        image, target = self.load_image(image_id), self.load_target(image_id)
+        record = self._record(self.ids[index])  # a fresh int (see __init__), not one of the json's objects
+        image, target = self._load_image(record), self._load_target(record)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target

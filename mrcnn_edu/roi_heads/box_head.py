@@ -155,7 +155,7 @@ def sample_rois_padded(proposals: list[Tensor], targets: list[dict[str, Tensor]]
                              f"do not match boxes {tuple(target['boxes'].shape)}")
     reference = proposals[0]
     gt_boxes = pad_boxes([t["boxes"].to(reference) for t in targets])  # (B, G, 4)
-    gt_labels = pad_rows([t["labels"].to(torch.int64) for t in targets])  # (B, G)
+    gt_labels = pad_rows([t["labels"].to(reference.device, torch.int64) for t in targets])  # (B, G)
     candidates = [p.detach() for p in proposals]
     if add_gt_as_proposals:
         candidates = [torch.cat([p, t["boxes"].to(p)]) for p, t in zip(candidates, targets)]  # (R_i + G_i, 4)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -71,17 +72,28 @@ def prepare_data(experiment) -> None:
     print(f"generated in {time.perf_counter() - tic:.0f} s", flush=True)
 
 
-def build_datasets(experiment, train: bool = True):
-    """(train set or None, val set) as COCODatasets; checks the class count against the model."""
+def build_datasets(experiment, train: bool = True, run_class_names: list[str] | None = None):
+    """(train set or None, val set) as COCODatasets; checks the class count against the model.
+
+    ``run_class_names``: the classes, in label order, of the run whose weights are evaluated
+    (``experiment.json``'s ``class_names``): a val json whose categories, numbered as
+    ``COCODataset`` numbers them (sorted ids -> labels 1..K), name other classes is refused with
+    the difference listed -- it would score each label against another category."""
     from mrcnn_edu.data.coco import COCODataset
     from mrcnn_edu.data.transforms import RandomHorizontalFlip
 
     data, model_cfg = experiment.data, experiment.model
     val = COCODataset(data.val_images, data.val_annotations, train=False, with_masks=False)
+    if run_class_names is not None and list(run_class_names) != val.class_names:
+        raise ValueError(f"{data.val_annotations} has other categories than the run the weights come from "
+                         f"({_category_difference(run_class_names, val)}); evaluate on a json with the run's "
+                         "categories, whose sorted category ids give the same names in the same order")
     if len(val.cat_ids) != model_cfg.num_classes:
+        advice = (f"add model.num_classes={len(val.cat_ids)} to the command" if train else
+                  f"the weights predict {model_cfg.num_classes} classes: evaluate them on a json of "
+                  "the categories they were trained on (data.val_annotations=...)")
         raise ValueError(f"{data.val_annotations} has {len(val.cat_ids)} categories but the model "
-                         f"has model.num_classes={model_cfg.num_classes}; add "
-                         f"model.num_classes={len(val.cat_ids)} to the command")
+                         f"has model.num_classes={model_cfg.num_classes}; {advice}")
     if not train:
         return None, val
     train_set = COCODataset(data.train_images, data.train_annotations, train=True,
@@ -95,6 +107,28 @@ def build_datasets(experiment, train: bool = True):
     if data.flip_prob > 0:
         train_set.transforms = RandomHorizontalFlip(data.flip_prob, train_set.keypoint_flip_map)
     return train_set, val
+
+
+def _category_difference(run_class_names: list[str], val) -> str:
+    """``label 2: 'square' in the run, 'circle' (category id 2) in the json; ...``"""
+    run_names, val_names = list(run_class_names)[1:], val.class_names[1:]  # without __background__
+    differ = []
+    for label in range(1, max(len(run_names), len(val_names)) + 1):
+        ran = repr(run_names[label - 1]) if label <= len(run_names) else "nothing"
+        val_text = (f"{val_names[label - 1]!r} (category id {val.cat_ids[label - 1]})"
+                    if label <= len(val_names) else "nothing")
+        if label > len(run_names) or label > len(val_names) or run_names[label - 1] != val_names[label - 1]:
+            differ.append(f"label {label}: {ran} in the run, {val_text} in the json")
+    return "; ".join(differ[:10]) + (f"; ... ({len(differ) - 10} more)" if len(differ) > 10 else "")
+
+
+def _run_info(weights: str, config: str | None = None) -> dict:
+    """What training wrote beside the checkpoint (``experiment.json``: its class names, the
+    keypoint skeleton), else what ``--config`` holds if it is such a file; {} if neither."""
+    for path in (Path(weights).parent / "experiment.json", Path(config) if config else None):
+        if path is not None and path.suffix == ".json" and path.is_file():
+            return json.loads(path.read_text())
+    return {}
 
 
 def _check_synthetic_set(synthetic) -> None:
@@ -172,19 +206,20 @@ def build_model(experiment, weights: str | None = None, strict: bool = True):
                   f"{init['tensors']} tensors", file=sys.stderr)
             return model
         if _is_torchvision_detector(state):  # its RPN conv, FPN and heads have other names
-            from mrcnn_edu.weights import _strip_module_prefix, torchvision_state_dict_to_ours
+            from mrcnn_edu.weights import _torchvision_layout, torchvision_overrides, torchvision_state_dict_to_ours
 
-            state = _strip_module_prefix(state)
+            state = _torchvision_layout(state)
             renamed, unused = torchvision_state_dict_to_ours(state, model)
-            state = {**renamed, **{key: state[key] for key in unused}}  # unused: reported below
             print(f"{weights}: a torchvision detector's state dict, renamed to this model's keys",
                   file=sys.stderr)
-            head = experiment.model.keypoint_head
-            if head is not None and not head.coordinate_offset and any(k.startswith("keypoint_head.") for k in renamed):
-                # its keypoints were learned on COCO's raw pixel indices, ours on pixel centres
-                print(f"{weights}: torchvision's keypoints sit half a pixel up-left of this package's; to "
-                      "evaluate or draw them as they are, add model.keypoint_head.coordinate_offset=0.5 "
-                      "(training on from them learns pixel centres: leave it 0)", file=sys.stderr)
+            differ = torchvision_overrides(experiment.model, state) if strict else []
+            if differ:  # every tensor loads into any recipe of these shapes: the detections would differ
+                eps = any(text.startswith("model.backbone.resnet.bn_eps=") for text in differ)
+                print(f"{weights}: torchvision runs these weights with other settings than this experiment "
+                      f"(weights.py); to evaluate or draw them as torchvision does, add {' '.join(differ)}"
+                      + (" (bn_eps 0 is for torchvision's COCO_V1 files; a model it built with weights=None "
+                         "runs 1e-5)" if eps else ""), file=sys.stderr)
+            state = {**renamed, **{key: state[key] for key in unused}}  # unused: reported below
         if not strict:  # fine-tuning: e.g. COCO's 91-way predictors into a model of other classes
             own = model.state_dict()
             reshaped = [key for key, value in state.items() if key in own and own[key].shape != value.shape]
@@ -273,7 +308,7 @@ def run_training(experiment, spec: dict | None = None) -> dict:
                    group_ids=group_ids if len(set(group_ids)) > 1 else None, on_start=write_experiment)
     result["model"] = model
     if info.is_main and result["eval"]:
-        print(f"COCO AP (%) on {experiment.data.val_annotations}, iteration {result['iteration']}:")
+        print(f"COCO AP (%) on {_images_evaluated(experiment, val_set)}, iteration {result['iteration']}:")
         print(format_ap_table(result["eval"]), flush=True)
     return result
 
@@ -316,6 +351,30 @@ def _recorded_model_config(weights: str) -> dict | None:
     return saved.get("model_config") if isinstance(saved, dict) else None
 
 
+def _images_evaluated(experiment, val_set) -> str:
+    """``instances_val.json``, or ``500 of 5000 images of instances_val.json`` for a subset
+    (``data.eval_images``): the table is not the whole json's AP."""
+    from mrcnn_edu.predict import images_scored
+
+    scored = images_scored(val_set, experiment.data.eval_images)
+    subset = f"{scored} of {len(val_set.ids)} images of " if scored < len(val_set.ids) else ""
+    return f"{subset}{experiment.data.val_annotations}"
+
+
+def _metrics_file(path: str) -> Path:
+    """``eval --out``'s file, its folder made and checked now: not after the whole evaluation."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file, e.g. {out / 'metrics.json'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {out}: its folder cannot be made ({err})") from err
+    if not os.access(out.parent, os.W_OK):
+        raise ValueError(f"--out {out}: cannot write into {out.parent}")
+    return out
+
+
 # --- the commands ------------------------------------------------------------------------------
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -349,17 +408,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _set_threads(experiment)
     info = init_distributed(experiment.train.device)
     with leaving_process_group():
-        _, val_set = build_datasets(experiment, train=False)
+        out = _metrics_file(args.out) if args.out else None  # every rank: none waits on one that stopped
+        _, val_set = build_datasets(experiment, train=False,
+                                    run_class_names=_run_info(args.weights, args.config).get("class_names"))
         model = build_model(experiment, args.weights).to(_pick_device(experiment.train.device, info))
         tic = time.perf_counter()
         metrics = evaluate_model(model, val_set, batch_size=experiment.data.eval_batch_size,
                                  max_images=experiment.data.eval_images)
         if info.is_main:
-            print(f"COCO AP (%) of {args.weights} on {experiment.data.val_annotations} "
+            print(f"COCO AP (%) of {args.weights} on {_images_evaluated(experiment, val_set)} "
                   f"({time.perf_counter() - tic:.0f} s):")
             print(format_ap_table(metrics))
-            if args.out:
-                Path(args.out).write_text(json.dumps(metrics, indent=1))
+            if out is not None:  # fractions, as evaluate_model gives them; null (strict JSON) for nan
+                strict = {iou_type: {name: None if math.isnan(value) else value for name, value in row.items()}
+                          for iou_type, row in metrics.items()}
+                out.write_text(json.dumps(strict, indent=1, allow_nan=False))
     return 0
 
 
@@ -386,10 +449,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if clashing:  # a/x.png and b/x.png would both be drawn to OUT/x.png
         raise ValueError(f"images with the same name {clashing} would overwrite each other's drawing "
                          f"in {args.out}; predict them in separate calls or rename them")
+    out_dir = Path(args.out)
+    for image_path in args.images:  # before anything is predicted, let alone written
+        drawing = out_dir / f"{Path(image_path).stem}.png"
+        for source in args.images:  # e.g. `predict photo.png --out .`: the photo itself
+            if _same_file(drawing, Path(source)):
+                raise ValueError(f"the drawing of {image_path}, {drawing}, would overwrite the input image "
+                                 f"{source} (the same file); give --out another folder")
     experiment, _ = experiment_for_weights(args.weights, args.config, args.overrides)
     _set_threads(experiment)
-    run_info_path = Path(args.weights).parent / "experiment.json"
-    run_info = json.loads(run_info_path.read_text()) if run_info_path.is_file() else {}
+    run_info = _run_info(args.weights, args.config)
     class_names = run_info.get("class_names")
     skeleton = keypoint_skeleton(experiment, run_info)
     from mrcnn_edu.distributed import DistInfo
@@ -397,7 +466,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     # train.device (auto: the GPU when there is one), as eval does; --set train.device=cpu
     model = build_model(experiment, args.weights).to(_pick_device(experiment.train.device, DistInfo()))
-    out_dir = Path(args.out)
     for image_path in args.images:
         image = load_image(image_path)
         # drawn where > 0.5, as evaluation scores them: binarised on the device, a quarter of the copy
@@ -407,6 +475,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         kept = int((prediction["scores"] >= args.score_threshold).sum())
         print(f"{image_path}: {kept} detections with score >= {args.score_threshold} -> {path}")
     return 0
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """One file under two names: the same resolved path (links, ``..``), or, both existing, the
+    same inode (a hard link, a case-insensitive file system)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -524,7 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--weights", required=True, metavar="CKPT", help="a checkpoint (.pth)")
     evaluate.add_argument("--config", metavar="NAME|FILE",
                           help="the run's recipe (default: experiment.json beside CKPT)")
-    evaluate.add_argument("--out", metavar="JSON", help="also write the metrics to this file")
+    evaluate.add_argument("--out", metavar="JSON", help="also write the metrics to this file, as "
+                          "fractions in [0, 1] (the table shows percent), null where COCOeval has "
+                          "nothing to score; its folder is made first")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     evaluate.set_defaults(func=_cmd_eval)
 

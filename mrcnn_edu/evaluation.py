@@ -11,7 +11,9 @@ third column is the heatmap's peak logit, written to the json where COCO puts v 
 reads only x and y of a detection)}.
 
 Conversions: boxes xyxy -> COCO xywh; labels -> category ids with ``label_to_cat_id``
-(default: the sorted category ids of ``coco_gt``, as ``COCODataset`` numbers them); masks ->
+(default: the sorted category ids of ``coco_gt``, as ``COCODataset`` numbers them; labels that
+already are category ids -- torchvision's COCO models, ``weights.py`` -- need the identity
+``{cid: cid for cid in coco_gt.getCatIds()}``); masks ->
 compressed RLE via ``pycocotools.mask.encode``; keypoints -> COCO pixel indices by subtracting
 ``COCO_KEYPOINT_OFFSET`` (0.5; see ``data/coco.py``).
 
@@ -44,6 +46,7 @@ _NEEDS = {"bbox": "boxes", "segm": "masks", "keypoints": "keypoints"}
 # §3 "Implementation Details", inference: "The m×m floating-number mask output is then resized to
 # the RoI size, and binarized at a threshold of 0.5"
 SEGM_MASK_THRESHOLD = 0.5
+NO_KEYPOINT_CATEGORY = "skipping keypoints evaluation: no ground-truth category has keypoints"
 
 
 def _numpy(x) -> np.ndarray:
@@ -79,7 +82,9 @@ def predictions_to_coco_results(predictions: dict[int, dict], iou_type: str,
         else:
             unknown = sorted(set(labels.tolist()) - set(label_to_cat_id))
             if unknown:
-                raise ValueError(f"image id {image_id}: labels {unknown} not in label_to_cat_id")
+                raise ValueError(f"image id {image_id}: labels {unknown} not in label_to_cat_id (labels that "
+                                 "already are category ids, as torchvision's COCO models give, map to "
+                                 "themselves: {cid: cid, ...})")
             cat_ids = [int(label_to_cat_id[int(label)]) for label in labels]
         boxes = _numpy(pred["boxes"]).astype(float).reshape(-1, 4)
         xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
@@ -103,14 +108,30 @@ def predictions_to_coco_results(predictions: dict[int, dict], iou_type: str,
     return results
 
 
+def _is_polygon(entry) -> bool:
+    """A polygon both pycocotools and ``clean_segmentation`` read whole: 3 or more x, y pairs."""
+    return isinstance(entry, list) and len(entry) >= 6 and len(entry) % 2 == 0
+
+
+def _polygon_text(entry) -> str:
+    return f"{len(entry)} values" if isinstance(entry, list) else f"{entry!r:.40}, not a list"
+
+
 def check_ground_truth(coco_gt: COCO, iou_types: tuple[str, ...], source: str = "the ground truth") -> None:
     """ValueError, naming ``source`` and the annotation, for ground truth COCOeval would crash on
     with a bare KeyError or TypeError (or score wrongly) -- before any image is predicted.
 
     COCOeval reads every annotation as it is: each needs a finite ``area`` and ``bbox``; for
-    "segm", polygons of 3 points or more (a 2-point one reads as a box) or a sound RLE; for
-    "keypoints", 3 values per keypoint, ``num_keypoints``, and 17 keypoints (COCOeval's OKS
-    sigmas are COCO's 17)."""
+    "segm", a sound RLE or a list of polygons whose *first* has 3 points or more: pycocotools
+    picks the reading from the first entry alone (4 values: boxes, a TypeError for a list). A later
+    polygon of fewer than 3 points (under 6 values) is rasterised as nothing, so COCOeval scores
+    the mask ``COCODataset`` trains on, which drops it (``clean_segmentation``): accepted. A later
+    one of an odd count of 7 or more values is not (pycocotools draws its first points, training
+    drops it). For "keypoints", 3 values per keypoint, ``num_keypoints``, and 17 keypoints
+    (COCOeval's OKS sigmas are COCO's 17).
+
+    The verdict is the json's: :func:`run_cocoeval` puts back the polygons COCOeval rewrites to
+    RLE in place, so an evaluation run earlier in the process changes nothing here."""
     from mrcnn_edu.data.coco import clean_segmentation
 
     kp_cats = {c["id"]: len(c["keypoints"]) for c in coco_gt.dataset["categories"] if c.get("keypoints")}
@@ -131,14 +152,29 @@ def check_ground_truth(coco_gt: COCO, iou_types: tuple[str, ...], source: str = 
             image = coco_gt.imgs.get(ann.get("image_id"), {})
             segm = ann.get("segmentation")
             cleaned, why = clean_segmentation(segm, image.get("height", 0), image.get("width", 0))
-            if cleaned is None or (isinstance(segm, list) and len(cleaned) != len(segm)):
-                raise ValueError(f"{where}: segmentation COCOeval cannot read: "
-                                 f"{why or 'a polygon of fewer than 3 points'}")
+            if cleaned is None:
+                raise ValueError(f"{where}: segmentation COCOeval cannot read: {why}")
+            if isinstance(segm, list):  # cleaning kept a polygon; pycocotools must read the list alike
+                if not _is_polygon(segm[0]):  # the entry pycocotools reads the whole list by
+                    raise ValueError(f"{where}: segmentation COCOeval cannot read: its first polygon is "
+                                     f"{_polygon_text(segm[0])} (pycocotools reads a list by its first entry, "
+                                     "which needs an even count >= 6 of values)")
+                # dropped by training, but drawn (in part) by pycocotools, or not readable at all
+                drawn = [part for part in segm
+                         if not _is_polygon(part) and not (isinstance(part, list) and len(part) < 6)]
+                if drawn:
+                    raise ValueError(f"{where}: segmentation COCOeval cannot read as training does: a later "
+                                     f"polygon is {_polygon_text(drawn[0])} (x, y pairs, an even count, are needed)")
         if "keypoints" in iou_types and ann.get("category_id") in kp_cats:
             n = kp_cats[ann["category_id"]]
             kps = ann.get("keypoints")
             if not (isinstance(kps, list) and len(kps) == 3 * n) or "num_keypoints" not in ann:
                 raise ValueError(f"{where}: needs 'keypoints' ({3 * n} values) and 'num_keypoints'")
+
+
+def keypoint_category_ids(coco_gt: COCO) -> list[int]:
+    """The categories with keypoints (COCO: person), the only ones OKS can score."""
+    return sorted(c["id"] for c in coco_gt.dataset["categories"] if c.get("keypoints"))
 
 
 def _empty_results(coco_gt: COCO) -> COCO:
@@ -174,14 +210,24 @@ def _check_results_fit(coco_gt: COCO, results: list[dict], iou_type: str) -> Non
 
 def run_cocoeval(coco_gt: COCO, results: list[dict], iou_type: str, image_ids: list[int],
                  cat_ids: list[int] | None = None) -> COCOeval:
-    """loadRes + evaluate + accumulate + summarize (prints the standard table)."""
+    """loadRes + evaluate + accumulate + summarize (prints the standard table).
+
+    For "segm", COCOeval replaces each ground-truth polygon list by its RLE, in ``coco_gt``
+    itself; the polygons are put back afterwards, so that ``coco_gt`` reads the same to the
+    next caller (``check_ground_truth`` above all) however many evaluations ran before."""
     _check_results_fit(coco_gt, results, iou_type)
     coco_dt = coco_gt.loadRes(results) if results else _empty_results(coco_gt)
     coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
     coco_eval.params.imgIds = sorted(image_ids)
     if cat_ids is not None:
         coco_eval.params.catIds = cat_ids
-    coco_eval.evaluate()
+    as_given = [(ann, ann["segmentation"]) for ann in coco_gt.dataset["annotations"]
+                if "segmentation" in ann] if iou_type == "segm" else []
+    try:
+        coco_eval.evaluate()  # the IoUs are computed here; accumulate() reads no segmentation
+    finally:
+        for ann, segmentation in as_given:
+            ann["segmentation"] = segmentation
     coco_eval.accumulate()
     coco_eval.summarize()
     return coco_eval
@@ -196,16 +242,32 @@ def evaluate_coco(coco_gt: COCO, predictions: dict[int, dict],
     An iou type is skipped (with a warning) when no image's predictions carry its field
     (e.g. "keypoints" for a detector without a keypoint head) or, for keypoints, when no
     ground-truth category defines keypoints.
+
+    ``label_to_cat_id``: model label -> the json's category id. By default a model's labels
+    1..K name the json's K category ids in sorted order, as ``COCODataset`` numbers them for
+    training. A model whose labels already are category ids -- torchvision's COCO models
+    (``weights.py``: labels 1..90, COCO's ids) -- needs the identity on the json's ids,
+    ``label_to_cat_id={cid: cid for cid in coco_gt.getCatIds()}``. Through the default, a label
+    above K is refused with that advice; labels that all lie within 1..K cannot be told apart
+    and would be scored against the wrong categories, so give the mapping.
     """
     if not predictions:  # COCOeval would print a table of -1s, as if a model had been scored
         raise ValueError("no predictions to evaluate: no image was predicted (is the val set empty?)")
     if label_to_cat_id is None:
-        label_to_cat_id = {i + 1: cid for i, cid in enumerate(sorted(coco_gt.getCatIds()))}
+        gt_cat_ids = sorted(coco_gt.getCatIds())
+        label_to_cat_id = {i + 1: cid for i, cid in enumerate(gt_cat_ids)}
+        labels = {int(label) for p in predictions.values() for label in _numpy(p.get("labels", [])).reshape(-1)}
+        beyond = sorted(labels - set(label_to_cat_id))
+        if beyond:  # e.g. torchvision's COCO labels (category ids up to 90) against COCO's 80 categories
+            raise ValueError(f"labels {beyond[:10]} are not among 1..{len(gt_cat_ids)}: by default a model's labels "
+                             f"1..K name the ground truth's K = {len(gt_cat_ids)} category ids in sorted order; "
+                             "labels that already are category ids (torchvision's COCO models) need "
+                             "label_to_cat_id={cid: cid for cid in coco_gt.getCatIds()}")
     unknown = sorted(set(map(int, predictions)) - set(coco_gt.getImgIds()))
     if unknown:
         raise ValueError(f"predictions for image ids {unknown[:10]} that are not in the ground truth")
     check_ground_truth(coco_gt, tuple(iou_types))
-    kp_cat_ids = sorted(c["id"] for c in coco_gt.dataset["categories"] if c.get("keypoints"))
+    kp_cat_ids = keypoint_category_ids(coco_gt)
     out = {}
     for iou_type in iou_types:
         field = _NEEDS.get(iou_type)
@@ -217,8 +279,7 @@ def evaluate_coco(coco_gt: COCO, predictions: dict[int, dict],
             warnings.warn(f"skipping {iou_type} evaluation: no prediction has '{field}'", stacklevel=2)
             continue
         if iou_type == "keypoints" and not kp_cat_ids:
-            warnings.warn("skipping keypoints evaluation: no ground-truth category has keypoints",
-                          stacklevel=2)
+            warnings.warn(NO_KEYPOINT_CATEGORY, stacklevel=2)
             continue
         results = predictions_to_coco_results(predictions, iou_type, label_to_cat_id)
         cat_ids = None
@@ -230,9 +291,15 @@ def evaluate_coco(coco_gt: COCO, predictions: dict[int, dict],
             if verbose:
                 print(f"IoU metric: {iou_type}")
             stats = run_cocoeval(coco_gt, results, iou_type, list(map(int, predictions)), cat_ids).stats
-        out[iou_type] = {name: (math.nan if i is None or stats[i] < 0 else float(stats[i]))
-                         for name, i in zip(METRICS, _STATS_INDEX[iou_type])}
+        out[iou_type] = stats_to_metrics(stats, iou_type)
     return out
+
+
+def stats_to_metrics(stats, iou_type: str) -> dict[str, float]:
+    """``COCOeval.stats`` -> {AP, AP50, AP75, APs, APm, APl} as fractions; nan where COCOeval has
+    nothing to score (its -1, and APs for keypoints: COCO has no "small" keypoint range)."""
+    return {name: (math.nan if i is None or stats[i] < 0 else float(stats[i]))
+            for name, i in zip(METRICS, _STATS_INDEX[iou_type])}
 
 
 def format_ap_table(results: dict[str, dict[str, float]]) -> str:

@@ -18,23 +18,23 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from mrcnn_edu.data.coco import COCODataset, read_rgb
 from mrcnn_edu.distributed import gather_predictions, get_dist_info, shard_indices
-from mrcnn_edu.evaluation import (METRICS, SEGM_MASK_THRESHOLD, check_ground_truth, predictions_to_coco_results,
-                                  run_cocoeval)
+from mrcnn_edu.evaluation import (NO_KEYPOINT_CATEGORY, SEGM_MASK_THRESHOLD, check_ground_truth,
+                                  keypoint_category_ids, predictions_to_coco_results, run_cocoeval,
+                                  stats_to_metrics)
 
-__all__ = ["iou_types_of", "predict_images", "evaluate_model", "make_evaluate_fn",
+__all__ = ["iou_types_of", "predict_images", "evaluate_model", "images_scored", "make_evaluate_fn",
            "draw_prediction", "save_prediction_grid", "load_image"]
-
-_STATS_INDEX = {"bbox": (0, 1, 2, 3, 4, 5), "segm": (0, 1, 2, 3, 4, 5),
-                "keypoints": (0, 1, 2, None, 3, 4)}  # COCO has no "small" keypoint range
 
 
 def iou_types_of(model: nn.Module) -> tuple[str, ...]:
@@ -56,6 +56,11 @@ def load_image(path: str | Path) -> torch.Tensor:
         pixels = read_rgb(path, upright=True)  # (H, W, 3); 16-bit greyscale kept, not clipped to 8 bits
     except OSError as err:  # not an image, empty, truncated
         raise ValueError(f"image file {path} cannot be read: {err}") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # Pillow refuses more than 2 x MAX_IMAGE_PIXELS and warns above it (an error under
+        # -W error); neither is an OSError, so the file went unnamed in a traceback
+        raise ValueError(f"image file {path} is too large for Pillow's guard against decompression bombs "
+                         f"({err}); if you trust it, raise PIL.Image.MAX_IMAGE_PIXELS or shrink the image") from err
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
@@ -94,14 +99,18 @@ def evaluate_model(model: nn.Module, dataset: COCODataset, iou_types: Sequence[s
     """COCO AP of ``model`` on ``dataset`` (all processes call it; rank 0 gets the numbers).
 
     Returns ``{iou_type: {AP, AP50, AP75, APs, APm, APl}}`` as fractions (nan where COCOeval
-    has nothing to score); other ranks return ``{}``.
+    has nothing to score); other ranks return ``{}``. Scores the first ``max_images`` images of
+    ``dataset.ids`` (all if None): :func:`images_scored` says how many. Keypoints are skipped,
+    with a warning, when no category of the json has keypoints (as ``evaluate_coco`` does).
     """
     if max_images is not None and max_images < 1:  # 0 would read as "no limit" below
         raise ValueError(f"max_images must be None (every image) or >= 1, got {max_images}")
+    if not dataset.ids:  # COCOeval would print a table of -1s, as if a model had been scored
+        raise ValueError(f"{dataset.ann_file}: no image to evaluate on (its 'images' list is empty)")
     iou_types = tuple(iou_types or iou_types_of(model))
     check_ground_truth(dataset.coco, iou_types, dataset.ann_file)  # before predicting, not after
     info = get_dist_info()
-    image_ids = dataset.ids[:max_images] if max_images else list(dataset.ids)
+    image_ids = dataset.ids[:images_scored(dataset, max_images)]
     local: dict[int, dict[str, list[dict]]] = {}
     mine = [image_ids[i] for i in shard_indices(len(image_ids), info.rank, info.world_size)]
     for start in range(0, len(mine), batch_size):
@@ -117,20 +126,25 @@ def evaluate_model(model: nn.Module, dataset: COCODataset, iou_types: Sequence[s
     if not info.is_main:
         return {}
     coco_gt = dataset.coco
-    keypoint_cats = sorted(c["id"] for c in coco_gt.dataset["categories"] if c.get("keypoints"))
+    keypoint_cats = keypoint_category_ids(coco_gt)
     metrics = {}
     for iou_type in iou_types:
         results = [r for per_image in gathered.values() for r in per_image[iou_type]]
         cat_ids = None
         if iou_type == "keypoints":  # OKS needs num_keypoints: score person categories only
-            if not keypoint_cats:
+            if not keypoint_cats:  # a keypoint model on a json without them: say so, not a missing row
+                warnings.warn(f"{dataset.ann_file}: {NO_KEYPOINT_CATEGORY}", stacklevel=2)
                 continue
             cat_ids, results = keypoint_cats, [r for r in results if r["category_id"] in keypoint_cats]
         with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its own table
             stats = run_cocoeval(coco_gt, results, iou_type, sorted(gathered), cat_ids).stats
-        metrics[iou_type] = {name: (math.nan if i is None or stats[i] < 0 else float(stats[i]))
-                             for name, i in zip(METRICS, _STATS_INDEX[iou_type])}
+        metrics[iou_type] = stats_to_metrics(stats, iou_type)
     return metrics
+
+
+def images_scored(dataset: COCODataset, max_images: int | None) -> int:
+    """How many images :func:`evaluate_model` scores: the first ``max_images``, or all."""
+    return min(max_images, len(dataset.ids)) if max_images else len(dataset.ids)
 
 
 def make_evaluate_fn(dataset: COCODataset, batch_size: int = 2, max_images: int | None = None):

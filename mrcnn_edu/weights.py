@@ -9,13 +9,26 @@ who has the files loads them with ``torch.load`` and hands us the state dict::
     # once, with torchvision installed and internet access (torchvision's own download):
     #   from torchvision.models.detection import maskrcnn_resnet50_fpn, MaskRCNN_ResNet50_FPN_Weights
     #   torch.save(maskrcnn_resnet50_fpn(weights=MaskRCNN_ResNet50_FPN_Weights.COCO_V1).state_dict(), "mrcnn.pth")
-    # (or fetch the .pth that ``MaskRCNN_ResNet50_FPN_Weights.COCO_V1.url`` names). Then, anywhere:
+    # Then, anywhere:
     state_dict = torch.load("mrcnn.pth", map_location="cpu", weights_only=True)
     model = load_torchvision_maskrcnn(state_dict)          # eval mode, 90 COCO classes
     detections = model([image])                            # image: (3, H, W) in [0, 1]
 
+The .pth that ``MaskRCNN_ResNet50_FPN_Weights.COCO_V1.url`` names, fetched by hand, is what
+torchvision's builder hands to ``model.load_state_dict`` (``weights.get_state_dict``). There its
+modules' ``_load_from_state_dict`` rename the key names of older torchvision releases: mask head
+``mask_fcn1..4`` (-> ``0.0 .. 3.0``), FPN ``inner_blocks.i`` and ``layer_blocks.i`` (-> ``.i.0``),
+RPN ``head.conv`` (-> ``head.conv.0.0``). Our loaders rename them alike (``_torchvision_layout``
+here, ``backbone/fpn.py``, ``rpn.py``), so that file can be handed to them too. This is tested on
+a state dict written in the old layout, not on the downloaded file itself (no network here;
+neither its actual key names nor how ``torch.load`` reads it were checked).
+
 Labels are torchvision's: its COCO models use the 91 "category id" slots (labels 1..90, some
-unused), not the 80 contiguous ones of our COCO loader.
+unused), not the 80 contiguous ones of our COCO loader. They are COCO's category ids already, so
+``evaluation.evaluate_coco`` must be told to keep them:
+``evaluate_coco(coco_gt, predictions, label_to_cat_id={cid: cid for cid in coco_gt.getCatIds()})``.
+Its default reads labels 1..80 as the json's 80 sorted ids, which is our loader's numbering,
+not torchvision's (a label above 80 is refused with this advice; below, it cannot be told).
 
 What "configured as torchvision" means, each a config switch so the difference is visible:
 
@@ -53,6 +66,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import asdict
 
 import torch
 from torch import Tensor
@@ -70,7 +84,8 @@ from mrcnn_edu.roi_heads.pooler import PoolerConfig
 from mrcnn_edu.rpn import fpn_rpn_config, rpn_state_dict_from_torchvision
 
 __all__ = [
-    "torchvision_maskrcnn_config", "torchvision_keypointrcnn_config", "torchvision_state_dict_to_ours",
+    "torchvision_maskrcnn_config", "torchvision_keypointrcnn_config", "torchvision_config_of",
+    "torchvision_overrides", "torchvision_state_dict_to_ours",
     "load_torchvision_maskrcnn", "load_torchvision_keypointrcnn",
 ]
 
@@ -85,6 +100,9 @@ TORCHVISION_KEYPOINT_OFFSET = COCO_KEYPOINT_OFFSET
 _CLS_SCORE = "roi_heads.box_predictor.cls_score.weight"
 _FC6 = "roi_heads.box_head.fc6.weight"
 _MASK_CONV = re.compile(r"^roi_heads\.mask_head\.(\d+)\.0\.weight$")
+# older torchvision named the mask head's convs mask_fcn1..4 (its MaskRCNNHeads._load_from_state_dict
+# still renames them)
+_LEGACY_MASK_CONV = re.compile(r"^roi_heads\.mask_head\.mask_fcn([1-9]\d*)\.(weight|bias)$")
 _KEYPOINT_CONV = re.compile(r"^roi_heads\.keypoint_head\.(\d+)\.weight$")
 
 
@@ -130,10 +148,52 @@ def torchvision_keypointrcnn_config(num_keypoints: int = 17, keypoint_conv_dims:
     return cfg
 
 
+# settings only training reads (targets, samplers, losses, train scales): evaluating or drawing
+# torchvision's weights does not need them to match its own
+_TRAINING_ONLY = ("transform.min_size_train", "rpn.pre_nms_top_n_train", "rpn.post_nms_top_n_train",
+                  "rpn.fg_iou_thresh", "rpn.bg_iou_thresh", "rpn.batch_size_per_image", "rpn.positive_fraction",
+                  "rpn.smooth_l1_beta", "box_head.fg_iou_thresh", "box_head.bg_iou_thresh",
+                  "box_head.batch_size_per_image", "box_head.positive_fraction", "box_head.smooth_l1_beta")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    """``{"anchors": {"offset": 0.5}}`` -> ``{"anchors.offset": 0.5}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def torchvision_overrides(cfg: MaskRCNNConfig, state_dict: dict[str, Tensor]) -> list[str]:
+    """``["model.anchors.offset=0.0", ...]``: the overrides (``key=value`` as the command line
+    takes them) that give ``cfg`` every setting torchvision runs ``state_dict`` with
+    (:func:`torchvision_config_of`, frozen-BN eps 0 as for its COCO_V1 files), except those only
+    training reads. Empty when ``cfg`` runs the weights as torchvision does. A head that ``cfg``
+    or the file lacks is not listed: loading names its keys."""
+    expected, now = _flat(asdict(torchvision_config_of(state_dict))), _flat(asdict(cfg))
+    return [f"model.{key}={repr(value).replace(' ', '') if not isinstance(value, str) else value}"
+            for key, value in expected.items()
+            if key in now and now[key] != value and key not in _TRAINING_ONLY]
+
+
 def _strip_module_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from DistributedDataParallel
         return {k[len("module."):]: v for k, v in state_dict.items()}
     return dict(state_dict)
+
+
+def _torchvision_layout(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state_dict`` without DDP's ``module.`` prefix, its mask head convs renamed from older
+    torchvision's ``roi_heads.mask_head.mask_fcn{i+1}.*`` to ``{i}.0.*``, as torchvision's
+    own ``MaskRCNNHeads._load_from_state_dict`` renames them. (The FPN's and the RPN conv's old
+    names are read by ``torchvision_fpn_key_map`` and ``rpn_state_dict_from_torchvision``.)"""
+    def renamed(key: str) -> str:
+        old = _LEGACY_MASK_CONV.match(key)
+        return f"roi_heads.mask_head.{int(old.group(1)) - 1}.0.{old.group(2)}" if old else key
+    return {renamed(key): value for key, value in _strip_module_prefix(state_dict).items()}
 
 
 def _require(state_dict: dict[str, Tensor], key: str, what: str) -> Tensor:
@@ -163,8 +223,10 @@ def torchvision_state_dict_to_ours(state_dict: dict[str, Tensor],
 
     Returns ``(ours, unused)``: the renamed tensors, and the torchvision keys that went nowhere
     (BatchNorm's ``num_batches_tracked`` counters are dropped silently, they mean nothing frozen).
+    Keys in older torchvision's layout are read too (:func:`_torchvision_layout`); ``unused``
+    names them as they are after that renaming.
     """
-    state_dict = _strip_module_prefix(state_dict)
+    state_dict = _torchvision_layout(state_dict)
     ours: dict[str, Tensor] = {}
     used: set[str] = set()
 
@@ -241,22 +303,57 @@ def load_torchvision_maskrcnn(state_dict: dict[str, Tensor], num_classes: int | 
     Returns the model in eval mode; raises ValueError listing missing / unexpected keys.
     """
     what = "maskrcnn_resnet50_fpn"
-    state_dict = _strip_module_prefix(state_dict)
+    state_dict = _torchvision_layout(state_dict)
     num_classes = _infer_num_classes(state_dict, num_classes, what)
     if cfg is None:
-        conv_dims = _indexed_widths(state_dict, _MASK_CONV)
-        if not conv_dims:
-            raise ValueError("state_dict has no 'roi_heads.mask_head.<i>.0.weight' keys: not a torchvision "
-                             "Mask R-CNN (torchvision >= 0.13 layout) state dict")
-        deconv = _require(state_dict, "roi_heads.mask_predictor.conv5_mask.weight", what)  # (C_in, C_out, 2, 2)
-        cfg = torchvision_maskrcnn_config(num_classes, tuple(conv_dims), deconv.shape[1], _fc_dim(state_dict, what),
-                                          bn_eps=COCO_V1_BN_EPS if bn_eps is None else bn_eps)
+        cfg = _maskrcnn_config_of(state_dict, COCO_V1_BN_EPS if bn_eps is None else bn_eps)
     elif bn_eps is not None and bn_eps != cfg.backbone.resnet.bn_eps:
         raise ValueError(f"bn_eps={bn_eps} but cfg.backbone.resnet.bn_eps={cfg.backbone.resnet.bn_eps}: give one")
     elif cfg.num_classes != num_classes or cfg.mask_head is None:
         raise ValueError(f"cfg must have a mask head and num_classes={num_classes} (the state dict's), "
                          f"got num_classes={cfg.num_classes}, mask_head={cfg.mask_head}")
     return _load(MaskRCNN(cfg), state_dict, what)
+
+
+def _maskrcnn_config_of(state_dict: dict[str, Tensor], bn_eps: float) -> MaskRCNNConfig:
+    """:func:`torchvision_maskrcnn_config` with the classes and widths of ``state_dict`` (renamed by
+    :func:`_torchvision_layout`)."""
+    what = "maskrcnn_resnet50_fpn"
+    conv_dims = _indexed_widths(state_dict, _MASK_CONV)
+    if not conv_dims:
+        raise ValueError("state_dict has no 'roi_heads.mask_head.<i>.0.weight' (or older torchvision's "
+                         "'mask_fcn<i>') keys: not a torchvision Mask R-CNN state dict")
+    deconv = _require(state_dict, "roi_heads.mask_predictor.conv5_mask.weight", what)  # (C_in, C_out, 2, 2)
+    return torchvision_maskrcnn_config(_infer_num_classes(state_dict, None, what), tuple(conv_dims), deconv.shape[1],
+                                       _fc_dim(state_dict, what), bn_eps=bn_eps)
+
+
+def _keypointrcnn_config_of(state_dict: dict[str, Tensor], bn_eps: float) -> MaskRCNNConfig:
+    """:func:`torchvision_keypointrcnn_config` with the classes, keypoints and widths of ``state_dict``."""
+    what = "keypointrcnn_resnet50_fpn"
+    conv_dims = _indexed_widths(state_dict, _KEYPOINT_CONV)
+    if not conv_dims:
+        raise ValueError("state_dict has no 'roi_heads.keypoint_head.<i>.weight' keys: not a torchvision "
+                         "Keypoint R-CNN state dict")
+    deconv = _require(state_dict, "roi_heads.keypoint_predictor.kps_score_lowres.weight", what)  # (C, K, 4, 4)
+    return torchvision_keypointrcnn_config(deconv.shape[1], tuple(conv_dims), _fc_dim(state_dict, what),
+                                           _infer_num_classes(state_dict, None, what), bn_eps=bn_eps)
+
+
+def torchvision_config_of(state_dict: dict[str, Tensor], bn_eps: float = COCO_V1_BN_EPS) -> MaskRCNNConfig:
+    """The config torchvision runs a Mask / Keypoint R-CNN ``state_dict`` with, as the loaders
+    build it: :func:`torchvision_keypointrcnn_config` if it has a keypoint predictor, else
+    :func:`torchvision_maskrcnn_config` if a mask predictor, else (Faster R-CNN) their shared
+    part; classes, keypoints and head widths read from its shapes. ``bn_eps``: 0 as torchvision
+    runs its COCO_V1 files; the file cannot tell (1e-5 for a model built with ``weights=None``)."""
+    state_dict = _torchvision_layout(state_dict)
+    if any(key.startswith("roi_heads.keypoint_predictor.") for key in state_dict):
+        return _keypointrcnn_config_of(state_dict, bn_eps)
+    if any(key.startswith("roi_heads.mask_predictor.") for key in state_dict):
+        return _maskrcnn_config_of(state_dict, bn_eps)
+    what = "fasterrcnn_resnet50_fpn"
+    return _torchvision_common(_infer_num_classes(state_dict, None, what), _fc_dim(state_dict, what),
+                               min_size_train=(800,), bn_eps=bn_eps)
 
 
 def load_torchvision_keypointrcnn(state_dict: dict[str, Tensor], cfg: MaskRCNNConfig | None = None,
@@ -274,16 +371,10 @@ def load_torchvision_keypointrcnn(state_dict: dict[str, Tensor], cfg: MaskRCNNCo
     it back, so these weights score on COCO what torchvision's own evaluation gives them.
     """
     what = "keypointrcnn_resnet50_fpn"
-    state_dict = _strip_module_prefix(state_dict)
+    state_dict = _torchvision_layout(state_dict)
     num_classes = _infer_num_classes(state_dict, None, what)
     if cfg is None:
-        conv_dims = _indexed_widths(state_dict, _KEYPOINT_CONV)
-        if not conv_dims:
-            raise ValueError("state_dict has no 'roi_heads.keypoint_head.<i>.weight' keys: not a torchvision "
-                             "Keypoint R-CNN state dict")
-        deconv = _require(state_dict, "roi_heads.keypoint_predictor.kps_score_lowres.weight", what)  # (C, K, 4, 4)
-        cfg = torchvision_keypointrcnn_config(deconv.shape[1], tuple(conv_dims), _fc_dim(state_dict, what), num_classes,
-                                              bn_eps=COCO_V1_BN_EPS if bn_eps is None else bn_eps)
+        cfg = _keypointrcnn_config_of(state_dict, COCO_V1_BN_EPS if bn_eps is None else bn_eps)
     elif bn_eps is not None and bn_eps != cfg.backbone.resnet.bn_eps:
         raise ValueError(f"bn_eps={bn_eps} but cfg.backbone.resnet.bn_eps={cfg.backbone.resnet.bn_eps}: give one")
     elif cfg.num_classes != num_classes or cfg.keypoint_head is None:

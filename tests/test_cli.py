@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,8 +88,8 @@ def test_eval_prints_the_ap_table_the_training_run_computed(trained_run, capsys,
     # the same weights on the same images: the same numbers, whichever command computed them
     for iou_type in ("bbox", "segm"):
         for name, value in at_training[iou_type].items():
-            assert (math.isnan(value) and math.isnan(again[iou_type][name])) or \
-                value == again[iou_type][name]
+            assert (math.isnan(value) and again[iou_type][name] is None) or \
+                value == again[iou_type][name]  # --out writes nan as null (strict JSON)
 
 
 def test_predict_writes_one_picture_per_image(trained_run, data_dir, tmp_path, capsys):
@@ -501,21 +502,29 @@ def test_init_weights_take_an_imagenet_resnet_and_refuse_a_file_that_fits_nothin
         build_model(experiment, str(tmp_path / "unrelated.pth"), strict=False)
 
 
-def test_a_torchvision_keypoint_rcnn_through_the_cli_is_told_its_half_pixel(tmp_path, capsys):
-    """eval / predict --weights keypointrcnn.pth load through build_model into the recipe's config,
-    whose keypoint_head.coordinate_offset is 0: its keypoints would be scored half a pixel off."""
+def test_a_torchvision_detector_through_the_cli_is_told_every_setting_torchvision_runs_it_with(tmp_path, capsys):
+    """eval / predict --weights keypointrcnn.pth load through build_model into the recipe's config.
+    Every tensor fits keypoint_r50_fpn_coco, whose anchors, RoIAlign, resize, paste and frozen-BN
+    eps differ from torchvision's; only the keypoints' half pixel was named, as if the rest matched."""
     models = pytest.importorskip("torchvision.models.detection")
     from mrcnn_edu.__main__ import build_model
-    from mrcnn_edu.recipes import get_recipe
-    from mrcnn_edu.weights import torchvision_keypointrcnn_config
+    from mrcnn_edu.recipes import apply_overrides, get_recipe
 
     torch.save(models.keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict(), tmp_path / "kp.pth")
-    config = torchvision_keypointrcnn_config()
-    for offset, told in ((0.0, True), (0.5, False)):
-        config.keypoint_head = dataclasses.replace(config.keypoint_head, coordinate_offset=offset)
-        build_model(dataclasses.replace(get_recipe("tiny"), model=config), str(tmp_path / "kp.pth"))
-        err = capsys.readouterr().err
-        assert ("add model.keypoint_head.coordinate_offset=0.5" in err) == told, err
+    experiment = get_recipe("keypoint_r50_fpn_coco")
+    overrides = ["model.anchors.offset=0.0", "model.anchors.round_cell=True", "model.anchors.stride_mode=torchvision",
+                 "model.pooler.aligned=False", "model.transform.resize_mode=torchvision",
+                 "model.transform.paste_mode=torchvision", "model.keypoint_head.coordinate_offset=0.5",
+                 "model.backbone.resnet.bn_eps=0.0"]
+    build_model(experiment, str(tmp_path / "kp.pth"))
+    err = capsys.readouterr().err
+    assert "torchvision runs these weights with other settings than this experiment" in err, err
+    told = err.split("as torchvision does, add ")[1].split(" (bn_eps 0 is for torchvision's COCO_V1 files")[0]
+    assert sorted(told.split()) == sorted(overrides)  # not box_head.smooth_l1_beta: only training reads it
+    build_model(apply_overrides(experiment, overrides), str(tmp_path / "kp.pth"))  # given: nothing to tell
+    assert "other settings" not in capsys.readouterr().err
+    build_model(experiment, str(tmp_path / "kp.pth"), strict=False)  # training on from them: its recipe's choice
+    assert "other settings" not in capsys.readouterr().err
 
 
 def test_init_weights_take_a_torchvision_mask_rcnn_state_dict_by_its_own_key_names(tmp_path, capsys):
@@ -559,3 +568,142 @@ def test_init_weights_take_a_torchvision_mask_rcnn_state_dict_by_its_own_key_nam
     for key, value in expected.items():
         if "predictor" not in key:
             torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_predict_refuses_to_draw_over_its_own_input_image(trained_run, data_dir, tmp_path, capsys):
+    """`predict photo.png --out .` replaced the photo by its drawing, without a word."""
+    import shutil
+
+    weights = str(trained_run / "model_0000003.pth")
+    photo = tmp_path / "photo.png"
+    shutil.copy(data_dir / "val" / "000000.png", photo)
+    original = photo.read_bytes()
+    (tmp_path / "sub").mkdir()
+    link_dir = tmp_path / "links"
+    link_dir.mkdir()
+    (link_dir / "link.png").symlink_to(photo)
+    for image, out in ((photo, tmp_path), (photo, tmp_path / "sub" / ".."), (link_dir / "link.png", link_dir)):
+        assert main(["predict", str(image), "--weights", weights, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"would overwrite the input image {image} (the same file)" in err, err
+        assert f"{Path(out) / (image.stem + '.png')}" in err
+        assert photo.read_bytes() == original
+    assert main(["predict", str(photo), "--weights", weights, "--out", str(tmp_path / "drawn")]) == 0
+    assert photo.read_bytes() == original and (tmp_path / "drawn" / "photo.png").is_file()
+
+
+def _val_json_with(data_dir, tmp_path, change) -> str:
+    val = json.loads((data_dir / "annotations" / "instances_val.json").read_text())
+    change(val)
+    path = tmp_path / "instances_val.json"
+    path.write_text(json.dumps(val))
+    return str(path)
+
+
+def test_eval_refuses_a_val_json_whose_categories_are_not_the_runs(trained_run, data_dir, tmp_path, capsys):
+    """Labels are mapped through the val json's own sorted ids: the same 8 shapes numbered
+    otherwise were scored against the wrong categories (a perfect model: AP 1.0 -> 0.0), rc 0."""
+    weights = str(trained_run / "model_0000003.pth")
+
+    def swap_first_two(val):  # ellipse <-> triangle: label 1 would be scored as triangles
+        swap = {1: 2, 2: 1}
+        for category in val["categories"]:
+            category["id"] = swap.get(category["id"], category["id"])
+        for ann in val["annotations"]:
+            ann["category_id"] = swap.get(ann["category_id"], ann["category_id"])
+
+    renumbered = _val_json_with(data_dir, tmp_path, swap_first_two)
+    assert main(["eval", "--weights", weights, f"data.val_annotations={renumbered}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{renumbered} has other categories than the run the weights come from" in err
+    assert ("label 1: 'ellipse' in the run, 'triangle' (category id 1) in the json; "
+            "label 2: 'triangle' in the run, 'ellipse' (category id 2) in the json)") in err
+    renamed = _val_json_with(data_dir, tmp_path, lambda val: val["categories"][2].update(name="asterisk"))
+    assert main(["eval", "--weights", weights, f"data.val_annotations={renamed}"]) == 2
+    assert "label 3: 'star' in the run, 'asterisk' (category id 3) in the json)" in capsys.readouterr().err
+
+    def shift_ids(val):  # other ids, the same names in the same order: each label means its class
+        for category in val["categories"]:
+            category["id"] += 10
+        for ann in val["annotations"]:
+            ann["category_id"] += 10
+
+    shifted = _val_json_with(data_dir, tmp_path, shift_ids)
+    assert main(["eval", "--weights", weights, f"data.val_annotations={shifted}", "data.eval_images=1"]) == 0
+
+
+def test_eval_with_fewer_categories_than_the_checkpoint_gives_advice_that_works(trained_run, data_dir, tmp_path,
+                                                                                  capsys):
+    """It said "add model.num_classes=7", which the checkpoint's recorded model then refused."""
+    import shutil
+
+    def drop_person(val):
+        person = next(c["id"] for c in val["categories"] if c["name"] == "person")
+        val["categories"] = [c for c in val["categories"] if c["id"] != person]
+        val["annotations"] = [a for a in val["annotations"] if a["category_id"] != person]
+
+    fewer = _val_json_with(data_dir, tmp_path, drop_person)
+    assert main(["eval", "--weights", str(trained_run / "model_0000003.pth"), f"data.val_annotations={fewer}"]) == 2
+    assert "label 8: 'person' in the run, nothing in the json" in capsys.readouterr().err
+    # no experiment.json to name the classes: the count, and advice that is not the refused override
+    alone = tmp_path / "alone" / "model_0000003.pth"
+    alone.parent.mkdir()
+    shutil.copy(trained_run / "model_0000003.pth", alone)
+    settings = ["--config", "tiny", *data_overrides(data_dir), f"data.val_annotations={fewer}"]
+    assert main(["eval", "--weights", str(alone), *settings]) == 2
+    err = capsys.readouterr().err
+    assert f"{fewer} has 7 categories but the model has model.num_classes=8; the weights predict 8 classes" in err
+    assert "add model.num_classes" not in err
+    assert main(["eval", "--weights", str(alone), *settings, "model.num_classes=7"]) == 2  # why it must not say so
+    assert "model.num_classes=8 (now 7)" in capsys.readouterr().err
+
+
+def test_eval_out_makes_its_folder_first_and_writes_strict_json_fractions(trained_run, tmp_path, capsys,
+                                                                          monkeypatch):
+    """--out nodir/x.json failed after the whole evaluation; the file held bare NaN tokens."""
+    weights = str(trained_run / "model_0000003.pth")
+    out = tmp_path / "new" / "deeper" / "metrics.json"
+    capsys.readouterr()
+    assert main(["eval", "--weights", weights, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+
+    def no_nan(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    metrics = json.loads(out.read_text(), parse_constant=no_nan)
+    assert metrics["bbox"]["APl"] is None  # 64-px images hold no large object: nothing to score
+    for iou_type in ("bbox", "segm"):  # fractions: the table's percent / 100
+        row = next(line for line in printed.splitlines() if line.startswith(f"| {iou_type} |"))
+        cells = [cell.strip() for cell in row.strip("|").split("|")[1:]]
+        values = [metrics[iou_type][name] for name in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
+        assert cells == ["-" if v is None else f"{100 * v:.1f}" for v in values]
+        assert all(v is None or 0.0 <= v <= 1.0 for v in values)
+    # a folder that cannot be made is named before anything is evaluated
+    import mrcnn_edu.predict
+
+    monkeypatch.setattr(mrcnn_edu.predict, "evaluate_model", lambda *a, **k: pytest.fail("evaluated first"))
+    (tmp_path / "a_file").write_text("")
+    assert main(["eval", "--weights", weights, "--out", str(tmp_path / "a_file" / "metrics.json")]) == 2
+    assert f"--out {tmp_path / 'a_file' / 'metrics.json'}: its folder cannot be made" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--help"])
+    assert "fractions in [0, 1]" in " ".join(capsys.readouterr().out.split())
+
+
+def test_eval_on_a_subset_says_how_many_images_it_scored(trained_run, data_dir, capsys):
+    weights = str(trained_run / "model_0000003.pth")
+    val = data_dir / "annotations" / "instances_val.json"
+    assert main(["eval", "--weights", weights, "data.eval_images=2"]) == 0
+    assert f"COCO AP (%) of {weights} on 2 of 6 images of {val} (" in capsys.readouterr().out
+    assert main(["eval", "--weights", weights]) == 0
+    assert f"COCO AP (%) of {weights} on {val} (" in capsys.readouterr().out  # all 6
+
+
+def test_predict_names_an_image_too_large_for_pillows_decompression_bomb_guard(trained_run, data_dir, tmp_path,
+                                                                               capsys, monkeypatch):
+    """DecompressionBombError is no OSError: it was a traceback that did not name the file."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the 64 x 64 image is over twice that
+    image = data_dir / "val" / "000000.png"
+    assert main(["predict", str(image), "--weights", str(trained_run / "model_0000003.pth"),
+                 "--out", str(tmp_path)]) == 2
+    assert f"error: image file {image} is too large for Pillow's guard" in capsys.readouterr().err

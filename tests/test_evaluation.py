@@ -5,6 +5,9 @@ import copy
 import io
 import math
 import os
+import re
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -402,3 +405,163 @@ def test_a_prediction_drawn_from_binarised_masks_is_the_same_picture(tmp_path):
     a = save_prediction_grid([image], [prediction], tmp_path / "soft.png", ["bg", "a", "b"])
     b = save_prediction_grid([image], [hard], tmp_path / "hard.png", ["bg", "a", "b"])
     assert a.read_bytes() == b.read_bytes()
+
+
+def _as_written(ds, change=lambda dataset: None):
+    """``ds``'s json read afresh from its file (the fixture's COCO object went through COCOeval in
+    tests above, which rewrites its polygons in place), with ``change(dataset)`` applied."""
+    import json
+
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = json.loads(Path(ds.ann_file).read_text())
+    change(coco.dataset)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _polygon_annotation(dataset):
+    """The first annotation whose segmentation is a list of polygons (the shapes json mixes in RLE)."""
+    return next(a for a in dataset["annotations"] if isinstance(a["segmentation"], list) and not a["iscrowd"])
+
+
+def test_a_degenerate_polygon_after_a_valid_one_is_scored_as_training_reads_it(val_set):
+    """pycocotools reads a list of polygons by its first entry and rasterises a later 2-point one
+    as nothing; COCODataset drops it. The check refused such ground truth COCOeval scores right."""
+    from mrcnn_edu.evaluation import check_ground_truth
+
+    ds, targets = val_set
+    for extra in ([1.0, 1.0, 4.0, 4.0], [3.0, 7.0], []):  # 2, 1, 0 points
+        tailed = _as_written(ds, lambda d: _polygon_annotation(d)["segmentation"].append(list(extra)))
+        check_ground_truth(tailed, ("bbox", "segm"))  # accepted
+        results = evaluate_coco(tailed, _ground_truth_predictions(targets), ("segm",))
+        assert results["segm"]["AP"] == pytest.approx(1.0, rel=0, abs=1e-12)  # the mask training learns
+    # what pycocotools cannot read as training does: a first entry of 4 values (a TypeError), a
+    # later one of 7 (its first 3 points drawn, where training drops it)
+    boxed = _as_written(ds, lambda d: _polygon_annotation(d)["segmentation"].insert(0, [1.0, 1.0, 4.0, 4.0]))
+    with pytest.raises(ValueError, match=r"its first polygon is 4 values \(pycocotools reads a list by its first"):
+        check_ground_truth(boxed, ("segm",))
+    odd = _as_written(ds, lambda d: _polygon_annotation(d)["segmentation"].append([1.0, 1, 9, 1, 5, 9, 2]))
+    with pytest.raises(ValueError, match="a later polygon is 7 values"):
+        check_ground_truth(odd, ("segm",))
+
+
+def test_the_ground_truth_check_does_not_depend_on_an_evaluation_run_before_it(val_set):
+    """COCOeval rewrote the gt polygons to RLE in place: json the check refused passed once any
+    segm evaluation had run on it in the process."""
+    from mrcnn_edu.evaluation import check_ground_truth, run_cocoeval
+
+    ds, targets = val_set
+    # a polygon reaching 10 images beyond the image: pycocotools clips it, COCODataset refuses it
+    def far(d):
+        polygon = _polygon_annotation(d)["segmentation"][0]
+        polygon[0] = 10.0 * next(i["width"] for i in d["images"] if i["id"] == _polygon_annotation(d)["image_id"])
+
+    beyond = _as_written(ds, far)
+    annotation = _polygon_annotation(beyond.dataset)
+    polygons = annotation["segmentation"]
+    message = "segmentation COCOeval cannot read: polygon coordinate not a finite number near the image"
+    with pytest.raises(ValueError, match=message):
+        check_ground_truth(beyond, ("segm",))
+    results = predictions_to_coco_results(_ground_truth_predictions(targets), "segm", ds.label_to_cat_id)
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_cocoeval(beyond, results, "segm", sorted(beyond.getImgIds()))  # unchecked, as a user might
+    assert annotation["segmentation"] is polygons  # put back, not left as COCOeval's RLE
+    with pytest.raises(ValueError, match=message):
+        check_ground_truth(beyond, ("segm",))  # the same verdict as before the evaluation
+    # through evaluate_coco too: the json reads as it was written after a segm evaluation
+    fresh = _as_written(ds)
+    listed = [a for a in fresh.dataset["annotations"] if isinstance(a["segmentation"], list)]
+    evaluate_coco(fresh, _ground_truth_predictions(targets), ("segm",))
+    assert listed and all(isinstance(a["segmentation"], list) for a in listed)
+
+
+def test_labels_that_are_category_ids_get_advice_and_score_with_the_identity_map(val_set):
+    """torchvision's COCO labels are category ids: the default 1..K -> sorted ids map refused them
+    with an unexplained 'not in label_to_cat_id'."""
+    ds, targets = val_set
+    gapped = dict(zip(sorted(ds.cat_ids), (1, 2, 3, 5, 6, 7, 9, 10)))  # COCO's ids have gaps too
+
+    def renumber(d):
+        for c in d["categories"]:
+            c["id"] = gapped[c["id"]]
+        for a in d["annotations"]:
+            a["category_id"] = gapped[a["category_id"]]
+
+    coco = _broken(ds.coco, renumber)
+    predictions = {k: dict(v, labels=torch.tensor([gapped[ds.label_to_cat_id[int(label)]] for label in v["labels"]],
+                                                  dtype=torch.long))
+                   for k, v in _ground_truth_predictions(targets).items()}  # labels = category ids
+    with pytest.raises(ValueError, match=r"labels \[9, 10\] are not among 1\.\.8.*"
+                                         r"label_to_cat_id=\{cid: cid for cid in coco_gt.getCatIds\(\)\}"):
+        evaluate_coco(coco, predictions, ("bbox",))
+    identity = {cid: cid for cid in coco.getCatIds()}
+    results = evaluate_coco(coco, predictions, ("bbox",), label_to_cat_id=identity)
+    assert results["bbox"]["AP"] == pytest.approx(1.0, rel=0, abs=1e-12)
+
+
+class _FixedDetector(torch.nn.Module):
+    """One person-sized detection with 17 keypoints on every image: a stand-in keypoint model."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, images):
+        keypoints = torch.cat([torch.rand(1, 17, 2) * 20, torch.ones(1, 17, 1)], dim=2)
+        return [{"boxes": torch.tensor([[2.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([1]),
+                 "scores": torch.tensor([0.9]), "keypoints": keypoints} for _ in images]
+
+
+def _dataset_with(ds, tmp_path, change):
+    """``ds``'s json with ``change(dataset)`` applied, written to ``tmp_path`` and read as a COCODataset."""
+    import json
+
+    dataset = json.loads(Path(ds.ann_file).read_text())
+    change(dataset)
+    path = tmp_path / "instances_val.json"
+    path.write_text(json.dumps(dataset))
+    return COCODataset(ds.image_dir, str(path), train=False, with_masks=False)
+
+
+def test_evaluate_model_on_a_json_without_images_is_an_error_naming_it(val_set, tmp_path):
+    """evaluate_coco refused it; evaluate_model (eval, training) printed a table of dashes."""
+    from mrcnn_edu.predict import evaluate_model
+
+    ds, _ = val_set
+    empty = _dataset_with(ds, tmp_path, lambda d: d.update(images=[], annotations=[]))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / 'instances_val.json'))}: no image to evaluate"):
+        evaluate_model(_FixedDetector(), empty, iou_types=("bbox",))
+
+
+def test_evaluate_model_warns_when_keypoints_have_no_category_to_be_scored_on(val_set, tmp_path):
+    from mrcnn_edu.predict import evaluate_model
+
+    ds, _ = val_set
+    no_keypoints = _dataset_with(ds, tmp_path, lambda d: [c.pop("keypoints", None) for c in d["categories"]])
+    with pytest.warns(UserWarning, match="instances_val.json: skipping keypoints evaluation: no ground-truth "
+                                         "category has keypoints"):
+        metrics = evaluate_model(_FixedDetector(), no_keypoints, iou_types=("bbox", "keypoints"))
+    assert set(metrics) == {"bbox"}
+    with warnings.catch_warnings():  # a json with its keypoint category: scored, no warning
+        warnings.simplefilter("error")
+        assert set(evaluate_model(_FixedDetector(), ds, iou_types=("bbox", "keypoints"))) == {"bbox", "keypoints"}
+
+
+@pytest.mark.parametrize("as_error", [False, True])
+def test_an_image_beyond_pillows_decompression_bomb_limit_is_named(tmp_path, monkeypatch, as_error):
+    """Pillow's DecompressionBombError is no OSError: predict gave a traceback not naming the file.
+    Its warning (over MAX_IMAGE_PIXELS, under twice that) is one too under -W error."""
+    from PIL import Image
+
+    from mrcnn_edu.predict import load_image
+
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "huge.png")  # 400 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 if as_error else 100)  # warns / refuses
+    with warnings.catch_warnings():
+        warnings.simplefilter("error" if as_error else "default")
+        with pytest.raises(ValueError, match=rf"image file {re.escape(str(tmp_path / 'huge.png'))} is too large .*"
+                                             r"400 pixels.*MAX_IMAGE_PIXELS"):
+            load_image(tmp_path / "huge.png")

@@ -544,3 +544,62 @@ def test_loading_torchvision_keypoints_into_a_cfg_without_their_half_pixel_warns
     cfg.keypoint_head.coordinate_offset = 0.0
     with pytest.warns(UserWarning, match="coordinate_offset is 0.0, not 0.5"):
         load_torchvision_keypointrcnn(state, cfg=cfg)
+
+
+def _older_layout(state: dict) -> dict:
+    """``state`` with the key names of older torchvision releases, the ones its modules'
+    ``_load_from_state_dict`` still rename: ``mask_head.mask_fcn{i+1}``, bare FPN convs, bare RPN conv."""
+    import re
+
+    old = {}
+    for key, value in state.items():
+        key = re.sub(r"^roi_heads\.mask_head\.(\d+)\.0\.",
+                     lambda m: f"roi_heads.mask_head.mask_fcn{int(m[1]) + 1}.", key)
+        key = re.sub(r"^backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.0\.", r"backbone.fpn.\1_blocks.\2.", key)
+        old[key.replace("rpn.head.conv.0.0.", "rpn.head.conv.")] = value
+    return old
+
+
+def test_a_state_dict_in_older_torchvisions_layout_loads_as_torchvision_loads_it():
+    """The module docstring's route to the COCO_V1 .pth: torchvision still reads the old key names
+    (its back-compat renames them); our FPN and RPN maps did, the mask head's refused them."""
+    torch.manual_seed(0)
+    theirs = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=4)
+    old = _older_layout(theirs.state_dict())
+    assert "roi_heads.mask_head.mask_fcn4.weight" in old and "rpn.head.conv.weight" in old
+    assert not any(".0.0." in key or "mask_head.0." in key for key in old)
+    # the oracle: torchvision reads this layout into its own model, every key matched
+    again = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=4)
+    assert not again.load_state_dict(dict(old), strict=True).missing_keys
+    expected = load_torchvision_maskrcnn(theirs.state_dict()).state_dict()
+    got = load_torchvision_maskrcnn(old).state_dict()
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    from mrcnn_edu.weights import torchvision_config_of
+
+    assert torchvision_config_of(old) == torchvision_config_of(theirs.state_dict())  # what eval / predict compare
+
+
+def test_the_overrides_named_for_torchvision_weights_are_all_that_differ_at_inference():
+    """eval / predict load a torchvision state dict into the recipe given: every tensor fits
+    keypoint_r50_fpn_coco, whose anchors, pooler, resize, paste and eps differ. Only the
+    keypoints' half pixel was named."""
+    from dataclasses import asdict
+
+    from mrcnn_edu.recipes import apply_overrides, get_recipe
+    from mrcnn_edu.weights import torchvision_config_of, torchvision_overrides
+
+    state = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    experiment = get_recipe("keypoint_r50_fpn_coco")
+    told = torchvision_overrides(experiment.model, state)
+    assert sorted(told) == sorted([
+        "model.anchors.offset=0.0", "model.anchors.round_cell=True", "model.anchors.stride_mode=torchvision",
+        "model.pooler.aligned=False", "model.transform.resize_mode=torchvision",
+        "model.transform.paste_mode=torchvision", "model.keypoint_head.coordinate_offset=0.5",
+        "model.backbone.resnet.bn_eps=0.0"])  # not box_head.smooth_l1_beta: only training reads it
+    fixed = apply_overrides(experiment, told)  # as the command line reads them
+    assert torchvision_overrides(fixed.model, state) == []
+    expected, now = asdict(torchvision_config_of(state)), asdict(fixed.model)
+    now["box_head"]["smooth_l1_beta"] = expected["box_head"]["smooth_l1_beta"]
+    assert now == expected  # nothing else differs

@@ -760,6 +760,9 @@ def next_to_start(todo: list[tuple[str, int]], saved: dict, total: dict[str, int
 
 STOPPED_EXIT = 75  # run-one: stopped by SIGTERM, its state saved to resume from (sysexits' TEMPFAIL)
 STOP_GRACE_S = 15.0  # at the deadline, what a training gets to finish its step and save it
+# SIGTERM to the table itself (a `timeout` around it, whose --kill-after follows): what its
+# trainings get to save, and the table what is left to write its report (gpu_session.sh: 10 s)
+TERMINATED_GRACE_S = 5.0
 FINISH_GRACE_S = 30.0  # at the deadline, what a training already evaluating gets to finish that
 # The miniature's margins around a GPU deadline (--quick: none). A training's start-up and
 # evaluation beside its loop, which a pace from stopped trainings does not include; the least
@@ -1059,7 +1062,8 @@ def run_table(args: argparse.Namespace) -> dict:
                         never_launched += len(lost)
                         print(f"[{now:6.0f} s] {err}: its {len(lost)} training(s) count as failed", flush=True)
     except _Terminated:  # a time limit around the table: stop quickly, then report below
-        halt(time.perf_counter() - tic, "by SIGTERM to the table", grace=5.0, finish_grace=5.0)
+        halt(time.perf_counter() - tic, "by SIGTERM to the table", grace=args.terminated_grace,
+             finish_grace=args.terminated_grace)
     except BaseException as err:  # a bug, Ctrl-C: no training is left running, what finished is reported
         error = err
         halt(time.perf_counter() - tic, f"after an error in the table ({type(err).__name__})", grace=5.0,
@@ -1137,6 +1141,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deadline-at", type=float, default=None, metavar="UNIX_TIME",
                         help="--deadline as a wall-clock time (seconds since the epoch): counts the "
                              "time this process takes to start, which --deadline does not")
+    parser.add_argument("--terminated-grace", type=float, default=TERMINATED_GRACE_S, metavar="S",
+                        help="on SIGTERM to the table: seconds its trainings get to save their step "
+                             f"before they are killed (default {TERMINATED_GRACE_S:g}: a `timeout "
+                             "--kill-after=10` around the table leaves the rest to write the report)")
     parser.add_argument("--may-overrun", type=int, default=0, metavar="K",
                         help="with --deadline: let up to K trainings run that are expected to end after "
                              "it (trainings longer than a session; their checkpoints must reach the next "
@@ -1173,6 +1181,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--overrun-max-mib limits the trainings --may-overrun K lets run past the deadline; give K")
     if args.may_overrun < 0:
         raise ValueError(f"--may-overrun must be >= 0, got {args.may_overrun}")
+    if not args.terminated_grace >= 0:  # nan too
+        raise ValueError(f"--terminated-grace must be >= 0 seconds, got {args.terminated_grace}")
     if args.deadline is not None and args.deadline_at is not None:
         raise ValueError("--deadline and --deadline-at both set the deadline; give one")
     if args.pretrain and (args.dataset == "coco" or args.imagenet):

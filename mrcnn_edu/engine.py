@@ -600,8 +600,10 @@ def _clear_earlier_run(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def _save(cfg: TrainConfig, iteration: int, model: nn.Module, optimizer, scaler,
-          info: DistInfo, train_seconds: float = 0.0) -> Path:
-    """Every process contributes its RNG state; rank 0 alone writes the file."""
+          info: DistInfo, train_seconds: float = 0.0, plot: bool = True) -> Path:
+    """Every process contributes its RNG state; rank 0 alone writes the file. ``plot=False``
+    (the save a SIGTERM asks for): no loss curves, whose first drawing imports matplotlib
+    (~1-3 s on a busy CPU) inside the few seconds a deadline leaves; the next save draws them."""
     rng_states = [capture_rng_state()]
     if info.world_size > 1:
         rng_states = [None] * info.world_size
@@ -614,7 +616,8 @@ def _save(cfg: TrainConfig, iteration: int, model: nn.Module, optimizer, scaler,
             "world_size": info.world_size, "config": asdict(cfg), "model_config": _model_config(model),
             "train_seconds": train_seconds,  # the loop's time up to here, over every resume
         })
-        plot_loss_curves(Path(cfg.output_dir) / "metrics.jsonl")
+        if plot:
+            plot_loss_curves(Path(cfg.output_dir) / "metrics.jsonl")
         if cfg.keep_checkpoints:
             prune_checkpoints(cfg.output_dir, cfg.keep_checkpoints)
     return path
@@ -879,11 +882,11 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, collate_fn: Call
                 hook(done, {"model": model, "losses": losses, "lr": lr, "optimizer": optimizer})
             if stop.is_set() and not finished:  # SIGTERM: save this iteration (if not yet), leave
                 if last_good != checkpoint_path(cfg.output_dir, done):
-                    last_good = _save(cfg, done, model, optimizer, scaler, info, elapsed)
+                    last_good = _save(cfg, done, model, optimizer, scaler, info, elapsed, plot=False)
                 progress.close()
                 raise TrainingStopped(done, last_good)
     progress.close()
-    curves = output_dir / "loss_curves.png"  # drawn at each checkpoint, the last one included
+    curves = output_dir / "loss_curves.png"  # drawn at each checkpoint but a SIGTERM's, the last one included
     return {"iteration": max(start_iter, cfg.max_iter), "losses": losses, "eval": results,
             "checkpoint": last_good, "loss_curves": curves if curves.is_file() else None,
             "config": cfg, "train_seconds": earlier_seconds + time.perf_counter() - tic,

@@ -245,14 +245,18 @@ def sigterm_at(iteration: int):
     return hook
 
 
-def test_sigterm_saves_the_iteration_it_arrives_in_and_resuming_ends_as_an_uninterrupted_run(tmp_path):
+def test_sigterm_saves_the_iteration_it_arrives_in_and_resuming_ends_as_an_uninterrupted_run(tmp_path, monkeypatch):
     dataset = TinyShapes()
     whole = train(make_model(dropout=0.5), dataset, tiny_config(tmp_path / "whole"), collate)
     before = signal.getsignal(signal.SIGTERM)
     stopped_cfg = tiny_config(tmp_path / "stopped", checkpoint_period=0)  # no periodic checkpoint
+    plotted = []
+    monkeypatch.setattr(engine, "plot_loss_curves", lambda path: plotted.append(path))
     with pytest.raises(TrainingStopped, match="after 5 iterations") as stopped:
         train(make_model(dropout=0.5), dataset, stopped_cfg, collate, hooks=[sigterm_at(5)])
     assert stopped.value.iteration == 5 and stopped.value.checkpoint.name == "model_0000005.pth"
+    assert plotted == []  # the deadline's few seconds go to the checkpoint, not to matplotlib
+    monkeypatch.undo()
     assert last_checkpoint(stopped_cfg.output_dir) == stopped.value.checkpoint  # nothing lost
     assert signal.getsignal(signal.SIGTERM) is before  # the process's own handler is back
     first = load_checkpoint(stopped.value.checkpoint)["train_seconds"]

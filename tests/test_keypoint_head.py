@@ -60,6 +60,18 @@ def test_each_keypoint_target_is_a_single_cell_of_the_roi_grid():
     assert valid.tolist() == [[True, True, True, True, False, False]]
 
 
+def test_a_keypoint_a_rounding_step_inside_the_far_edge_is_kept_in_the_last_cell():
+    # in float32, (x - x1) * (m / w) for the float just below x2 rounds up to m here: a cell
+    # index past the grid, which torchvision and Detectron then drop as outside the RoI
+    x1, x2 = 187.77891540527344, 451.0521240234375
+    proposals = torch.tensor([[x1, 0.0, x2, 56.0]])
+    x = torch.nextafter(torch.tensor(x2), torch.tensor(0.0)).item()
+    assert x < x2 and ((torch.tensor(x) - x1) * (56 / (torch.tensor(x2) - x1))).floor() == 56  # the case
+    keypoints = torch.tensor([[[x, 10.5, 2.0], [x2 + 0.01, 10.5, 2.0]]])  # just inside; just outside
+    targets, valid = keypoint_targets(keypoints, proposals, m=56)
+    assert valid.tolist() == [[True, False]] and targets[0, 0].item() == 10 * 56 + 55
+
+
 def test_keypoint_targets_match_torchvision_keypoints_to_heatmap():
     roi_heads = pytest.importorskip("torchvision.models.detection.roi_heads")
     g = torch.Generator().manual_seed(0)

@@ -104,19 +104,21 @@ def keypoint_targets(
 
     The RoI is cut into m×m cells; a keypoint at x falls in column floor((x − x1)·m / w) (a point
     on the far edge x = x2 goes to column m − 1). Only labelled (v > 0) keypoints inside the RoI
-    are valid; invalid entries hold index 0 and must be ignored (torchvision's
-    `keypoints_to_heatmap`, Detectron's `keypoints_to_heatmap_labels`).
+    (x1 <= x <= x2, y1 <= y <= y2) are valid; invalid entries hold index 0 and must be ignored
+    (torchvision's `keypoints_to_heatmap`, Detectron's `keypoints_to_heatmap_labels`, which
+    also drop the rare point a float rounding step inside x2 whose column computes to m).
     """
     if keypoints.dim() != 3 or keypoints.shape[2] != 3:
         raise ValueError(f"keypoints must be (P, Kp, 3) rows (x, y, v), got shape {tuple(keypoints.shape)}")
     _check_boxes(proposals, "proposals", keypoints.shape[0])
     x1, y1, x2, y2 = (proposals[:, i : i + 1] for i in range(4))  # each (P, 1)
     x, y = keypoints[..., 0], keypoints[..., 1]  # (P, Kp)
-    col = ((x - x1) * (m / (x2 - x1))).floor().long()
-    row = ((y - y1) * (m / (y2 - y1))).floor().long()
-    col = torch.where(x == x2, m - 1, col)  # the far edge belongs to the last cell
-    row = torch.where(y == y2, m - 1, row)
-    inside = (col >= 0) & (row >= 0) & (col < m) & (row < m)
+    # inside is decided on the coordinates, not on the cell index: a point a rounding step inside
+    # x2 can compute to column m (torchvision and Detectron then drop it); clamping puts it, and a
+    # point on the far edge itself, in the last cell
+    inside = (x >= x1) & (x <= x2) & (y >= y1) & (y <= y2)
+    col = ((x - x1) * (m / (x2 - x1))).floor().long().clamp(0, m - 1)
+    row = ((y - y1) * (m / (y2 - y1))).floor().long().clamp(0, m - 1)
     valid = inside & (keypoints[..., 2] > 0)  # (P, Kp)
     targets = torch.where(valid, row * m + col, 0)  # (P, Kp) flat index into m²
     return targets, valid

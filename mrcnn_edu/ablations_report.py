@@ -16,7 +16,11 @@ move with the seed, so every figure here is a mean over seeds with its spread:
   equivalence tests (two one-sided tests at 5 %): "agrees (close)" when the 90 % interval
   ``|Δ| + t_0.95 s.e.`` stays under :data:`CLOSE_AP`, "disagrees" when ``|Δ| - t_0.95 s.e.`` is
   over it, "undecided" between. A run of one seed, or with no spread, gives no verdict beyond
-  the sign ("close" claims then say "not close (no spread)" or name the gap, untested).
+  the sign: "same direction (no spread: ...)"; "close" claims name the gap and say it is
+  untested, e.g. "|Δ| 0.10 < 1 AP, untested (no spread: 1 seed)". A claim whose trainings
+  differ in more than its runs' ablation (input size, init, schedule, data or model config:
+  :func:`mismatches`; e.g. rows kept from a session with other flags) is "not comparable
+  (mixed ...)", not tested, and such rows and gains are marked "[mixed ...]".
   Trainings of one table share a pre-trained body and the seeds, so these tests treat runs as
   independent where they may be positively correlated: conservative for a difference of two
   runs, not necessarily for a contrast of four (C5's gain minus C4's), where two of the pairs
@@ -33,6 +37,8 @@ records and shown in percent, as the paper prints them; ``APbb*`` are box AP.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -42,13 +48,12 @@ import sys
 import time
 from pathlib import Path
 
-from mrcnn_edu.ablations import GAINS, ROWS, RUNS, SUBTABLES, Row, body_name, stand_in
+from mrcnn_edu.ablations import GAINS, ROWS, RUNS, SUBTABLES, Row, body_name, model_config, stand_in, train_config
 from mrcnn_edu.config import config_differences
 
 __all__ = ["write_json_atomic", "result_path", "git_commit", "device_name", "mean_std", "format_mean_std", "contrast",
-           "format_gain", "percent_metrics", "load_records", "check_same_schedule", "CLAIMS", "judge_claims", "summarise",
-           "data_digests",
-           "markdown_table", "write_report"]
+           "format_gain", "percent_metrics", "load_records", "check_same_schedule", "mismatches", "CLAIMS",
+           "judge_claims", "summarise", "data_digests", "markdown_table", "write_report"]
 
 MASK_KEYS = ("AP", "AP50", "AP75")
 BOX_KEYS = ("APbb", "APbb50", "APbb75")
@@ -68,12 +73,18 @@ _T_95 = {1: 6.32, 1.25: 4.55, 1.5: 3.71, 1.75: 3.23, 2: 2.92, 3: 2.36, 4: 2.14, 
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (``ddof=1``); nan std for fewer than 2 values."""
+    """Mean and sample standard deviation (``ddof=1``); nan std for fewer than 2 values.
+
+    Identical values give a std of exactly 0: the float mean of ``[30.1] * 3`` is
+    30.100000000000005, which would leave a std of 4e-15, and a t-test would read that as
+    certainty where the verdicts' rule says "no spread"."""
     if not values:
         return math.nan, math.nan
-    mean = sum(values) / len(values)
     if len(values) < 2:
-        return mean, math.nan
+        return values[0], math.nan
+    if max(values) == min(values):
+        return values[0], 0.0
+    mean = sum(values) / len(values)
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
@@ -181,13 +192,25 @@ def result_path(workdir: str | Path, run: str, seed: int) -> Path:
     return Path(workdir) / "results" / f"{run}__seed{seed}.json"
 
 
-def git_commit() -> str | None:
-    """``git rev-parse HEAD`` of this checkout, "+dirty" if files differ from it; None outside git."""
+# tracked folders that hold what the code produced, not code: a table's own summary
+# (results/, --out's default) or an edited notebook must not make its next record "+dirty"
+NOT_CODE = ("results", "notebooks")
+
+
+def git_commit(folder: str | Path | None = None) -> str | None:
+    """``git rev-parse HEAD`` of the checkout holding ``folder`` (default: this package's),
+    "+dirty" if a tracked file outside :data:`NOT_CODE` differs from it; None outside git.
+
+    The question it answers: was the code that produced a number the commit's code? Untracked
+    files (new notes, a half-finished table's JSON) and the outputs in ``NOT_CODE`` do not
+    change that answer, so they are not looked at.
+    """
+    folder = Path(folder) if folder is not None else Path(__file__).resolve().parent
+    status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/"]
+    status += [f":(top,exclude){name}" for name in NOT_CODE]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                               cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=folder, timeout=10)
+        dirty = subprocess.run(status, capture_output=True, text=True, cwd=folder, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (out.stdout.strip() + ("+dirty" if dirty else "")) if out.returncode == 0 else None
@@ -235,8 +258,8 @@ def check_same_schedule(record: dict, planned, pretrained: bool | None = None,
     from mrcnn_edu.engine import scale_for_batch
 
     where = _forget_advice(record)
-    done_size = record.get("model_config", {}).get("transform", {}).get("min_size_test", input_size)
-    if input_size is not None and done_size != input_size:
+    done_size = record_input_size(record)
+    if input_size is not None and done_size is not None and done_size != input_size:
         raise ValueError(f"{record['run']} seed {record['seed']} was trained on {done_size} px inputs "
                          f"but this command plans {input_size} px (--input-size); {where}")
     was_pretrained = bool(record.get("init", {}).get("weights"))
@@ -265,6 +288,91 @@ def check_same_model(record: dict, planned: dict) -> None:
     if differ:
         raise ValueError(f"{record['run']} seed {record['seed']} was trained as another model: "
                          f"{'; '.join(differ[:6])}{' ...' if len(differ) > 6 else ''}; {_forget_advice(record)}")
+
+
+# --- comparability: what the trainings of one row, gain or claim must share ------------------------
+#
+# `pending` checks the records of the runs and seeds a session selects against its plan. A
+# summary also keeps other sessions' runs and seeds (`write_report`), made with other flags,
+# maybe: the helpers below compare the records that meet in a row, a gain or a claim with
+# each other instead.
+
+
+def record_input_size(record: dict) -> int | None:
+    """The shorter side the model resized the images to (``--input-size``); None if unrecorded."""
+    return record.get("model_config", {}).get("transform", {}).get("min_size_test")
+
+
+def init_kind(record: dict) -> str | None:
+    """How a training's body started: "scratch", "pre-trained here" (``pretrain.py``'s body,
+    which records its top-1) or "brought weights" (a file the user brought, e.g. ImageNet's);
+    None for a record without an ``init`` (older files)."""
+    if "init" not in record:
+        return None
+    init = record["init"]
+    if not init.get("weights"):
+        return "scratch"
+    return "pre-trained here" if init.get("top1") is not None else "brought weights"
+
+
+def record_schedule(record: dict) -> dict:
+    """The record's :data:`SCHEDULE_KEYS` as it ran (lr steps as a tuple; JSON gives a list)."""
+    ran = record.get("train_config", {})
+    return {key: tuple(ran[key]) if isinstance(ran[key], list) else ran[key] for key in SCHEDULE_KEYS if key in ran}
+
+
+@functools.lru_cache(maxsize=None)
+def _recipe(run: str, dataset: str, quick: bool) -> tuple:
+    """The run's own schedule before any flag: one for the miniature, ResNeXt's own on COCO (§3.1)."""
+    plan = train_config(dataset, quick, 0, "", run=run)
+    return tuple(getattr(plan, key) for key in SCHEDULE_KEYS)
+
+
+@functools.lru_cache(maxsize=None)
+def _ablated(run: str, dataset: str, quick: bool, size: int | None) -> frozenset[str]:
+    """The model-config settings (dotted paths) in which ``run`` differs from the baseline
+    ResNet-50-C4 by design: the settings its ablation changes, which its records may not share
+    with another run's."""
+    size = size if dataset != "coco" else None  # COCO's configs resize to 800 (model_config)
+    mine, base = (as_stored(dataclasses.asdict(model_config(RUNS[name], dataset, quick, size)))
+                  for name in (run, "r50_c4"))
+    return frozenset(difference.split("=", 1)[0] for difference in config_differences(mine, base))
+
+
+def mismatches(records: list[dict], dataset: str = "shapes", quick: bool = False) -> list[str]:
+    """What the trainings ``records`` (of one row, gain or claim) differ in beyond their runs'
+    own ablations: any of "input size", "init" (:func:`init_kind`), "schedule", "data" and
+    "model" (the model config but the settings each run ablates); [] when they are comparable.
+
+    A value a record does not hold (older files) is no difference. Schedules are compared
+    between runs of one recipe (:func:`_recipe`): COCO's ResNeXt trains on its own, as the
+    paper's did. Another input size is another model too; it is named once, as "input size".
+    """
+
+    def differ(values) -> bool:
+        return len({value for value in values if value is not None}) > 1
+
+    found = []
+    if differ(record_input_size(r) for r in records):
+        found.append("input size")
+    if differ(init_kind(r) for r in records):
+        found.append("init")
+    recipes = collections.defaultdict(list)
+    for r in records:
+        recipes[_recipe(r["run"], dataset, quick)].append(record_schedule(r))
+    if any(differ(schedule.get(key) for schedule in group) for group in recipes.values() for key in SCHEDULE_KEYS):
+        found.append("schedule")
+    if differ(r.get("data_digest") for r in records):
+        found.append("data")
+    if "input size" not in found and records:
+        first = records[0]
+        for r in records[1:]:
+            skip = _ablated(r["run"], dataset, quick, record_input_size(r)) | \
+                _ablated(first["run"], dataset, quick, record_input_size(first))
+            if config_differences(r.get("model_config", {}), first.get("model_config", {}), skip=tuple(skip)):
+                found.append("model")
+                break
+    return found
 
 
 # --- the paper's claims (§4.2), as contrasts between runs ---------------------------------------
@@ -322,8 +430,9 @@ def _verdict(kind: str, sign: float, delta: float, se: float, df: float) -> str:
     """The verdict of one claim (see the module docstring); ``sign`` is the paper's direction."""
     no_spread = " (no spread: 1 seed)" if math.isnan(se) else " (no spread: the seeds agree exactly)"
     if kind == "close":
-        if math.isnan(se) or se == 0:
-            return ("close" if abs(delta) < CLOSE_AP else "not close") + no_spread
+        if math.isnan(se) or se == 0:  # the gap, and no test of it
+            relation = "<" if abs(delta) < CLOSE_AP else "≥"
+            return f"|Δ| {abs(delta):.2f} {relation} {CLOSE_AP:g} AP, untested" + no_spread
         margin = t_quantile(df, 0.95) * se
         if abs(delta) + margin < CLOSE_AP:
             return "agrees (close)"
@@ -376,10 +485,20 @@ def judge_claims(values: dict[str, list[dict[str, float]]]) -> list[dict]:
 # --- the summary and its markdown ---------------------------------------------------------------
 
 
-def summarise(rows: list[Row], runs: list[str], records: dict, seeds: int, mode: str = "miniature") -> dict:
-    """Per run: configs and per-seed records; per row: the paper's figures and ours (mean, std)."""
+def summarise(rows: list[Row], runs: list[str], records: dict, seeds: int, mode: str = "miniature",
+              dataset: str = "shapes") -> dict:
+    """Per run: configs and per-seed records; per row: the paper's figures and ours (mean, std).
+
+    Each row, gain and claim also says what its trainings differ in beyond the runs' ablations
+    (``"mixed"``, :func:`mismatches`); a claim over such trainings is "not comparable", not tested.
+    """
     values = {run: [percent_metrics(records[(run, s)]) for s in range(seeds) if (run, s) in records]
               for run in runs}
+    trainings = {run: [records[(run, s)] for s in range(seeds) if (run, s) in records] for run in runs}
+
+    def mixed(*names: str) -> list[str]:
+        return mismatches([r for name in names for r in trainings.get(name, [])], dataset, mode == "quick")
+
     run_entries = {}
     for run in runs:
         seeds_done = {str(s): records[(run, s)] for s in range(seeds) if (run, s) in records}
@@ -393,7 +512,8 @@ def summarise(rows: list[Row], runs: list[str], records: dict, seeds: int, mode:
             mean, std = mean_std(per_seed)
             ours[key] = {"mean": mean, "std": std, "n": len(per_seed), "values": per_seed}
         row_entries.append({"table": row.table, "label": row.label, "run": row.run,
-                            "stand_in": stand_in(RUNS[row.run], mode), "paper": row.paper, "ours": ours})
+                            "stand_in": stand_in(RUNS[row.run], mode), "paper": row.paper, "ours": ours,
+                            "mixed": mixed(row.run)})
     gains = []
     for table, label, better, worse in GAINS:
         if better in values and worse in values:
@@ -403,17 +523,22 @@ def summarise(rows: list[Row], runs: list[str], records: dict, seeds: int, mode:
                      for k in keys}
             paper = {k: round(_paper_value(better, k) - _paper_value(worse, k), 1) for k in keys}
             gains.append({"table": table, "label": label, "paper": paper,
-                          "ours": {k: {"delta": d, "se": s} for k, (d, s) in cells.items()}})
+                          "ours": {k: {"delta": d, "se": s} for k, (d, s) in cells.items()},
+                          "mixed": mixed(better, worse)})
     claims = [c for c in judge_claims(values) if set(c["runs"]) <= set(runs)]
+    for claim in claims:  # trainings that differ in more than the ablation: no test
+        claim["mixed"] = mixed(*claim["runs"])
+        if claim["mixed"] and claim["verdict"] not in ("not run", "no score"):
+            claim["verdict"] = f"not comparable (mixed {', '.join(claim['mixed'])})"
     return {"runs": run_entries, "rows": row_entries, "gains": gains, "claims": claims,
-            "bodies": body_digests(records, runs, seeds)}
+            "bodies": body_digests(records, runs, seeds), "scratch": scratch_trainings(records, runs, seeds)}
 
 
 def body_digests(records: dict, runs: list[str], seeds: int) -> dict[str, dict[str, list[str]]]:
     """``{body: {digest: ["run seed s", ...]}}``: which trainings started from which pre-trained
     weights (``ablations.weights_digest``). One digest per body: every row started from the same
     body; more: sessions that pre-trained it anew got other weights. Records without a digest
-    (from scratch, or older files) are left out."""
+    (from scratch: :func:`scratch_trainings`; or older files) are left out."""
     bodies: dict[str, dict[str, list[str]]] = {}
     for run in runs:
         for seed in range(seeds):
@@ -421,6 +546,17 @@ def body_digests(records: dict, runs: list[str], seeds: int) -> dict[str, dict[s
             if digest:
                 bodies.setdefault(body_name(RUNS[run]), {}).setdefault(digest, []).append(f"{run} seed {seed}")
     return bodies
+
+
+def scratch_trainings(records: dict, runs: list[str], seeds: int) -> dict[str, list[str]]:
+    """``{body: ["run seed s", ...]}``: the trainings whose body started from scratch, by the
+    body their run would have been pre-trained as."""
+    scratch: dict[str, list[str]] = {}
+    for run in runs:
+        for seed in range(seeds):
+            if (run, seed) in records and init_kind(records[(run, seed)]) == "scratch":
+                scratch.setdefault(body_name(RUNS[run]), []).append(f"{run} seed {seed}")
+    return scratch
 
 
 def _nan(value) -> float:
@@ -432,20 +568,47 @@ def _cell(entry: dict | None) -> str:
     return "–" if entry is None else format_mean_std(entry["values"])
 
 
+def _mixed(entry: dict) -> str:
+    """The mark of a row or gain whose trainings differ in more than the ablation, e.g. " **[mixed schedule]**"."""
+    return f" **[mixed {', '.join(entry['mixed'])}]**" if entry.get("mixed") else ""
+
+
+def _runs_by_input_size(summary: dict) -> dict[int, list[str]]:
+    """``{size: [runs with a training at that size]}``, from the summary's records."""
+    by_size: dict[int, list[str]] = {}
+    for run, entry in summary.get("runs", {}).items():
+        if not entry.get("in_table", True):  # a run no longer in RUNS
+            continue
+        for record in entry["seeds"].values():
+            runs = by_size.setdefault(record_input_size(record), [])
+            if run not in runs:
+                runs.append(run)
+    return by_size
+
+
 def markdown_table(summary: dict) -> str:
     """Every sub-table with the paper's figures beside ours, the gain rows and the claims."""
     mode = summary.get("mode", "")
     lines = [f"# Table 2 of Mask R-CNN, reproduced ({mode}, dataset {summary.get('dataset', '?')})", "",
-             "Ours: mean ± std over seeds (n = seeds finished); gains: Δ ± standard error. "
+             "Ours: mean ± std over seeds (n = the seeds with a mask AP; a seed COCOeval gave no AP is left "
+             "out); gains: Δ ± standard error. "
              "Paper: COCO minival, one training per row. Mask AP unless noted; APbb = box AP.", ""]
-    if summary.get("input_size") and summary.get("dataset") == "shapes":
-        lines += [f"Inputs: the synthetic images resized to {summary['input_size'][0]} px (shorter side) "
+    sizes = summary.get("input_size", [])
+    if len(sizes) == 1 and summary.get("dataset") == "shapes":
+        lines += [f"Inputs: the synthetic images resized to {sizes[0]} px (shorter side) "
                   "in the model (`--input-size`).", ""]
-    for plan in summary.get("schedules", []):
+    elif len(sizes) > 1:
+        by_size = _runs_by_input_size(summary)
+        lines += [f"**Inputs: the trainings ran at {len(sizes)} sizes** (shorter side, `--input-size`): "
+                  + "; ".join(f"{size} px: {', '.join(by_size.get(size, []))}" for size in sizes)
+                  + ". Rows, gains and claims that mix them are marked.", ""]
+    schedules = summary.get("schedules", [])
+    for plan in schedules:
         lines += [f"Schedule: {plan['max_iter']} iterations of {plan['images_per_batch']} images "
                   f"({plan['max_iter'] * plan['images_per_batch']:,} images), lr {plan['base_lr']:g}, "
                   f"÷10 at {', '.join(map(str, plan['steps']))}, warm-up {plan['warmup_iters']} "
-                  f"(`--images-per-batch`, `--max-iter`); {plan['trainings']} training(s).", ""]
+                  f"(`--images-per-batch`, `--max-iter`); {plan['trainings']} training(s)"
+                  + (f" of {', '.join(plan['runs'])}." if len(schedules) > 1 and plan.get("runs") else "."), ""]
     if summary.get("channels_last"):
         lines += [f"Convolutions in NHWC (`--channels-last`) in {summary['channels_last']} training(s): "
                   "the same arithmetic in another summation order.", ""]
@@ -462,19 +625,24 @@ def markdown_table(summary: dict) -> str:
             continue
         keys = MASK_KEYS + (BOX_KEYS if table == "2d" else ())
         lines += [f"## ({table[1]}) {title}", "",
-                  "| paper row | model trained here | n | " + " | ".join(f"{k} ours" for k in keys)
+                  "| paper row | model trained here | n (seeds with AP) | " + " | ".join(f"{k} ours" for k in keys)
                   + " | " + " | ".join(f"{k} paper" for k in keys) + " |",
                   "|---" * (3 + 2 * len(keys)) + "|"]
         for r in rows:
             n = r["ours"]["AP"]["n"]
             ours = " | ".join(_cell(r["ours"].get(k)) for k in keys)
             paper = " | ".join(f"{r['paper'][k]:.1f}" if k in r["paper"] else "–" for k in keys)
-            lines.append(f"| {r['label']} | {r['stand_in']} | {n} | {ours} | {paper} |")
-        for g in (g for g in summary["gains"] if g["table"] == table):
+            lines.append(f"| {r['label']}{_mixed(r)} | {r['stand_in']} | {n} | {ours} | {paper} |")
+        gains = [g for g in summary["gains"] if g["table"] == table]
+        for g in gains:
             ours = " | ".join(format_gain(g["ours"][k]["delta"], g["ours"][k]["se"]) for k in keys)
             paper = " | ".join(f"{g['paper'][k]:+.1f}" for k in keys)
-            lines.append(f"| **{g['label']}** | | | {ours} | {paper} |")
+            lines.append(f"| **{g['label']}**{_mixed(g)} | | | {ours} | {paper} |")
         lines.append("")
+        if any(entry.get("mixed") for entry in rows + gains):
+            lines += ["**[mixed ...]**: the row averages (the gain compares) trainings that differ in more than "
+                      "the ablation (input size, init, schedule, data or model config), e.g. from sessions run "
+                      "with other flags; each training's record is in the JSON under \"runs\".", ""]
     if summary["claims"]:
         lines += ["## The paper's claims, judged against the spread over seeds", "",
                   "| claim | paper Δ | ours Δ ± s.e. | seeds per run | verdict |", "|---|---|---|---|---|"]
@@ -488,20 +656,31 @@ def markdown_table(summary: dict) -> str:
                   "else undecided. Runs are treated as independent trainings. t_0.975 is 2.78 when both runs "
                   "have 3 seeds of equal spread (4 df), up to 4.31 when their spreads differ (2 df); 2 seeds per "
                   "run give 1-2 df (4.31-12.71). Each claim is tested on its own, with no correction for "
-                  "testing several: a verdict near its threshold is marginal. A run of 1 seed gives the sign "
-                  "only, untested.", ""]
-    bodies = summary.get("bodies", {})
-    if bodies:
+                  "testing several: a verdict near its threshold is marginal. A run of 1 seed, or with no "
+                  "spread, gives the sign only ('close' claims: the gap against "
+                  f"{CLOSE_AP:g} AP), untested. Trainings that differ in more than the runs' ablation (input "
+                  "size, init, schedule, data or model config) are 'not comparable', not tested.", ""]
+    bodies, scratch = summary.get("bodies", {}), summary.get("scratch", {})
+    if bodies or scratch:
         lines += ["## Pre-trained bodies", ""]
-        for body, digests in bodies.items():
-            trainings = sum(len(v) for v in digests.values())
-            if len(digests) == 1:
-                digest = next(iter(digests))
-                lines.append(f"- {body}: one training, from the weights with digest {digest}." if trainings == 1 else
-                             f"- {body}: all {trainings} trainings started from the same weights (digest {digest}).")
+        for body in dict.fromkeys([*bodies, *scratch]):
+            digests, from_scratch = bodies.get(body, {}), scratch.get(body, [])
+            trainings, digest = sum(len(v) for v in digests.values()), next(iter(digests), None)
+            scratch_text = f"{len(from_scratch)} training(s) started from scratch"
+            if not digests:
+                line = f"- {body}: {scratch_text}"
+            elif len(digests) > 1:
+                line = (f"- **{body}: {len(digests)} different pre-trained bodies** (a session re-made it with "
+                        "other weights): " + "; ".join(f"{d}: {', '.join(v)}" for d, v in digests.items()))
+            elif from_scratch:
+                line = f"- {body}: {trainings} training(s) started from the weights with digest {digest}"
+            elif trainings == 1:
+                line = f"- {body}: one training, from the weights with digest {digest}"
             else:
-                lines.append(f"- **{body}: {len(digests)} different pre-trained bodies** (a session re-made it with "
-                             "other weights): " + "; ".join(f"{d}: {', '.join(v)}" for d, v in digests.items()) + ".")
+                line = f"- {body}: all {trainings} trainings started from the same weights (digest {digest})"
+            if digests and from_scratch:  # a mix: name the trainings from scratch
+                line += f"; **{scratch_text}**: {', '.join(from_scratch)}"
+            lines.append(line + ".")
         lines.append("")
     data = summary.get("data", {})
     recorded = {digest: trainings for digest, trainings in data.items() if digest != "unrecorded"}
@@ -515,6 +694,12 @@ def markdown_table(summary: dict) -> str:
         saw = (f"The training saw the data with digest {digest}" if len(trainings) == 1 else
                f"All {len(trainings)} trainings with a record of it saw the same data (digest {digest})")
         lines += ["## Data", "", saw + (f"; {unrecorded} older record(s) do not say." if unrecorded else "."), ""]
+    retired = {run: entry for run, entry in summary.get("runs", {}).items() if not entry.get("in_table", True)}
+    if retired:
+        lines += ["## Records not in this table", "", "Kept in the JSON (under \"runs\") but not part of the "
+                  "current table, its rows or its claims: their run names are no longer in `ablations.RUNS` "
+                  "(renamed or removed): " + ", ".join(f"{run} ({len(entry['seeds'])} seed(s))"
+                                                        for run, entry in retired.items()) + ".", ""]
     sessions = summary.get("sessions", [])
     if sessions:
         lines += ["## Runs", ""] + [
@@ -539,28 +724,38 @@ def write_report(rows: list[Row], runs: list[str], seeds: int, mode: str, datase
     run with ``--rows 2b`` or ``--seeds 1`` beside an earlier, fuller table must not drop that
     table's other rows and seeds (the summary may be their only copy: a lease's per-run files
     stay on its machine). So rows of other runs that have records, and seeds beyond ``seeds``,
-    stay in it.
+    stay in it. Those were made by other sessions, maybe with other flags: the rows, gains and
+    claims whose trainings differ in more than the ablation are marked (:func:`summarise`).
+    Records of runs no longer in :data:`RUNS` (renamed, removed) are kept too, marked
+    ``"in_table": false``, and left out of the table.
     """
     summary_path = Path(summary_path)
     previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     known = {run for run, _ in records if run in RUNS}
     rows = list(rows) + [row for row in ROWS if row.run in known and row not in rows]
     runs = list(runs) + [run for run in RUNS if run in known and run not in runs]
-    seeds = max([seeds, *(seed + 1 for _, seed in records)])
+    retired = {key: r for key, r in records.items() if key[0] not in RUNS}
     records = {key: r for key, r in records.items() if key[0] in runs}
-    sizes = {r.get("model_config", {}).get("transform", {}).get("min_size_test") for r in records.values()}
-    # one schedule, unless --rows picked trainings made with another; steps are lists in JSON
-    schedules = collections.Counter(
-        tuple(tuple(ran[k]) if isinstance(ran[k], list) else ran[k] for k in SCHEDULE_KEYS)
-        for ran in (r.get("train_config", {}) for r in records.values()) if all(k in ran for k in SCHEDULE_KEYS))
+    seeds = max([seeds, *(seed + 1 for _, seed in records)])
+    sizes = {record_input_size(r) for r in records.values()}
+    # one schedule, unless the summary keeps trainings that other sessions made with another
+    schedules: dict[tuple, list[str]] = collections.defaultdict(list)  # schedule -> "run" per training
+    for (run, _), record in sorted(records.items()):
+        schedule = record_schedule(record)
+        if len(schedule) == len(SCHEDULE_KEYS):
+            schedules[tuple(schedule[k] for k in SCHEDULE_KEYS)].append(run)
     summary = {"table": "2", "mode": mode, "dataset": dataset, "seeds": seeds,
-               "input_size": sorted(sizes - {None}),  # one size: a table refuses to mix them
-               "schedules": [dict(zip(SCHEDULE_KEYS, key), trainings=n) for key, n in sorted(schedules.items())],
+               "input_size": sorted(sizes - {None}),  # more than one: the rows that mix them are marked
+               "schedules": [dict(zip(SCHEDULE_KEYS, key), trainings=len(ran), runs=sorted(set(ran)))
+                             for key, ran in sorted(schedules.items())],
                # trainings with NHWC convolutions (--channels-last): the same numbers, other timings
                "channels_last": sum(bool(r.get("train_config", {}).get("channels_last")) for r in records.values()),
                "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "sessions": previous.get("sessions", []) + ([session] if session else []),
-               **summarise(rows, runs, records, seeds, mode)}
+               **summarise(rows, runs, records, seeds, mode, dataset)}
+    for run in dict.fromkeys(run for run, _ in sorted(retired)):  # kept: the summary may be their only copy
+        summary["runs"][run] = {"in_table": False, "note": "not in ablations.RUNS: not part of this table",
+                                "seeds": {str(seed): r for (name, seed), r in sorted(retired.items()) if name == run}}
     summary["data"] = data_digests(records)
     if len(set(summary["data"]) - {"unrecorded"}) > 1:  # run_table refuses this only for what it trains
         print(f"warning: {summary_path}: the trainings ran on {len(set(summary['data']) - {'unrecorded'})} "

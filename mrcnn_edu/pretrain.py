@@ -167,10 +167,10 @@ def pretrain(resnet: ResNetConfig, cfg: PretrainConfig, out: str | Path | None =
     Seeds torch with ``cfg.seed`` (the initial weights); the images are seeded per index.
 
     Returns ``(state_dict, info)``: the state dict in torchvision's ResNet key layout (body
-    and ``fc``), and ``info`` with the accuracy on 1000 held-out images (``top1``, and per object
-    size ``top1_by_size``), the losses and the wall time. With ``out``, also writes
-    ``{"model": state_dict, "info": info}`` there atomically -- ``load_imagenet_state_dict``
-    takes either form's ``model``.
+    and ``fc``), and ``info`` with the accuracy on ``cfg.eval_images`` held-out images (``top1``;
+    1000 by default, 64 with ``ablate --quick``), per object size ``top1_by_size``, the losses and
+    the wall time. With ``out``, also writes ``{"model": state_dict, "info": info}`` there
+    atomically -- ``load_imagenet_state_dict`` takes either form's ``model``.
     """
     if resnet.norm == "frozen_bn":  # its statistics never train: the body would have no normalisation
         raise ValueError("pretrain needs a norm that trains (resnet.norm 'gn' or 'bn'), got 'frozen_bn': "

@@ -245,6 +245,21 @@ def _fake_record(run: str, seed: int, ap: float, ap50: float, ap75: float, box: 
             "images_per_batch": planned.images_per_batch, "base_lr": planned.base_lr}}
 
 
+def test_identical_seeds_have_no_spread_and_their_claims_only_a_sign():
+    """A float mean of [30.1] * 3 is 30.100000000000005: its std came out 4e-15, not 0, and a
+    t-test read that as certainty ("agrees") where the rule says "no spread"."""
+    assert report.mean_std([30.1] * 3) == (30.1, 0.0)
+    assert report.mean_std([100 * 0.301] * 3)[1] == 0.0  # as percent_metrics gives a COCOeval fraction
+    assert report.format_mean_std([30.1] * 3) == "30.1 ± 0.0"
+    assert report.contrast([(1, [30.1] * 3), (-1, [27.0] * 3)]) == (pytest.approx(3.1), 0.0)
+    judged = {c["claim"]: c for c in report.judge_claims({
+        run: [{"AP": ap, "AP50": 0.0, "AP75": 0.0}] * 3
+        for run, ap in (("r50_c4", 30.1), ("r50_c4_softmax", 27.0), ("r50_c4_agnostic", 29.5))})}
+    assert judged["sigmoid beats softmax (2b)"]["verdict"] == "same direction (no spread: the seeds agree exactly)"
+    assert (judged["class-agnostic is close to class-specific (2b text)"]["verdict"]
+            == "|Δ| 0.60 < 1 AP, untested (no spread: the seeds agree exactly)")
+
+
 def test_welch_degrees_of_freedom_and_t_quantiles_by_hand():
     # two runs of 3 seeds with std 1: V = 1/3 + 1/3, df = V² / (2 (1/3)² / 2) = 4
     assert report.welch_df([(1, [30.0, 31.0, 32.0]), (-1, [24.0, 25.0, 26.0])]) == pytest.approx(4.0)
@@ -295,7 +310,11 @@ def test_claims_are_judged_against_the_spread_over_seeds():
     assert wide["verdict"].startswith("undecided")  # 0 ± 2.38 x 0.65 (df 2.94) straddles 1
     far = verdict("class-agnostic", r50_c4=[30.0, 30.1, 30.2], r50_c4_agnostic=[27.0, 27.1, 27.2])
     assert far["verdict"].startswith("disagrees")  # 3 - 0.17 >= 1
-    assert verdict("class-agnostic", r50_c4=[30.0], r50_c4_agnostic=[29.9])["verdict"] == "close (no spread: 1 seed)"
+    # close, one seed: the gap, said to be untested (a bare "close" would read like a pass)
+    assert (verdict("class-agnostic", r50_c4=[30.0], r50_c4_agnostic=[29.9])["verdict"]
+            == "|Δ| 0.10 < 1 AP, untested (no spread: 1 seed)")
+    assert (verdict("class-agnostic", r50_c4=[30.0], r50_c4_agnostic=[28.5])["verdict"]
+            == "|Δ| 1.50 ≥ 1 AP, untested (no spread: 1 seed)")
     assert verdict("RoIWarp is on par", r50_c4_roiwarp_max=[27.0, 27.1, 27.2],
                    r50_c4_roipool=[26.9, 27.0, 27.1])["verdict"] == "agrees (close)"
     # a run not trained, and a run trained whose metric COCOeval could not compute in one seed
@@ -330,6 +349,7 @@ def test_markdown_table_puts_the_papers_figures_beside_mean_and_std(tmp_path):
     summary = report.write_report(rows, runs, 3, "miniature", "shapes", records, tmp_path / "t.json")
     text = (tmp_path / "t.md").read_text()
     assert summary["input_size"] == [384] and "resized to 384 px (shorter side) in the model" in text
+    assert "| paper row | model trained here | n (seeds with AP) |" in text  # what n counts
     assert "| softmax | R-mini-C4, blocks (1,1,1,1), width 16 | 3 | 25.0 ± 1.0 | 45.0 ± 1.0 | 26.0 ± 1.0 | 24.8 | 44.1 | 25.1 |" in text
     assert "| ResNet-50-C4 |" in text and "| 31.0 ± 1.0 | 51.0 ± 1.0 | 33.0 ± 1.0 | 30.3 | 51.2 | 31.5 |" in text
     # the gain row: Δ = 31 - 25 = 6, s.e. = sqrt(1/3 + 1/3) = 0.816
@@ -383,6 +403,11 @@ def test_the_report_says_when_rows_started_from_different_bodies(tmp_path):
         records[(run, 2)]["init"]["digest"] = "aaaa"
     report.write_report(rows, runs, 3, "miniature", "shapes", records, tmp_path / "t.json")
     assert "- ResNet-50: all 6 trainings started from the same weights (digest aaaa)." in (tmp_path / "t.md").read_text()
+    for record in records.values():  # a --no-pretrain table: said so, not "pre-trained" silence
+        record["init"] = {"weights": None}
+    report.write_report(rows, runs, 3, "miniature", "shapes", records, tmp_path / "t.json")
+    text = (tmp_path / "t.md").read_text()
+    assert "- ResNet-50: 6 training(s) started from scratch." in text and "same weights" not in text
 
 
 def test_the_report_says_when_trainings_ran_on_different_data_even_with_nothing_left_to_train(tmp_path, capsys):
@@ -405,6 +430,120 @@ def test_the_report_says_when_trainings_ran_on_different_data_even_with_nothing_
     assert "All 5 trainings with a record of it saw the same data (digest d1); 1 older record(s) do not say." \
         in (tmp_path / "t.md").read_text()
     assert capsys.readouterr().err == ""
+
+
+def _stored_config(run: str, size: int = 384) -> dict:
+    """``run``'s miniature model config as a record holds it."""
+    return report.as_stored(dataclasses.asdict(model_config(RUNS[run], "shapes", False, size)))
+
+
+def _full_schedule(record: dict, max_iter: int = 3, steps: tuple = (2,)) -> dict:
+    """``record`` with every key of report.SCHEDULE_KEYS in its train_config (the fakes hold three)."""
+    record["train_config"].update(max_iter=max_iter, steps=list(steps), warmup_iters=1)
+    return record
+
+
+def test_claims_over_trainings_of_other_input_sizes_inits_or_schedules_are_not_tested(tmp_path):
+    """A `--rows r50_fpn_mlp2 --no-pretrain --input-size 192` session beside a pre-trained 384 px
+    table: write_report keeps both, and the FCN-vs-MLP claim compared them as if one ablation."""
+    records = {}
+    for seed in range(3):
+        fcn = _full_schedule(_fake_record("r50_fpn", seed, 30.0 + seed, 50.0, 31.0))
+        fcn.update(model_config=_stored_config("r50_fpn", 384),
+                   init={"weights": "w/pretrain/ResNet-50.pth", "top1": 0.99, "digest": "aaaa"})
+        mlp = _full_schedule(_fake_record("r50_fpn_mlp2", seed, 20.0 + seed, 40.0, 21.0), max_iter=1, steps=(1,))
+        mlp.update(model_config=_stored_config("r50_fpn_mlp2", 192), init={"weights": None})
+        records[("r50_fpn", seed)], records[("r50_fpn_mlp2", seed)] = fcn, mlp
+    summary = report.write_report(*select_runs("r50_fpn_mlp2"), 3, "miniature", "shapes", records, tmp_path / "t.json")
+    text = (tmp_path / "t.md").read_text()
+    claims = {c["claim"]: c for c in summary["claims"]}
+    verdict = claims["FCN beats the 2-fc MLP mask head (2e)"]["verdict"]
+    assert verdict == "not comparable (mixed input size, init, schedule)"
+    assert ("| FCN beats the 2-fc MLP mask head (2e) | +2.1 | +10.0 ± 0.8 | 3/3 | "
+            "not comparable (mixed input size, init, schedule) |") in text
+    assert all(not row["mixed"] for row in summary["rows"]) and "**[mixed" not in text  # each row is one kind
+    # both sizes, with their runs, not the first one alone
+    assert summary["input_size"] == [192, 384] and "resized to 192 px" not in text
+    assert ("**Inputs: the trainings ran at 2 sizes** (shorter side, `--input-size`): "
+            "192 px: r50_fpn_mlp2; 384 px: r50_fpn.") in text
+    assert "warm-up 1 (`--images-per-batch`, `--max-iter`); 3 training(s) of r50_fpn_mlp2." in text
+    assert "warm-up 1 (`--images-per-batch`, `--max-iter`); 3 training(s) of r50_fpn." in text
+    # the trainings from scratch are named, not left out of "all ... from the same weights"
+    assert summary["scratch"] == {"ResNet-50": ["r50_fpn_mlp2 seed 0", "r50_fpn_mlp2 seed 1", "r50_fpn_mlp2 seed 2"]}
+    assert ("- ResNet-50: 3 training(s) started from the weights with digest aaaa; **3 training(s) started "
+            "from scratch**: r50_fpn_mlp2 seed 0, r50_fpn_mlp2 seed 1, r50_fpn_mlp2 seed 2.") in text
+    assert "same weights" not in text
+
+
+def test_a_row_that_mixes_schedules_or_models_is_marked_and_its_claims_are_not_tested(tmp_path):
+    records = {}
+    for seed, (a, b) in enumerate([(30.0, 25.0), (31.0, 24.0), (32.0, 26.0)]):
+        for run, ap in (("r50_c4", a), ("r50_c4_softmax", b), ("r50_fpn", a + 3)):
+            record = _full_schedule(_fake_record(run, seed, ap, ap + 20, ap + 2))
+            record["model_config"] = _stored_config(run)
+            records[(run, seed)] = record
+    rows, runs = select_runs("2a,2b")
+    summary = report.write_report(rows, runs, 3, "miniature", "shapes", records, tmp_path / "t.json")
+    claims = {c["claim"]: c["verdict"] for c in summary["claims"]}
+    # what the runs ablate (the mask loss; C4 vs FPN: features, poolers, heads) is no difference
+    assert claims["sigmoid beats softmax (2b)"] == "agrees" and claims["FPN beats C4, ResNet-50 (2a)"] == "agrees"
+    assert not any(row["mixed"] for row in summary["rows"]) and not summary["gains"][0]["mixed"]
+    records[("r50_c4", 2)]["train_config"]["max_iter"] = 999  # a seed from a session with another --max-iter
+    records[("r50_c4_softmax", 1)]["model_config"]["rpn"]["post_nms_top_n_test"] += 1  # a setting no run ablates
+    summary = report.write_report(rows, runs, 3, "miniature", "shapes", records, tmp_path / "t.json")
+    text = (tmp_path / "t.md").read_text()
+    mixed = {row["label"]: row["mixed"] for row in summary["rows"]}
+    assert mixed["ResNet-50-C4"] == mixed["sigmoid"] == ["schedule"] and mixed["softmax"] == ["model"]
+    assert mixed["ResNet-50-FPN"] == []
+    assert "| ResNet-50-C4 **[mixed schedule]** |" in text and "| softmax **[mixed model]** |" in text
+    assert "| **gain (sigmoid − softmax)** **[mixed schedule, model]** |" in text
+    assert "**[mixed ...]**: the row averages (the gain compares) trainings that differ" in text
+    claims = {c["claim"]: c["verdict"] for c in summary["claims"]}
+    assert claims["sigmoid beats softmax (2b)"] == "not comparable (mixed schedule, model)"
+    assert claims["FPN beats C4, ResNet-50 (2a)"] == "not comparable (mixed schedule)"
+    assert claims["deeper: ResNet-101-C4 beats ResNet-50-C4 (2a)"] == "not run"
+
+
+def test_records_of_a_run_no_longer_in_the_table_are_kept_but_left_out_of_it(tmp_path):
+    """A renamed run: the summary may be its records' only copy, so a rewrite keeps them, marked."""
+    records = {("r50_c4", 0): _fake_record("r50_c4", 0, 30, 50, 31),
+               ("r50_c4_old_name", 0): _fake_record("r50_c4_old_name", 0, 29, 50, 31)}
+    rows, runs = select_runs("r50_c4")
+    for _ in range(2):  # written, read back, written again
+        summary = report.write_report(rows, runs, 1, "miniature", "shapes", records, tmp_path / "t.json")
+        records = report.load_records(tmp_path / "no_workdir", tmp_path / "t.json")
+        assert set(records) == {("r50_c4", 0), ("r50_c4_old_name", 0)}
+    assert summary["runs"]["r50_c4_old_name"]["in_table"] is False
+    assert {row["run"] for row in summary["rows"]} == {"r50_c4"}
+    assert summary["data"] == {"unrecorded": ["r50_c4 seed 0"]}  # the table's trainings only
+    text = (tmp_path / "t.md").read_text()
+    assert "## Records not in this table" in text and "(renamed or removed): r50_c4_old_name (1 seed(s))." in text
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_git_commit_is_dirty_only_when_tracked_code_differs_from_the_commit(tmp_path):
+    """The table's own summary (results/), an edited notebook or an untracked file must not make
+    the next training's record say its code was not the commit's."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    for path, text in (("pkg/model.py", "x = 1\n"), ("results/README.md", "tables\n"), ("notebooks/09.ipynb", "{}\n")):
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_text(text)
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "code")
+    sha = git("rev-parse", "HEAD")
+    assert report.git_commit(tmp_path / "pkg") == sha
+    (tmp_path / "results" / "table2_miniature.json").write_text("{}\n")
+    (tmp_path / "results" / "README.md").write_text("tables, edited\n")
+    (tmp_path / "notebooks" / "09.ipynb").write_text('{"cells": []}\n')
+    (tmp_path / "pkg" / "notes.txt").write_text("untracked\n")
+    assert report.git_commit(tmp_path / "pkg") == sha
+    (tmp_path / "pkg" / "model.py").write_text("x = 2\n")
+    assert report.git_commit(tmp_path / "pkg") == sha + "+dirty"
+    assert report.git_commit(tmp_path / "results") == sha + "+dirty"  # from any folder of the checkout
 
 
 def test_weights_digest_tells_bit_identical_weights_apart_from_others():
@@ -477,7 +616,8 @@ def test_quick_mode_trains_one_row_end_to_end_then_a_rerun_trains_nothing(tiny_s
     assert "Quick mode" in summary_path.with_suffix(".md").read_text()
     # the schedule as it ran, from QUICK_SCHEDULE: 3 iterations of 2 images, lr 0.01, ÷10 at 2
     assert summary["schedules"] == [{"max_iter": 3, "images_per_batch": 2, "base_lr": 0.01, "steps": [2],
-                                     "warmup_iters": 1, "trainings": 1}]
+                                     "warmup_iters": 1, "trainings": 1, "runs": ["r50_c4_roipool"]}]
+    assert row["mixed"] == []  # a real record compares with itself: nothing flagged
     assert ("Schedule: 3 iterations of 2 images (6 images), lr 0.01, ÷10 at 2, warm-up 1"
             in summary_path.with_suffix(".md").read_text())
     assert summary["input_size"] == [64]  # quick: the tiny set's own size

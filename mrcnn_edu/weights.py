@@ -75,6 +75,7 @@ from mrcnn_edu.backbone import BackboneConfig, resnet50, torchvision_fpn_key_map
 from mrcnn_edu.config import AnchorConfig, MaskRCNNConfig, TransformConfig
 from mrcnn_edu.data.coco import COCO_KEYPOINT_OFFSET
 from mrcnn_edu.model import MaskRCNN
+from mrcnn_edu.recipes import flatten_overrides
 from mrcnn_edu.roi_heads.box_head import BoxHeadConfig
 from mrcnn_edu.roi_heads.keypoint_head import (KeypointHeadConfig, keypoint_head_state_from_torchvision,
                                                torchvision_keypoint_key_map)
@@ -156,24 +157,13 @@ _TRAINING_ONLY = ("transform.min_size_train", "rpn.pre_nms_top_n_train", "rpn.po
                   "box_head.batch_size_per_image", "box_head.positive_fraction", "box_head.smooth_l1_beta")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
-    """``{"anchors": {"offset": 0.5}}`` -> ``{"anchors.offset": 0.5}``."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
 def torchvision_overrides(cfg: MaskRCNNConfig, state_dict: dict[str, Tensor]) -> list[str]:
     """``["model.anchors.offset=0.0", ...]``: the overrides (``key=value`` as the command line
     takes them) that give ``cfg`` every setting torchvision runs ``state_dict`` with
     (:func:`torchvision_config_of`, frozen-BN eps 0 as for its COCO_V1 files), except those only
     training reads. Empty when ``cfg`` runs the weights as torchvision does. A head that ``cfg``
     or the file lacks is not listed: loading names its keys."""
-    expected, now = _flat(asdict(torchvision_config_of(state_dict))), _flat(asdict(cfg))
+    expected, now = flatten_overrides(asdict(torchvision_config_of(state_dict))), flatten_overrides(asdict(cfg))
     return [f"model.{key}={repr(value).replace(' ', '') if not isinstance(value, str) else value}"
             for key, value in expected.items()
             if key in now and now[key] != value and key not in _TRAINING_ONLY]

@@ -23,9 +23,11 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 import warnings
+from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -84,6 +86,9 @@ def build_datasets(experiment, train: bool = True, run_class_names: list[str] | 
 
     data, model_cfg = experiment.data, experiment.model
     val = COCODataset(data.val_images, data.val_annotations, train=False, with_masks=False)
+    if not val.ids:  # else a training runs to its end and fails there, and again on every resume
+        raise ValueError(f"{data.val_annotations} lists no image: there is nothing to evaluate on "
+                         "(data.val_annotations= a json with images)")
     if run_class_names is not None and list(run_class_names) != val.class_names:
         raise ValueError(f"{data.val_annotations} has other categories than the run the weights come from "
                          f"({_category_difference(run_class_names, val)}); evaluate on a json with the run's "
@@ -216,7 +221,7 @@ def build_model(experiment, weights: str | None = None, strict: bool = True):
             if differ:  # every tensor loads into any recipe of these shapes: the detections would differ
                 eps = any(text.startswith("model.backbone.resnet.bn_eps=") for text in differ)
                 print(f"{weights}: torchvision runs these weights with other settings than this experiment "
-                      f"(weights.py); to evaluate or draw them as torchvision does, add {' '.join(differ)}"
+                      f"(weights.py); to evaluate or draw them as torchvision does, add {shlex.join(differ)}"
                       + (" (bn_eps 0 is for torchvision's COCO_V1 files; a model it built with weights=None "
                          "runs 1e-5)" if eps else ""), file=sys.stderr)
             state = {**renamed, **{key: state[key] for key in unused}}  # unused: reported below
@@ -444,18 +449,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from mrcnn_edu.evaluation import SEGM_MASK_THRESHOLD
     from mrcnn_edu.predict import load_image, predict_images, save_prediction_grid
 
-    stems = [Path(p).stem for p in args.images]
-    clashing = sorted({s for s in stems if stems.count(s) > 1})
+    stems = Counter(Path(p).stem for p in args.images)
+    clashing = sorted(s for s, count in stems.items() if count > 1)
     if clashing:  # a/x.png and b/x.png would both be drawn to OUT/x.png
         raise ValueError(f"images with the same name {clashing} would overwrite each other's drawing "
                          f"in {args.out}; predict them in separate calls or rename them")
     out_dir = Path(args.out)
+    inputs = {key: source for source in args.images for key in _file_keys(Path(source))}
     for image_path in args.images:  # before anything is predicted, let alone written
         drawing = out_dir / f"{Path(image_path).stem}.png"
-        for source in args.images:  # e.g. `predict photo.png --out .`: the photo itself
-            if _same_file(drawing, Path(source)):
-                raise ValueError(f"the drawing of {image_path}, {drawing}, would overwrite the input image "
-                                 f"{source} (the same file); give --out another folder")
+        source = next((inputs[key] for key in _file_keys(drawing) if key in inputs), None)
+        if source is not None:  # e.g. `predict photo.png --out .`: the photo itself
+            raise ValueError(f"the drawing of {image_path}, {drawing}, would overwrite the input image "
+                             f"{source} (the same file); give --out another folder")
     experiment, _ = experiment_for_weights(args.weights, args.config, args.overrides)
     _set_threads(experiment)
     run_info = _run_info(args.weights, args.config)
@@ -477,15 +483,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """One file under two names: the same resolved path (links, ``..``), or, both existing, the
-    same inode (a hard link, a case-insensitive file system)."""
-    if a.resolve() == b.resolve():
-        return True
+def _file_keys(path: Path) -> list:
+    """What names one file: its resolved path (links, ``..``) and, if it exists, its device and
+    inode (a hard link, a case-insensitive file system). Two paths sharing a key are one file."""
+    keys: list = [path.resolve()]
     try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet)
-        return False
+        status = path.stat()
+        keys.append((status.st_dev, status.st_ino))
+    except OSError:  # not there (yet): a drawing still to be written
+        pass
+    return keys
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -64,6 +64,7 @@ pooled from a different level.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from dataclasses import asdict
@@ -75,7 +76,7 @@ from mrcnn_edu.backbone import BackboneConfig, resnet50, torchvision_fpn_key_map
 from mrcnn_edu.config import AnchorConfig, MaskRCNNConfig, TransformConfig
 from mrcnn_edu.data.coco import COCO_KEYPOINT_OFFSET
 from mrcnn_edu.model import MaskRCNN
-from mrcnn_edu.recipes import flatten_overrides
+from mrcnn_edu.recipes import flatten_overrides, parse_override
 from mrcnn_edu.roi_heads.box_head import BoxHeadConfig
 from mrcnn_edu.roi_heads.keypoint_head import (KeypointHeadConfig, keypoint_head_state_from_torchvision,
                                                torchvision_keypoint_key_map)
@@ -164,9 +165,26 @@ def torchvision_overrides(cfg: MaskRCNNConfig, state_dict: dict[str, Tensor]) ->
     training reads. Empty when ``cfg`` runs the weights as torchvision does. A head that ``cfg``
     or the file lacks is not listed: loading names its keys."""
     expected, now = flatten_overrides(asdict(torchvision_config_of(state_dict))), flatten_overrides(asdict(cfg))
-    return [f"model.{key}={repr(value).replace(' ', '') if not isinstance(value, str) else value}"
-            for key, value in expected.items()
-            if key in now and now[key] != value and key not in _TRAINING_ONLY]
+    return [f"model.{key}={_as_typed(value)}" for key, value in expected.items()
+            if key in now and now[key] != value and key not in _TRAINING_ONLY and _settable(cfg, key)]
+
+
+def _as_typed(value) -> str:
+    """``value`` as an override the command line reads back as it is: a word as itself
+    (``torchvision``), a word it would read otherwise (``none``: None) quoted, anything else
+    as Python writes it, without spaces (one shell word)."""
+    if isinstance(value, str) and parse_override(f"key={value}")[1] == value:
+        return value
+    return repr(value).replace(" ", "")
+
+
+def _settable(cfg, key: str) -> bool:
+    """Whether ``key`` ("backbone.resnet.depth") is a field the command line may set: not one
+    derived from others (``init=False``, e.g. ``ResNetConfig.blocks``), which it refuses."""
+    *parents, name = key.split(".")
+    for parent in parents:
+        cfg = getattr(cfg, parent)
+    return any(f.name == name and f.init for f in dataclasses.fields(cfg))
 
 
 def _strip_module_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:

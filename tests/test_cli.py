@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import signal
 import warnings
 from pathlib import Path
@@ -520,7 +521,7 @@ def test_a_torchvision_detector_through_the_cli_is_told_every_setting_torchvisio
     err = capsys.readouterr().err
     assert "torchvision runs these weights with other settings than this experiment" in err, err
     told = err.split("as torchvision does, add ")[1].split(" (bn_eps 0 is for torchvision's COCO_V1 files")[0]
-    assert sorted(told.split()) == sorted(overrides)  # not box_head.smooth_l1_beta: only training reads it
+    assert sorted(shlex.split(told)) == sorted(overrides)  # not box_head.smooth_l1_beta: only training reads it
     build_model(apply_overrides(experiment, overrides), str(tmp_path / "kp.pth"))  # given: nothing to tell
     assert "other settings" not in capsys.readouterr().err
     build_model(experiment, str(tmp_path / "kp.pth"), strict=False)  # training on from them: its recipe's choice
@@ -630,6 +631,22 @@ def test_eval_refuses_a_val_json_whose_categories_are_not_the_runs(trained_run, 
 
     shifted = _val_json_with(data_dir, tmp_path, shift_ids)
     assert main(["eval", "--weights", weights, f"data.val_annotations={shifted}", "data.eval_images=1"]) == 0
+
+
+def test_a_val_json_without_images_is_refused_before_any_training_or_evaluation(trained_run, data_dir, tmp_path,
+                                                                                 capsys):
+    """It trained to the end, then failed at the final evaluation, and again on each resume."""
+    def no_images(val):
+        val["images"], val["annotations"] = [], []
+
+    empty = _val_json_with(data_dir, tmp_path, no_images)
+    out = tmp_path / "run"
+    assert main(["train", "--config", "tiny", f"train.output_dir={out}", *data_overrides(data_dir),
+                 f"data.val_annotations={empty}"]) == 2
+    assert f"{empty} lists no image" in capsys.readouterr().err
+    assert not list(out.glob("model_*.pth"))  # refused before the first iteration
+    assert main(["eval", "--weights", str(trained_run / "model_0000003.pth"), f"data.val_annotations={empty}"]) == 2
+    assert f"{empty} lists no image" in capsys.readouterr().err
 
 
 def test_eval_with_fewer_categories_than_the_checkpoint_gives_advice_that_works(trained_run, data_dir, tmp_path,

@@ -672,3 +672,12 @@ def test_a_spawned_worker_receives_the_records_without_the_coco_object(tiny_set)
     assert copy.__dict__["_coco"] is None  # items never asked for it
     assert copy.coco.imgs.keys() == ds.coco.imgs.keys()  # read again from the json when asked
     assert copy.class_names == ds.class_names
+
+
+def test_items_go_through_the_public_loaders_a_subclass_may_override(tiny_set):
+    class WithDepth(COCODataset):  # e.g. a learner's dataset adding a field to each target
+        def load_target(self, image_id: int) -> dict:
+            return {**super().load_target(image_id), "depth": torch.zeros(1)}
+
+    ds = WithDepth(os.path.join(tiny_set, "train"), os.path.join(tiny_set, "annotations", "instances_train.json"))
+    assert "depth" in ds[0][1]

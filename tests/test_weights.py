@@ -603,3 +603,11 @@ def test_the_overrides_named_for_torchvision_weights_are_all_that_differ_at_infe
     expected, now = asdict(torchvision_config_of(state)), asdict(fixed.model)
     now["box_head"]["smooth_l1_beta"] = expected["box_head"]["smooth_l1_beta"]
     assert now == expected  # nothing else differs
+    # a recipe of another depth: its blocks differ too, but they follow from the depth, and the
+    # command line refuses them; only what it can set is named, and all of it applies
+    mini = get_recipe("mini_cpu")
+    told = torchvision_overrides(mini.model, state)
+    assert "model.backbone.resnet.depth=50" in told and not any(".blocks=" in t for t in told)
+    assert "model.backbone.fpn_norm='none'" in told  # the word, not None
+    fixed = apply_overrides(mini, told)
+    assert torchvision_overrides(fixed.model, state) == []

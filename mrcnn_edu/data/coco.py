@@ -518,10 +518,7 @@ class COCODataset(Dataset):
 
     def load_image(self, image_id: int) -> torch.Tensor:
         """(3, H, W) float32 in [0, 1]; checks the file against the json's height/width."""
-        return self._load_image(self._record(image_id))
-
-    def _load_image(self, record: dict) -> torch.Tensor:
-        image_id = record["id"]
+        record = self._record(image_id)
         path = os.path.join(self.image_dir, record["file_name"])
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image file {path} (image id {image_id}) not found")
@@ -538,10 +535,7 @@ class COCODataset(Dataset):
         """The image's usable annotations as a target: ``boxes`` (N, 4) xyxy in pixels, clamped
         to the image; ``labels`` (N,) contiguous 1..K; ``iscrowd``, ``area`` (N,); ``masks`` (N, H, W)
         uint8 with masks; ``keypoints`` (N, K, 3) at pixel centres with keypoints."""
-        return self._load_target(self._record(image_id))
-
-    def _load_target(self, record: dict) -> dict:
-        image_id = record["id"]
+        record = self._record(image_id)
         h, w = record["height"], record["width"]
         anns = [a for a in record["annotations"] if not (self.drop_crowd and a["iscrowd"])]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
@@ -573,8 +567,10 @@ class COCODataset(Dataset):
         return target
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        record = self._record(self.ids[index])  # a fresh int (see __init__), not one of the json's objects
-        image, target = self._load_image(record), self._load_target(record)
+        image_id = self.ids[index]  # a fresh int (see __init__), not one of the json's objects
+        # through the public methods, which a subclass may override; each unpickles the image's
+        # record (tens of microseconds, next to decoding the image)
+        image, target = self.load_image(image_id), self.load_target(image_id)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target

@@ -105,8 +105,8 @@ def keypoint_targets(
     The RoI is cut into m×m cells; a keypoint at x falls in column floor((x − x1)·m / w) (a point
     on the far edge x = x2 goes to column m − 1). Only labelled (v > 0) keypoints inside the RoI
     (x1 <= x <= x2, y1 <= y <= y2) are valid; invalid entries hold index 0 and must be ignored
-    (torchvision's `keypoints_to_heatmap`, Detectron's `keypoints_to_heatmap_labels`, which
-    also drop the rare point a float rounding step inside x2 whose column computes to m).
+    (as torchvision's `keypoints_to_heatmap`, Detectron's `keypoints_to_heatmap_labels`; unlike
+    them, the rare point a float rounding step inside x2, whose column computes to m, is kept).
     """
     if keypoints.dim() != 3 or keypoints.shape[2] != 3:
         raise ValueError(f"keypoints must be (P, Kp, 3) rows (x, y, v), got shape {tuple(keypoints.shape)}")

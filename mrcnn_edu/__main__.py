@@ -136,6 +136,20 @@ def _run_info(weights: str, config: str | None = None) -> dict:
     return {}
 
 
+def _check_synthetic_elsewhere(experiment, rank: int) -> None:
+    """On a process other than rank 0 (another node, maybe): the synthetic set rank 0 made or
+    checked must be the one this process reads -- there when the nodes share a file system,
+    else missing, or an older set of other images (``_check_synthetic_set`` tells)."""
+    import socket
+
+    synthetic = experiment.data.synthetic
+    if not Path(experiment.data.val_annotations).is_file():
+        raise ValueError(f"rank {rank} on {socket.gethostname()}: the synthetic set {synthetic.out_dir} that "
+                         "rank 0 generated is not there; on several nodes put it on a file system they share, "
+                         "or copy that folder to the same path on each node before starting")
+    _check_synthetic_set(synthetic)
+
+
 def _check_synthetic_set(synthetic) -> None:
     """ValueError if the shapes set in ``synthetic.out_dir`` is not what ``synthetic`` asks for:
     counts, size, seed, generator version and the preset's whole config (``info["config"]``).
@@ -286,6 +300,8 @@ def run_training(experiment, spec: dict | None = None) -> dict:
         prepare_data(experiment)
     if info.world_size > 1:
         dist.barrier()  # the other processes wait for the data rank 0 writes
+        if not info.is_main and experiment.data.synthetic is not None:
+            _check_synthetic_elsewhere(experiment, info.rank)
     train_set, val_set = build_datasets(experiment)
     output_dir = Path(experiment.train.output_dir)
     spec = spec or {"recipe": experiment.name, "overrides": {}}

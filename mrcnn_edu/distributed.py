@@ -92,7 +92,9 @@ def init_distributed(device_type: str = "auto") -> DistInfo:
 
     NCCL when the processes train on CUDA GPUs, gloo on CPU. Each process takes the GPU
     ``LOCAL_RANK`` of its node. Calling it again is harmless. Several nodes need nothing
-    more: run ``torchrun --nnodes M --node_rank j --rdzv_endpoint HOST:PORT ...`` on each.
+    more: run ``torchrun --nnodes M --node_rank j --rdzv_endpoint HOST:PORT ...`` on each, with
+    the data and ``output_dir`` on a file system they share (rank 0 writes the synthetic set and
+    the checkpoints; every process reads them).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 or (dist.is_available() and dist.is_initialized()):
@@ -102,6 +104,10 @@ def init_distributed(device_type: str = "auto") -> DistInfo:
     use_cuda = torch.cuda.is_available() and device_type in ("auto", "cuda")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
+        if local_rank >= torch.cuda.device_count():  # else "CUDA error: invalid device ordinal"
+            raise ValueError(f"process of local rank {local_rank} has no GPU: this machine has "
+                             f"{torch.cuda.device_count()}; start at most that many per node (torchrun "
+                             "--nproc_per_node)")
         torch.cuda.set_device(local_rank)
     # init_method env:// reads MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE set by torchrun.
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -247,7 +253,9 @@ def seeded_rng(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)
         np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        # the CPU generator only: torch.manual_seed would also reseed every GPU's, which
+        # fork_rng(devices=[]) does not put back (the model's samplers draw from it)
+        torch.default_generator.manual_seed(seed)
         try:
             yield
         finally:

@@ -101,6 +101,10 @@ class Experiment:
     init_weights: str | None = None  # a state dict (our key layout) to start from, loaded non-strictly
     cpu_threads: int | None = None  # torch.set_num_threads for the run; None: torch's default
 
+    def __post_init__(self) -> None:
+        if self.cpu_threads is not None and not (isinstance(self.cpu_threads, int) and self.cpu_threads >= 1):
+            raise ValueError(f"cpu_threads must be None (torch's default) or >= 1, got {self.cpu_threads!r}")
+
 
 # --- the paper's COCO recipes --------------------------------------------------------------
 
@@ -348,6 +352,7 @@ def load_experiment(config: str, overrides: list[str] | dict[str, Any] = ()) -> 
     folder as ``experiment.json``, so a finished run can be re-created from it.
     """
     read: dict[str, tuple[Any, str | None]] = {}
+    path = None
     if config.endswith(".json") or Path(config).is_file():
         path = Path(config)
         if not path.is_file():
@@ -365,6 +370,8 @@ def load_experiment(config: str, overrides: list[str] | dict[str, Any] = ()) -> 
                              + (f" (and {unknown[1:]})" if unknown[1:] else "")
                              + f"; it may hold {sorted(SPEC_KEYS)}")
         config = spec["recipe"]
+        if not isinstance(config, str):
+            raise ValueError(f"config file {path}: 'recipe' must be a recipe name, e.g. \"mini_cpu\", got {config!r}")
         given = spec.get("overrides", {})
         if isinstance(given, list) and all(isinstance(text, str) for text in given):
             read.update(_read_overrides(given))  # ["train.max_iter=100", ...], as on the command line
@@ -373,6 +380,12 @@ def load_experiment(config: str, overrides: list[str] | dict[str, Any] = ()) -> 
         else:
             raise ValueError(f"config file {path}: 'overrides' must be an object "
                              f'{{"train.max_iter": 100}} or a list ["train.max_iter=100"], got {given!r}')
-    read.update(_read_overrides(overrides))
-    experiment, used = _apply(get_recipe(config), read)
+    try:  # the file's recipe and overrides first, so that an error in them names the file
+        experiment, used = _apply(get_recipe(config), read)
+    except ValueError as err:
+        if path is None:
+            raise
+        raise ValueError(f"config file {path}: {err}") from None
+    experiment, on_the_command_line = _apply(experiment, _read_overrides(overrides))
+    used.update(on_the_command_line)
     return experiment, {"recipe": config, "overrides": used}

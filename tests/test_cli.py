@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import warnings
@@ -272,6 +273,25 @@ def test_a_synthetic_set_already_there_must_be_the_one_asked_for(tmp_path, capsy
     with pytest.raises(ValueError, match=rf"data.synthetic.out_dir={root} but data.train_images="
                                          r"data/generated/shapes_tiny/train"):
         prepare_data(load_experiment("tiny", [f"data.synthetic.out_dir={root}"])[0])
+
+
+def test_another_node_without_rank_0s_synthetic_set_is_told_so_and_checks_the_one_it_has(tmp_path):
+    # only global rank 0 generates; another node without a shared folder read none, or an old set
+    import socket
+
+    from mrcnn_edu.__main__ import _check_synthetic_elsewhere, prepare_data
+    from mrcnn_edu.recipes import load_experiment
+
+    root = tmp_path / "shapes"
+    experiment = load_experiment("tiny", _synthetic_paths(root))[0]
+    with pytest.raises(ValueError, match=rf"rank 3 on {re.escape(socket.gethostname())}: the synthetic set "
+                                         rf"{root} that rank 0 generated is not there"):
+        _check_synthetic_elsewhere(experiment, 3)
+    prepare_data(experiment)
+    _check_synthetic_elsewhere(experiment, 3)  # there, and the one asked for
+    reseeded = load_experiment("tiny", [*_synthetic_paths(root), "data.synthetic.seed=3"])[0]
+    with pytest.raises(ValueError, match=rf"{root} holds another shapes set: seed 0 \(asked 3\)"):
+        _check_synthetic_elsewhere(reseeded, 3)
 
 
 def _synthetic_paths(root) -> list[str]:

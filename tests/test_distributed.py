@@ -201,3 +201,27 @@ def test_leaving_the_process_group_waits_at_a_barrier_unless_an_error_is_on_its_
     with distributed.leaving_process_group():  # a single process: nothing to leave
         pass
     assert calls == []
+
+
+def test_loading_a_sample_leaves_the_gpus_generators_alone(monkeypatch):
+    # torch.manual_seed also reseeds every GPU's generator, which fork_rng(devices=[]) does not
+    # restore: on a GPU the model's RoI samplers would restart from each sample's seed
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    samples = SeededSamples(_ddp_worker.TinyShapes())
+    samples[(3, 1234)]
+    assert reseeded == []
+
+
+def test_a_process_whose_local_rank_has_no_gpu_is_told_so_before_cuda_fails(monkeypatch):
+    from mrcnn_edu import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail("CUDA error: invalid device ordinal"))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    with pytest.raises(ValueError, match="local rank 1 has no GPU: this machine has 1; start at most that many"):
+        distributed.init_distributed("auto")

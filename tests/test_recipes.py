@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -254,6 +255,27 @@ def test_bad_config_file_is_named(tmp_path):
     path.write_text(json.dumps({"recipe": "tiny", "overrides": "train.max_iter=3"}))
     with pytest.raises(ValueError, match=r"broken.json: 'overrides' must be an object .* or a list"):
         load_experiment(str(path))
+    # what the file says wrong is told apart from what the command line says wrong
+    for spec, message in (({"recipe": ["tiny"]}, "'recipe' must be a recipe name"),
+                          ({"recipe": "tinyy"}, "unknown recipe 'tinyy'"),
+                          ({"recipe": "tiny", "overrides": {"train": {"base_lr": "0.01x"}}},
+                           "bad value for train.base_lr"),
+                          ({"recipe": "tiny", "overrides": {"train.baselr": 0.01}}, "unknown key train.baselr")):
+        path.write_text(json.dumps(spec))
+        with pytest.raises(ValueError, match=rf"config file {re.escape(str(path))}: {message}"):
+            load_experiment(str(path))
+    path.write_text(json.dumps({"recipe": "tiny", "overrides": {"train.max_iter": 7}}))
+    with pytest.raises(ValueError, match="^bad value for train.base_lr"):  # the command line's own
+        load_experiment(str(path), ["train.base_lr=0.01x"])
+    assert load_experiment(str(path), ["train.max_iter=9"])[0].train.max_iter == 9  # the command line wins
+
+
+def test_cpu_threads_must_be_a_positive_count_or_none():
+    with pytest.raises(ValueError, match="cpu_threads must be None .* or >= 1, got -1"):
+        load_experiment("tiny", ["cpu_threads=-1"])
+    with pytest.raises(ValueError, match="got 0"):
+        load_experiment("tiny", ["cpu_threads=0"])
+    assert load_experiment("tiny", ["cpu_threads=2"])[0].cpu_threads == 2
 
 
 def test_a_misspelt_key_in_a_config_file_is_named_not_dropped(tmp_path):

@@ -4,7 +4,10 @@ import builtins
 import contextlib
 import io
 import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,3 +259,16 @@ def test_the_json_records_the_generator_config_so_presets_differ_at_the_same_siz
         assert infos["tiny", split]["config"] == {**vars(shapes.tiny_config()), "tiny_size": [8.0, 14.0]}
         assert infos["default", split]["config"] == {**vars(expected_default), "tiny_size": [8.0, 14.0]}
     assert infos["tiny", "val"]["config"]["max_objects"] == 3 != infos["default", "val"]["config"]["max_objects"]
+
+
+def test_parallel_rendering_from_a_script_without_a_main_guard_fails_with_advice(tmp_path):
+    # the render processes are spawned and import the script again: each started generate()
+    # anew and died, and multiprocessing.Pool replaced them forever (a hang, nothing written)
+    script = tmp_path / "make_data.py"
+    script.write_text("from mrcnn_edu.data import shapes\n"
+                      f"shapes.generate({str(tmp_path / 'set')!r}, n_train=4, n_val=2, size=64, seed=0, workers=2)\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
+    assert done.returncode != 0
+    assert 'put the call under `if __name__ == "__main__":`' in done.stderr

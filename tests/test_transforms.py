@@ -131,6 +131,9 @@ def test_resized_masks_stay_within_half_a_pixel_of_the_resized_boxes(min_size):
     assert out["masks"].dtype == torch.uint8 and out["masks"].shape[-2:] == (min_size, math.floor(60 * s))
     for mask, box in zip(out["masks"], out["boxes"]):
         assert (torch.tensor(_mask_box(mask)) - box).abs().max() <= 0.5 + 1e-4
+    # bool masks (a caller's own targets; torch has no nearest kernel for bool): the same pixels
+    _, as_bool, _ = resize(image, {**target, "masks": target["masks"].bool()}, min_size=min_size, max_size=10_000)
+    assert as_bool["masks"].dtype == torch.bool and torch.equal(as_bool["masks"], out["masks"].bool())
 
 
 def test_batch_pads_to_a_multiple_of_32_with_zeros():

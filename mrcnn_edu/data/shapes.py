@@ -62,6 +62,8 @@ import io
 import json
 import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -387,13 +389,30 @@ def categories() -> list[dict]:
     return cats
 
 
+def _render_in_processes(jobs: list, workers: int) -> list:
+    """``_write_image`` of every job, in ``workers`` spawned processes, in order.
+
+    Spawned processes import the caller's script again: a script that calls :func:`generate`
+    outside ``if __name__ == "__main__":`` would start it again in each. There a
+    ``multiprocessing.Pool`` replaced its failing workers forever; an executor reports them."""
+    context = multiprocessing.get_context("spawn")
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            return list(pool.map(_write_image, jobs, chunksize=32))
+    except BrokenProcessPool as err:
+        raise RuntimeError("generate(workers > 1): a render process died before its work was done. "
+                           "Called from a script, put the call under `if __name__ == \"__main__\":` "
+                           "(the processes are spawned and import the script again), or pass workers=1") from err
+
+
 def generate(out_dir: str, n_train: int | None = None, n_val: int | None = None,
              size: int | None = None, seed: int = 0, preset: str = "default",
              config: ShapesConfig | None = None, workers: int = 1) -> dict[str, str]:
     """Write ``out_dir/{train,val}/*.png`` and ``out_dir/annotations/instances_{split}.json``.
 
     Arguments left as None come from the preset (or ``config``); ``workers`` > 1 renders in
-    parallel processes with identical output. Returns split -> json path. Each file appears
+    parallel processes with identical output (spawned: a script calling this with workers > 1
+    needs ``if __name__ == "__main__":`` around the call). Returns split -> json path. Each file appears
     whole or not at all, ``instances_val.json`` last: callers test it to skip a finished set.
     A set already in ``out_dir`` loses both jsons before the first image is replaced.
     """
@@ -416,8 +435,7 @@ def generate(out_dir: str, n_train: int | None = None, n_val: int | None = None,
         os.makedirs(os.path.join(out_dir, split), exist_ok=True)
         jobs = [(cfg, seed, split, index, out_dir, cat_ids) for index in range(count)]
         if workers > 1 and count > 1:  # images are independent streams: order-free, same bytes
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                per_image = pool.map(_write_image, jobs, chunksize=32)
+            per_image = _render_in_processes(jobs, workers)
         else:
             per_image = [_write_image(job) for job in jobs]
         images, anns = [], []

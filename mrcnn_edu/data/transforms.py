@@ -90,8 +90,10 @@ def resize_images(images: torch.Tensor, targets: list[dict] | None, min_size: in
         if masks.shape[0] == 0:
             masks = masks.new_zeros((0, new_h, new_w))
         else:
-            masks = F.interpolate(masks[None], scale_factor=scale, mode="nearest-exact",
-                                  recompute_scale_factor=False)[0]  # (N, H', W')
+            # through uint8: torch has no nearest kernel for bool masks (torchvision's accept them)
+            masks = F.interpolate(masks.to(torch.uint8)[None] if masks.dtype == torch.bool else masks[None],
+                                  scale_factor=scale, mode="nearest-exact",
+                                  recompute_scale_factor=False)[0].to(masks.dtype)  # (N, H', W')
         _split_into(out, "masks", masks)
     if any("keypoints" in t for t in targets):
         keypoints = _cat(targets, "keypoints").clone()

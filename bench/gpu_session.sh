@@ -218,8 +218,10 @@ print(' '.join(['-'] + [f'{run}__seed{seed}' for run, seed in s['left']]))" 2>/d
             [ -f "$d/last_checkpoint" ] && echo "$(cat "$d/last_checkpoint") $name"
         done | sort -r | while read -r checkpoint name; do
             [ "$(files_out)" -ge 7 ] && { echo "=== not carried (no file slot left): $name" | tee -a "$LOG"; continue; }
+            # sessions.json: the device and commit of each lease that trained it (ablations.log_session)
+            sessions=""; [ -f "runs/table2_miniature/train/$name/sessions.json" ] && sessions="$name/sessions.json"
             tar -cf "$OUT/table2_train_$name.tar" -C runs/table2_miniature/train \
-                "$name/last_checkpoint" "$name/$checkpoint" "$name/metrics.jsonl"
+                "$name/last_checkpoint" "$name/$checkpoint" "$name/metrics.jsonl" $sessions
             if [ "$(stat -c %s "$OUT/table2_train_$name.tar")" -gt $((16 * 1024 * 1024)) ]; then
                 rm -f "$OUT/table2_train_$name.tar"
                 echo "=== not carried (over 16 MiB): $name" | tee -a "$LOG"

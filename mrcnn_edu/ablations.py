@@ -466,6 +466,7 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
         if not path.is_file():
             raise ValueError(f"--imagenet {imagenet}: {path} not found (torchvision key layout)")
         init = load_body(model, path, run)
+    sessions = log_session(train_cfg.output_dir, report.device_name(), report.git_commit(), torch.__version__)
     group_ids = None
     if dataset == "coco":  # batches of like-shaped images, as `train` does: less padding to ~1333²
         from mrcnn_edu.data.coco import aspect_ratio_group_ids
@@ -487,11 +488,35 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
         "train_time_s": train_s, "resumed_from": trained["start_iteration"], "init": init,
         "device": report.device_name(), "git_commit": report.git_commit(),
         "data_digest": digest, "torch": torch.__version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "sessions": sessions,  # device, commit and torch of every session that trained it
         "model_config": dataclasses.asdict(model_cfg),
         "train_config": dataclasses.asdict(trained["config"]),
     }
     report.write_json_atomic(report.result_path(workdir, run, seed), record)
     return record
+
+
+SESSIONS_FILE = "sessions.json"
+
+
+def log_session(output_dir: str | Path, device: str | None, commit: str | None, torch_version: str) -> list[dict]:
+    """Add this session to ``output_dir/sessions.json`` and return the list: the iteration it
+    starts from (its last checkpoint's; 0 starts the list anew), the device, commit and torch.
+
+    A training stopped at one GPU lease's deadline is resumed in the next, maybe on another GPU
+    or commit; its record's own ``device`` and ``git_commit`` are the last session's, and this
+    list, which travels in the training's folder, says what the others were."""
+    from mrcnn_edu.checkpoint import atomic_write_text, last_checkpoint
+
+    path = Path(output_dir) / SESSIONS_FILE
+    resumed = last_checkpoint(output_dir)
+    start = int(resumed.stem.split("_")[1]) if resumed is not None else 0
+    earlier = json.loads(path.read_text()) if start and path.is_file() else []
+    sessions = [*earlier, {"from_iteration": start, "device": device, "git_commit": commit,
+                           "torch": torch_version, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}]
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(sessions, indent=1))
+    return sessions
 
 
 # --- the table: the parent process --------------------------------------------------------------

@@ -586,6 +586,22 @@ def _runs_by_input_size(summary: dict) -> dict[int, list[str]]:
     return by_size
 
 
+def _trainings_across_setups(summary: dict) -> list[str]:
+    """``["r50_c4 seed 0: NVIDIA H100 80GB HBM3 from iteration 0, NVIDIA H200 from 1200", ...]``:
+    the trainings whose sessions (``ablations.log_session``) ran on more than one device, commit
+    or torch."""
+    spanning = []
+    for run, entry in summary.get("runs", {}).items():
+        for seed, record in entry.get("seeds", {}).items():
+            sessions = record.get("sessions", [])
+            setups = [(s.get("device"), s.get("git_commit"), s.get("torch")) for s in sessions]
+            if len(set(setups)) > 1:
+                spanning.append(f"{run} seed {seed}: " + ", ".join(
+                    f"{s.get('device')} (commit {str(s.get('git_commit'))[:12]}, torch {s.get('torch')}) from "
+                    f"iteration {s.get('from_iteration')}" for s in sessions))
+    return spanning
+
+
 def markdown_table(summary: dict) -> str:
     """Every sub-table with the paper's figures beside ours, the gain rows and the claims."""
     mode = summary.get("mode", "")
@@ -700,6 +716,11 @@ def markdown_table(summary: dict) -> str:
                   "current table, its rows or its claims: their run names are no longer in `ablations.RUNS` "
                   "(renamed or removed): " + ", ".join(f"{run} ({len(entry['seeds'])} seed(s))"
                                                         for run, entry in retired.items()) + ".", ""]
+    spanning = _trainings_across_setups(summary)
+    if spanning:
+        lines += ["## Trainings resumed on another device, commit or torch", "",
+                  "Stopped at one session's deadline and resumed in another; each record's own device and "
+                  "commit are its last session's, its \"sessions\" list has them all: " + "; ".join(spanning) + ".", ""]
     sessions = summary.get("sessions", [])
     if sessions:
         lines += ["## Runs", ""] + [

@@ -364,6 +364,15 @@ def test_markdown_table_puts_the_papers_figures_beside_mean_and_std(tmp_path):
     summary = report.write_report(rows, runs, 3, "miniature", "shapes", records, tmp_path / "t.json")
     assert summary["channels_last"] == 2
     assert "Convolutions in NHWC (`--channels-last`) in 2 training(s)" in (tmp_path / "t.md").read_text()
+    assert "resumed on another device" not in (tmp_path / "t.md").read_text()
+    # a training stopped on one GPU and resumed on another: named, with both
+    one = {"from_iteration": 0, "device": "NVIDIA H100", "git_commit": "abc", "torch": "2.11"}
+    records[("r50_c4", 1)]["sessions"] = [one, {**one, "from_iteration": 1200, "device": "NVIDIA H200"}]
+    records[("r50_c4", 2)]["sessions"] = [one, {**one, "from_iteration": 600}]  # the same setup: not named
+    report.write_report(rows, runs, 3, "miniature", "shapes", records, tmp_path / "t.json")
+    text = (tmp_path / "t.md").read_text()
+    assert ("r50_c4 seed 1: NVIDIA H100 (commit abc, torch 2.11) from iteration 0, NVIDIA H200 (commit abc, "
+            "torch 2.11) from iteration 1200.") in text and "seed 2:" not in text
 
 
 def test_a_session_on_fewer_rows_or_seeds_keeps_the_rest_of_the_table(tmp_path):
@@ -832,6 +841,9 @@ def test_a_training_stopped_at_the_deadline_saves_its_step_and_the_next_session_
     assert out.index("r50_c4 seed 0: done") < out.index("r50_c4_roipool seed 0: done")
     record = json.loads((work / "results" / "r50_c4__seed0.json").read_text())
     assert record["resumed_from"] == at and record["iterations"] == 12
+    # both sessions are in the record, the first one's too (another GPU or commit, between leases)
+    assert [s["from_iteration"] for s in record["sessions"]] == [0, at]
+    assert all(s["git_commit"] == record["git_commit"] and s["torch"] == record["torch"] for s in record["sessions"])
     assert f"training iterations {at}..12" in (work / "logs" / "r50_c4__seed0.log").read_text()
     # the first session's loop time is in the record's: more than the resumed part alone
     first = load_checkpoint(work / "train" / "r50_c4__seed0" / f"model_{at:07d}.pth")["train_seconds"]

@@ -50,6 +50,7 @@ if [ "$1 $2 $3" = "-m mrcnn_edu ablate" ]; then
         head -c "${kib}k" /dev/zero > $w/train/$name/model_0000$at.pth
         echo "model_0000$at.pth" > $w/train/$name/last_checkpoint
         echo '{"iteration": 20, "seconds_per_iter": 0.7}' > $w/train/$name/metrics.jsonl
+        [ "$name" = r50_fpn__seed0 ] && echo '[]' > $w/train/$name/sessions.json  # today's ablate writes it
         echo "trained" > $w/logs/$name.log
     done
     echo '{}' > $w/results/r50_c4_softmax__seed0.json
@@ -154,7 +155,9 @@ def test_a_first_lease_trains_the_table_at_the_batch_and_layout_mini_step_timed_
         "table2_train_r50_c4__seed0.tar", "table2_train_r50_fpn__seed0.tar"]
     with tarfile.open(out / "table2_train_r50_fpn__seed0.tar") as tar:
         assert sorted(tar.getnames()) == ["r50_fpn__seed0/last_checkpoint", "r50_fpn__seed0/metrics.jsonl",
-                                          "r50_fpn__seed0/model_0000900.pth"]
+                                          "r50_fpn__seed0/model_0000900.pth", "r50_fpn__seed0/sessions.json"]
+    with tarfile.open(out / "table2_train_r50_c4__seed0.tar") as tar:  # a training of older code: none
+        assert "r50_c4__seed0/sessions.json" not in tar.getnames()
     assert "=== not carried (over 16 MiB): r50_c5_roialign__seed0" in log
     assert len(list(out.iterdir())) == 8  # all a lease's files: none left behind for lack of a slot
 

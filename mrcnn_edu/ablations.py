@@ -486,7 +486,7 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
         "run": run, "seed": seed, "dataset": dataset, "quick": quick, "metrics": metrics,
         "iterations": trained["iteration"], "wall_time_s": time.perf_counter() - tic + earlier,
         "train_time_s": train_s, "resumed_from": trained["start_iteration"], "init": init,
-        "device": report.device_name(), "git_commit": report.git_commit(),
+        "device": sessions[-1]["device"], "git_commit": sessions[-1]["git_commit"],  # this session's
         "data_digest": digest, "torch": torch.__version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "sessions": sessions,  # device, commit and torch of every session that trained it
         "model_config": dataclasses.asdict(model_cfg),

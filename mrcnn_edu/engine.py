@@ -430,14 +430,16 @@ def resume_mismatch(saved: dict, cfg: TrainConfig, iteration: int) -> list[str]:
 INFERENCE_ONLY = ("transform.min_size_test", "transform.paste_mode", "rpn.pre_nms_top_n_test",
                   "rpn.post_nms_top_n_test", "box_head.score_thresh", "box_head.nms_thresh",
                   "box_head.detections_per_img", "mask_head.softmax_readout", "keypoint_head.coordinate_offset")
+# ... read only in training (targets, samplers, losses, train scales)
+TRAINING_ONLY = ("transform.min_size_train", "rpn.pre_nms_top_n_train", "rpn.post_nms_top_n_train",
+                 "rpn.fg_iou_thresh", "rpn.bg_iou_thresh", "rpn.batch_size_per_image", "rpn.positive_fraction",
+                 "rpn.smooth_l1_beta", "box_head.fg_iou_thresh", "box_head.bg_iou_thresh",
+                 "box_head.batch_size_per_image", "box_head.positive_fraction", "box_head.smooth_l1_beta")
 # ... and those that change neither the weights nor what they mean: evaluating or predicting with a
 # checkpoint may set these freely too (another test scale, NMS, the training-only samplers)
-WEIGHTS_FREE = INFERENCE_ONLY + (
-    "transform.max_size", "transform.min_size_train", "transform.resize_mode", "transform.size_divisible",
-    "rpn.nms_thresh", "rpn.min_size", "rpn.score_thresh", "rpn.pre_nms_top_n_train", "rpn.post_nms_top_n_train",
-    "rpn.fg_iou_thresh", "rpn.bg_iou_thresh", "rpn.batch_size_per_image", "rpn.positive_fraction",
-    "rpn.smooth_l1_beta", "box_head.min_size", "box_head.fg_iou_thresh", "box_head.bg_iou_thresh",
-    "box_head.batch_size_per_image", "box_head.positive_fraction", "box_head.smooth_l1_beta")
+WEIGHTS_FREE = INFERENCE_ONLY + TRAINING_ONLY + (
+    "transform.max_size", "transform.resize_mode", "transform.size_divisible",
+    "rpn.nms_thresh", "rpn.min_size", "rpn.score_thresh", "box_head.min_size")
 
 
 def _model_config(model: nn.Module) -> dict | None:

@@ -75,6 +75,7 @@ from torch import Tensor
 from mrcnn_edu.backbone import BackboneConfig, resnet50, torchvision_fpn_key_map
 from mrcnn_edu.config import AnchorConfig, MaskRCNNConfig, TransformConfig
 from mrcnn_edu.data.coco import COCO_KEYPOINT_OFFSET
+from mrcnn_edu.engine import TRAINING_ONLY
 from mrcnn_edu.model import MaskRCNN
 from mrcnn_edu.recipes import flatten_overrides, parse_override
 from mrcnn_edu.roi_heads.box_head import BoxHeadConfig
@@ -150,14 +151,6 @@ def torchvision_keypointrcnn_config(num_keypoints: int = 17, keypoint_conv_dims:
     return cfg
 
 
-# settings only training reads (targets, samplers, losses, train scales): evaluating or drawing
-# torchvision's weights does not need them to match its own
-_TRAINING_ONLY = ("transform.min_size_train", "rpn.pre_nms_top_n_train", "rpn.post_nms_top_n_train",
-                  "rpn.fg_iou_thresh", "rpn.bg_iou_thresh", "rpn.batch_size_per_image", "rpn.positive_fraction",
-                  "rpn.smooth_l1_beta", "box_head.fg_iou_thresh", "box_head.bg_iou_thresh",
-                  "box_head.batch_size_per_image", "box_head.positive_fraction", "box_head.smooth_l1_beta")
-
-
 def torchvision_overrides(cfg: MaskRCNNConfig, state_dict: dict[str, Tensor]) -> list[str]:
     """``["model.anchors.offset=0.0", ...]``: the overrides (``key=value`` as the command line
     takes them) that give ``cfg`` every setting torchvision runs ``state_dict`` with
@@ -166,7 +159,8 @@ def torchvision_overrides(cfg: MaskRCNNConfig, state_dict: dict[str, Tensor]) ->
     or the file lacks is not listed: loading names its keys."""
     expected, now = flatten_overrides(asdict(torchvision_config_of(state_dict))), flatten_overrides(asdict(cfg))
     return [f"model.{key}={_as_typed(value)}" for key, value in expected.items()
-            if key in now and now[key] != value and key not in _TRAINING_ONLY and _settable(cfg, key)]
+            # only training reads engine.TRAINING_ONLY: evaluating or drawing needs no match there
+            if key in now and now[key] != value and key not in TRAINING_ONLY and _settable(cfg, key)]
 
 
 def _as_typed(value) -> str:

@@ -215,13 +215,19 @@ print(' '.join(['-'] + [f'{run}__seed{seed}' for run, seed in s['left']]))" 2>/d
             name=$(basename "$d")
             [ -f "runs/table2_miniature/results/$name.json" ] && continue  # finished
             [ -n "$left_names" ] && [[ " $left_names " != *" $name "* ]] && continue  # not left
-            [ -f "$d/last_checkpoint" ] && echo "$(cat "$d/last_checkpoint") $name"
+            if [ -f "$d/last_checkpoint" ]; then
+                echo "$(cat "$d/last_checkpoint") $name"
+            else  # killed between its first checkpoint's rename and the pointer's: the newest file
+                newest=$(cd "$d" && ls model_[0-9]*.pth 2>/dev/null | sort | tail -n 1)
+                [ -n "$newest" ] && echo "$newest $name"
+            fi
         done | sort -r | while read -r checkpoint name; do
             [ "$(files_out)" -ge 7 ] && { echo "=== not carried (no file slot left): $name" | tee -a "$LOG"; continue; }
             # sessions.json: the device and commit of each lease that trained it (ablations.log_session)
             sessions=""; [ -f "runs/table2_miniature/train/$name/sessions.json" ] && sessions="$name/sessions.json"
+            pointer=""; [ -f "runs/table2_miniature/train/$name/last_checkpoint" ] && pointer="$name/last_checkpoint"
             tar -cf "$OUT/table2_train_$name.tar" -C runs/table2_miniature/train \
-                "$name/last_checkpoint" "$name/$checkpoint" "$name/metrics.jsonl" $sessions
+                $pointer "$name/$checkpoint" "$name/metrics.jsonl" $sessions
             if [ "$(stat -c %s "$OUT/table2_train_$name.tar")" -gt $((16 * 1024 * 1024)) ]; then
                 rm -f "$OUT/table2_train_$name.tar"
                 echo "=== not carried (over 16 MiB): $name" | tee -a "$LOG"

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from mrcnn_edu import ablations  # noqa: E402
 from mrcnn_edu.boxes import box_iou  # noqa: E402
-from mrcnn_edu.checkpoint import checkpoint_path, last_checkpoint  # noqa: E402
+from mrcnn_edu.checkpoint import checkpoint_path, newest_checkpoint  # noqa: E402
 from mrcnn_edu.data.coco import COCODataset, collate_fn  # noqa: E402
 from mrcnn_edu.engine import train  # noqa: E402
 from mrcnn_edu.model import MaskRCNN  # noqa: E402
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
         reference_batch=args.batch, base_lr=args.lr, warmup_iters=min(args.warmup, args.iters),
         steps=tuple(args.decay_at) or (10**9,), log_period=min(50, args.iters),
         checkpoint_period=checkpoint_period, progress=False)
-    if args.start_from and last_checkpoint(out) is None:  # once out has its own, resume from those
+    if args.start_from and newest_checkpoint(out) is None:  # once out has its own, resume from those
         train_cfg = dataclasses.replace(train_cfg, resume=args.start_from)
 
     torch.manual_seed(args.seed)

@@ -506,10 +506,10 @@ def log_session(output_dir: str | Path, device: str | None, commit: str | None, 
     A training stopped at one GPU lease's deadline is resumed in the next, maybe on another GPU
     or commit; its record's own ``device`` and ``git_commit`` are the last session's, and this
     list, which travels in the training's folder, says what the others were."""
-    from mrcnn_edu.checkpoint import atomic_write_text, last_checkpoint
+    from mrcnn_edu.checkpoint import atomic_write_text, newest_checkpoint
 
     path = Path(output_dir) / SESSIONS_FILE
-    resumed = last_checkpoint(output_dir)
+    resumed = newest_checkpoint(output_dir)
     start = int(resumed.stem.split("_")[1]) if resumed is not None else 0
     earlier = json.loads(path.read_text()) if start and path.is_file() else []
     sessions = [*earlier, {"from_iteration": start, "device": device, "git_commit": commit,
@@ -804,10 +804,10 @@ def saved_progress(workdir: str | Path, run: str, seed: int, planned) -> tuple[i
     session stopped at its deadline, or carried from another machine. A checkpoint of another
     schedule than ``planned`` (a TrainConfig) is an error."""
     from mrcnn_edu.ablations_report import SCHEDULE_KEYS
-    from mrcnn_edu.checkpoint import last_checkpoint, load_checkpoint
+    from mrcnn_edu.checkpoint import load_checkpoint, newest_checkpoint
     from mrcnn_edu.engine import scale_for_batch
 
-    path = last_checkpoint(Path(workdir) / "train" / f"{run}__seed{seed}")
+    path = newest_checkpoint(Path(workdir) / "train" / f"{run}__seed{seed}")
     if path is None:
         return 0, 0.0
     state, ran = load_checkpoint(path), scale_for_batch(planned)
@@ -830,9 +830,9 @@ def durations_at_pace(saved: Iterable[tuple[int, float]], total: int, overhead: 
 def checkpoint_iteration(workdir: str | Path, run: str, seed: int) -> int:
     """The iteration of the newest checkpoint of ``run``'s training with ``seed`` (0: none), from
     its file name alone (cheap enough to ask of every running training at the deadline)."""
-    from mrcnn_edu.checkpoint import last_checkpoint
+    from mrcnn_edu.checkpoint import newest_checkpoint
 
-    path = last_checkpoint(Path(workdir) / "train" / f"{run}__seed{seed}")
+    path = newest_checkpoint(Path(workdir) / "train" / f"{run}__seed{seed}")
     return int(path.stem.split("_")[-1]) if path is not None else 0
 
 

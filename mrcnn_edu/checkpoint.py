@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +37,8 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "last_checkpoint",
+    "checkpoint_files",
+    "newest_checkpoint",
     "checkpoint_path",
     "capture_rng_state",
     "restore_rng_state",
@@ -134,6 +137,25 @@ def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     if not path.is_file():
         raise FileNotFoundError(f"{pointer} names {path.name}, which does not exist")
     return path
+
+
+def checkpoint_files(output_dir: str | os.PathLike) -> list[Path]:
+    """The run's own ``model_NNNNNNN.pth`` files in ``output_dir``, oldest first; a user's
+    ``model_0000400 (copy).pth`` is none of them."""
+    saved = (p for p in Path(output_dir).glob("model_*.pth") if re.fullmatch(r"model_\d+\.pth", p.name))
+    return sorted(saved, key=lambda p: int(p.stem.split("_")[1]))
+
+
+def newest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint a resume continues from: the one ``last_checkpoint`` names, or, without
+    that file, the highest-numbered ``model_NNNNNNN.pth`` (a run killed between its first
+    checkpoint's rename and the pointer's, or a folder copied without the pointer); None if the
+    folder holds neither."""
+    named = last_checkpoint(output_dir)
+    if named is not None:
+        return named
+    saved = checkpoint_files(output_dir)
+    return saved[-1] if saved else None
 
 
 def capture_rng_state() -> dict[str, Any]:

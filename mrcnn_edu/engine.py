@@ -72,9 +72,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import (LAST_CHECKPOINT_FILE, atomic_write_text, capture_rng_state, checkpoint_path,
-                         last_checkpoint, load_checkpoint, preserved_rng, restore_rng_state,
-                         save_checkpoint)
+from .checkpoint import (LAST_CHECKPOINT_FILE, atomic_write_text, capture_rng_state, checkpoint_files,
+                         checkpoint_path, last_checkpoint, load_checkpoint, newest_checkpoint,
+                         preserved_rng, restore_rng_state, save_checkpoint)
 from .distributed import (DistInfo, InfiniteBatchSampler, SeededSamples, all_reduce_mean,
                           init_distributed)
 
@@ -519,18 +519,17 @@ def _load_resume_state(cfg: TrainConfig, model: nn.Module, optimizer: torch.opti
     if not cfg.resume:
         _check_fresh_start(cfg)
         return 0, None, 0.0
-    path = Path(cfg.resume) if isinstance(cfg.resume, str) else last_checkpoint(cfg.output_dir)
+    path = Path(cfg.resume) if isinstance(cfg.resume, str) else newest_checkpoint(cfg.output_dir)
     if path is None:
-        orphans = _checkpoint_files(cfg.output_dir)
-        if orphans:  # starting at 0 would overwrite them one by one (a folder copied without its pointer)
-            raise ValueError(
-                f"resume: train.output_dir={cfg.output_dir} has no {LAST_CHECKPOINT_FILE} file but holds "
-                f"{_name_files(orphans)}; starting at iteration 0 would overwrite them. Resume from one "
-                f"of them explicitly: train.resume={orphans[-1]} (on the command line: --resume "
-                f"{orphans[-1]}), or choose another train.output_dir")
         if info.is_main:  # say so: a mistyped output_dir would otherwise retrain from scratch unseen
             print(f"resume: no checkpoint in {cfg.output_dir}; starting at iteration 0", file=sys.stderr)
         return 0, None, 0.0
+    if not isinstance(cfg.resume, str) and info.is_main and last_checkpoint(cfg.output_dir) is None:
+        # a run killed between its first checkpoint's rename and the pointer's, or a folder
+        # copied without it: the config check below still refuses another run's checkpoint
+        print(f"resume: train.output_dir={cfg.output_dir} has no {LAST_CHECKPOINT_FILE} file; resuming "
+              f"from the newest checkpoint there, {path.name} (of {_name_files(checkpoint_files(cfg.output_dir))}; "
+              "another: --resume PATH)", file=sys.stderr)
     state = load_checkpoint(path)
     try:
         model.load_state_dict(state["model"])
@@ -554,13 +553,6 @@ def _load_resume_state(cfg: TrainConfig, model: nn.Module, optimizer: torch.opti
     return int(state["iteration"]), path, float(state.get("train_seconds", 0.0))
 
 
-def _checkpoint_files(output_dir: str | os.PathLike) -> list[Path]:
-    """The run's own ``model_NNNNNNN.pth`` files in ``output_dir``, oldest first; a user's
-    ``model_0000400 (copy).pth`` is none of them."""
-    saved = (p for p in Path(output_dir).glob("model_*.pth") if re.fullmatch(r"model_\d+\.pth", p.name))
-    return sorted(saved, key=lambda p: int(p.stem.split("_")[1]))
-
-
 def _name_files(paths: Sequence[Path]) -> str:
     """``"model_0005000.pth, ..., model_0160000.pth (32 files)"``: a list short enough to read."""
     names = [p.name for p in paths]
@@ -572,7 +564,7 @@ def _name_files(paths: Sequence[Path]) -> str:
 def _earlier_run_files(output_dir: str | os.PathLike) -> list[Path]:
     """What marks ``output_dir`` as another run's: its ``last_checkpoint`` and checkpoints."""
     pointer = Path(output_dir) / LAST_CHECKPOINT_FILE
-    return ([pointer] if pointer.is_file() else []) + _checkpoint_files(output_dir)
+    return ([pointer] if pointer.is_file() else []) + checkpoint_files(output_dir)
 
 
 def _check_fresh_start(cfg: TrainConfig) -> None:
@@ -637,7 +629,7 @@ def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
     # can be left over from before a crash that the run resumed from an earlier checkpoint
     current = last_checkpoint(output_dir)
     # only the run's own names: a stray "model_0000400 (copy).pth" must not stop the run here
-    saved = _checkpoint_files(output_dir)
+    saved = checkpoint_files(output_dir)
     deleted = [path for path in saved[:-keep] if current is None or path.name != current.name]
     for path in deleted:
         path.unlink(missing_ok=True)

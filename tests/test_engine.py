@@ -461,23 +461,37 @@ def test_a_fresh_run_refuses_a_folder_holding_another_run_unless_told_to_overwri
     assert resumed["start_iteration"] == 6
 
 
-def test_a_resume_that_finds_checkpoints_but_no_last_checkpoint_file_refuses_to_start_over(tmp_path):
-    """It warned, started at 0, truncated metrics.jsonl and overwrote the checkpoints one by one."""
+def test_a_resume_that_finds_checkpoints_but_no_last_checkpoint_file_continues_from_the_newest(tmp_path, capsys):
+    """A run killed between its first checkpoint's rename and the pointer's (or a folder copied
+    without the pointer). It used to warn, start at 0, truncate metrics.jsonl and overwrite the
+    checkpoints one by one; then it refused, and a pre-empted job's automatic --resume failed."""
     dataset = TinyShapes()
     cfg = tiny_config(tmp_path)
-    train(make_model(), dataset, cfg, collate)
-    (tmp_path / "last_checkpoint").unlink()  # e.g. `cp model_* metrics.jsonl` to another machine
-    metrics = (tmp_path / "metrics.jsonl").read_bytes()
-    newest = tmp_path / "model_0000008.pth"
-    with pytest.raises(ValueError, match=rf"no last_checkpoint file but holds model_0000004.pth, model_0000008.pth.*"
-                                         rf"train.resume={newest} \(on the command line: --resume {newest}\)"):
-        train(make_model(), dataset, replace(cfg, resume=True), collate)
-    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
-    with pytest.raises(ValueError, match="already holds a run"):  # nor may a fresh run start there
+    uninterrupted = tmp_path / "uninterrupted"
+    train(make_model(), dataset, replace(cfg, output_dir=str(uninterrupted)), collate)
+    train(make_model(), dataset, replace(cfg, max_iter=4), collate)
+    (tmp_path / "last_checkpoint").unlink()  # as if killed right after model_0000004.pth's rename
+    with pytest.raises(ValueError, match="already holds a run"):  # a fresh run may not start there
         train(make_model(), dataset, cfg, collate)
-    # the way the message gives
-    again = train(make_model(), dataset, replace(cfg, resume=str(tmp_path / "model_0000004.pth")), collate)
-    assert again["start_iteration"] == 4 and last_checkpoint(tmp_path).name == "model_0000008.pth"
+    capsys.readouterr()
+    resumed = train(make_model(), dataset, replace(cfg, resume=True), collate)
+    assert resumed["start_iteration"] == 4
+    assert ("has no last_checkpoint file; resuming from the newest checkpoint there, model_0000004.pth"
+            in capsys.readouterr().err)
+    assert last_checkpoint(tmp_path).name == "model_0000008.pth"
+    # exactly the run that was never interrupted: the newest checkpoint was this run's own
+    assert_same_tensors(final_state(tmp_path)["model"], final_state(uninterrupted)["model"])
+    assert [r["iteration"] for r in engine._read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 9))
+
+    # the newest of several; another run's checkpoint is still refused by the config check
+    (tmp_path / "last_checkpoint").unlink()
+    with pytest.raises(ValueError, match=r"cannot resume from .*model_0000008\.pth: .*seed"):
+        train(make_model(), dataset, replace(cfg, resume=True, seed=4, max_iter=10), collate)
+    again = train(make_model(), dataset, replace(cfg, resume=True, max_iter=10), collate)
+    assert again["start_iteration"] == 8
+    # an explicit path still wins
+    older = train(make_model(), dataset, replace(cfg, resume=str(tmp_path / "model_0000004.pth")), collate)
+    assert older["start_iteration"] == 4
 
 
 def test_an_evaluation_that_failed_after_its_checkpoint_runs_first_when_the_run_resumes(tmp_path):

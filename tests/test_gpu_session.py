@@ -48,7 +48,8 @@ if [ "$1 $2 $3" = "-m mrcnn_edu ablate" ]; then
         IFS=: read -r name at kib <<< "$t"
         mkdir -p $w/train/$name
         head -c "${kib}k" /dev/zero > $w/train/$name/model_0000$at.pth
-        echo "model_0000$at.pth" > $w/train/$name/last_checkpoint
+        # FAKE_NO_POINTER: killed between its first checkpoint's rename and the pointer's
+        [ "$name" = "${FAKE_NO_POINTER:-}" ] || echo "model_0000$at.pth" > $w/train/$name/last_checkpoint
         echo '{"iteration": 20, "seconds_per_iter": 0.7}' > $w/train/$name/metrics.jsonl
         [ "$name" = r50_fpn__seed0 ] && echo '[]' > $w/train/$name/sessions.json  # today's ablate writes it
         echo "trained" > $w/logs/$name.log
@@ -238,6 +239,16 @@ def test_only_the_trainings_the_report_leaves_are_carried_out(lease, tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("table2_train_")) == [
         "table2_train_r50_c4__seed0.tar"]
     assert "=== carried out: r50_fpn__seed0" not in log
+
+
+def test_a_training_killed_before_its_first_pointer_is_carried_out_with_its_newest_checkpoint(lease):
+    """Its checkpoint is whole (renamed into place) but ``last_checkpoint`` was never written:
+    ``engine`` resumes from the newest ``model_*.pth`` then, so the lease must carry that file."""
+    _, out, log = lease("table", timings=mini_step_json(260.0, 0.9), FAKE_NO_POINTER="r50_fpn__seed0")
+    assert "=== carried out: r50_fpn__seed0 at model_0000900.pth" in log, log
+    with tarfile.open(out / "table2_train_r50_fpn__seed0.tar") as tar:
+        assert sorted(tar.getnames()) == ["r50_fpn__seed0/metrics.jsonl", "r50_fpn__seed0/model_0000900.pth",
+                                          "r50_fpn__seed0/sessions.json"]
 
 
 def test_a_carried_wheel_that_does_not_install_is_in_the_log_and_the_phases_still_run(lease):

@@ -74,13 +74,16 @@ def prepare_data(experiment) -> None:
     print(f"generated in {time.perf_counter() - tic:.0f} s", flush=True)
 
 
-def build_datasets(experiment, train: bool = True, run_class_names: list[str] | None = None):
+def build_datasets(experiment, train: bool = True, run_class_names: list[str] | None = None,
+                   labels: str = "json-order"):
     """(train set or None, val set) as COCODatasets; checks the class count against the model.
 
     ``run_class_names``: the classes, in label order, of the run whose weights are evaluated
     (``experiment.json``'s ``class_names``): a val json whose categories, numbered as
     ``COCODataset`` numbers them (sorted ids -> labels 1..K), name other classes is refused with
-    the difference listed -- it would score each label against another category."""
+    the difference listed -- it would score each label against another category.
+    ``labels="category-ids"`` (``eval --labels``; weights whose labels are category ids, as
+    torchvision's COCO weights): the json's ids must lie within the model's labels 1..K."""
     from mrcnn_edu.data.coco import COCODataset
     from mrcnn_edu.data.transforms import RandomHorizontalFlip
 
@@ -93,10 +96,25 @@ def build_datasets(experiment, train: bool = True, run_class_names: list[str] | 
         raise ValueError(f"{data.val_annotations} has other categories than the run the weights come from "
                          f"({_category_difference(run_class_names, val)}); evaluate on a json with the run's "
                          "categories, whose sorted category ids give the same names in the same order")
+    if labels == "category-ids":
+        if run_class_names is not None:
+            raise ValueError(f"--labels category-ids: the weights come from a run of this package "
+                             f"({len(run_class_names) - 1} classes in experiment.json), whose labels 1..K are its json's "
+                             "sorted category ids; category-ids is for weights whose labels are category ids "
+                             "(torchvision's COCO weights)")
+        beyond = [cid for cid in val.cat_ids if cid > model_cfg.num_classes]
+        if beyond:
+            raise ValueError(f"--labels category-ids: {data.val_annotations} has category ids {beyond[:10]} "
+                             f"beyond the model's labels 1..{model_cfg.num_classes} (model.num_classes="
+                             f"{model_cfg.num_classes}): its labels cannot name them")
+        return None, val
     if len(val.cat_ids) != model_cfg.num_classes:
         advice = (f"add model.num_classes={len(val.cat_ids)} to the command" if train else
                   f"the weights predict {model_cfg.num_classes} classes: evaluate them on a json of "
                   "the categories they were trained on (data.val_annotations=...)")
+        if not train and run_class_names is None and max(val.cat_ids) <= model_cfg.num_classes:
+            advice += ("; or, if their labels are category ids (torchvision's COCO weights: labels 1..90 "
+                       "for COCO's 80 ids), add --labels category-ids")
         raise ValueError(f"{data.val_annotations} has {len(val.cat_ids)} categories but the model "
                          f"has model.num_classes={model_cfg.num_classes}; {advice}")
     if not train:
@@ -430,12 +448,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     info = init_distributed(experiment.train.device)
     with leaving_process_group():
         out = _metrics_file(args.out) if args.out else None  # every rank: none waits on one that stopped
-        _, val_set = build_datasets(experiment, train=False,
+        _, val_set = build_datasets(experiment, train=False, labels=args.labels,
                                     run_class_names=_run_info(args.weights, args.config).get("class_names"))
         model = build_model(experiment, args.weights).to(_pick_device(experiment.train.device, info))
         tic = time.perf_counter()
         metrics = evaluate_model(model, val_set, batch_size=experiment.data.eval_batch_size,
-                                 max_images=experiment.data.eval_images)
+                                 max_images=experiment.data.eval_images, labels=args.labels)
         if info.is_main:
             print(f"COCO AP (%) of {args.weights} on {_images_evaluated(experiment, val_set)} "
                   f"({time.perf_counter() - tic:.0f} s):")
@@ -629,6 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", metavar="JSON", help="also write the metrics to this file, as "
                           "fractions in [0, 1] (the table shows percent), null where COCOeval has "
                           "nothing to score; its folder is made first")
+    evaluate.add_argument("--labels", choices=("json-order", "category-ids"), default="json-order",
+                          help="what the model's labels are: json-order (ours: labels 1..K are the json's "
+                          "sorted category ids) or category-ids (torchvision's COCO weights: labels 1..90 "
+                          "are COCO's category ids)")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     evaluate.set_defaults(func=_cmd_eval)
 
@@ -665,7 +687,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["ablate"]:  # its own parser, options and all (argparse.REMAINDER drops leading flags)
         args = argparse.Namespace(func=_cmd_ablate, ablate_args=argv[1:])
     else:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        # argparse takes one run of positionals: `eval --weights W a=1 --out F b=2` leaves b=2
+        # over. Later key=value words are overrides too, in the order given.
+        if extra and hasattr(args, "overrides") and all("=" in word and not word.startswith("-") for word in extra):
+            args.overrides = [*args.overrides, *extra]
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:  # exit codes a command returns (ablate's 1 for failed trainings, train's 75) pass through
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:  # a message for a person, not a traceback

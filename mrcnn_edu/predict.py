@@ -95,8 +95,16 @@ def predict_images(model: nn.Module, images: Sequence[torch.Tensor], batch_size:
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, dataset: COCODataset, iou_types: Sequence[str] | None = None,
-                   batch_size: int = 2, max_images: int | None = None) -> dict[str, dict[str, float]]:
+                   batch_size: int = 2, max_images: int | None = None,
+                   labels: str = "json-order") -> dict[str, dict[str, float]]:
     """COCO AP of ``model`` on ``dataset`` (all processes call it; rank 0 gets the numbers).
+
+    ``labels``: what the model's labels mean. ``"json-order"`` (ours): labels 1..K are the
+    json's K category ids in sorted order, as ``COCODataset`` numbers them for training.
+    ``"category-ids"``: the labels are the json's category ids themselves -- torchvision's COCO
+    weights (``weights.py``: labels 1..90 with gaps, against COCO's 80 ids). Their detections of
+    a label that is no category of the json (a gap, or a class a subset json leaves out) are left
+    out, with a warning counting them: COCOeval ignores them in torchvision's own evaluation.
 
     Returns ``{iou_type: {AP, AP50, AP75, APs, APm, APl}}`` as fractions (nan where COCOeval
     has nothing to score); other ranks return ``{}``. Scores the first ``max_images`` images of
@@ -105,12 +113,16 @@ def evaluate_model(model: nn.Module, dataset: COCODataset, iou_types: Sequence[s
     """
     if max_images is not None and max_images < 1:  # 0 would read as "no limit" below
         raise ValueError(f"max_images must be None (every image) or >= 1, got {max_images}")
+    if labels not in ("json-order", "category-ids"):
+        raise ValueError(f"labels must be 'json-order' or 'category-ids', got {labels!r}")
     if not dataset.ids:  # COCOeval would print a table of -1s, as if a model had been scored
         raise ValueError(f"{dataset.ann_file}: no image to evaluate on (its 'images' list is empty)")
     iou_types = tuple(iou_types or iou_types_of(model))
     check_ground_truth(dataset.coco, iou_types, dataset.ann_file)  # before predicting, not after
     info = get_dist_info()
     image_ids = dataset.ids[:images_scored(dataset, max_images)]
+    to_cat_id = dataset.label_to_cat_id if labels == "json-order" else {c: c for c in dataset.cat_ids}
+    left_out = 0
     local: dict[int, dict[str, list[dict]]] = {}
     mine = [image_ids[i] for i in shard_indices(len(image_ids), info.rank, info.world_size)]
     for start in range(0, len(mine), batch_size):
@@ -118,13 +130,23 @@ def evaluate_model(model: nn.Module, dataset: COCODataset, iou_types: Sequence[s
         predictions = predict_images(model, [dataset.load_image(i) for i in ids], batch_size,
                                      mask_threshold=SEGM_MASK_THRESHOLD)
         for image_id, prediction in zip(ids, predictions):
+            if labels == "category-ids":
+                known = torch.tensor([int(label) in to_cat_id for label in prediction["labels"]], dtype=torch.bool)
+                left_out += int((~known).sum())
+                prediction = {k: v[known] for k, v in prediction.items()}
             # one image's entries, RLE-encoded now: memory stays O(detections), not O(pixels)
-            local[image_id] = {t: predictions_to_coco_results({image_id: prediction}, t,
-                                                              dataset.label_to_cat_id)
+            local[image_id] = {t: predictions_to_coco_results({image_id: prediction}, t, to_cat_id)
                                for t in iou_types}
     gathered = gather_predictions(local)
+    if labels == "category-ids" and info.world_size > 1:  # every shard's count, for rank 0 to tell
+        counts: list = [None] * info.world_size
+        torch.distributed.all_gather_object(counts, left_out)
+        left_out = sum(counts)
     if not info.is_main:
         return {}
+    if left_out:
+        warnings.warn(f"{left_out} detections of labels that are no category id of {dataset.ann_file} were "
+                      "left out (labels='category-ids'; COCOeval would ignore them)", stacklevel=3)
     coco_gt = dataset.coco
     keypoint_cats = keypoint_category_ids(coco_gt)
     metrics = {}
@@ -133,7 +155,7 @@ def evaluate_model(model: nn.Module, dataset: COCODataset, iou_types: Sequence[s
         cat_ids = None
         if iou_type == "keypoints":  # OKS needs num_keypoints: score person categories only
             if not keypoint_cats:  # a keypoint model on a json without them: say so, not a missing row
-                warnings.warn(f"{dataset.ann_file}: {NO_KEYPOINT_CATEGORY}", stacklevel=2)
+                warnings.warn(f"{dataset.ann_file}: {NO_KEYPOINT_CATEGORY}", stacklevel=3)  # past no_grad's wrapper
                 continue
             cat_ids, results = keypoint_cats, [r for r in results if r["category_id"] in keypoint_cats]
         with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its own table

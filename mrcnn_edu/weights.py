@@ -29,6 +29,9 @@ unused), not the 80 contiguous ones of our COCO loader. They are COCO's category
 ``evaluate_coco(coco_gt, predictions, label_to_cat_id={cid: cid for cid in coco_gt.getCatIds()})``.
 Its default reads labels 1..80 as the json's 80 sorted ids, which is our loader's numbering,
 not torchvision's (a label above 80 is refused with this advice; below, it cannot be told).
+``predict.evaluate_model(..., labels="category-ids")`` and ``python -m mrcnn_edu eval
+--labels category-ids`` do the same (leaving out, with a count, detections of labels that are no
+category of the json, as COCOeval ignores them).
 
 What "configured as torchvision" means, each a config switch so the difference is visible:
 

@@ -695,6 +695,42 @@ def test_eval_with_fewer_categories_than_the_checkpoint_gives_advice_that_works(
     assert "model.num_classes=8 (now 7)" in capsys.readouterr().err
 
 
+def test_eval_labels_category_ids_scores_weights_whose_labels_are_the_jsons_ids(trained_run, data_dir, tmp_path,
+                                                                                capsys):
+    """torchvision's COCO weights (labels 1..90, COCO's ids) on COCO's 80-category json: the class
+    count check refused them and no option could say what their labels are. Here: weights of 8
+    labels without an experiment.json, on a json of 5 categories with ids among 1..8."""
+    import shutil
+
+    def five_of_eight(val):  # ids 2, 4, 5, 7, 8: gaps, as COCO's
+        kept = {2, 4, 5, 7, 8}
+        val["categories"] = [c for c in val["categories"] if c["id"] in kept]
+        val["annotations"] = [a for a in val["annotations"] if a["category_id"] in kept]
+
+    gaps = _val_json_with(data_dir, tmp_path, five_of_eight)
+    alone = tmp_path / "alone" / "model_0000003.pth"
+    alone.parent.mkdir()
+    shutil.copy(trained_run / "model_0000003.pth", alone)
+    settings = ["--config", "tiny", *data_overrides(data_dir), f"data.val_annotations={gaps}"]
+    assert main(["eval", "--weights", str(alone), *settings]) == 2
+    assert "if their labels are category ids (torchvision's COCO weights" in capsys.readouterr().err
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "--weights", str(alone), *settings, "--labels", "category-ids", "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())) == {"bbox", "segm"}
+    # ids beyond the model's labels cannot be named by them
+    beyond = _val_json_with(data_dir, tmp_path, lambda val: [c.update(id=c["id"] + 10) for c in val["categories"]])
+    # (an override after an option: argparse alone left it over as "unrecognized arguments")
+    assert main(["eval", "--weights", str(alone), "--config", "tiny", *data_overrides(data_dir),
+                 "--labels", "category-ids", f"data.val_annotations={beyond}"]) == 2
+    assert "has category ids [11, 12, 13, 14, 15, 16, 17, 18] beyond the model's labels 1..8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # what is no key=value is still refused
+        main(["eval", "--weights", str(alone), "--labels", "category-ids", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    # our own run's weights number labels in json order: refused, not silently mis-scored
+    assert main(["eval", "--weights", str(trained_run / "model_0000003.pth"), "--labels", "category-ids"]) == 2
+    assert "the weights come from a run of this package" in capsys.readouterr().err
+
+
 def test_eval_out_makes_its_folder_first_and_writes_strict_json_fractions(trained_run, tmp_path, capsys,
                                                                           monkeypatch):
     """--out nodir/x.json failed after the whole evaluation; the file held bare NaN tokens."""

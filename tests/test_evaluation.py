@@ -550,6 +550,59 @@ def test_evaluate_model_warns_when_keypoints_have_no_category_to_be_scored_on(va
         assert set(evaluate_model(_FixedDetector(), ds, iou_types=("bbox", "keypoints"))) == {"bbox", "keypoints"}
 
 
+class _GroundTruthByCategoryId(torch.nn.Module):
+    """The val json's own objects, one image after another in ``ds.ids`` order, labelled with
+    their *category ids* (as torchvision's COCO models label), plus one detection of ``extra``
+    (a label that is no category of the json) on every image."""
+
+    def __init__(self, ds, extra: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.ds, self.extra, self.next = ds, extra, 0
+
+    def forward(self, images):
+        out = []
+        for _ in images:
+            coco, image_id = self.ds.coco, self.ds.ids[self.next]
+            self.next += 1
+            anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id)) if not a.get("iscrowd")]
+            boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)] + [[0, 0, 9, 9]],
+                                 dtype=torch.float32)
+            masks = np.stack([coco.annToMask(a) for a in anns] + [np.ones_like(coco.annToMask(anns[0]))])
+            out.append({"boxes": boxes, "scores": torch.ones(len(boxes)),
+                        "labels": torch.tensor([a["category_id"] for a in anns] + [self.extra]),
+                        "masks": torch.from_numpy(masks).float()[:, None]})
+        return out
+
+
+def test_evaluate_model_scores_labels_that_are_category_ids_when_told_so(val_set, tmp_path):
+    """torchvision's COCO weights label with COCO's category ids (1..90 with gaps). ``eval``
+    could only refuse them on an 80-category json; ``labels='category-ids'`` scores them, and
+    leaves out a label that is no category of the json, as COCOeval ignores it."""
+    from mrcnn_edu.predict import evaluate_model
+
+    ds, _ = val_set
+
+    def sparse_ids(d):  # COCO-like gaps: 1..8 -> 3, 6, ..., 24
+        for c in d["categories"]:
+            c["id"] *= 3
+        for a in d["annotations"]:
+            a["category_id"] *= 3
+
+    sparse = _dataset_with(ds, tmp_path, sparse_ids)
+    assert sparse.cat_ids == [3, 6, 9, 12, 15, 18, 21, 24]
+    with pytest.warns(UserWarning, match=r"10 detections of labels that are no category id of .*instances_val.json "
+                                         r"were left out"):
+        metrics = evaluate_model(_GroundTruthByCategoryId(sparse, extra=4), sparse, iou_types=("bbox", "segm"),
+                                 labels="category-ids")
+    assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
+    # ours (labels 1..8 = the sorted ids) cannot read label 24 and says so, naming the image
+    with pytest.raises(ValueError, match=r"image id \d+: labels \[.*\] not in label_to_cat_id"):
+        evaluate_model(_GroundTruthByCategoryId(sparse, extra=4), sparse, iou_types=("bbox",))
+    with pytest.raises(ValueError, match="labels must be 'json-order' or 'category-ids', got 'ids'"):
+        evaluate_model(_GroundTruthByCategoryId(sparse, extra=4), sparse, labels="ids")
+
+
 @pytest.mark.parametrize("as_error", [False, True])
 def test_an_image_beyond_pillows_decompression_bomb_limit_is_named(tmp_path, monkeypatch, as_error):
     """Pillow's DecompressionBombError is no OSError: predict gave a traceback not naming the file.

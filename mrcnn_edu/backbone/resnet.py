@@ -317,8 +317,8 @@ def load_state_dict_by_key(module: nn.Module, state_dict: dict[str, torch.Tensor
     for key, value in state_dict.items():
         if key in own:
             if tuple(own[key].shape) != tuple(value.shape):
-                mismatched.append(f"{key}: state dict {tuple(value.shape)} vs "
-                                  f"{what} {tuple(own[key].shape)}")
+                mismatched.append(f"{key}: {tuple(value.shape)} in the state dict, "
+                                  f"{tuple(own[key].shape)} in the {what.split(' (')[0]}")
             else:
                 report.loaded.append(key)
         elif key.endswith("num_batches_tracked"):

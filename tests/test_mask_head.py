@@ -224,6 +224,19 @@ def test_mask_loss_rejects_bad_inputs_by_name():
         mask_loss(logits, torch.tensor([1, 2]), targets, loss="focal")
 
 
+def test_mask_probs_of_half_precision_logits_are_float32_and_keep_what_is_above_one_half():
+    """bf16 spaces [0.5, 1) 1/256 apart: sigmoid(0.004) = 0.501 became exactly 0.5 and was
+    dropped by the paste's > 0.5 (review finding: 0.05 % of the mask pixels flipped)."""
+    logits = torch.full((1, 2, 2, 2), 0.004)
+    for dtype in (torch.bfloat16, torch.float16):
+        for loss, channels in (("sigmoid", 1), ("softmax", 2)):
+            probs = mask_probs(logits[:, :channels].to(dtype) if loss == "sigmoid" else
+                               torch.stack([torch.zeros(1, 2, 2), torch.full((1, 2, 2), 0.008)], 1).to(dtype),
+                               torch.tensor([1]), loss=loss, class_agnostic=loss == "sigmoid")
+            assert probs.dtype == torch.float32 and (probs > 0.5).all(), (dtype, loss, probs)
+    assert (logits.to(torch.bfloat16).sigmoid() == 0.5).all()  # what it computed before
+
+
 def test_mask_probs_take_the_predicted_class_channel():
     logits, _ = _tiny_case(4)
     labels = torch.tensor([3, 1])

@@ -169,6 +169,33 @@ def test_auto_backend_uses_cupy_and_matches_torchvision():
             torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5)
 
 
+def test_auto_backend_takes_the_deterministic_torch_path_when_asked(monkeypatch):
+    """The CuPy backward's atomics vary from run to run; under use_deterministic_algorithms a
+    backward goes through the PyTorch path (auto), and an explicit backend='cupy' refuses."""
+    import mrcnn_edu.ops.roi_align_cupy as cupy_path
+
+    x, rois = make_case()
+    used = []
+    real = cupy_path.roi_align_cupy
+    monkeypatch.setattr(cupy_path, "roi_align_cupy", lambda *a, **k: (used.append(1), real(*a, **k))[1])
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        grads = []
+        for _ in range(2):
+            leaf = x.detach().requires_grad_(True)
+            roi_align(leaf, rois, 7, 0.25, 2).sum().backward()
+            grads.append(leaf.grad)
+        assert not used and torch.equal(grads[0], grads[1])
+        roi_align(x, rois, 7, 0.25, 2)  # no gradient wanted: the kernel still runs
+        assert used
+        leaf = x.detach().requires_grad_(True)
+        with pytest.raises(RuntimeError, match="adds with float atomics"):
+            roi_align(leaf, rois, 7, 0.25, 2, backend="cupy").sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 def test_empty_roi_set_on_gpu():
     x, _ = make_case()
     leaf = x.requires_grad_(True)

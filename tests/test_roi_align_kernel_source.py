@@ -294,6 +294,37 @@ def test_kernel_reads_channels_last_and_non_contiguous_inputs(kernel_path):
         torch.testing.assert_close(kernel_path(variant, rois, *args), want, rtol=0, atol=1e-5)
 
 
+def test_a_size_one_dimension_with_a_stride_beyond_int32_runs_on_32_bit_indices(kernel_path):
+    """``big[:1, c:c + 1]`` of a map of more than 2^31 elements is contiguous, but its strides
+    of the size-1 dimensions are the big map's: passed as int32, numpy raised OverflowError
+    (review finding); such a dimension is only ever indexed at 0."""
+    x, rois = make_case(torch.float32, n=1, c=1)
+    rois[:, 0] = 0
+    huge = x.as_strided(x.shape, (2**32, 2**31, x.shape[3], 1))
+    assert huge.is_contiguous() and cupy_path.index_bits(len(rois) * 49, huge.numel(), len(rois)) == 32
+    want = forward_backward(lambda leaf, r: roi_align(leaf, r, (7, 7), 0.25, 2, backend="torch"), huge, rois)
+    got = forward_backward(lambda leaf, r: kernel_path(leaf, r, (7, 7), 0.25, 2, True, "avg"), huge, rois)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert cupy_path.kernel_strides(huge, np.int32) == [0, 0, x.shape[3], 1]
+
+
+def test_the_cupy_backward_refuses_under_deterministic_algorithms(kernel_path):
+    """Its float atomics add in an order that varies from run to run: refused (or a warning in
+    warn_only mode), as torchvision's CUDA roi_align is."""
+    x, rois = make_case(torch.float32)
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="adds with float atomics.*use_deterministic_algorithms"):
+            forward_backward(lambda leaf, r: kernel_path(leaf, r, (7, 7), 0.25, 2, True, "avg"), x, rois)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="adds with float atomics"):
+            forward_backward(lambda leaf, r: kernel_path(leaf, r, (7, 7), 0.25, 2, True, "avg"), x, rois)
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
 def test_kernel_reads_the_features_in_place_in_both_layouts(kernel_path, monkeypatch):
     # no copy of the feature map into another layout: the kernel gets the input's own memory
     seen = []

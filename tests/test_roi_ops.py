@@ -683,6 +683,7 @@ def stand_in_kernel(monkeypatch):
     calls = []
     kernel = type(sys)("mrcnn_edu.ops.roi_align_cupy")
     kernel.roi_align_cupy = lambda *args: calls.append(args) or torch.full((1, 2, 2, 2), -7.0)
+    kernel.SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
     monkeypatch.setitem(sys.modules, "mrcnn_edu.ops.roi_align_cupy", kernel)
     return calls
 
@@ -728,6 +729,22 @@ def test_auto_backend_uses_the_cupy_kernel_for_cuda_tensors_only(roi_align_modul
     # ... unless the torch path is asked for
     roi_align(fake_x, fake_rois, 2, 0.25, backend="torch")
     assert len(stand_in_kernel) == 1
+    # ... or the kernel has no build for the dtype (float8 on a GPU: the torch path computes it)
+    monkeypatch.setattr(sys.modules["mrcnn_edu.ops.roi_align_cupy"], "SUPPORTED_DTYPES", (torch.float32,))
+    roi_align(fake_x, fake_rois, 2, 0.25, backend="auto")
+    assert len(stand_in_kernel) == 1
+    monkeypatch.setattr(sys.modules["mrcnn_edu.ops.roi_align_cupy"], "SUPPORTED_DTYPES", (torch.float64,))
+    # ... or a deterministic backward is asked for (the kernel's atomics add in varying order)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        roi_align(fake_x.requires_grad_(True), fake_rois, 2, 0.25, backend="auto")
+        assert len(stand_in_kernel) == 1
+        with torch.no_grad():  # no backward to come: the kernel
+            roi_align(fake_x, fake_rois, 2, 0.25, backend="auto")
+        assert len(stand_in_kernel) == 2
+    finally:
+        torch.use_deterministic_algorithms(was)
 
 
 def _mnc_roi_warping_forward(x: torch.Tensor, rois: torch.Tensor, oh: int, ow: int, scale: float) -> torch.Tensor:

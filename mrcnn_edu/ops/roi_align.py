@@ -325,6 +325,19 @@ def cupy_available() -> bool:
     return True
 
 
+def _cupy_suits(input: Tensor) -> bool:
+    """Whether ``backend="auto"`` takes the CuPy kernel: a CUDA tensor of a dtype it compiles
+    for, cupy importable, and no deterministic backward asked for -- its backward adds with
+    float atomics, in an order that varies from run to run; the PyTorch path's accumulating
+    ``index_put_`` is deterministic under ``torch.use_deterministic_algorithms(True)``."""
+    if not (input.is_cuda and cupy_available()):
+        return False
+    from mrcnn_edu.ops.roi_align_cupy import SUPPORTED_DTYPES
+    if input.dtype not in SUPPORTED_DTYPES:  # e.g. float8: the PyTorch path computes it
+        return False
+    return not (input.requires_grad and torch.is_grad_enabled() and torch.are_deterministic_algorithms_enabled())
+
+
 def roi_align(input: Tensor, rois: RoIs, output_size: Union[int, Sequence[int]],
               spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = True,
               mode: str = "avg", backend: str = "auto", check_values: bool = True) -> Tensor:
@@ -334,7 +347,10 @@ def roi_align(input: Tensor, rois: RoIs, output_size: Union[int, Sequence[int]],
     ``aligned``: the half-pixel shift (True, the paper's definition) or the legacy behaviour.
     ``mode``: ``"avg"`` (the paper's choice, Table 2c) or ``"max"``.
     ``backend``: ``"auto"`` uses the CuPy kernel for CUDA tensors when cupy imports and plain
-    PyTorch otherwise; ``"torch"`` / ``"cupy"`` force one.
+    PyTorch otherwise (also for a dtype the kernel has no build for, and for a backward under
+    ``torch.use_deterministic_algorithms(True)``: the kernel's atomics add in varying order);
+    ``"torch"`` / ``"cupy"`` force one (``"cupy"``'s backward then refuses, as torchvision's
+    CUDA kernel does, or warns in ``warn_only`` mode).
     ``check_values``: check that RoIs are finite with valid batch indices (see
     ``check_roi_inputs``; ``False`` only for RoIs built by the caller).
     """
@@ -346,8 +362,9 @@ def roi_align(input: Tensor, rois: RoIs, output_size: Union[int, Sequence[int]],
     if backend == "cupy" and not input.is_cuda:
         raise ValueError(f"backend='cupy' needs CUDA tensors, got input on {input.device}")
     if backend == "cupy" and not cupy_available():
-        raise ValueError("backend='cupy' but cupy is not importable; install the 'gpu' extra")
-    if backend == "cupy" or (backend == "auto" and input.is_cuda and cupy_available()):
+        raise ValueError("backend='cupy' but cupy is not importable; install the 'gpu-cuda12' or "
+                         "'gpu-cuda13' extra (pip install -e '.[gpu-cuda12]', as the README says)")
+    if backend == "cupy" or (backend == "auto" and _cupy_suits(input)):
         from mrcnn_edu.ops.roi_align_cupy import roi_align_cupy
         return roi_align_cupy(input, rois, size, float(spatial_scale), sampling_ratio,
                               bool(aligned), mode)

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["roi_align_cupy", "RoIAlignCuPy", "KERNEL_SOURCE", "compile_options", "index_bits"]
+__all__ = ["roi_align_cupy", "RoIAlignCuPy", "KERNEL_SOURCE", "SUPPORTED_DTYPES", "compile_options",
+           "index_bits", "kernel_strides"]
 
 KERNEL_SOURCE = Path(__file__).with_name("roi_align.cu")
 _THREADS = 256
@@ -42,6 +43,7 @@ _DTYPES = {
     torch.float16: ("__half", "float", ("-DROI_USE_FP16",)),
     torch.bfloat16: ("__nv_bfloat16", "float", ("-DROI_USE_BF16",)),
 }
+SUPPORTED_DTYPES = tuple(_DTYPES)
 
 
 def _cuda_include_dirs() -> list[str]:
@@ -80,6 +82,16 @@ def index_bits(outputs: int, feature_elements: int, num_rois: int = 0) -> int:
     ``5 * r`` into the RoIs (above ``outputs`` only when C * oh * ow < 5).
     """
     return 32 if outputs < 2**30 and feature_elements < 2**31 and 5 * num_rois < 2**31 else 64
+
+
+def kernel_strides(tensor: Tensor, np_index) -> list:
+    """``tensor``'s strides as the kernel's index type, 0 for a dimension of size 1.
+
+    :func:`index_bits` chooses 32-bit indices from the element count, and a size-1 dimension
+    is only ever indexed at 0, but its stride can be anything: ``big[:1, c:c + 1]`` of a map
+    of more than 2^31 elements is contiguous with ``stride(0)`` = the whole map's C*H*W, which
+    an int32 cannot hold (numpy raises OverflowError)."""
+    return [np_index(stride if size > 1 else 0) for stride, size in zip(tensor.stride(), tensor.shape)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,7 +171,7 @@ class RoIAlignCuPy(torch.autograd.Function):
         shape = [np_index(R * C * oh * ow), np.int32(H), np.int32(W), np.int32(C)]
         rest = [np.int32(channels_fastest), np.int32(oh), np.int32(ow), np_acc(spatial_scale),
                 np.int32(sampling_ratio), np.int32(aligned), np.int32(use_max)]
-        strides = [np_index(s) for s in features.stride()]  # (N, C, H, W) order
+        strides = kernel_strides(features, np_index)  # (N, C, H, W) order
         forward_kernel, _ = _kernels(input.dtype, input.device.index, bits)
         _launch(forward_kernel, R * C * oh * ow,
                 [_dense(features), boxes, _dense(output), _dense(argmax)],
@@ -173,6 +185,13 @@ class RoIAlignCuPy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
+        if torch.are_deterministic_algorithms_enabled():  # as torchvision's CUDA roi_align does
+            message = ("the CuPy RoIAlign backward adds with float atomics: its result varies from run "
+                       "to run, but torch.use_deterministic_algorithms(True) is set; use backend='torch' "
+                       "(backend='auto' does under that setting)")
+            if not torch.is_deterministic_algorithms_warn_only_enabled():
+                raise RuntimeError(message)
+            warnings.warn(message, stacklevel=2)
         boxes, argmax = ctx.saved_tensors
         shape, rest, np_index, bits = ctx.scalars
         fastest = ctx.channels_fastest
@@ -181,7 +200,7 @@ class RoIAlignCuPy(torch.autograd.Function):
         # accumulated in fp32 (fp64 for fp64), in the input's layout: fp32 atomics are native
         grad_input = torch.empty(ctx.input_shape, dtype=boxes.dtype, device=grad.device,
                                  memory_format=_memory_format(fastest)).zero_()
-        strides = [np_index(s) for s in grad_input.stride()]
+        strides = kernel_strides(grad_input, np_index)
         _, backward_kernel = _kernels(ctx.input_dtype, grad.device.index, bits)
         _launch(backward_kernel, int(shape[0]), [_dense(grad), boxes, _dense(argmax),
                                                  _dense(grad_input)],

@@ -351,8 +351,14 @@ def mask_probs(
     class it resembles can be k's by argmax with p_k < 0.5); ``"foreground"`` gives 1 - p_0, the
     mass of every class together, which ignores ``labels``: what the head would segment if it
     did not have to name each pixel.
+
+    Computed in float32 from bf16 / fp16 logits (inference under autocast): bf16 spaces
+    [0.5, 1) 1/256 apart, so a probability in (0.5, 0.502) would round to 0.5 and fail the
+    paste's ``> 0.5``; the keypoint decoder does the same.
     """
     _check_logits_labels(mask_logits, labels, loss, class_agnostic)
+    if mask_logits.dtype in (torch.float16, torch.bfloat16):
+        mask_logits = mask_logits.float()
     if softmax_readout not in SOFTMAX_READOUTS:
         raise ValueError(f"softmax_readout must be one of {SOFTMAX_READOUTS}, got {softmax_readout!r}")
     channel = _mask_channel(labels, loss, class_agnostic)

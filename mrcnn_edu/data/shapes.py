@@ -72,6 +72,8 @@ from PIL import Image
 
 SHAPE_NAMES = ("ellipse", "triangle", "star", "ring", "cross", "crescent", "bar", "person")
 PERSON = "person"
+# a stick figure is drawn at least this many pixels tall: smaller, its limbs and keypoints merge
+PERSON_MIN_SIDE = 20.0
 # COCO's 17 person keypoints and skeleton (1-based, as in person_keypoints_*.json).
 KEYPOINT_NAMES = (
     "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
@@ -325,7 +327,7 @@ def render_scene(cfg: ShapesConfig, rng: np.random.Generator) -> Scene:
     categories = rng.integers(len(SHAPE_NAMES), size=n)
     for k in np.argsort(-sizes, kind="stable"):  # large first: small ones sit on top
         category = SHAPE_NAMES[int(categories[k])]
-        objects.append(_place(category, max(sizes[k], 20.0) if category == PERSON else sizes[k], rng, size))
+        objects.append(_place(category, max(sizes[k], PERSON_MIN_SIDE) if category == PERSON else sizes[k], rng, size))
     instance_map = _drop_occluded(objects, cfg, size)
     for k, obj in enumerate(objects):
         region = instance_map == k

@@ -742,3 +742,20 @@ def test_worker_memory_measures_each_run_in_its_own_process(tmp_path, capsys):
     assert set(results) == {"objects", "buffer"}
     printed = capsys.readouterr().out
     assert "per-worker USS, mean" in printed and "reading the buffer" in printed
+
+
+def test_cpu_probe_claims_judges_each_design_alone_and_gives_the_verdicts_the_docs_quote():
+    """docs/training.md and notebook 09 quote these verdicts; C4 at 384 px and FPN at 192 px are
+    different designs, so no claim may mix them (FPN beats C4 is 'not run' here)."""
+    module = load("cpu_probe_claims")
+    c4, fpn = module.verdicts(module.C4_384), module.verdicts(module.FPN_192)
+    assert not any("FPN beats C4" in line for line in c4 + fpn)
+    assert any(line.startswith("FCN beats the 3-fc MLP mask head (2e): ours +19.60 ± 1.26") and
+               line.endswith(": agrees") for line in fpn)
+    assert any(line.startswith("sigmoid beats softmax (2b): ours +8.32 ± 0.27") for line in c4)
+    assert any(line.startswith("RoIAlign is insensitive to max vs average pooling") and "undecided" in line
+               for line in c4)
+    # every run of a design has the same number of metrics per seed, in percent
+    for values in (module.C4_384, module.FPN_192):
+        for seeds in values.values():
+            assert all(set(seed) == {"APbb", "APbb50", "APbb75", "AP", "AP50", "AP75"} for seed in seeds)

@@ -73,6 +73,23 @@ def trained_with(results: str | Path | None, key: str, default=None):
     return sessions[-1][key] if sessions else None
 
 
+def _resumed_member(tar) -> str:
+    """The checkpoint in a carried training's tar that a resume continues from: the one its
+    ``last_checkpoint`` names, or without one (killed between its first checkpoint's rename and
+    the pointer's) the highest-numbered ``model_NNNNNNN.pth``, as ``checkpoint.newest_checkpoint``."""
+    import re
+
+    names = tar.getnames()
+    pointer = next((n for n in names if n.endswith("/last_checkpoint")), None)
+    if pointer is not None:
+        return f"{pointer.rsplit('/', 1)[0]}/{tar.extractfile(pointer).read().decode().strip()}"
+    saved = sorted((n for n in names if re.fullmatch(r"model_\d+\.pth", n.rsplit("/", 1)[-1])),
+                   key=lambda n: int(n.rsplit("_", 1)[1].split(".")[0]))
+    if not saved:
+        raise ValueError("no last_checkpoint and no model_NNNNNNN.pth in it")
+    return saved[-1]
+
+
 def carried_with(carry: str | Path | None, key: str, default=None):
     """The ``key`` of the schedule the trainings carried in ``carry`` (``table2_train_*.tar``, as
     bench/gpu_session.sh packs them) ran with; None without any readable one. A lease that
@@ -87,9 +104,7 @@ def carried_with(carry: str | Path | None, key: str, default=None):
     for path in sorted(Path(carry).glob("table2_train_*.tar")):
         try:
             with tarfile.open(path) as tar:
-                pointer = next(m for m in tar.getmembers() if m.name.endswith("/last_checkpoint"))
-                name = tar.extractfile(pointer).read().decode().strip()
-                data = tar.extractfile(f"{pointer.name.rsplit('/', 1)[0]}/{name}").read()
+                data = tar.extractfile(_resumed_member(tar)).read()
             import torch
 
             values.add(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)["config"].get(key, default))

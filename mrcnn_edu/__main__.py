@@ -112,7 +112,7 @@ def build_datasets(experiment, train: bool = True, run_class_names: list[str] | 
         advice = (f"add model.num_classes={len(val.cat_ids)} to the command" if train else
                   f"the weights predict {model_cfg.num_classes} classes: evaluate them on a json of "
                   "the categories they were trained on (data.val_annotations=...)")
-        if not train and run_class_names is None and max(val.cat_ids) <= model_cfg.num_classes:
+        if not train and run_class_names is None and val.cat_ids and max(val.cat_ids) <= model_cfg.num_classes:
             advice += ("; or, if their labels are category ids (torchvision's COCO weights: labels 1..90 "
                        "for COCO's 80 ids), add --labels category-ids")
         raise ValueError(f"{data.val_annotations} has {len(val.cat_ids)} categories but the model "

@@ -46,6 +46,9 @@ __all__ = [
 ]
 
 LAST_CHECKPOINT_FILE = "last_checkpoint"
+# what the pointer holds while ``train.overwrite=True`` deletes an earlier run's checkpoints: a
+# crash half-way leaves it, so no resume takes a survivor of the run being deleted for this one's
+OVERWRITING = "(overwriting: train.overwrite=True was deleting this folder's earlier run)"
 
 
 def checkpoint_path(output_dir: str | os.PathLike, iteration: int) -> Path:
@@ -130,6 +133,10 @@ def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     except UnicodeDecodeError as err:
         raise ValueError(f"{pointer} is corrupt: it should hold one checkpoint file name "
                          f"({err})") from err
+    if name == OVERWRITING:
+        raise ValueError(f"{pointer}: a run started with train.overwrite=True was stopped while it deleted "
+                         f"the earlier run in {Path(output_dir)}, whose remaining checkpoints are not to be "
+                         "resumed; start the run again with train.overwrite=True to finish, or delete the folder")
     if not name:  # save_checkpoint never leaves it empty; a cut-off copy of the folder can
         raise ValueError(f"{pointer} is empty: it should name the newest checkpoint, e.g. "
                          f"{checkpoint_path(output_dir, 0).name}")

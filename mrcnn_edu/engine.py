@@ -72,9 +72,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import (LAST_CHECKPOINT_FILE, atomic_write_text, capture_rng_state, checkpoint_files,
-                         checkpoint_path, last_checkpoint, load_checkpoint, newest_checkpoint,
-                         preserved_rng, restore_rng_state, save_checkpoint)
+from .checkpoint import (LAST_CHECKPOINT_FILE, OVERWRITING, atomic_write_text, capture_rng_state,
+                         checkpoint_files, checkpoint_path, last_checkpoint, load_checkpoint,
+                         newest_checkpoint, preserved_rng, restore_rng_state, save_checkpoint)
 from .distributed import (DistInfo, InfiniteBatchSampler, SeededSamples, all_reduce_mean,
                           init_distributed)
 
@@ -585,10 +585,15 @@ def _check_fresh_start(cfg: TrainConfig) -> None:
 
 def _clear_earlier_run(output_dir: str | os.PathLike) -> list[Path]:
     """Delete another run's ``last_checkpoint``, checkpoints and loss curves (``overwrite=True``;
-    rank 0). The pointer goes first: a crash half-way leaves checkpoints without one, which both a
-    fresh run and a resume refuse until this is done again, never a pointer to a deleted file."""
+    rank 0). The pointer first says so (``checkpoint.OVERWRITING``) and goes last: a crash
+    half-way leaves some of that run's checkpoints behind a pointer that a resume refuses (it
+    would otherwise continue the run being deleted from its newest survivor) and a fresh run
+    without ``overwrite`` refuses too, until this is done again."""
+    pointer = Path(output_dir) / LAST_CHECKPOINT_FILE
     deleted = _earlier_run_files(output_dir) + [p for p in [Path(output_dir) / "loss_curves.png"] if p.is_file()]
-    for path in deleted:
+    if deleted:
+        atomic_write_text(pointer, OVERWRITING + "\n")
+    for path in [p for p in deleted if p != pointer] + [pointer]:
         path.unlink(missing_ok=True)
     return deleted
 

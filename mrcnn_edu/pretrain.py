@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         model, cfg = load_classifier(args.evaluate)
         cfg = dataclasses.replace(cfg, device="cpu", num_workers=0)
         by_size = top1_by_size(model, cfg)
-        print(f"{args.evaluate}: top-1 by object side ({cfg.image_size} px images, {cfg.eval_images} each): "
+        print(f"{args.evaluate}: top-1 by object side ({cfg.image_size} px images, {cfg.eval_images} each, "
+              f"the person left out under {shapes.PERSON_MIN_SIDE:.0f} px): "
               + ", ".join(f"{px} px {100 * acc:.0f} %" for px, acc in by_size.items()))
         return 0
     if not args.out:

@@ -494,6 +494,36 @@ def test_a_resume_that_finds_checkpoints_but_no_last_checkpoint_file_continues_f
     assert older["start_iteration"] == 4
 
 
+def test_an_overwrite_stopped_half_way_is_neither_resumed_nor_silently_started_beside(tmp_path, monkeypatch):
+    """train.overwrite=True deletes an earlier run's files; stopped after the first deletion, the
+    survivors sat without a pointer, and a resume (which now continues from the newest
+    model_NNNNNNN.pth without one) would have continued the run being deleted (review finding)."""
+    from pathlib import Path as RealPath
+
+    dataset = TinyShapes()
+    cfg = tiny_config(tmp_path)
+    train(make_model(), dataset, cfg, collate)  # the earlier run: model_0000004, model_0000008
+    unlink, calls = RealPath.unlink, []
+
+    def dies_on_the_second(self, missing_ok=False):
+        calls.append(self.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("stopped half-way")
+        return unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(RealPath, "unlink", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        engine._clear_earlier_run(tmp_path)
+    monkeypatch.undo()
+    assert calls[0] == "model_0000004.pth" and (tmp_path / "model_0000008.pth").is_file()
+    with pytest.raises(ValueError, match="was stopped while it deleted the earlier run"):
+        train(make_model(), dataset, replace(cfg, resume=True, max_iter=10), collate)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(make_model(), dataset, cfg, collate)
+    again = train(make_model(), dataset, replace(cfg, overwrite=True), collate)  # finishes the deletion
+    assert again["start_iteration"] == 0 and last_checkpoint(tmp_path).name == "model_0000008.pth"
+
+
 def test_an_evaluation_that_failed_after_its_checkpoint_runs_first_when_the_run_resumes(tmp_path):
     """The checkpoint is saved before the evaluation: a resume started after the iteration and
     its evaluation never ran. It runs first now, leaving every RNG as the loop's evaluation does."""

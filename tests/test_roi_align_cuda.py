@@ -192,6 +192,9 @@ def test_auto_backend_takes_the_deterministic_torch_path_when_asked(monkeypatch)
         leaf = x.detach().requires_grad_(True)
         with pytest.raises(RuntimeError, match="adds with float atomics"):
             roi_align(leaf, rois, 7, 0.25, 2, backend="cupy").sum().backward()
+        # RoIs that require grad get none: no backward to refuse (it raised, for nothing)
+        out = roi_align(x, rois.detach().requires_grad_(True), 7, 0.25, 2)
+        assert not out.requires_grad and len(used) == 2
     finally:
         torch.use_deterministic_algorithms(was)
 

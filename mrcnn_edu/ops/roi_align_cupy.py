@@ -216,5 +216,7 @@ def roi_align_cupy(input: Tensor, rois: Tensor, output_size: tuple[int, int],
         raise ValueError(f"the CuPy RoIAlign needs CUDA tensors, got input on {input.device}")
     if input.dtype not in _DTYPES:
         raise ValueError(f"the CuPy RoIAlign supports {list(_DTYPES)}, got {input.dtype}")
-    return RoIAlignCuPy.apply(input, rois, output_size, spatial_scale, sampling_ratio,
+    # the RoIs get no gradient (as in the PyTorch path): detached, a box that requires grad
+    # does not make a backward run (and, under deterministic algorithms, refuse) for nothing
+    return RoIAlignCuPy.apply(input, rois.detach(), output_size, spatial_scale, sampling_ratio,
                               aligned, mode)

@@ -753,6 +753,8 @@ def test_cpu_probe_claims_judges_each_design_alone_and_gives_the_verdicts_the_do
     assert any(line.startswith("FCN beats the 3-fc MLP mask head (2e): ours +19.60 ± 1.26") and
                line.endswith(": agrees") for line in fpn)
     assert any(line.startswith("sigmoid beats softmax (2b): ours +8.32 ± 0.27") for line in c4)
+    assert any(line.startswith("deeper: ResNet-101-FPN beats ResNet-50-FPN (2a): ours -1.65 ± 1.54") and
+               "opposite direction, within noise" in line for line in fpn)
     assert any(line.startswith("RoIAlign is insensitive to max vs average pooling") and "undecided" in line
                for line in c4)
     # every run of a design has the same number of metrics per seed, in percent

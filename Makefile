@@ -19,7 +19,12 @@ SMALL_TORCH_SPEC := torch==2.13.0
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The TORCH_SPEC the venv was last set up for: another one (`make test TORCH_SPEC=...` on an
+# existing .venv) makes the setup run again; the same one leaves the file, and the venv, alone.
+SPEC_FILE := $(VENV)/.torch_spec
+$(shell mkdir -p $(VENV) && { [ "$$(cat $(SPEC_FILE) 2>/dev/null)" = '$(TORCH_SPEC)' ] || echo '$(TORCH_SPEC)' > $(SPEC_FILE); })
+
+$(VENV)/.installed: pyproject.toml $(SPEC_FILE)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	@spec="$(TORCH_SPEC)"; free=$$(df -Pm . | awk 'NR == 2 {print $$4}'); \
@@ -36,6 +41,7 @@ $(VENV)/.installed: pyproject.toml
 	rm -rf $(VENV) && $(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install --upgrade pip && \
 		$(BIN)/python -m pip install --no-cache-dir $(SMALL_TORCH_SPEC)
 	$(BIN)/python -m pip install -e ".[test,notebooks]"
+	echo '$(TORCH_SPEC)' > $(SPEC_FILE)  # again: the fallback above made .venv anew
 	touch $@
 
 demo: setup

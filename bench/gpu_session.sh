@@ -33,7 +33,6 @@
 # mini_step timed it 5 % faster at the chosen batch, else NCHW.
 #
 # The device image lacks pycocotools; carry its wheel. On the CPU machine, once:
-#   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .whl pycocotools==2.0.10
@@ -41,7 +40,7 @@
 #
 # The Table 2 bodies pre-trained on the GPU come back as $OUT/table2_bodies.tar (a few MB; weights
 # are never committed). Keep them for the next lease, on the CPU machine:
-#   echo /.carry/ >> .git/info/exclude; mkdir -p .carry; cp FILES_AT/table2_bodies.tar .carry/
+#   mkdir -p .carry; cp FILES_AT/table2_bodies.tar .carry/   (.carry/ and .whl/ are git-ignored)
 # and run the next lease with carry [".whl", ".carry"]: its table starts from the same bodies
 # (the results' "Pre-trained bodies" section shows one digest each) without pre-training them.
 #

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(gpu_session.sh's TABLE_BATCH=auto reads it)")
     args = parser.parse_args(argv)
     try:
-        sizes = [int(n) for n in args.images.split(",")]
+        sizes = sorted({int(n) for n in args.images.split(",")})  # ascending: an OOM skips the larger ones
     except ValueError:
         parser.error(f"--images: comma-separated whole numbers, got {args.images!r}")
     if min(sizes) < 1:
@@ -186,17 +186,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run:22s} {n:3d} images {ms:8.1f} ms/step {1000 * n / ms:7.0f} images/s; "
                   f"one training ({steps_needed} steps of {n}) alone: {seconds:.0f} s{against}{memory}{waits}",
                   flush=True)
-            if args.profile:
-                profile_steps(step, device, args.profile, f"{run}, {n} images")
             del step
             if args.channels_last and nhwc_kept:  # the same step with NHWC convolutions, right after
-                step = step_fn(run, all_images[:n], all_targets[:n], device, args.amp, args.input_size, True)
-                nhwc = statistics.median(timed(step, device, args.warmup, args.iters))
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    step = step_fn(run, all_images[:n], all_targets[:n], device, args.amp, args.input_size, True)
+                    nhwc = statistics.median(timed(step, device, args.warmup, args.iters))
+                except torch.cuda.OutOfMemoryError:  # NCHW fitted: keep its figures, go on
+                    step = None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    print(f"{run:22s} {n:3d} images, channels last: out of GPU memory; not timed", flush=True)
+                    continue
                 del step
+                nhwc_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
                 results[run][n]["channels_last_ms_per_step"] = round(nhwc, 2)
+                results[run][n]["channels_last_peak_mib"] = None if nhwc_peak is None else round(nhwc_peak, 1)
                 save()
                 print(f"{run:22s} {n:3d} images, channels last: {nhwc:8.1f} ms, {nhwc / ms:.2f}x the time "
                       f"of NCHW", flush=True)
+    # Profiled only after every timing: a profiler session leaves CUPTI's callbacks in the process
+    # (pytorch/pytorch#144455), which slows the launch-bound steps timed after it.
+    for n in sizes if args.profile else ():
+        for run in runs:
+            if n in results.get(run, {}):
+                step = step_fn(run, all_images[:n], all_targets[:n], device, args.amp, args.input_size)
+                profile_steps(step, device, args.profile, f"{run}, {n} images")
+                del step
     return 0
 
 

@@ -135,6 +135,19 @@ def test_train_infer_benchmark_runs_both_models_with_the_same_weights(capsys):
     assert "ratio ours / torchvision: inference" in out
 
 
+def test_train_infer_profiles_both_models_only_after_both_are_timed(monkeypatch):
+    """torchvision, the reference, was timed after ours had been profiled in the same process:
+    a profiler session slows what follows it (pytorch/pytorch#144455; run 2 on the H200)."""
+    pytest.importorskip("torchvision")
+    train_infer = load("train_infer")
+    events, real_timed = [], train_infer.timed
+    monkeypatch.setattr(train_infer, "timed", lambda fn, *a, **k: (events.append(f"timed {fn.__name__}"),
+                                                                  real_timed(fn, *a, **k))[1])
+    monkeypatch.setattr(train_infer, "profile_steps", lambda step, device, steps, name: events.append(f"profile {name}"))
+    assert train_infer.main(["--quick", "--iters", "1", "--profile", "1"]) == 0
+    assert events == ["timed infer", "timed train_step"] * 2 + ["profile ours", "profile torchvision"]
+
+
 
 def test_mini_step_times_each_run_it_is_given(capsys):
     assert load("mini_step").main(["--quick", "--runs", "r50_c4,r50_fpn_mlp2"]) == 0
@@ -226,6 +239,31 @@ def test_mini_step_runs_size_major_and_leaves_out_a_size_that_runs_out_of_memory
     assert not list(tmp_path.glob("*.tmp"))  # written aside, then moved over
     # pick_batch compares the sizes every run has: the OOM size is not among them
     assert load("pick_batch").pick_batch(path, None, max_batch=64) == 2
+
+
+def test_mini_step_profiles_after_every_timing_and_survives_an_nhwc_out_of_memory(capsys, tmp_path, monkeypatch):
+    """A profiler session slows what is timed after it in the process (CUPTI's callbacks stay,
+    pytorch/pytorch#144455): the profile ran right after each NCHW timing, before the NHWC one and
+    the larger sizes. And an out-of-memory in the NHWC variant ended the script (review findings)."""
+    mini_step = load("mini_step")
+    events, real_step_fn, real_timed = [], mini_step.step_fn, mini_step.timed
+
+    def step_fn(run, images, *args, **kwargs):
+        if len(args) == 5 and args[4] and len(images) == 4:  # channels last at 4 images: the GPU is full
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return real_step_fn(run, images, *args, **kwargs)
+
+    monkeypatch.setattr(mini_step, "step_fn", step_fn)
+    monkeypatch.setattr(mini_step, "timed", lambda *a, **k: (events.append("timed"), real_timed(*a, **k))[1])
+    monkeypatch.setattr(mini_step, "profile_steps", lambda step, device, steps, name: events.append(f"profile {name}"))
+    path = tmp_path / "mini_step.json"
+    assert mini_step.main(["--quick", "--runs", "r50_c4", "--images", "64,16", "--channels-last", "--profile", "1",
+                           "--json", str(path)]) == 0
+    assert events == ["timed"] * 3 + ["profile r50_c4, 2 images", "profile r50_c4, 4 images"]
+    assert re.search(r"r50_c4 +4 images, channels last: out of GPU memory", capsys.readouterr().out)
+    runs = json.loads(path.read_text())["runs"]["r50_c4"]
+    assert "channels_last_ms_per_step" in runs["2"] and "channels_last_ms_per_step" not in runs["4"]
+    assert set(runs) == {"2", "4"}  # --images 64,16 is timed small first: sorted
 
 
 def test_mini_step_skips_channels_last_where_group_norm_would_undo_it(capsys, tmp_path, monkeypatch):

@@ -167,7 +167,8 @@ for p in $PHASES; do
         nhwc=$TABLE_CHANNELS_LAST
         if [ "$nhwc" = auto ]; then  # the committed table's layout, else mini_step's faster one
             nhwc=$($PY bench/pick_batch.py --mini-step "$OUT/mini_step.json" --carried .carry \
-                --results results/table2_miniature.json --channels-last-at "${batch:-16}" 2>>"$LOG") || nhwc=no
+                --results results/table2_miniature.json --jobs "$TABLE_JOBS" --channels-last-at "${batch:-16}" \
+                2>>"$LOG") || nhwc=no
             echo "=== TABLE_CHANNELS_LAST=auto: $nhwc" | tee -a "$LOG"
         fi
         [ "$nhwc" = yes ] && nhwc_flag=--channels-last || nhwc_flag=""

@@ -115,10 +115,10 @@ def carried_with(carry: str | Path | None, key: str, default=None):
     return values.pop() if values else None
 
 
-def fits(by_run: list[dict], n: int, device_mib: float | None, jobs: int) -> bool:
+def fits(by_run: list[dict], n: int, device_mib: float | None, jobs: int, peak: str = "peak_mib") -> bool:
     """Whether ``jobs`` trainings of ``n`` images fit on the device, by mini_step's peaks
-    (unknown peaks, e.g. a CPU's timings, fit)."""
-    peaks = [t[n]["peak_mib"] for t in by_run if t[n].get("peak_mib") is not None]
+    (``peak``: NCHW's, or ``"channels_last_peak_mib"``; unknown peaks, e.g. a CPU's timings, fit)."""
+    peaks = [t[n][peak] for t in by_run if t[n].get(peak) is not None]
     if not device_mib or not peaks:
         return True
     return jobs * max(peaks) * HEAVIER <= FILL * device_mib
@@ -152,10 +152,11 @@ def pick_batch(mini_step: str | Path | None, results: str | Path | None, toleran
 
 
 def pick_channels_last(mini_step: str | Path | None, results: str | Path | None, batch: int | None,
-                       gain: float = 0.95, carried: str | Path | None = None) -> bool:
+                       gain: float = 0.95, carried: str | Path | None = None, jobs: int = 8) -> bool:
     """Whether the table trains with NHWC convolutions (``ablate --channels-last``): as the
     committed trainings did, else where ``mini_step --channels-last`` timed the summed step at
-    ``batch`` images under ``gain`` times NCHW's, else not. Both layouts compute the same
+    ``batch`` images under ``gain`` times NCHW's and ``jobs`` NHWC trainings fit in memory by
+    their own peaks (:func:`pick_batch` checked NCHW's), else not. Both layouts compute the same
     numbers up to summation order; a table keeps one so that its timings compare."""
     committed = trained_with(results, "channels_last", default=False)
     if committed is None:
@@ -163,10 +164,13 @@ def pick_channels_last(mini_step: str | Path | None, results: str | Path | None,
     if committed is not None:
         return committed
     if batch and mini_step and Path(mini_step).is_file():
-        timed = [by_size.get(str(batch), {}) for by_size in json.loads(Path(mini_step).read_text())["runs"].values()]
+        timings = json.loads(Path(mini_step).read_text())
+        timed = [by_size.get(str(batch), {}) for by_size in timings["runs"].values()]
         if timed and all("channels_last_ms_per_step" in t for t in timed):
-            return (sum(t["channels_last_ms_per_step"] for t in timed)
-                    < gain * sum(t["ms_per_step"] for t in timed))
+            faster = (sum(t["channels_last_ms_per_step"] for t in timed)
+                      < gain * sum(t["ms_per_step"] for t in timed))
+            return faster and fits([{batch: t} for t in timed], batch, timings.get("device_mib"), jobs,
+                                   "channels_last_peak_mib")
     return False
 
 
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.channels_last_at is not None:
         print("yes" if pick_channels_last(args.mini_step, args.results, args.channels_last_at,
-                                               carried=args.carried) else "no")
+                                               carried=args.carried, jobs=args.jobs) else "no")
         return 0
     batch = pick_batch(args.mini_step, args.results, args.tolerance, args.jobs, args.max_batch, args.carried)
     if batch is not None:

@@ -404,6 +404,26 @@ def test_pick_channels_last_keeps_the_committed_layout_else_takes_the_faster(tmp
     assert load("pick_batch").main(["--mini-step", str(timed), "--channels-last-at", "16"]) == 0
 
 
+def test_pick_channels_last_takes_nhwc_only_where_its_own_peaks_fit(tmp_path, capsys):
+    """pick_batch checked NCHW's peaks; NHWC was then taken by its speed alone, though its
+    trainings can hold more (a review finding: mini_step did not even record NHWC's peak)."""
+    pick_batch = load("pick_batch")
+    timed = tmp_path / "mini_step.json"
+
+    def write(nhwc_peak):
+        timed.write_text(json.dumps({"device_mib": 100_000, "runs": {
+            "r50_c4": {"16": {"ms_per_step": 100.0, "peak_mib": 8000.0, "channels_last_ms_per_step": 80.0,
+                              "channels_last_peak_mib": nhwc_peak}}}}))
+
+    write(8000.0)  # 8 x 8000 x 1.15 = 73,600 MiB: fits
+    assert pick_batch.pick_channels_last(timed, None, 16, jobs=8)
+    write(12000.0)  # 8 x 12000 x 1.15 = 110,400 MiB: not on 100,000 MiB, though faster
+    assert not pick_batch.pick_channels_last(timed, None, 16, jobs=8)
+    assert pick_batch.pick_channels_last(timed, None, 16, jobs=4)
+    assert pick_batch.main(["--mini-step", str(timed), "--jobs", "8", "--channels-last-at", "16"]) == 0
+    assert capsys.readouterr().out.strip() == "no"
+
+
 def test_host_reads_per_image_stay_few_whatever_the_number_of_detections(as_on_a_gpu):
     # On a GPU each host read is a synchronisation. Ours must not grow with the detections
     # (masks are pasted all at once; torchvision reads the host per detection, ~1300 times

@@ -194,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
                     step = step_fn(run, all_images[:n], all_targets[:n], device, args.amp, args.input_size, True)
                     nhwc = statistics.median(timed(step, device, args.warmup, args.iters))
                 except torch.cuda.OutOfMemoryError:  # NCHW fitted: keep its figures, go on
-                    step = None
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     print(f"{run:22s} {n:3d} images, channels last: out of GPU memory; not timed", flush=True)

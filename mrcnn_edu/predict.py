@@ -122,6 +122,7 @@ def evaluate_model(model: nn.Module, dataset: COCODataset, iou_types: Sequence[s
     info = get_dist_info()
     image_ids = dataset.ids[:images_scored(dataset, max_images)]
     to_cat_id = dataset.label_to_cat_id if labels == "json-order" else {c: c for c in dataset.cat_ids}
+    json_ids = torch.tensor(dataset.cat_ids, dtype=torch.int64)
     left_out = 0
     local: dict[int, dict[str, list[dict]]] = {}
     mine = [image_ids[i] for i in shard_indices(len(image_ids), info.rank, info.world_size)]
@@ -131,7 +132,7 @@ def evaluate_model(model: nn.Module, dataset: COCODataset, iou_types: Sequence[s
                                      mask_threshold=SEGM_MASK_THRESHOLD)
         for image_id, prediction in zip(ids, predictions):
             if labels == "category-ids":
-                known = torch.tensor([int(label) in to_cat_id for label in prediction["labels"]], dtype=torch.bool)
+                known = torch.isin(prediction["labels"], json_ids)
                 left_out += int((~known).sum())
                 prediction = {k: v[known] for k, v in prediction.items()}
             # one image's entries, RLE-encoded now: memory stays O(detections), not O(pixels)

@@ -129,9 +129,10 @@ def evaluate_classifier(model: ResNet, cfg: PretrainConfig, leave_out: Sequence[
     # (119 s in all, 68 s of training; 2026-11-30)
     loader = DataLoader(held_out, batch_size=256, num_workers=cfg.num_workers)
     was_training, correct, counted = model.training, 0, 0
+    left_out = torch.tensor(list(leave_out), dtype=torch.int64)
     model.eval()
     for x, y in loader:
-        kept = ~torch.isin(y, torch.tensor(list(leave_out), dtype=y.dtype))
+        kept = ~torch.isin(y, left_out)
         correct += ((model.classify(x.to(device)).argmax(1).cpu() == y) & kept).sum().item()
         counted += int(kept.sum())
     model.train(was_training)

@@ -188,10 +188,12 @@ def as_on_a_gpu():
       checks its targets once per batch); here every tensor is on the CPU, so the calls that
       leave ``values`` to its default are made to skip it, as they would on a GPU; so are the
       mask head's value checks (``mask_head._check_values``).
-    - NMS decides in rounds (``greedy_keep_in_rounds``, one host read per 4 rounds) as it does
-      on CUDA tensors, instead of the CPU's loop over the overlap matrix copied to numpy.
+    - NMS builds the whole overlap matrix and decides in rounds (``greedy_keep_in_rounds``, one
+      host read per 4 rounds) as it does on CUDA tensors, instead of the CPU's blocks of boxes
+      (``greedy_keep_by_blocks``), each read on the host.
     """
     check_boxes = boxes_module.check_boxes
+    boxes_module._decides_by_blocks = lambda device: False
     boxes_module.greedy_keep = boxes_module.greedy_keep_in_rounds
 
     def check_boxes_as_on_a_gpu(boxes, name="boxes", allow_empty_size=True, values=None, batched=False):

@@ -44,6 +44,8 @@ __all__ = [
     "large_boxes_mask",
     "remove_small_boxes",
     "nms",
+    "keep_sorted",
+    "greedy_keep_by_blocks",
     "greedy_keep",
     "nms_in_images",
     "batched_nms",
@@ -52,9 +54,12 @@ __all__ = [
 # Detectron's bound on exp(dw): a box may grow at most 1000/16 times its reference per step,
 # which keeps an untrained network's first decodes from overflowing.
 DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
-# above this many boxes batched_nms runs one NMS per category (memory N^2 -> sum N_c^2)
+# on a GPU, above this many boxes batched_nms runs one NMS per category (memory N^2 -> sum N_c^2)
 _BATCHED_NMS_ONE_MATRIX_MAX = 4000
-# nms_in_images puts at most this many box pairs through box_iou at once (~1 GB of temporaries
+# on the CPU, NMS over more boxes than this goes by blocks (greedy_keep_by_blocks): for fewer, one
+# overlap matrix costs less than the blocks' Python loop (and takes all images of a batch at once)
+NMS_MATRIX_MAX_BOXES = 128
+# on a GPU, NMS puts at most this many box pairs through the IoU at once (~1 GB of temporaries
 # in fp32: about 32 bytes a pair), splitting by images, then by rows of one image's matrix
 NMS_PAIRS_PER_CHUNK = 2 ** 25
 
@@ -118,11 +123,15 @@ def box_area(boxes: Tensor) -> Tensor:
 
 
 def _intersection(a: Tensor, b: Tensor) -> Tensor:
-    """Area of ``a ∩ b`` for broadcastable ``(..., 4)`` xyxy boxes -> ``(...)``."""
-    top_left = torch.max(a[..., :2], b[..., :2])
-    bottom_right = torch.min(a[..., 2:], b[..., 2:])
-    wh = (bottom_right - top_left).clamp(min=0)
-    return wh[..., 0] * wh[..., 1]
+    """Area of ``a ∩ b`` for broadcastable ``(..., 4)`` xyxy boxes -> ``(...)``.
+
+    Coordinate by coordinate, so that every ``(N, M)`` temporary of a pairwise call is
+    contiguous (a ``(N, M, 2)`` corner tensor read at stride 2 is ~1.5x slower on the CPU)."""
+    ax1, ay1, ax2, ay2 = a.unbind(-1)
+    bx1, by1, bx2, by2 = b.unbind(-1)
+    width = (torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1)).clamp(min=0)
+    height = (torch.minimum(ay2, by2) - torch.maximum(ay1, by1)).clamp(min=0)
+    return width * height
 
 
 def _iou(inter: Tensor, area_a: Tensor, area_b: Tensor) -> Tensor:
@@ -146,8 +155,17 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
     if a.dim() != b.dim() or a.shape[:-2] != b.shape[:-2]:
         raise ValueError(f"box_iou needs a and b both (N, 4) / (M, 4), or both (B, N, 4) / (B, M, 4) "
                          f"with the same B, got {tuple(a.shape)} and {tuple(b.shape)}")
-    return _iou(_intersection(a[..., :, None, :], b[..., None, :, :]),
-                box_area(a)[..., :, None], box_area(b)[..., None, :])
+    return _pairwise_iou(a, b)
+
+
+def _pairwise_iou(a: Tensor, b: Tensor) -> Tensor:
+    """:func:`box_iou` without its checks (for callers that made them once, on all the boxes)."""
+    return _iou(_intersection(a[..., :, None, :], b[..., None, :, :]), _area(a)[..., :, None], _area(b)[..., None, :])
+
+
+def _area(boxes: Tensor) -> Tensor:
+    """:func:`box_area` without its checks."""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
 def matched_box_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -323,9 +341,9 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     kept here and the second suppressed there. The package's thresholds, 0.7 and 0.5, round
     down or not at all, and there the two agree.
 
-    The O(N^2) part, every pairwise IoU, is one tensor operation on the boxes' device. What
-    is left is inherently sequential -- each decision depends on the earlier ones
-    (:func:`greedy_keep`).
+    The O(N^2) part, the pairwise IoUs, is done in tensor operations on the boxes' device;
+    what is left is inherently sequential -- each decision depends on the earlier ones
+    (:func:`keep_sorted`).
     """
     check_boxes(boxes)
     if scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
@@ -333,9 +351,103 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
-    sorted_boxes = boxes[order]
-    overlaps = box_iou(sorted_boxes, sorted_boxes) > iou_threshold  # (N, N)
-    return order[torch.nonzero(greedy_keep(overlaps)).flatten()]
+    return order[torch.nonzero(keep_sorted(boxes[order], iou_threshold)).flatten()]
+
+
+def keep_sorted(sorted_boxes: Tensor, iou_threshold: float, categories: Tensor | None = None) -> Tensor:
+    """Greedy NMS's decisions for boxes sorted by decreasing score: ``sorted_boxes: (N, 4)``
+    -> ``keep: (N,)`` bool, or ``(B, N, 4)`` -> ``(B, N)`` (B independent rows of boxes).
+
+    ``categories: (N,)`` (``(B, N)``) ints, optional: a box suppresses only boxes of its own
+    category (:func:`batched_nms`). The boxes must then be sorted by decreasing score within
+    each category, and, for the CPU's blocks, grouped by category in increasing category (one
+    overlap matrix does not need that). The boxes' values are not checked here (:func:`nms`
+    checks them).
+
+    On the CPU more than :data:`NMS_MATRIX_MAX_BOXES` boxes go by blocks
+    (:func:`greedy_keep_by_blocks`), which computes the IoUs only of boxes still alive, with the
+    boxes after them. On a GPU that would read the decisions on the host block after block;
+    there (and for a few boxes on the CPU) the whole ``(N, N)`` overlap matrix is one tensor
+    operation, and :func:`greedy_keep` decides from it.
+    """
+    if categories is not None and categories.shape != sorted_boxes.shape[:-1]:
+        raise ValueError(f"categories must have shape {tuple(sorted_boxes.shape[:-1])}, got {tuple(categories.shape)}")
+    if sorted_boxes.numel() == 0:
+        return torch.zeros(sorted_boxes.shape[:-1], dtype=torch.bool, device=sorted_boxes.device)
+    n = sorted_boxes.shape[-2]
+    if _decides_by_blocks(sorted_boxes.device) and n > NMS_MATRIX_MAX_BOXES:
+        rows = sorted_boxes.reshape(-1, n, 4)
+        row_categories = [None] * len(rows) if categories is None else categories.reshape(-1, n)
+        keep = [greedy_keep_by_blocks(b, iou_threshold, c) for b, c in zip(rows, row_categories)]
+        return torch.stack(keep).reshape(sorted_boxes.shape[:-1])
+    overlaps = _overlap_matrix(sorted_boxes, iou_threshold)
+    if categories is not None:
+        overlaps &= categories[..., :, None] == categories[..., None, :]
+    return greedy_keep(overlaps)
+
+
+def _overlap_matrix(sorted_boxes: Tensor, iou_threshold: float) -> Tensor:
+    """``(N, 4)`` -> ``(N, N)`` bool, or ``(B, N, 4)`` -> ``(B, N, N)``: IoU above the threshold.
+
+    Above :data:`NMS_PAIRS_PER_CHUNK` pairs in blocks of rows: the matrix is a byte a pair, the
+    IoU's float temporaries ~32 (4.4 GB for C4's 12000 boxes at once)."""
+    n = sorted_boxes.shape[-2]
+    block = max(1, NMS_PAIRS_PER_CHUNK // max(1, math.prod(sorted_boxes.shape[:-1])))
+    if block >= n:
+        return _pairwise_iou(sorted_boxes, sorted_boxes) > iou_threshold
+    overlaps = torch.empty((*sorted_boxes.shape[:-1], n), dtype=torch.bool, device=sorted_boxes.device)
+    for row in range(0, n, block):
+        rows = sorted_boxes[..., row:row + block, :]
+        overlaps[..., row:row + block, :] = _pairwise_iou(rows, sorted_boxes) > iou_threshold
+    return overlaps
+
+
+def _decides_by_blocks(device: torch.device) -> bool:
+    """Whether :func:`keep_sorted` may decide by blocks on the host (a CPU tensor) or always from
+    the whole overlap matrix (``bench/dispatch_counts.py`` takes the GPU's way on the CPU)."""
+    return device.type == "cpu"
+
+
+def greedy_keep_by_blocks(sorted_boxes: Tensor, iou_threshold: float, categories: Tensor | None = None,
+                          block: int = 256) -> Tensor:
+    """Greedy NMS's decisions on the CPU, ``sorted_boxes: (N, 4)`` by decreasing score ->
+    ``keep: (N,)`` bool, without the ``(N, N)`` overlap matrix.
+
+    Like ``torchvision.ops.nms``'s CPU kernel, a box's IoUs are computed only if it is still
+    alive when its turn comes, and only with the boxes after it (those it may suppress); but a
+    block of ``block`` boxes at a time, as one tensor operation: the block's alive boxes with
+    every box from the block's start on. A loop over those rows then decides the block's
+    boxes in order. Work: about half the matrix when nothing is suppressed, much less on the
+    RPN's crowded proposals; memory: ``block x N`` instead of ``N x N``.
+
+    ``categories: (N,)`` ints, optional: a box suppresses only boxes of its own category. The
+    boxes come grouped by category, in increasing category (each group by decreasing score), so
+    a block's boxes can only suppress boxes up to the end of its last box's group: the IoUs
+    stop there, and the work is about each category's own half matrix.
+    """
+    n = sorted_boxes.shape[0]
+    group_end = np.full(n, n)  # one past the last box that box i may suppress
+    if categories is not None:
+        if bool((categories[1:] < categories[:-1]).any()):
+            raise ValueError("greedy_keep_by_blocks needs the boxes grouped by category, in increasing category")
+        group_end = torch.searchsorted(categories.contiguous(), categories.contiguous(), right=True).numpy()
+    keep = np.zeros(n, dtype=bool)
+    suppressed = np.zeros(n, dtype=bool)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        alive = start + np.flatnonzero(~suppressed[start:stop])  # suppressed earlier: no IoUs
+        if len(alive) == 0:
+            continue
+        end = int(group_end[stop - 1])
+        rows = torch.from_numpy(alive)
+        overlaps = _pairwise_iou(sorted_boxes[rows], sorted_boxes[start:end]) > iou_threshold  # (alive, end - start)
+        if categories is not None:
+            overlaps &= categories[rows][:, None] == categories[None, start:end]
+        for i, row in zip(alive.tolist(), overlaps.numpy()):
+            if not suppressed[i]:  # not suppressed by a box decided earlier in this block
+                keep[i] = True
+                suppressed[start:end] |= row
+    return torch.from_numpy(keep)
 
 
 def greedy_keep(overlaps: Tensor) -> Tensor:
@@ -367,15 +479,17 @@ def nms_in_images(boxes: Tensor, scores: Tensor, iou_threshold: float, valid: Te
     differs per image and would have to be read on the host).
 
     ``valid: (B, N)`` bool, optional: boxes to leave out; they suppress nothing and are not kept.
-    Images go through the ``(N, N)`` overlap matrices together, as many at a time as fit in
-    :data:`NMS_PAIRS_PER_CHUNK` pairs (one image at a time above that; RPN training has 2000
-    boxes per FPN level, up to 12000 on C4). An image with more pairs than that (C4's 12000
-    boxes: 1.4e8) computes its overlap matrix in blocks of rows: the (N, N) bool matrix is a
-    byte a pair, box_iou's float temporaries would be ~32 (4.4 GB at 12000 boxes).
+    On a GPU the images go through the ``(N, N)`` overlap matrices together, as many at a time
+    as fit in :data:`NMS_PAIRS_PER_CHUNK` pairs (one image at a time above that; RPN training
+    has 2000 boxes per FPN level, up to 12000 on C4). An image with more pairs than that (C4's
+    12000 boxes: 1.4e8) computes its overlap matrix in blocks of rows: the (N, N) bool matrix
+    is a byte a pair, the IoU's float temporaries would be ~32 (4.4 GB at 12000 boxes). On the
+    CPU each image of more than :data:`NMS_MATRIX_MAX_BOXES` boxes goes by blocks of boxes
+    (:func:`keep_sorted`).
     """
     if boxes.dim() != 3 or boxes.shape[-1] != 4 or scores.shape != boxes.shape[:2]:
         raise ValueError(f"need boxes (B, N, 4) and scores (B, N), got {tuple(boxes.shape)} and {tuple(scores.shape)}")
-    check_boxes(boxes, "boxes", batched=True)  # named here: box_iou below would call them "a"
+    check_boxes(boxes, "boxes", batched=True)  # once, here: keep_sorted checks nothing
     if valid is not None:  # an empty box has IoU 0 with every box: it suppresses nothing
         boxes = torch.where(valid[..., None], boxes, 0.0)
     num_images, num_boxes = scores.shape
@@ -386,11 +500,8 @@ def nms_in_images(boxes: Tensor, scores: Tensor, iou_threshold: float, valid: Te
     for start in range(0, num_images, chunk):
         order = torch.sort(scores[start:start + chunk], dim=1, descending=True, stable=True).indices  # (C, N)
         sorted_boxes = torch.gather(boxes[start:start + chunk], 1, order[..., None].expand(-1, -1, 4))
-        overlaps = torch.empty((len(order), num_boxes, num_boxes), dtype=torch.bool, device=boxes.device)
-        rows = max(1, NMS_PAIRS_PER_CHUNK // (len(order) * num_boxes))  # every row at once but on C4
-        for row in range(0, num_boxes, rows):
-            overlaps[:, row:row + rows] = box_iou(sorted_boxes[:, row:row + rows], sorted_boxes) > iou_threshold
-        keep[start:start + chunk].scatter_(1, order, greedy_keep(overlaps))  # back to the boxes' order
+        # back to the boxes' order
+        keep[start:start + chunk].scatter_(1, order, keep_sorted(sorted_boxes, iou_threshold))
     return keep if valid is None else keep & valid
 
 
@@ -426,10 +537,12 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     """NMS run independently per category ``idxs: (N,)``; kept indices in decreasing score
     (equal scores in index order), exactly the union of :func:`nms` on each category.
 
-    Small inputs (at most 4000 boxes) go through one ``(N, N)`` overlap matrix in which boxes
-    of different categories never overlap (:func:`_nms_within_categories`). Large inputs (the
-    RPN's thousands of proposals over five FPN levels) run one :func:`nms` per category
-    instead, which needs ``sum(N_c^2)`` instead of ``N^2`` memory. Both give the same answer.
+    The boxes go through :func:`keep_sorted` once, grouped by category, each box suppressing
+    only boxes of its own (:func:`_nms_within_categories`). On a GPU that is one ``(N, N)``
+    overlap matrix, so there large inputs (over 4000 boxes: the RPN's thousands of proposals
+    over five FPN levels) run one :func:`nms` per category instead, which needs ``sum(N_c^2)``
+    instead of ``N^2`` memory. On the CPU the blocks stop at each group's end, and need no such
+    split. All give the same answer.
 
     ``torchvision.ops.batched_nms`` (and Detectron2, which calls it) separate the categories
     of up to 1000 boxes (25000 on a GPU; torchvision 0.29) with a trick instead: shift each
@@ -443,7 +556,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         raise ValueError(f"idxs must have shape ({boxes.shape[0]},), got {tuple(idxs.shape)}")
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    if boxes.shape[0] <= _BATCHED_NMS_ONE_MATRIX_MAX:
+    if boxes.shape[0] <= _BATCHED_NMS_ONE_MATRIX_MAX or _decides_by_blocks(boxes.device):
         return _nms_within_categories(boxes, scores, idxs, iou_threshold)
     keep = []
     for category in torch.unique(idxs).tolist():
@@ -455,12 +568,16 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
 
 def _nms_within_categories(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """:func:`batched_nms` in one greedy pass: ``boxes: (N, 4)``, ``scores, idxs: (N,)`` -> kept
-    indices. A box may only suppress boxes of its own category, so the overlap matrix is the
-    IoU test AND "same category"; the IoUs are those of the unshifted boxes, as in :func:`nms`."""
+    indices. A box may only suppress boxes of its own category; the IoUs are those of the
+    unshifted boxes, as in :func:`nms`. The CPU's blocks need the boxes grouped by category (two
+    stable sorts: score, then category); one overlap matrix (a GPU's way) takes them in any
+    order of the categories, and is spared the extra sorts and indexing."""
     if scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
         raise ValueError(f"scores must have shape ({boxes.shape[0]},), got {tuple(scores.shape)}")
     order = torch.sort(scores, descending=True, stable=True).indices  # equal scores in index order
-    sorted_boxes, sorted_idxs = boxes[order], idxs[order]
-    same_category = sorted_idxs[:, None] == sorted_idxs[None, :]  # (N, N)
-    overlaps = (box_iou(sorted_boxes, sorted_boxes) > iou_threshold) & same_category  # (N, N)
-    return order[torch.nonzero(greedy_keep(overlaps)).flatten()]
+    if not _decides_by_blocks(boxes.device):
+        return order[torch.nonzero(keep_sorted(boxes[order], iou_threshold, idxs[order])).flatten()]
+    grouped = order[torch.sort(idxs[order], stable=True).indices]  # by category, each by score
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep[grouped] = keep_sorted(boxes[grouped], iou_threshold, idxs[grouped])
+    return order[torch.nonzero(keep[order]).flatten()]

@@ -62,7 +62,8 @@ def restore_gpu_stand_ins(monkeypatch):
                          ("mrcnn_edu.ops.roi_pool", "roi_align_torch"),
                          ("mrcnn_edu.ops.roi_align", "cupy_available"),
                          ("mrcnn_edu.boxes", "check_boxes"), ("mrcnn_edu.model", "check_boxes"),
-                         ("mrcnn_edu.boxes", "greedy_keep"), ("mrcnn_edu.roi_heads.mask_head", "_check_values")):
+                         ("mrcnn_edu.boxes", "greedy_keep"), ("mrcnn_edu.boxes", "_decides_by_blocks"),
+                         ("mrcnn_edu.roi_heads.mask_head", "_check_values")):
         monkeypatch.setattr(sys.modules[module], name, getattr(sys.modules[module], name))
 
 
@@ -819,3 +820,11 @@ def test_cpu_probe_claims_judges_each_design_alone_and_gives_the_verdicts_the_do
     for values in (module.C4_384, module.FPN_192):
         for seeds in values.values():
             assert all(set(seed) == {"APbb", "APbb50", "APbb75", "AP", "AP50", "AP75"} for seed in seeds)
+
+
+def test_nms_bench_times_both_of_our_ways_against_torchvision_and_checks_they_agree(capsys):
+    pytest.importorskip("torchvision")
+    assert load("nms").main(["--sizes", "300", "--classes", "5", "--repeat", "1"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [row.split()[0] for row in rows] == ["scattered", "5", "crowded", "5"]
+    assert all(len(re.findall(r"\d+\.\d\d", row)) == 5 for row in rows)  # 3 times, 2 ratios

@@ -5,8 +5,9 @@ import random
 import pytest
 import torch
 
-from mrcnn_edu.boxes import (BoxCoder, batched_nms, box_area, box_iou, clip_boxes, greedy_keep, greedy_keep_in_rounds,
-                             large_boxes_mask, matched_box_iou, nms, nms_in_images, remove_small_boxes)
+from mrcnn_edu.boxes import (BoxCoder, batched_nms, box_area, box_iou, clip_boxes, greedy_keep, greedy_keep_by_blocks,
+                             greedy_keep_in_rounds, keep_sorted, large_boxes_mask, matched_box_iou, nms, nms_in_images,
+                             remove_small_boxes)
 
 try:
     import torchvision
@@ -139,11 +140,66 @@ def test_greedy_keep_on_a_batch_of_rows_in_rounds_and_by_loop_is_each_rows_greed
         assert order[row][by_loop[row]].tolist() == nms_ref(b, s, 0.5), row
 
 
-# every image together; one image at a time in blocks of 16 rows; one row at a time
-@pytest.mark.parametrize("pairs_per_chunk", [2 ** 25, 5000, 1])
-def test_nms_in_images_is_nms_image_by_image_leaving_out_the_invalid(monkeypatch, pairs_per_chunk):
+def test_greedy_keep_by_blocks_is_the_greedy_loop_for_any_block_size_and_with_categories():
+    # the CPU's way (nms takes it for CPU tensors of over 128 boxes): blocks of 1 and 3 boxes cut
+    # through the chains of suppression (and the category groups) that a block of 256 holds whole
+    rng = random.Random(5)
+    for case in range(300):
+        boxes, scores = random_case(rng)
+        thr = rng.choice([0.0, 0.3, 0.5, 0.7, 1.0])
+        categories = [rng.randrange(3) for _ in boxes]
+        b, s = torch.tensor(boxes).reshape(-1, 4), torch.tensor(scores)
+        order = torch.sort(s, descending=True, stable=True).indices
+        grouped = sorted(order.tolist(), key=lambda i: categories[i])  # stable: by score within each
+        want_by_category = sorted((k for c in range(3) for k in [
+            [i for i, ci in enumerate(categories) if ci == c][j]
+            for j in nms_ref([bb for bb, ci in zip(boxes, categories) if ci == c],
+                             [ss for ss, ci in zip(scores, categories) if ci == c], thr)]),
+            key=lambda i: (-scores[i], i))
+        grouped_categories = torch.tensor([categories[i] for i in grouped], dtype=torch.int64)
+        for block in (1, 3, 256):
+            keep = greedy_keep_by_blocks(b[order], thr, block=block)
+            assert order[keep].tolist() == nms_ref(boxes, scores, thr), (case, block)
+            keep = greedy_keep_by_blocks(b[grouped], thr, grouped_categories, block)
+            assert sorted([i for i, k in zip(grouped, keep.tolist()) if k], key=lambda i: (-scores[i], i)) \
+                == want_by_category, (case, block)
+    with pytest.raises(ValueError, match="grouped by category"):
+        greedy_keep_by_blocks(torch.zeros(3, 4), 0.5, torch.tensor([0, 1, 0]))
+    with pytest.raises(ValueError, match=r"categories must have shape \(2, 3\)"):
+        keep_sorted(torch.zeros(2, 3, 4), 0.5, torch.zeros(3, dtype=torch.int64))
+
+
+def test_nms_on_crowded_proposals_is_the_same_by_blocks_and_by_the_whole_matrix(monkeypatch):
+    # the RPN's case: thousands of boxes around few objects, most suppressed by an earlier
+    # block -- the rows greedy_keep_by_blocks skips
+    import mrcnn_edu.boxes as boxes_module
+    g = torch.Generator().manual_seed(0)
+    centres, sizes = torch.rand(12, 2, generator=g) * 300, torch.rand(12, 2, generator=g) * 80 + 10
+    which = torch.randint(0, 12, (3000,), generator=g)
+    centre = centres[which] + torch.randn(3000, 2, generator=g) * sizes[which] * 0.1
+    size = sizes[which] * torch.exp(torch.randn(3000, 2, generator=g) * 0.1)
+    boxes, scores = torch.cat([centre - size / 2, centre + size / 2], 1), torch.rand(3000, generator=g)
+    pairs = []
+    pairwise_iou = boxes_module._pairwise_iou
+    monkeypatch.setattr(boxes_module, "_pairwise_iou", lambda a, b: pairs.append(len(a) * len(b)) or pairwise_iou(a, b))
+    by_blocks = nms(boxes, scores, 0.7)
+    assert len(by_blocks) < 3000 // 4  # most of them suppressed
+    # the CPU went by blocks, and skipped the rows of boxes suppressed by an earlier block
+    assert len(pairs) > 1 and sum(pairs) < 3000 ** 2 / 8
+    monkeypatch.setattr(boxes_module, "_pairwise_iou", pairwise_iou)
+    monkeypatch.setattr(boxes_module, "_decides_by_blocks", lambda device: False)
+    assert torch.equal(nms(boxes, scores, 0.7), by_blocks)
+    if torchvision is not None:
+        assert torch.equal(torchvision.ops.nms(boxes, scores, 0.7), by_blocks)
+
+
+# by blocks (the CPU's way); the GPU's whole matrices: every image together, one image at a
+# time in blocks of 16 rows, one row at a time
+@pytest.mark.parametrize("by_blocks, pairs_per_chunk", [(True, 2 ** 25), (False, 2 ** 25), (False, 5000), (False, 1)])
+def test_nms_in_images_is_nms_image_by_image_leaving_out_the_invalid(monkeypatch, by_blocks, pairs_per_chunk):
     import mrcnn_edu.boxes as boxes_module
     monkeypatch.setattr(boxes_module, "NMS_PAIRS_PER_CHUNK", pairs_per_chunk)
+    monkeypatch.setattr(boxes_module, "_decides_by_blocks", lambda device: by_blocks)
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(5, 300, 2, generator=g) * 100
     boxes = torch.cat([xy, xy + 2 + torch.rand(5, 300, 2, generator=g) * 40], dim=2)
@@ -197,7 +253,12 @@ def test_nms_on_cuda_equals_nms_on_the_cpu():
             assert nms(boxes.cuda(), scores.cuda(), thr).cpu().tolist() == nms(boxes, scores, thr).tolist()
 
 
-def test_batched_nms_suppresses_only_within_a_category():
+# by blocks on the CPU (even for a few boxes), and the GPU's matrix
+@pytest.mark.parametrize("by_blocks", [True, False])
+def test_batched_nms_suppresses_only_within_a_category(monkeypatch, by_blocks):
+    import mrcnn_edu.boxes as boxes_module
+    monkeypatch.setattr(boxes_module, "_decides_by_blocks", lambda device: by_blocks)
+    monkeypatch.setattr(boxes_module, "NMS_MATRIX_MAX_BOXES", 0)
     rng = random.Random(2)
     for case in range(200):
         boxes, scores = random_case(rng)
@@ -243,8 +304,12 @@ def test_nms_agrees_with_torchvision():
         torch.testing.assert_close(box_iou(boxes, boxes[:7]), torchvision.ops.box_iou(boxes, boxes[:7]))
 
 
-def test_batched_nms_per_category_path_for_large_inputs():
-    # above 4000 boxes batched_nms loops over categories; the answer must not change
+@pytest.mark.parametrize("by_blocks", [True, False])
+def test_batched_nms_on_large_inputs_is_nms_per_category(monkeypatch, by_blocks):
+    # above 4000 boxes batched_nms loops over categories on a GPU, and goes by blocks in one
+    # pass on the CPU; the answer must not change
+    import mrcnn_edu.boxes as boxes_module
+    monkeypatch.setattr(boxes_module, "_decides_by_blocks", lambda device: by_blocks)
     g = torch.Generator().manual_seed(3)
     n = 4500
     xy = torch.rand(n, 2, generator=g) * 400

@@ -360,8 +360,9 @@ def test_training_under_bf16_autocast_keeps_boxes_in_fp32():
 
 
 def test_a_training_step_is_the_same_when_nms_decides_in_rounds_as_on_a_gpu(monkeypatch):
-    # CUDA tensors take greedy_keep_in_rounds; forcing it here checks, on any machine, that the
-    # batched RPN NMS of a whole training step gives the loop's proposals and so the same losses
+    # CUDA tensors take the whole overlap matrix and greedy_keep_in_rounds; forcing it here
+    # checks, on any machine, that the batched RPN NMS of a whole training step gives the CPU's
+    # proposals (by blocks; and by the loop over the matrix) and so the same losses
     import mrcnn_edu.boxes as boxes_module
 
     torch.manual_seed(0)
@@ -384,10 +385,12 @@ def test_a_training_step_is_the_same_when_nms_decides_in_rounds_as_on_a_gpu(monk
         return keep
 
     runs = []
-    for decide in (boxes_module.greedy_keep, in_rounds):
-        monkeypatch.setattr(boxes_module, "greedy_keep", decide)
+    for by_blocks, decide in ((True, None), (False, boxes_module.greedy_keep), (False, in_rounds)):
+        monkeypatch.setattr(boxes_module, "_decides_by_blocks", lambda device: by_blocks)
+        if decide is not None:
+            monkeypatch.setattr(boxes_module, "greedy_keep", decide)
         torch.manual_seed(1)  # the same RoI sampling draws
         with torch.no_grad():
             runs.append({k: float(v) for k, v in model(images, targets).items()})
     assert sum(suppressed) > 0  # the rounds did decide something
-    assert runs[0] == runs[1] and runs[0]["loss_mask"] > 0
+    assert runs[0] == runs[1] == runs[2] and runs[0]["loss_mask"] > 0

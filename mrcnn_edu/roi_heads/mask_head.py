@@ -26,7 +26,8 @@ threshold at 0.5, as Detectron2 does. torchvision instead keeps the soft values 
 At test time "the mask branch is then applied to the highest scoring 100 detection boxes ...
 we only use the k-th mask, where k is the predicted class ... The m×m floating-number mask
 output is then resized to the RoI size, and binarized at a threshold of 0.5" (§3.1).
-`paste_masks_in_image` does the resizing for all detections at once with `grid_sample`.
+`paste_masks_in_image` does the resizing for all detections at once, as two batched matrix
+products (bilinear resizing is separable; the numbers are `grid_sample`'s).
 """
 from __future__ import annotations
 

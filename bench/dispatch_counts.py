@@ -190,10 +190,11 @@ def as_on_a_gpu():
       mask head's value checks (``mask_head._check_values``).
     - NMS builds the whole overlap matrix and decides in rounds (``greedy_keep_in_rounds``, one
       host read per 4 rounds) as it does on CUDA tensors, instead of the CPU's blocks of boxes
-      (``greedy_keep_by_blocks``), each read on the host.
+      (``greedy_keep_by_blocks``), each read on the host; IoUs take ``boxes.py``'s GPU way
+      (``boxes._takes_the_cpu_way``).
     """
     check_boxes = boxes_module.check_boxes
-    boxes_module._decides_by_blocks = lambda device: False
+    boxes_module._takes_the_cpu_way = lambda device: False
     boxes_module.greedy_keep = boxes_module.greedy_keep_in_rounds
 
     def check_boxes_as_on_a_gpu(boxes, name="boxes", allow_empty_size=True, values=None, batched=False):

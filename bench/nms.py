@@ -64,12 +64,12 @@ def the_matrix_way(fn):
     """``fn`` with :func:`boxes.keep_sorted` deciding from the whole overlap matrix, and
     :func:`boxes.batched_nms` splitting large inputs by category (the GPU's way)."""
     def call():
-        by_blocks = boxes_module._decides_by_blocks
-        boxes_module._decides_by_blocks = lambda device: False
+        by_blocks = boxes_module._takes_the_cpu_way
+        boxes_module._takes_the_cpu_way = lambda device: False
         try:
             return fn()
         finally:
-            boxes_module._decides_by_blocks = by_blocks
+            boxes_module._takes_the_cpu_way = by_blocks
     return call
 
 

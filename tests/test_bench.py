@@ -62,7 +62,7 @@ def restore_gpu_stand_ins(monkeypatch):
                          ("mrcnn_edu.ops.roi_pool", "roi_align_torch"),
                          ("mrcnn_edu.ops.roi_align", "cupy_available"),
                          ("mrcnn_edu.boxes", "check_boxes"), ("mrcnn_edu.model", "check_boxes"),
-                         ("mrcnn_edu.boxes", "greedy_keep"), ("mrcnn_edu.boxes", "_decides_by_blocks"),
+                         ("mrcnn_edu.boxes", "greedy_keep"), ("mrcnn_edu.boxes", "_takes_the_cpu_way"),
                          ("mrcnn_edu.roi_heads.mask_head", "_check_values")):
         monkeypatch.setattr(sys.modules[module], name, getattr(sys.modules[module], name))
 

@@ -140,6 +140,22 @@ def test_greedy_keep_on_a_batch_of_rows_in_rounds_and_by_loop_is_each_rows_greed
         assert order[row][by_loop[row]].tolist() == nms_ref(b, s, 0.5), row
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_box_iou_takes_the_same_bits_the_cpu_way_and_the_gpu_way(monkeypatch, dtype):
+    # coordinate by coordinate (the CPU's) and as corner tensors (a GPU's): the same operations
+    import mrcnn_edu.boxes as boxes_module
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(3, 70, 2, generator=g) * 100
+    boxes = torch.cat([xy, xy + torch.rand(3, 70, 2, generator=g) * 40], 2).round(decimals=1).to(dtype)
+    boxes[0, :5] = 0  # empty boxes too
+    calls = (lambda: box_iou(boxes[0], boxes[1, :20]), lambda: box_iou(boxes, boxes),
+             lambda: matched_box_iou(boxes[0], boxes[2]))
+    cpu_way = [call() for call in calls]
+    monkeypatch.setattr(boxes_module, "_takes_the_cpu_way", lambda device: False)
+    for got, want in zip(cpu_way, [call() for call in calls]):
+        assert got.dtype == dtype and torch.equal(got, want)
+
+
 def test_greedy_keep_by_blocks_is_the_greedy_loop_for_any_block_size_and_with_categories():
     # the CPU's way (nms takes it for CPU tensors of over 128 boxes): blocks of 1 and 3 boxes cut
     # through the chains of suppression (and the category groups) that a block of 256 holds whole
@@ -187,7 +203,7 @@ def test_nms_on_crowded_proposals_is_the_same_by_blocks_and_by_the_whole_matrix(
     # the CPU went by blocks, and skipped the rows of boxes suppressed by an earlier block
     assert len(pairs) > 1 and sum(pairs) < 3000 ** 2 / 8
     monkeypatch.setattr(boxes_module, "_pairwise_iou", pairwise_iou)
-    monkeypatch.setattr(boxes_module, "_decides_by_blocks", lambda device: False)
+    monkeypatch.setattr(boxes_module, "_takes_the_cpu_way", lambda device: False)
     assert torch.equal(nms(boxes, scores, 0.7), by_blocks)
     if torchvision is not None:
         assert torch.equal(torchvision.ops.nms(boxes, scores, 0.7), by_blocks)
@@ -199,7 +215,7 @@ def test_nms_on_crowded_proposals_is_the_same_by_blocks_and_by_the_whole_matrix(
 def test_nms_in_images_is_nms_image_by_image_leaving_out_the_invalid(monkeypatch, by_blocks, pairs_per_chunk):
     import mrcnn_edu.boxes as boxes_module
     monkeypatch.setattr(boxes_module, "NMS_PAIRS_PER_CHUNK", pairs_per_chunk)
-    monkeypatch.setattr(boxes_module, "_decides_by_blocks", lambda device: by_blocks)
+    monkeypatch.setattr(boxes_module, "_takes_the_cpu_way", lambda device: by_blocks)
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(5, 300, 2, generator=g) * 100
     boxes = torch.cat([xy, xy + 2 + torch.rand(5, 300, 2, generator=g) * 40], dim=2)
@@ -257,7 +273,7 @@ def test_nms_on_cuda_equals_nms_on_the_cpu():
 @pytest.mark.parametrize("by_blocks", [True, False])
 def test_batched_nms_suppresses_only_within_a_category(monkeypatch, by_blocks):
     import mrcnn_edu.boxes as boxes_module
-    monkeypatch.setattr(boxes_module, "_decides_by_blocks", lambda device: by_blocks)
+    monkeypatch.setattr(boxes_module, "_takes_the_cpu_way", lambda device: by_blocks)
     monkeypatch.setattr(boxes_module, "NMS_MATRIX_MAX_BOXES", 0)
     rng = random.Random(2)
     for case in range(200):
@@ -309,7 +325,7 @@ def test_batched_nms_on_large_inputs_is_nms_per_category(monkeypatch, by_blocks)
     # above 4000 boxes batched_nms loops over categories on a GPU, and goes by blocks in one
     # pass on the CPU; the answer must not change
     import mrcnn_edu.boxes as boxes_module
-    monkeypatch.setattr(boxes_module, "_decides_by_blocks", lambda device: by_blocks)
+    monkeypatch.setattr(boxes_module, "_takes_the_cpu_way", lambda device: by_blocks)
     g = torch.Generator().manual_seed(3)
     n = 4500
     xy = torch.rand(n, 2, generator=g) * 400

@@ -386,7 +386,7 @@ def test_a_training_step_is_the_same_when_nms_decides_in_rounds_as_on_a_gpu(monk
 
     runs = []
     for by_blocks, decide in ((True, None), (False, boxes_module.greedy_keep), (False, in_rounds)):
-        monkeypatch.setattr(boxes_module, "_decides_by_blocks", lambda device: by_blocks)
+        monkeypatch.setattr(boxes_module, "_takes_the_cpu_way", lambda device: by_blocks)
         if decide is not None:
             monkeypatch.setattr(boxes_module, "greedy_keep", decide)
         torch.manual_seed(1)  # the same RoI sampling draws

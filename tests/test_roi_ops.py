@@ -629,6 +629,24 @@ def test_roiwarp_of_a_box_on_the_grid_is_roialign_of_that_box_one_cell_larger():
     assert not torch.allclose(warped, roi_align(x, torch.tensor([[0, 4.0, 8.0, 24.0, 32.0]]), (2, 2), 0.25, 2, True))
 
 
+@pytest.mark.parametrize("op", [roi_align, roi_warp])
+def test_the_torch_path_samples_in_the_inputs_precision_under_autocast(op):
+    # RoIAlign is resampling, not a learned layer: bf16 autocast (train.amp=bf16) must not lower
+    # its precision (its tap product is a matmul, which autocast would otherwise run in bf16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 20, 24, generator=g)
+    rois = torch.tensor([[0, 3.3, 5.1, 60.7, 70.2], [1, 10.0, 0.5, 90.0, 41.3], [0, 1.0, 1.0, 2.5, 3.0]])
+    want = op(x, rois, 7, 0.25, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = op(x, rois, 7, 0.25, 2)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_roialign_of_a_map_without_channels_is_empty_as_torchvisions():
+    out = roi_align(torch.zeros(1, 0, 8, 8), torch.tensor([[0, 1.0, 1.0, 6.0, 6.0]]), 2, 1.0, 2)
+    assert out.shape == (1, 0, 2, 2)
+
+
 def test_adaptive_roialign_of_only_empty_rois_stays_on_the_graph():
     # as an empty list of RoIs does: a loss over them is a zero whose backward runs
     x = torch.rand(1, 3, 16, 16, requires_grad=True)

@@ -1,6 +1,7 @@
 """Count what a training step and an inference ask of the device: ATen ops and host reads.
 
-On a GPU, each ATen op the CPU dispatches is at least one kernel launch, and each op that
+On a GPU, each ATen op the CPU dispatches is at least one kernel launch, but views (the ops
+counted here include them; ``--sites`` says how many), and each op that
 reads a device value on the host (``.item()``, ``bool(t)``, ``nonzero``, boolean masking
 (``x[mask]``, counted as ``index (boolean mask)``),
 ``unique``, ``.tolist()``) is a synchronisation: the CPU waits until the GPU has drained its
@@ -268,8 +269,8 @@ def main(argv=None) -> None:
         from mrcnn_edu import ablations
         for run in ("r50_fpn", "r50_c4"):
             models[f"ours mini {run}"] = MaskRCNN(ablations.model_config(ablations.RUNS[run]))
-    print(f"{args.size} px images; per call: ATen ops (each >= 1 kernel launch on a GPU) and "
-          f"host reads (each a GPU sync)")
+    print(f"{args.size} px images; per call: ATen ops (views included, which launch no kernel; each other "
+          f">= 1 kernel launch on a GPU) and host reads (each a GPU sync)")
     print(f"{'model':<26}{'images':>7}{'train ops':>11}{'syncs':>7}{'/image':>8}"
           f"{'infer ops':>11}{'syncs':>7}")
     rows = {}

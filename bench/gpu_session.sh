@@ -13,7 +13,7 @@
 #
 # Phases: kernel (the CuPy RoIAlign tests and the other CUDA tests of the RoI ops, NMS and the
 # host-built tensors' copies, #3),
-# roi_bench (bench/roi_align.py, #3), parity (full-size torchvision parity on the GPU, #6),
+# roi_bench (bench/roi_align.py, #3; bench/nms.py on CUDA), parity (full-size torchvision parity on the GPU, #6),
 # train_bench (bench/train_infer.py with a profile of each model's training step, #7),
 # mini_step (not run by default: bench/mini_step.py, one miniature training step alone at 16,
 # 32 and 64 images per batch, #8), table (Table 2 miniature, #8; the r50_fpn row is also #7's
@@ -128,7 +128,9 @@ for p in $PHASES; do
             tests/test_roi_align_kernel_source.py tests/test_roi_ops.py tests/test_boxes.py tests/test_device.py ;;
     roi_bench)
         phase roi_bench_fp32 60 $PY bench/roi_align.py --iters 30
-        phase roi_bench_fp16 60 $PY bench/roi_align.py --iters 30 --dtype float16 ;;
+        phase roi_bench_fp16 60 $PY bench/roi_align.py --iters 30 --dtype float16
+        # NMS on CUDA (the whole matrix, in rounds) against torchvision's kernel
+        phase nms_bench 60 $PY bench/nms.py --device cuda ;;
     parity)
         phase parity 150 $PY -m pytest -q -rs -s -p no:cacheprovider tests/test_weights.py -k gpu ;;
     train_bench)

@@ -139,7 +139,7 @@ def _axis_samples(start: Tensor, size: Tensor, bins: int, grid: int) -> Tensor:
     """Sampling coordinates along one axis: ``(R,)`` RoI starts / sizes -> ``(R, bins, grid)``.
 
     Point ``i`` of bin ``p`` sits at ``start + p * bin + (i + 0.5) * bin / grid`` (torchvision's
-    expression, kept in the same order so that the points agree with its to the last bit).
+    expression, kept in the same order so that the points agree with torchvision's to the last bit).
     """
     bin_size = divide(size, bins)  # (R,)
     p = torch.arange(bins, device=start.device, dtype=start.dtype)

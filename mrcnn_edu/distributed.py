@@ -40,6 +40,7 @@ batches are then found by walking the stream from the start, which is cheap book
 """
 from __future__ import annotations
 
+import importlib
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -109,6 +110,12 @@ def init_distributed(device_type: str = "auto") -> DistInfo:
                              f"{torch.cuda.device_count()}; start at most that many per node (torchrun "
                              "--nproc_per_node)")
         torch.cuda.set_device(local_rank)
+    # Before the group exists: torch.distributed.nn binds ``group.WORLD`` as the default argument
+    # of its functions when first imported, and DDP imports it. Imported after this point, those
+    # defaults hold the default group for good, so destroy_process_group cannot free it: gloo's
+    # threads then live on into the interpreter's exit, where a process now and then died with
+    # "terminate called without an active exception" (twice in this project's CI).
+    importlib.import_module("torch.distributed.nn")  # (a plain import would make torch local here)
     # init_method env:// reads MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE set by torchrun.
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return get_dist_info()
@@ -118,10 +125,9 @@ def cleanup_distributed(wait: bool = True) -> None:
     """Leave the process group (call once, at the very end of a torchrun script).
 
     ``wait``: first meet the other processes at a barrier, so that none tears its connections
-    down while another is still using them (rank 0 saving the last checkpoint, say): gloo can
-    abort a process whose peer leaves early ("terminate called without an active exception",
-    seen once in this project's CI). Pass ``False`` on the way out of an error, where the
-    others may never reach the barrier.
+    down while another is still using them (rank 0 saving the last checkpoint, say). Pass
+    ``False`` on the way out of an error, where the others may never reach the barrier. The
+    group is freed here only if nothing else holds it (see :func:`init_distributed` for what did).
     """
     if dist.is_available() and dist.is_initialized():
         if wait:

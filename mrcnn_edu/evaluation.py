@@ -121,7 +121,10 @@ def check_ground_truth(coco_gt: COCO, iou_types: tuple[str, ...], source: str = 
     """ValueError, naming ``source`` and the annotation, for ground truth COCOeval would crash on
     with a bare KeyError or TypeError (or score wrongly) -- before any image is predicted.
 
-    COCOeval reads every annotation as it is: each needs a finite ``area`` and ``bbox``; for
+    COCOeval reads every annotation of an image in the json as it is (one of an image the json
+    does not list it never reads; nor does ``COCODataset``, which skips it with a warning): each
+    needs a finite ``area`` and ``bbox`` and an ``iscrowd`` of 0 or 1 (``COCODataset`` reads a
+    missing one as 0, but COCOeval's ``int(ann['iscrowd'])`` is a bare KeyError); for
     "segm", a sound RLE or a list of polygons whose *first* has 3 points or more: pycocotools
     picks the reading from the first entry alone (4 values: boxes, a TypeError for a list). A later
     polygon of fewer than 3 points (under 6 values) is rasterised as nothing, so COCOeval scores
@@ -141,15 +144,20 @@ def check_ground_truth(coco_gt: COCO, iou_types: tuple[str, ...], source: str = 
             raise ValueError(f"{source}: keypoint categories {odd} (id: keypoints) are not COCO's 17, "
                              "whose OKS sigmas COCOeval uses")
     for ann in coco_gt.dataset["annotations"]:
+        if ann.get("image_id") not in coco_gt.imgs:  # of no image: COCOeval never reads it
+            continue
         where = f"{source}: annotation id {ann.get('id')} (image id {ann.get('image_id')})"
-        area, bbox = ann.get("area"), ann.get("bbox")
+        area, bbox, crowd = ann.get("area"), ann.get("bbox"), ann.get("iscrowd", "missing")
+        if crowd not in (0, 1):  # as COCODataset reads it (True / 1.0 are 1 to int() too)
+            raise ValueError(f"{where}: 'iscrowd' must be 0 or 1 (COCOeval reads it on every "
+                             f"annotation), got {crowd!r}")
         if not isinstance(area, (int, float)) or not math.isfinite(area):
             raise ValueError(f"{where}: 'area' must be a finite number, got {area!r}")
         if not (isinstance(bbox, list) and len(bbox) == 4
                 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
             raise ValueError(f"{where}: 'bbox' must be 4 finite numbers, got {bbox!r:.80}")
         if "segm" in iou_types:
-            image = coco_gt.imgs.get(ann.get("image_id"), {})
+            image = coco_gt.imgs[ann["image_id"]]
             segm = ann.get("segmentation")
             cleaned, why = clean_segmentation(segm, image.get("height", 0), image.get("width", 0))
             if cleaned is None:

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from mrcnn_edu.data.coco import COCODataset, read_rgb
@@ -54,13 +53,8 @@ def load_image(path: str | Path) -> torch.Tensor:
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         pixels = read_rgb(path, upright=True)  # (H, W, 3); 16-bit greyscale kept, not clipped to 8 bits
-    except OSError as err:  # not an image, empty, truncated
+    except OSError as err:  # not an image, empty, truncated (too large: read_rgb's ValueError)
         raise ValueError(f"image file {path} cannot be read: {err}") from err
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        # Pillow refuses more than 2 x MAX_IMAGE_PIXELS and warns above it (an error under
-        # -W error); neither is an OSError, so the file went unnamed in a traceback
-        raise ValueError(f"image file {path} is too large for Pillow's guard against decompression bombs "
-                         f"({err}); if you trust it, raise PIL.Image.MAX_IMAGE_PIXELS or shrink the image") from err
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 

@@ -5,6 +5,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +204,7 @@ def test_keypoints_area_and_iscrowd_that_would_stop_training_later_are_skipped_b
     (["Left eye", "Right eye"], [1, 0]),
     (["leftHip", "rightHip", "r-ear", "l-ear"], [1, 0, 3, 2]),
     (["nose", "tail", "rear"], [0, 1, 2]),  # "rear" names no side
+    (["upright_tip", "cleft", "nose"], [0, 1, 2]),  # nor do "upright" and "cleft"
     (["Neck", "RShoulder", "LShoulder", "LBigToe", "RBigToe"], [0, 2, 1, 4, 3]),  # OpenPose's BODY_25
 ])
 def test_the_flip_map_pairs_left_and_right_however_they_are_spelled(names, expected):
@@ -219,8 +221,10 @@ def test_a_side_without_a_partner_is_an_error_unless_the_map_is_given(tmp_path):
 
     with pytest.raises(ValueError, match="'left_eye' names a side .* has no partner"):
         keypoint_flip_map(["left_eye", "nose"])
-    with pytest.raises(ValueError, match="'lefteye' seems to name a side, but not as a word"):
+    with pytest.raises(ValueError, match="'lefteye' seems to name a side, but not as a word .*'righteye'"):
         keypoint_flip_map(["lefteye", "righteye"])
+    with pytest.raises(ValueError, match="'leftear' seems to name a side, .*'rightear'"):
+        keypoint_flip_map(["leftear", "RightEar"])  # its partner a side word, it not
     (tmp_path / "img").mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "img" / "a.png")
     data = {"images": [{"id": 1, "file_name": "a.png", "height": 8, "width": 8}],
@@ -681,3 +685,20 @@ def test_items_go_through_the_public_loaders_a_subclass_may_override(tiny_set):
 
     ds = WithDepth(os.path.join(tiny_set, "train"), os.path.join(tiny_set, "annotations", "instances_train.json"))
     assert "depth" in ds[0][1]
+
+
+@pytest.mark.parametrize("as_error", [False, True])
+def test_a_dataset_image_beyond_pillows_decompression_bomb_limit_names_its_file_and_id(tiny_set, monkeypatch,
+                                                                                      as_error):
+    """Pillow's DecompressionBombError (and its warning, under -W error) is no OSError: the dataset
+    let it through, from a loader worker, naming neither the file nor the image id."""
+    ds = COCODataset(os.path.join(tiny_set, "train"), os.path.join(tiny_set, "annotations", "instances_train.json"))
+    image_id = ds.ids[0]
+    record = ds.coco.imgs[image_id]
+    pixels = record["height"] * record["width"]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pixels - 1 if as_error else pixels // 2 - 1)  # warns / refuses
+    with warnings.catch_warnings():
+        warnings.simplefilter("error" if as_error else "default")
+        with pytest.raises(ValueError, match=rf"{re.escape(record['file_name'])} \(image id {image_id}\) cannot be "
+                                             r"read: .*too large .*MAX_IMAGE_PIXELS"):
+            ds.load_image(image_id)

@@ -618,3 +618,37 @@ def test_an_image_beyond_pillows_decompression_bomb_limit_is_named(tmp_path, mon
         with pytest.raises(ValueError, match=rf"image file {re.escape(str(tmp_path / 'huge.png'))} is too large .*"
                                              r"400 pixels.*MAX_IMAGE_PIXELS"):
             load_image(tmp_path / "huge.png")
+
+
+def test_the_ground_truth_check_names_a_missing_iscrowd_and_skips_annotations_of_no_image(val_set):
+    """COCOeval reads ``int(ann['iscrowd'])`` on every annotation of an evaluated image (a bare
+    KeyError after the whole prediction pass); it never reads one whose image the json lacks,
+    which COCODataset skips too -- the check refused that one with a false reason."""
+    import copy
+
+    from mrcnn_edu.evaluation import check_ground_truth, run_cocoeval
+
+    ds, targets = val_set
+
+    def drop_iscrowd(d):
+        del _polygon_annotation(d)["iscrowd"]
+
+    bare = _as_written(ds, drop_iscrowd)
+    first = next(a for a in bare.dataset["annotations"] if "iscrowd" not in a)
+    # the crash the check stands in front of: pycocotools' own KeyError
+    results = predictions_to_coco_results(_ground_truth_predictions(targets), "bbox", ds.label_to_cat_id)
+    with pytest.raises(KeyError, match="iscrowd"), contextlib.redirect_stdout(io.StringIO()):
+        run_cocoeval(bare, results, "bbox", sorted(bare.getImgIds()))
+    with pytest.raises(ValueError, match=rf"annotation id {first['id']} \(image id {first['image_id']}\): "
+                                         r"'iscrowd' must be 0 or 1 .*got 'missing'"):
+        check_ground_truth(bare, ("bbox",))
+
+    def orphan(d):
+        stray = copy.deepcopy(_polygon_annotation(d))
+        stray.update(id=10**9, image_id=424242)  # no such image in the json
+        d["annotations"].append(stray)
+
+    stray = _as_written(ds, orphan)
+    check_ground_truth(stray, ("bbox", "segm"))  # accepted: COCOeval never reads it
+    scored = evaluate_coco(stray, _ground_truth_predictions(targets), ("bbox", "segm"))
+    assert scored["bbox"]["AP"] == scored["segm"]["AP"] == pytest.approx(1.0, rel=0, abs=1e-12)

@@ -160,14 +160,19 @@ def keypoint_flip_map(names: list[str]) -> list[int]:
 
     A name with a side and no partner raises ValueError: the flip would teach a mirrored left
     eye as a left eye (pass ``COCODataset(keypoint_flip_map=...)`` for a naming it cannot read).
+    So does a name that becomes another of the names when "left" and "right" swap inside a word
+    (``lefteye`` / ``righteye``): sides, but not words this reading can tell from ``upright`` or
+    ``cleft``, which name none.
     """
     keys = [_side_key(name) for name in names]
+    lowered = {name.lower() for name in names}
     perm = list(range(len(names)))
     for i, (side, rest) in enumerate(keys):
         if side is None:
-            if re.search("left|right", names[i], re.IGNORECASE):  # e.g. "lefteye": no word to swap
-                raise ValueError(f"keypoint {names[i]!r} seems to name a side, but not as a word of its own: "
-                                 "pass keypoint_flip_map explicitly")
+            mirrored = re.sub("left|right", lambda m: _SIDES[m.group(0)], names[i].lower())
+            if mirrored != names[i].lower() and mirrored in lowered:
+                raise ValueError(f"keypoint {names[i]!r} seems to name a side, but not as a word of its own "
+                                 f"(its mirror {mirrored!r} is a keypoint too): pass keypoint_flip_map explicitly")
             continue
         partners = [j for j, (other, other_rest) in enumerate(keys)
                     if other == _SIDES[side] and other_rest == rest]
@@ -298,7 +303,17 @@ def read_rgb(path: str | os.PathLike, upright: bool = False) -> np.ndarray:
 
     ValueError naming the file for a mode without a known [0, 1] reading (``_EIGHT_BIT_MODES``
     and ``_SIXTEEN_BIT_MODES`` are read): a float image, or 32-bit integers beyond 0..65535,
-    would otherwise reach the model as all zeros or far outside [0, 1]."""
+    would otherwise reach the model as all zeros or far outside [0, 1]. ValueError too for an
+    image beyond Pillow's guard against decompression bombs (neither its error nor its warning,
+    an error under ``-W error``, is an OSError: the file went unnamed in a traceback)."""
+    try:
+        return _read_rgb(path, upright)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"image file {path} is too large for Pillow's guard against decompression bombs "
+                         f"({err}); if you trust it, raise PIL.Image.MAX_IMAGE_PIXELS or shrink the image") from err
+
+
+def _read_rgb(path: str | os.PathLike, upright: bool) -> np.ndarray:
     with Image.open(path) as img:
         if upright:
             img = ImageOps.exif_transpose(img)

@@ -8,7 +8,8 @@ Two kinds of boxes, ``N`` of each:
 - scattered: uniform corners, sides 8-158 px on a 760 px square; few overlap, most are kept;
 - crowded: the RPN's case, ``N`` jittered boxes around 30 objects; most are suppressed.
 
-``--classes K`` adds ``batched_nms`` over K categories (the box head's per-class NMS).
+Each size also times ``batched_nms`` over ``--classes`` categories (default 80, COCO's; 0
+leaves it out): the box head's per-class NMS.
 
 Times are the median of ``--repeat`` calls (after one warm-up); on CUDA each call is followed
 by a synchronisation. Ratios are ours / torchvision's: below 1 means faster. Every row also

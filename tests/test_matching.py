@@ -1,4 +1,5 @@
 """matching.py: the Matcher on hand-built IoUs and the balanced sampler's budget."""
+import collections
 import pytest
 import torch
 
@@ -160,7 +161,7 @@ def test_matcher_on_a_padded_batch_matches_each_image_alone(low_quality):
         assert bool((alone >= 0).any()) or len(gt) == 0  # the case exercises real matches
 
 
-def test_sampler_draws_every_subset_size_uniformly():
+def test_sampler_draws_every_subset_uniformly():
     # 6 positives among 20, 2 to take: each positive should be taken 1/3 of the time; over
     # 3000 draws the count is Binomial(3000, 1/3): mean 1000, sd 25.8 -> allow 5 sd
     matched = _matched(6, 14, 0)
@@ -168,11 +169,17 @@ def test_sampler_draws_every_subset_size_uniformly():
     generator = torch.Generator().manual_seed(0)
     pos_counts = torch.zeros(20)
     neg_counts = torch.zeros(20)
+    pairs = collections.Counter()
     for _ in range(3000):
         (pos,), (neg,) = sampler([matched], generator=generator)
         pos_counts += pos
         neg_counts += neg
+        pairs[tuple(pos.nonzero().flatten().tolist())] += 1
     assert bool((pos_counts[matched >= 0] - 1000).abs().max() < 5 * 25.8), pos_counts
+    # equal marginals do not make a uniform draw (always taking neighbours 0-1, 2-3, 4-5 has
+    # them too): each of the C(6, 2) = 15 pairs must come 3000 / 15 = 200 times, sd 13.7
+    assert len(pairs) == 15 and all(len(pair) == 2 for pair in pairs), pairs
+    assert max(abs(count - 200) for count in pairs.values()) < 5 * 13.7, pairs
     # 14 negatives, 2 taken: Binomial(3000, 1/7): mean 428.6, sd 19.2
     assert bool((neg_counts[matched == BACKGROUND] - 3000 / 7).abs().max() < 5 * 19.2), neg_counts
     assert pos_counts[matched < 0].sum() == 0 and neg_counts[matched >= 0].sum() == 0

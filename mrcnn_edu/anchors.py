@@ -122,7 +122,13 @@ class AnchorGenerator(nn.Module):
         return [len(s) * len(r) for s, r in zip(self.sizes, self.aspect_ratios)]
 
     def cell(self, level: int) -> Tensor:
-        return getattr(self, f"cell_{level}")
+        """Level ``level``'s ``(A, 4)`` cell anchors, in float32 or float64 even in a model cast
+        to half precision (``model.half()``, ``model.to(torch.bfloat16)``): bf16 holds 8
+        significant bits, so a grid of an 800 px image in it is placed 4 px apart."""
+        cell = getattr(self, f"cell_{level}")
+        if cell.dtype not in (torch.float32, torch.float64):
+            cell = cell_anchors(self.sizes[level], self.aspect_ratios[level], self.round_cell).to(cell.device)
+        return cell
 
     def forward(self, feature_sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
         if len(feature_sizes) != len(self.strides):

@@ -342,11 +342,12 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 
     An IoU exactly at the threshold does not suppress. The IoU is computed in the boxes' dtype
     and compared with the threshold in that dtype, so for whole-pixel boxes (exact areas, one
-    rounded division) such a tie is decided as exact arithmetic decides it. torchvision compares
-    the float32 IoU with the threshold as a double instead: where float32 rounds the threshold
-    up (0.3, 0.4, 0.6), boxes ``[0, 0, 10, 10]`` and ``[0, 0, 10, 3]`` (IoU 30 / 100) are both
-    kept here and the second suppressed there. The package's thresholds, 0.7 and 0.5, round
-    down or not at all, and there the two agree.
+    rounded division) such a tie is decided as exact arithmetic decides it. torchvision's CPU
+    kernel (the one the tests compare with) compares the float32 IoU with the threshold as a
+    double instead: where float32 rounds the threshold up (0.3, 0.4, 0.6), boxes
+    ``[0, 0, 10, 10]`` and ``[0, 0, 10, 3]`` (IoU 30 / 100) are both kept here and the second
+    suppressed there. The package's thresholds, 0.7 and 0.5, round down or not at all, and
+    there the two agree.
 
     The O(N^2) part, the pairwise IoUs, is done in tensor operations on the boxes' device;
     what is left is inherently sequential -- each decision depends on the earlier ones

@@ -422,6 +422,21 @@ def test_roipool_matches_torchvision():
                                    torch.autograd.grad(want, x, g)[0], rtol=1e-6, atol=1e-6)
 
 
+def test_roipool_rounds_coordinates_as_cs_round_does():
+    # floor(|x| + 0.5) rounds the addition: float32's largest value below 0.5 came out 1, and
+    # odd integers from 2^23 up came out one higher; C's round (torchvision's) gives 0 and x
+    from mrcnn_edu.ops.roi_pool import _round_half_away
+
+    below_half = float(torch.tensor(0.5).nextafter(torch.tensor(0.0)))  # 0.49999997
+    x = torch.tensor([below_half, -below_half, 0.5, -0.5, 1.5, 2.5, -2.5, 8388609.0, -8388609.0, 0.0])
+    want = [math.copysign(math.floor(abs(v) + 0.5), v) for v in x.tolist()]  # exact in float64
+    assert _round_half_away(x).tolist() == want == [0.0, 0.0, 1.0, -1.0, 2.0, 3.0, -3.0, 8388609.0, -8388609.0, 0.0]
+    tv = pytest.importorskip("torchvision")
+    ramp = torch.arange(8.0).repeat(3, 1)[None, None]  # (1, 1, 3, 8): value = column
+    roi = torch.tensor([[0.0, below_half, 0.0, 5.0, 2.0]])
+    assert roi_pool(ramp, roi, (1, 3), 1.0).tolist() == tv.ops.roi_pool(ramp, roi, (1, 3), 1.0).tolist()
+
+
 @pytest.mark.parametrize("chunk_elements", [1 << 24, 5000])
 def test_roipool_gathers_rois_of_every_size_in_chunks_and_keeps_their_order(monkeypatch, chunk_elements):
     """RoIs are pooled in chunks of similar window size (one whole-image RoI among small ones

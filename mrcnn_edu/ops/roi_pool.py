@@ -66,8 +66,12 @@ def _lowest(dtype: torch.dtype) -> float:
 
 
 def _round_half_away(x: Tensor) -> Tensor:
-    """C's ``round``: halves go away from zero (``torch.round`` would round them to even)."""
-    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+    """C's ``round``: halves go away from zero (``torch.round`` would round them to even).
+
+    From the fraction, which ``x - trunc(x)`` gives exactly: ``floor(|x| + 0.5)`` rounds the
+    addition itself, so float32's largest value below 0.5 (0.49999997) came out 1."""
+    whole = torch.trunc(x)
+    return whole + torch.sign(x) * ((x - whole).abs() >= 0.5).to(x.dtype)
 
 
 def quantise_rois(rois: Tensor, spatial_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -875,15 +875,17 @@ def train(model: nn.Module, dataset: Dataset, cfg: TrainConfig, collate_fn: Call
                 last_good = _save(cfg, done, model, optimizer, scaler, info, elapsed)
                 if finished and info.world_size > 1:  # no rank returns before the file is whole
                     torch.distributed.barrier()
-            if evaluate_fn and _evaluation_due(cfg, done):
-                results = _evaluate_and_log(evaluate_fn, model, done, metrics_path, progress, info)
             for hook in hooks:
                 hook(done, {"model": model, "losses": losses, "lr": lr, "optimizer": optimizer})
-            if stop.is_set() and not finished:  # SIGTERM: save this iteration (if not yet), leave
+            # SIGTERM: save this iteration (if not yet) and leave, before an evaluation due here
+            # (minutes on COCO, inside the scheduler's grace): the resume runs it first
+            if stop.is_set() and not finished:
                 if last_good != checkpoint_path(cfg.output_dir, done):
                     last_good = _save(cfg, done, model, optimizer, scaler, info, elapsed, plot=False)
                 progress.close()
                 raise TrainingStopped(done, last_good)
+            if evaluate_fn and _evaluation_due(cfg, done):
+                results = _evaluate_and_log(evaluate_fn, model, done, metrics_path, progress, info)
     progress.close()
     curves = output_dir / "loss_curves.png"  # drawn at each checkpoint but a SIGTERM's, the last one included
     return {"iteration": max(start_iter, cfg.max_iter), "losses": losses, "eval": results,

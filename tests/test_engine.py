@@ -524,6 +524,28 @@ def test_an_overwrite_stopped_half_way_is_neither_resumed_nor_silently_started_b
     assert again["start_iteration"] == 0 and last_checkpoint(tmp_path).name == "model_0000008.pth"
 
 
+def test_a_sigterm_saves_and_stops_before_an_evaluation_due_in_its_iteration(tmp_path):
+    """The stop came after the evaluation: a COCO evaluation (minutes) ran inside the scheduler's
+    grace with the iteration unsaved, and a kill during it lost every iteration since the last
+    checkpoint. Now the iteration is saved and the run stops; the resume evaluates it first."""
+    dataset = TinyShapes()
+    seen = []
+
+    def evaluate(model):
+        seen.append(sorted(p.name for p in (tmp_path / "s").glob("model_*.pth")))
+        return {"accuracy": 1.0}
+
+    cfg = tiny_config(tmp_path / "s", checkpoint_period=0, eval_period=3)  # evaluations at 3, 6, 8
+    with pytest.raises(TrainingStopped, match="after 6 iterations"):
+        train(make_model(dropout=0.5), dataset, cfg, collate, evaluate_fn=evaluate, hooks=[sigterm_at(6)])
+    assert seen == [[]]  # iteration 3's only; none at 6
+    assert last_checkpoint(cfg.output_dir).name == "model_0000006.pth"
+    resumed = train(make_model(dropout=0.5), dataset, replace(cfg, resume=True), collate, evaluate_fn=evaluate)
+    assert seen[1:] == [["model_0000006.pth"], ["model_0000006.pth", "model_0000008.pth"]]  # 6 first, then 8
+    records = engine._read_metrics(tmp_path / "s" / "metrics.jsonl")
+    assert [r["iteration"] for r in records if "eval" in r] == [3, 6, 8] and resumed["iteration"] == 8
+
+
 def test_an_evaluation_that_failed_after_its_checkpoint_runs_first_when_the_run_resumes(tmp_path):
     """The checkpoint is saved before the evaluation: a resume started after the iteration and
     its evaluation never ran. It runs first now, leaving every RNG as the loop's evaluation does."""

@@ -506,12 +506,14 @@ def log_session(output_dir: str | Path, device: str | None, commit: str | None, 
     A training stopped at one GPU lease's deadline is resumed in the next, maybe on another GPU
     or commit; its record's own ``device`` and ``git_commit`` are the last session's, and this
     list, which travels in the training's folder, says what the others were."""
+    from mrcnn_edu import ablations_report as report
     from mrcnn_edu.checkpoint import atomic_write_text, newest_checkpoint
 
     path = Path(output_dir) / SESSIONS_FILE
     resumed = newest_checkpoint(output_dir)
     start = int(resumed.stem.split("_")[1]) if resumed is not None else 0
-    earlier = json.loads(path.read_text()) if start and path.is_file() else []
+    earlier = (report.read_json(path, "restore it from the training's tar, or delete it (only the record of "
+                                "earlier sessions is lost)") if start and path.is_file() else [])
     sessions = [*earlier, {"from_iteration": start, "device": device, "git_commit": commit,
                            "torch": torch_version, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}]
     Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -552,7 +554,9 @@ def _child_command(run: str, seed: int, args: argparse.Namespace) -> list[str]:
     launcher = [sys.executable]
     if args.nproc_per_run > 1:  # COCO: each run on several GPUs with DDP (engine.train)
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc_per_run}"]
-    command = launcher + ["-m", "mrcnn_edu.ablations", "run-one", "--run", run, "--seed", str(seed),
+    # --run-name, not --run: torchrun's parser reads every word after it too, and took "--run" for
+    # an ambiguous abbreviation of its --run-path / --run_path (it exited 2 before training)
+    command = launcher + ["-m", "mrcnn_edu.ablations", "run-one", "--run-name", run, "--seed", str(seed),
                           "--dataset", args.dataset, "--workdir", args.workdir, "--data", args.data]
     command += ["--quick"] * args.quick + (["--max-iter", str(args.max_iter)] if args.max_iter is not None else [])
     command += ["--input-size", str(args.input_size)] if args.input_size else []
@@ -836,6 +840,15 @@ def checkpoint_iteration(workdir: str | Path, run: str, seed: int) -> int:
     return int(path.stem.split("_")[-1]) if path is not None else 0
 
 
+def stopped_exit_codes(nproc_per_run: int) -> set[int]:
+    """The exit codes of a training the deadline stopped (not a failure): run-one's
+    :data:`STOPPED_EXIT`, or death by SIGTERM / SIGKILL; under torchrun (``nproc_per_run > 1``)
+    also 1, how torchrun ends on a SIGTERM (its SignalException). The checkpoint then says what
+    was saved: DDP workers keep no SIGTERM handler, so the last periodic one."""
+    codes = {STOPPED_EXIT, -signal.SIGTERM, -signal.SIGKILL}
+    return codes | {1} if nproc_per_run > 1 else codes
+
+
 def stop_at_deadline(active: dict, grace: float = STOP_GRACE_S, finishing: Iterable = (),
                      finish_grace: float = FINISH_GRACE_S) -> None:
     """SIGTERM every running training, then wait up to ``grace`` seconds in all for them to save
@@ -890,7 +903,8 @@ def run_table(args: argparse.Namespace) -> dict:
     # a training that failed in max_failures earlier sessions is not tried again (nor packed for
     # the next lease) unless --retry-failed: a deterministic failure would take a job slot, and a
     # lease's minutes, every session
-    earlier = json.loads(summary_path.read_text()).get("sessions", []) if summary_path.is_file() else []
+    earlier = (report.read_json(summary_path, report.SUMMARY_ADVICE).get("sessions", [])
+               if summary_path.is_file() else [])
     failures = collections.Counter(tuple(key) for s in earlier for key in s.get("failed", []))
     max_failures = getattr(args, "max_failures", DEFAULT_MAX_FAILURES)
     given_up = [] if getattr(args, "retry_failed", False) else [key for key in todo if failures[key] >= max_failures]
@@ -982,12 +996,13 @@ def run_table(args: argparse.Namespace) -> dict:
         pretraining.clear()
         finishing = {key for key in active if checkpoint_iteration(args.workdir, *key) >= totals[key[0]]}
         stop_at_deadline(active, grace, finishing, finish_grace)
+        stopped_codes = stopped_exit_codes(args.nproc_per_run)
         for (name, seed), (process, log, start, _) in active.items():
             log.close()
             if process.returncode == 0:  # it finished within the grace: its record is written
                 print(f"[{now:6.0f} s] {name} seed {seed}: done", flush=True)
                 continue
-            if process.returncode not in (STOPPED_EXIT, -signal.SIGTERM, -signal.SIGKILL):
+            if process.returncode not in stopped_codes:
                 failed.append((name, seed))
                 print(f"[{now:6.0f} s] {name} seed {seed}: FAILED (exit {process.returncode}, see {log.name})",
                       flush=True)
@@ -1233,7 +1248,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_one_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m mrcnn_edu.ablations run-one")
-    parser.add_argument("--run", required=True, choices=list(RUNS))
+    parser.add_argument("--run", "--run-name", dest="run", required=True, choices=list(RUNS))
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--dataset", choices=["shapes", "coco"], default="shapes")
     parser.add_argument("--quick", action="store_true")

@@ -225,17 +225,33 @@ def device_name() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def read_json(path: str | Path, advice: str):
+    """The JSON in ``path``; ValueError naming the file and ``advice`` (what to do) if it does
+    not parse: a cut-off or corrupt file stopped the whole table with a bare decoder message."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): {advice}") from err
+
+
+SUMMARY_ADVICE = ("restore it (it is the file carried between leases) or move it aside; the records in the "
+                  "workdir's results/ are read again either way")
+RECORD_ADVICE = "restore it, or delete it to train that run and seed again"
+
+
 def load_records(workdir: str | Path, summary_path: str | Path | None = None) -> dict:
     """``{(run, seed): record}`` from an earlier summary JSON, then the per-run files (newer)."""
     records = {}
     if summary_path and Path(summary_path).is_file():
-        summary = json.loads(Path(summary_path).read_text())
+        summary = read_json(summary_path, SUMMARY_ADVICE)
         for run, entry in summary.get("runs", {}).items():
             for seed, record in entry.get("seeds", {}).items():
                 records[(run, int(seed))] = record
     folder = Path(workdir) / "results"
     for path in sorted(folder.glob("*__seed*.json")) if folder.is_dir() else []:
-        record = json.loads(path.read_text())
+        record = read_json(path, RECORD_ADVICE)
+        if not isinstance(record, dict) or not {"run", "seed"} <= record.keys():
+            raise ValueError(f"{path} is no training record (it needs 'run' and 'seed'): {RECORD_ADVICE}")
         records[(record["run"], int(record["seed"]))] = record
     return records
 
@@ -751,7 +767,7 @@ def write_report(rows: list[Row], runs: list[str], seeds: int, mode: str, datase
     ``"in_table": false``, and left out of the table.
     """
     summary_path = Path(summary_path)
-    previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    previous = read_json(summary_path, SUMMARY_ADVICE) if summary_path.is_file() else {}
     known = {run for run, _ in records if run in RUNS}
     rows = list(rows) + [row for row in ROWS if row.run in known and row not in rows]
     runs = list(runs) + [run for run in RUNS if run in known and run not in runs]

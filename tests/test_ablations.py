@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import os
 import shutil
 import signal
@@ -1085,3 +1086,54 @@ def test_the_mlp_rows_say_what_head_the_miniature_trains_not_the_papers():
     assert cfg.mask_head.mlp_dims == (256, 256, 256) and cfg.num_classes == 8
     assert ablations.stand_in(RUNS["r50_fpn_mlp3"]).endswith(", mask head fc 256 → 256 → 256 → 8·28²")
     assert "mask head" not in ablations.stand_in(RUNS["r50_fpn"])
+
+
+def test_torchrun_reads_a_multi_gpu_trainings_command_whole_and_its_stop_is_no_failure():
+    """With --nproc-per-run > 1 each training runs under torchrun, whose parser also reads the
+    words after the module: run-one's "--run" was an ambiguous abbreviation of its --run-path
+    and --run_path (exit 2 before training). And torchrun ends on the deadline's SIGTERM with 1."""
+    run = pytest.importorskip("torch.distributed.run")
+    args = ablations.build_parser().parse_args(["--nproc-per-run", "2", "--jobs", "1", "--quick"])
+    command = ablations._child_command("r50_c4_roipool", 1, args)
+    launcher_args = command[command.index("torch.distributed.run") + 1:]
+    parsed = run.get_args_parser().parse_args(launcher_args)
+    assert parsed.module and parsed.training_script == "mrcnn_edu.ablations" and parsed.nproc_per_node == "2"
+    assert parsed.training_script_args == command[command.index("mrcnn_edu.ablations") + 1:]
+    assert ablations.stopped_exit_codes(2) == ablations.stopped_exit_codes(1) | {1}
+    assert 1 not in ablations.stopped_exit_codes(1)  # one process: 1 is an uncaught error
+
+
+def test_a_table_trains_each_run_in_two_processes_under_torchrun(tiny_shapes, tmp_path, capsys):
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    args = ["--table", "2", "--rows", "r50_c4_roipool", "--seeds", "1", "--quick", "--jobs", "1",
+            "--nproc-per-run", "2", "--no-pretrain", "--out", str(tmp_path / "out"),
+            "--workdir", str(tmp_path / "work"), "--data", str(tiny_shapes["root"])]
+    assert ablations.main(args) == 0
+    assert "r50_c4_roipool seed 0: done" in capsys.readouterr().out
+    log = (tmp_path / "work" / "logs" / "r50_c4_roipool__seed0.log").read_text()
+    assert "on cpu x2" in log  # really two processes
+    record = json.loads((tmp_path / "work" / "results" / "r50_c4_roipool__seed0.json").read_text())
+    assert record["run"] == "r50_c4_roipool" and record["seed"] == 0
+
+
+def test_a_cut_off_summary_or_record_is_named_with_what_to_do(tmp_path):
+    """A bare json.loads stopped the whole table with "Unterminated string ..." naming no file."""
+    from mrcnn_edu import ablations_report as report
+
+    results = tmp_path / "work" / "results"
+    results.mkdir(parents=True)
+    summary = tmp_path / "table2_quick.json"
+    summary.write_text('{"runs": {"r50_c4": {"se')
+    with pytest.raises(ValueError, match=rf"{re.escape(str(summary))} is not valid JSON .*carried between leases"):
+        report.load_records(tmp_path / "work", summary)
+    summary.unlink()
+    record = results / "r50_c4__seed0.json"
+    record.write_text('{"run": "r50_c4", "seed": ')
+    with pytest.raises(ValueError, match=rf"{re.escape(str(record))} is not valid JSON .*delete it to train"):
+        report.load_records(tmp_path / "work", summary)
+    record.write_text('{"seed": 0}')
+    with pytest.raises(ValueError, match=rf"{re.escape(str(record))} is no training record .*'run' and 'seed'"):
+        report.load_records(tmp_path / "work", summary)
+    record.write_text(json.dumps(_fake_record("r50_c4", 0, 1, 2, 3)))
+    assert list(report.load_records(tmp_path / "work", summary)) == [("r50_c4", 0)]

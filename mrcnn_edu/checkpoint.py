@@ -99,12 +99,18 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     clean-up and leaves its hidden temporary file, as big as a checkpoint. One process writes a
     run's checkpoints, so once this save is whole such files beside it are leftovers: removed.
     """
-    path = atomic_save(state, path)
-    pointer = path.parent / LAST_CHECKPOINT_FILE
-    _atomic_write(pointer, lambda file: file.write(path.name.encode() + b"\n"))
+    path = point_last_checkpoint(atomic_save(state, path))
     for pattern in (".model_[0-9]*.pth.tmp[0-9]*", f".{LAST_CHECKPOINT_FILE}.tmp[0-9]*"):
         for leftover in path.parent.glob(pattern):
             leftover.unlink(missing_ok=True)
+    return path
+
+
+def point_last_checkpoint(path: str | os.PathLike) -> Path:
+    """Make ``last_checkpoint`` beside ``path`` name it (atomically): a resume from an older
+    checkpoint of the folder (a rollback) is the branch a later plain resume must continue."""
+    path = Path(path)
+    _atomic_write(path.parent / LAST_CHECKPOINT_FILE, lambda file: file.write(path.name.encode() + b"\n"))
     return path
 
 

@@ -74,7 +74,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import (LAST_CHECKPOINT_FILE, OVERWRITING, atomic_write_text, capture_rng_state,
                          checkpoint_files, checkpoint_path, last_checkpoint, load_checkpoint,
-                         newest_checkpoint, preserved_rng, restore_rng_state, save_checkpoint)
+                         newest_checkpoint, point_last_checkpoint, preserved_rng, restore_rng_state,
+                         save_checkpoint)
 from .distributed import (DistInfo, InfiniteBatchSampler, SeededSamples, all_reduce_mean,
                           init_distributed)
 
@@ -488,7 +489,24 @@ def _resume(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer
         _resume_agreement(None, f"{type(err).__name__}: {err}", info)
         raise
     _resume_agreement(loaded, None, info)
+    _follow_a_rollback(cfg, loaded[1], info)
     return loaded
+
+
+def _follow_a_rollback(cfg: TrainConfig, path: Path | None, info: DistInfo) -> None:
+    """After ``resume=PATH`` of an older checkpoint in ``output_dir`` (say from a
+    NonFiniteLossError's advice, with clip_grad), ``last_checkpoint`` still named the newer one:
+    a crash before this run's first save, then a plain resume, silently went on with the
+    abandoned branch (``metrics.jsonl`` already cut back to this one). Rank 0 points it here."""
+    if path is None or not isinstance(cfg.resume, str) or not info.is_main:
+        return
+    if path.resolve() not in {saved.resolve() for saved in checkpoint_files(cfg.output_dir)}:
+        return  # a checkpoint from elsewhere: this folder's own history stays as it is
+    named = last_checkpoint(cfg.output_dir)
+    if named is not None and named.resolve() != path.resolve():
+        point_last_checkpoint(path)
+        print(f"resume: {LAST_CHECKPOINT_FILE} now names {path.name}, not {named.name}: a later plain resume "
+              f"continues this run, not the one {named.name} ended", file=sys.stderr)
 
 
 def _resume_agreement(loaded: tuple[int, Path | None, float] | None, error: str | None,

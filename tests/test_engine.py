@@ -461,6 +461,35 @@ def test_a_fresh_run_refuses_a_folder_holding_another_run_unless_told_to_overwri
     assert resumed["start_iteration"] == 6
 
 
+def test_a_rollback_killed_before_its_first_save_is_what_a_plain_resume_continues(tmp_path, capsys):
+    """resume=PATH of an older checkpoint left last_checkpoint naming the newer one: a crash
+    before the rolled-back run's first save, then resume=True, went on with the abandoned run
+    (while metrics.jsonl already held the rolled-back one's records)."""
+    dataset = TinyShapes()
+    cfg = tiny_config(tmp_path / "r")
+    train(make_model(dropout=0.5), dataset, cfg, collate)  # checkpoints 4 and 8
+    rollback = replace(cfg, resume=str(tmp_path / "r" / "model_0000004.pth"), clip_grad=1.0)
+    capsys.readouterr()
+    with pytest.raises(Killed):
+        train(make_model(dropout=0.5), dataset, rollback, collate, hooks=[kill_at(6)])
+    assert "last_checkpoint now names model_0000004.pth, not model_0000008.pth" in capsys.readouterr().err
+    assert last_checkpoint(cfg.output_dir).name == "model_0000004.pth"
+    resumed = train(make_model(dropout=0.5), dataset, replace(cfg, resume=True, clip_grad=1.0), collate)
+    assert resumed["start_iteration"] == 4
+    assert [r["iteration"] for r in engine._read_metrics(tmp_path / "r" / "metrics.jsonl")] == list(range(1, 9))
+    # the same as the rolled-back run never killed
+    whole = tiny_config(tmp_path / "w")
+    train(make_model(dropout=0.5), dataset, whole, collate)
+    train(make_model(dropout=0.5), dataset, replace(whole, resume=str(tmp_path / "w" / "model_0000004.pth"),
+                                                    clip_grad=1.0), collate)
+    assert_same_tensors(final_state(tmp_path / "r")["model"], final_state(tmp_path / "w")["model"])
+    # a checkpoint from another folder is no rollback of this one: its pointer stays
+    with pytest.raises(Killed):
+        train(make_model(dropout=0.5), dataset, replace(whole, resume=str(tmp_path / "r" / "model_0000004.pth"),
+                                                        clip_grad=1.0), collate, hooks=[kill_at(5)])
+    assert last_checkpoint(whole.output_dir).name == "model_0000008.pth"
+
+
 def test_a_resume_that_finds_checkpoints_but_no_last_checkpoint_file_continues_from_the_newest(tmp_path, capsys):
     """A run killed between its first checkpoint's rename and the pointer's (or a folder copied
     without the pointer). It used to warn, start at 0, truncate metrics.jsonl and overwrite the

@@ -466,7 +466,8 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
         if not path.is_file():
             raise ValueError(f"--imagenet {imagenet}: {path} not found (torchvision key layout)")
         init = load_body(model, path, run)
-    sessions = log_session(train_cfg.output_dir, report.device_name(), report.git_commit(), torch.__version__)
+    sessions = log_session(train_cfg.output_dir, report.device_name(), report.git_commit(), torch.__version__, init)
+    init = started_from(sessions, init)  # a resumed training's are its first session's
     group_ids = None
     if dataset == "coco":  # batches of like-shaped images, as `train` does: less padding to ~1333²
         from mrcnn_edu.data.coco import aspect_ratio_group_ids
@@ -499,9 +500,11 @@ def run_one(run: str, seed: int, dataset: str = "shapes", quick: bool = False,
 SESSIONS_FILE = "sessions.json"
 
 
-def log_session(output_dir: str | Path, device: str | None, commit: str | None, torch_version: str) -> list[dict]:
+def log_session(output_dir: str | Path, device: str | None, commit: str | None, torch_version: str,
+                init: dict | None = None) -> list[dict]:
     """Add this session to ``output_dir/sessions.json`` and return the list: the iteration it
-    starts from (its last checkpoint's; 0 starts the list anew), the device, commit and torch.
+    starts from (its last checkpoint's; 0 starts the list anew), the device, commit and torch,
+    and ``init``, the body it loaded (:func:`started_from` reads the first session's).
 
     A training stopped at one GPU lease's deadline is resumed in the next, maybe on another GPU
     or commit; its record's own ``device`` and ``git_commit`` are the last session's, and this
@@ -515,10 +518,20 @@ def log_session(output_dir: str | Path, device: str | None, commit: str | None, 
     earlier = (report.read_json(path, "restore it from the training's tar, or delete it (only the record of "
                                 "earlier sessions is lost)") if start and path.is_file() else [])
     sessions = [*earlier, {"from_iteration": start, "device": device, "git_commit": commit,
-                           "torch": torch_version, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}]
+                           "torch": torch_version, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                           "init": init}]
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(sessions, indent=1))
     return sessions
+
+
+def started_from(sessions: list[dict], init: dict) -> dict:
+    """The weights a training started from: those of its session at iteration 0. A resumed
+    training loads its checkpoint over the body this session loaded (``init``), so recording
+    that one named a body (or none, from scratch) the training never saw. ``init`` itself when
+    no session of iteration 0 recorded one (a folder from before sessions held it)."""
+    first = sessions[0] if sessions else {}
+    return first["init"] if first.get("from_iteration") == 0 and first.get("init") is not None else init
 
 
 # --- the table: the parent process --------------------------------------------------------------

@@ -1137,3 +1137,21 @@ def test_a_cut_off_summary_or_record_is_named_with_what_to_do(tmp_path):
         report.load_records(tmp_path / "work", summary)
     record.write_text(json.dumps(_fake_record("r50_c4", 0, 1, 2, 3)))
     assert list(report.load_records(tmp_path / "work", summary)) == [("r50_c4", 0)]
+
+
+def test_a_resumed_trainings_record_names_the_weights_its_first_session_started_from(tmp_path):
+    """run_one recorded the body of the session that finished a training; a resumed one loads its
+    checkpoint over that body, so a table finished across leases could name a pre-trained body
+    for a training that started from scratch (and check_same_schedule trusted it)."""
+    folder = tmp_path / "train" / "r50_c4__seed0"
+    body = {"weights": "pretrain/ResNet-50.pth", "digest": "4a08d2e4343e485f", "top1": 0.97}
+    first = ablations.log_session(folder, "cpu", "abc", "2.14.1", {"weights": None})  # from scratch
+    assert ablations.started_from(first, {"weights": None}) == {"weights": None}
+    (folder / "model_0000003.pth").write_bytes(b"")  # its checkpoint, as the lease left it
+    second = ablations.log_session(folder, "NVIDIA H200", "def", "2.11.0", body)  # the next lease has a body
+    assert [s["from_iteration"] for s in second] == [0, 3] and second[1]["init"] == body
+    assert ablations.started_from(second, body) == {"weights": None}
+    # a folder whose sessions.json is lost (or older, without "init"): this session's, as before
+    (folder / ablations.SESSIONS_FILE).unlink()
+    alone = ablations.log_session(folder, "cpu", "abc", "2.14.1", body)
+    assert alone[0]["from_iteration"] == 3 and ablations.started_from(alone, body) == body

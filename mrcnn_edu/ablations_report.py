@@ -177,11 +177,12 @@ def as_stored(obj):
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    """Write to a temporary file in the same folder, synced, then rename: readers never see half
+    a file, nor, after a power loss, an empty one (a record may be the table's only copy)."""
+    from mrcnn_edu.checkpoint import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

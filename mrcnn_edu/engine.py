@@ -150,7 +150,10 @@ class TrainConfig:
                 ("warmup_factor", 0 < self.warmup_factor <= 1, "must be in (0, 1]: the warm-up's first lr / base_lr"),
                 ("clip_grad", self.clip_grad is None or self.clip_grad > 0, "must be None (no clipping) or > 0"),
                 ("num_workers", self.num_workers >= 0, "must be >= 0 (0: load in the training process)"),
-                ("reference_batch", self.reference_batch >= 1, "must be >= 1")):
+                ("reference_batch", self.reference_batch >= 1, "must be >= 1"),
+                # a negative step divides the lr from iteration 0 on
+                ("warmup_iters", self.warmup_iters >= 0, "must be >= 0 (0: no warm-up)"),
+                ("steps", all(step > 0 for step in self.steps), "must be iterations > 0 (where the lr drops)")):
             if not ok:
                 raise ValueError(f"train.{name}={getattr(self, name)!r} {rule}")
 

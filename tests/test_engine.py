@@ -119,6 +119,8 @@ def test_bad_settings_are_refused_with_the_setting_named(tmp_path):
     ({"warmup_factor": 2.0}, r"train.warmup_factor=2.0 must be in \(0, 1\]"),
     ({"num_workers": -1}, r"train.num_workers=-1 must be >= 0"),
     ({"reference_batch": 0}, r"train.reference_batch=0 must be >= 1"),
+    ({"warmup_iters": -5}, r"train.warmup_iters=-5 must be >= 0"),
+    ({"steps": (-2, 5)}, r"train.steps=\(-2, 5\) must be iterations > 0"),  # divided the lr from iteration 0
 ])
 def test_settings_that_would_train_wrongly_are_refused_with_the_field_named(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):

@@ -400,7 +400,8 @@ def load_body(model, path: str | Path, run: str = "the model", state: dict | Non
     info = {}
     if isinstance(state.get("model"), dict):  # pretrain.py's file
         state, info = state["model"], state.get("info", {})
-    res5 = model.box_branch.head.res5 if model.cfg.backbone.features == "C4" else None
+    # by the head built, not the features: a C4 body may feed a 2-fc head (no res5 to load)
+    res5 = getattr(model.box_branch.head, "res5", None)
     loaded = load_imagenet_state_dict(model.backbone.body, state, strict=False, res5_head=res5)
     # unexpected keys too: a deeper body's file (ResNet-101's 23 res4 blocks for ResNet-50's 6)
     # would otherwise load its first blocks and drop the rest without a word

@@ -162,7 +162,7 @@ def top1_by_size(model: ResNet, cfg: PretrainConfig, sizes_px: tuple[int, ...] =
 def load_classifier(path: str | Path) -> tuple[ResNet, PretrainConfig]:
     """The classifier ``pretrain`` wrote to ``path``, and the config it was trained with."""
     saved = load_checkpoint(path)  # a missing, cut-off or foreign file: an error naming it
-    info = saved.get("info", {})
+    info = saved.get("info", {}) if isinstance(saved, dict) else {}
     if not isinstance(saved, dict) or "model" not in saved or "resnet" not in info or "config" not in info:
         raise ValueError(f"{path}: not a file written by mrcnn_edu.pretrain (needs 'model' and info's "
                          f"'resnet' and 'config')")

@@ -265,3 +265,19 @@ def test_a_cut_off_pretrained_file_is_named_when_evaluated(tmp_path):
     path.write_bytes(path.read_bytes()[:100])  # a copy or a download that stopped midway
     with pytest.raises(ValueError, match=r"R-mini\.pth is not a checkpoint"):
         load_classifier(path)
+
+
+def test_a_body_loads_into_a_c4_model_with_a_two_fc_box_head(tmp_path):
+    """load_body chose the res5 head by the features ("C4"), not by the head built: a C4 body
+    feeding a 2-fc box head (a legal config) crashed with AttributeError on .res5."""
+    from mrcnn_edu.config import MaskHeadConfig, mini_c4
+    from mrcnn_edu.roi_heads.box_head import BoxHeadConfig
+
+    cfg = mini_c4()
+    cfg.box_head = BoxHeadConfig(head="2fc", pooler_resolution=7, fc_dim=64)
+    cfg.mask_head = MaskHeadConfig(head="fcn", resolution=28, pooler_resolution=14, conv_dims=(64,) * 2, deconv_dim=64)
+    model = MaskRCNN(cfg)
+    body = ResNet(dataclasses.replace(cfg.backbone.resnet, num_classes=8, freeze_at=0)).state_dict()
+    init = ablations.load_body(model, _save_state(tmp_path / "ResNet-50.pth", body), "r50_c4")
+    assert init["tensors"] == sum(1 for key in body if not key.startswith(("layer4.", "fc.")))  # res4 and below
+    torch.testing.assert_close(model.backbone.body.layer3[0].conv2.weight, body["layer3.0.conv2.weight"])

@@ -154,8 +154,8 @@ def test_two_processes_under_torchrun_end_with_the_weights_of_one_process(tmp_pa
     ddp_eval = json.loads((tmp_path / "ddp" / "eval.json").read_text())
     single_eval = json.loads((tmp_path / "single" / "eval.json").read_text())
     assert ddp_eval["num_images"] == 24 and ddp_eval["labels"] == single_eval["labels"]
-    # Leaving the group freed it: no gloo thread lives on into the interpreter's exit, where one
-    # now and then aborted a process after a successful run. DDP imports torch.distributed.nn,
+    # Leaving the group freed it: no gloo thread lives on into the interpreter's exit (the likeliest
+    # cause of a rare abort after a successful run, seen twice in CI). DDP imports torch.distributed.nn,
     # whose functions bind group.WORLD as a default argument: imported after the group was made,
     # they held it for good (init_distributed imports it first).
     if sys.platform.startswith("linux"):

@@ -817,6 +817,8 @@ def test_cpu_probe_claims_judges_each_design_alone_and_gives_the_verdicts_the_do
     assert not any(line.startswith("deeper") for line in fpn)
     deeper = "deeper: ResNet-101-FPN beats ResNet-50-FPN (2a): ours -2.40 ± 0.70 (df 3.8; seeds: r101_fpn 3, r50_fpn 3)"
     assert any(line.startswith(deeper) and line.endswith(": contradicts") for line in remade)
+    resnext = "ResNeXt-101-FPN beats ResNet-101-FPN (2a): ours -0.23 ± nan (df nan; seeds: x101_fpn 1, r101_fpn 3)"
+    assert any(line.startswith(resnext) and line.endswith("opposite direction (no spread: 1 seed)") for line in remade)
     assert any(line.startswith("RoIAlign is insensitive to max vs average pooling") and "undecided" in line
                for line in c4)
     # every run of a design has the same number of metrics per seed, in percent

@@ -13,7 +13,8 @@ The probes ran in two designs that must not be compared with each other: C4 / C5
 claim across them ("FPN beats C4") is "not run" here. Within a design, a seed's runs share one
 pre-trained body: the FPN seed 0 runs of the mask heads used the first R-mini-50 body, the seed 1
 runs the body re-made on 2026-12-02 (docs/training.md); the deeper claim compares R-mini-101 with
-R-50 runs that all used the re-made body (``FPN_192_REMADE``). A missing metric (an early probe
+R-50 runs that all used the re-made body (``FPN_192_REMADE``), where the ResNeXt claim compares
+R-mini-X101, on its own body, with R-mini-101. A missing metric (an early probe
 printed mask AP only) is nan and left out of its contrast.
 """
 from __future__ import annotations

@@ -230,7 +230,7 @@ def read_json(path: str | Path, advice: str):
     """The JSON in ``path``; ValueError naming the file and ``advice`` (what to do) if it does
     not parse: a cut-off or corrupt file stopped the whole table with a bare decoder message."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))  # as atomic_write_text writes it
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err}): {advice}") from err
 
